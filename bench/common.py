@@ -1,0 +1,73 @@
+"""Timing and ceiling helpers shared by the kernel benchmarks (CUDA only).
+
+Every benchmark reports a median over repeated runs after warm-up, next to a plain-PyTorch baseline timed in the
+same process and the card's measured ceilings (device copy bandwidth, bf16 GEMM rate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of the kernel benchmark table."""
+
+    op: str
+    shape: str
+    ours_ms: float
+    base_ms: float
+    base_name: str
+    unit: str  # "GB/s" or "TFLOP/s"
+    work: float  # bytes or FLOPs of one call, so rate = work / time
+    ceiling: float  # the card's measured ceiling in `unit`
+
+    @property
+    def rate(self) -> float:
+        scale = 1e9 if self.unit == "GB/s" else 1e12
+        return self.work / (self.ours_ms * 1e-3) / scale
+
+    @property
+    def speedup(self) -> float:
+        return self.base_ms / self.ours_ms
+
+
+def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median time of ``fn()`` in milliseconds, CUDA events, L2 flushed between runs (triton's do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (GB/s, read + write) and bf16 GEMM rate (TFLOP/s) on random data."""
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = median_ms(lambda: a @ b)
+    return {
+        "GB/s": 2 * src.numel() * src.element_size() / (copy_ms * 1e-3) / 1e9,
+        "TFLOP/s": 2 * 8192**3 / (gemm_ms * 1e-3) / 1e12,
+    }
+
+
+def format_table(rows: list[Row]) -> str:
+    """A markdown table: op, shape, ours, baseline, speedup, achieved rate and share of the ceiling."""
+    lines = [
+        "| op | shape | ours (ms) | baseline | baseline (ms) | speedup | achieved | % of ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.ours_ms:.4f} | {r.base_name} | {r.base_ms:.4f} | {r.speedup:.2f}x | "
+            f"{r.rate:.0f} {r.unit} | {100 * r.rate / r.ceiling:.0f}% |"
+        )
+    return "\n".join(lines)

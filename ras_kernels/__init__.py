@@ -1,0 +1,12 @@
+"""Region-Adaptive Sampling kernels: model-agnostic ops for sparse DiT steps.
+
+Every op validates its inputs on the host and then runs Triton kernels (CUDA tensors) or its plain-PyTorch
+reference (``<op>/reference.py``); ``RAS_BACKEND=torch|triton`` forces one.
+"""
+
+from .attention.ops import cached_kv_attention
+from .gather.ops import gather_tokens, scatter_tokens
+from .select.ops import select_regions
+
+__all__ = ["cached_kv_attention", "gather_tokens", "scatter_tokens", "select_regions"]
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Backend choice and the input checks shared by every op.
+
+Each public op runs either its plain-PyTorch reference (``reference.py`` beside it) or its Triton kernels.
+The choice is made per call, on the host, before anything is launched:
+
+* ``RAS_BACKEND=torch``  always the reference;
+* ``RAS_BACKEND=triton`` always Triton (CPU tensors need ``TRITON_INTERPRET=1``); an error if Triton is missing;
+* unset or ``auto``      Triton for CUDA tensors when Triton imports, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def requested_backend() -> str:
+    """The value of ``RAS_BACKEND`` (default ``auto``), validated."""
+    value = os.environ.get("RAS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"RAS_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}")
+    return value
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on tensors of ``device`` runs its Triton kernels."""
+    backend = requested_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("RAS_BACKEND=triton but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"RAS_BACKEND=triton with tensors on {device.type}: Triton runs on CUDA tensors, "
+                "or on CPU tensors only under TRITON_INTERPRET=1"
+            )
+        return True
+    return device.type == "cuda" and _triton_available()
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise a ``TypeError``/``ValueError`` naming ``name`` unless ``t`` is a tensor of the given kind."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        accepted = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({accepted}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    return t
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)

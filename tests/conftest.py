@@ -1,0 +1,41 @@
+"""Shared test set-up: fresh random seeds and backend switches.
+
+CPU runs execute the Triton kernels under ``TRITON_INTERPRET=1`` (set by the README's test command before
+anything imports Triton); tests marked ``gpu`` need CUDA and run the full-size sweep.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ._utils import TRITON_RUNNABLE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: full-size checks that need a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """A different seed every run (printed with a failure), so kernels are checked on fresh random data."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")
+    yield
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton path of the public ops for one test."""
+    if not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", "triton")
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Force the plain-PyTorch reference path of the public ops for one test."""
+    monkeypatch.setenv("RAS_BACKEND", "torch")
