@@ -1,0 +1,126 @@
+"""RAS settings and the per-step schedule (which steps are dense, how many tokens each RAS step computes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+SCHEDULES = ("static", "dynamic")
+METRICS = ("std", "l2")
+MODES = ("reference", "paper")
+
+
+def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RASConfig.{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"RASConfig.{name} must be in {accepted}, got {value}")
+
+
+def _require_float(name: str, value: object, accepted: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"RASConfig.{name} must be {accepted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RASConfig:
+    """Region-Adaptive Sampling settings for one generation of ``num_steps`` denoising steps.
+
+    Steps ``0 .. warmup_steps-1``, every step in ``reset_steps`` and every step after ``end_step`` are dense (all
+    image tokens); every other step is a RAS step that recomputes K tokens chosen from the previous step's output.
+
+    Attributes:
+        sample_ratio: share of image tokens a static RAS step computes, in (0, 1]; K = N - int((1 - ratio) * N).
+        num_steps: denoising steps of a generation (the pipeline's ``num_inference_steps``).
+        warmup_steps: dense steps at the start, in [1, num_steps - 1].
+        reset_steps: 0-based dense "error reset" steps, each in [0, num_steps - 1].
+        end_step: last step that may be a RAS step (default: the last step).
+        schedule: ``"static"`` (same K every RAS step) or ``"dynamic"`` (K falls over the run in groups of
+            ``dynamic_group`` steps by ``dynamic_step`` tokens a group, the drop count floored to a multiple of
+            ``dynamic_multiple``).
+        metric: per-pixel score over channels, ``"std"`` or ``"l2"``.
+        mode: ``"reference"`` (priority R * exp(+k D), the public code's rule) or ``"paper"`` (R * exp(-k D)).
+        starvation_scale: k >= 0.
+        high_ratio: share in (0, 1] of the dropped tokens taken from the highest priorities.
+    """
+
+    sample_ratio: float = 0.5
+    num_steps: int = 28
+    warmup_steps: int = 4
+    reset_steps: tuple[int, ...] = (12, 20)
+    end_step: int | None = None
+    schedule: str = "static"
+    dynamic_step: int = 256
+    dynamic_group: int = 4
+    dynamic_multiple: int = 64
+    metric: str = "std"
+    mode: str = "reference"
+    starvation_scale: float = 0.1
+    high_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
+        _require_int("num_steps", self.num_steps, 2)
+        _require_int("warmup_steps", self.warmup_steps, 1, self.num_steps - 1)
+        if isinstance(self.reset_steps, (str, bytes)) or not hasattr(self.reset_steps, "__iter__"):
+            raise TypeError(f"RASConfig.reset_steps must be a tuple of ints, got {self.reset_steps!r}")
+        object.__setattr__(self, "reset_steps", tuple(self.reset_steps))
+        for step in self.reset_steps:
+            _require_int("reset_steps[...]", step, 0, self.num_steps - 1)
+        if self.end_step is not None:
+            _require_int("end_step", self.end_step, self.warmup_steps, self.num_steps - 1)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"RASConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require_int("dynamic_step", self.dynamic_step, 0)
+        _require_int("dynamic_group", self.dynamic_group, 1)
+        _require_int("dynamic_multiple", self.dynamic_multiple, 1)
+        if self.metric not in METRICS:
+            raise ValueError(f"RASConfig.metric must be one of {METRICS}, got {self.metric!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"RASConfig.mode must be one of {MODES}, got {self.mode!r}")
+        _require_float("starvation_scale", self.starvation_scale, "a finite float >= 0", lambda v: v >= 0)
+        _require_float("high_ratio", self.high_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
+
+    # Presets: the public reference examples' settings.
+    @classmethod
+    def sd3(cls, **overrides) -> RASConfig:
+        """Stable Diffusion 3 example: 28 steps, 4 warm-up, resets at 12 and 20, high_ratio 0.3, static."""
+        return replace(cls(num_steps=28, warmup_steps=4, reset_steps=(12, 20), high_ratio=0.3), **overrides)
+
+    @classmethod
+    def lumina_next(cls, **overrides) -> RASConfig:
+        """Lumina-Next example: 30 steps, 4 warm-up, resets at 12 and 22, dynamic 256 tokens per 4 steps."""
+        base = cls(
+            num_steps=30, warmup_steps=4, reset_steps=(12, 22), schedule="dynamic", high_ratio=1.0
+        )
+        return replace(base, **overrides)
+
+    @property
+    def last_ras_step(self) -> int:
+        return self.num_steps - 1 if self.end_step is None else self.end_step
+
+    def is_ras_step(self, step: int) -> bool:
+        """Whether 0-based ``step`` recomputes only a subset of the image tokens."""
+        return self.warmup_steps <= step <= self.last_ras_step and step not in self.reset_steps
+
+    def active_tokens(self, step: int, num_tokens: int) -> int:
+        """Image tokens computed at ``step`` (``num_tokens`` on a dense step)."""
+        if not self.is_ras_step(step):
+            return num_tokens
+        skip = int((1.0 - self.sample_ratio) * num_tokens)
+        if self.schedule == "dynamic":
+            centre = ((self.num_steps + self.warmup_steps) // self.dynamic_group) // 2
+            skip += self.dynamic_step * (step // self.dynamic_group - centre)
+            skip = min(max(skip // self.dynamic_multiple * self.dynamic_multiple, 0), num_tokens)
+        active = num_tokens - skip
+        if active < 1:
+            raise ValueError(
+                f"RASConfig leaves no token active at step {step} of an image with {num_tokens} tokens; "
+                "raise sample_ratio (or lower dynamic_step)"
+            )
+        return active
+
+    def token_schedule(self, num_tokens: int) -> list[int]:
+        """Active image tokens of every step; raises ValueError if any step would compute none."""
+        return [self.active_tokens(step, num_tokens) for step in range(self.num_steps)]

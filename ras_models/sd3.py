@@ -1,0 +1,103 @@
+"""RAS adapter for diffusers' ``SD3Transformer2DModel`` (SD3-medium; SD3.5 with QK-norm and dual attention).
+
+Patched on the instance only: ``pos_embed`` (gather the active rows after patch + position embedding),
+``proj_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), every joint
+attention processor (K/V cache, text keys as extra rows) and ``forward`` (begins the step, rejects what RAS
+cannot honour).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .handle import RASHandle
+
+
+class SD3RASAttnProcessor:
+    """Joint attention of the active image tokens (+ text tokens) over the layer's whole-image K/V cache."""
+
+    def __init__(self, handle: RASHandle, key: str):
+        self.session = handle.session
+        self.key = key
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("RAS SD3 attention takes no attention_mask (SD3 pipelines pass none)")
+        b, n_img, _ = hidden_states.shape
+        heads = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(hidden_states)
+        v = attn.to_v(hidden_states)
+        d = k.shape[-1] // heads
+        q, k, v = (t.view(b, -1, heads, d) for t in (q, k, v))
+        # The per-head norms act on the last dimension, so the [B, L, H, d] layout gives diffusers' result.
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if encoder_hidden_states is None:
+            out = self.session.attend(self.key, q, k, v)
+            text_out = None
+        else:
+            tq = attn.add_q_proj(encoder_hidden_states).view(b, -1, heads, d)
+            tk = attn.add_k_proj(encoder_hidden_states).view(b, -1, heads, d)
+            tv = attn.add_v_proj(encoder_hidden_states).view(b, -1, heads, d)
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            out = self.session.attend(self.key, torch.cat([q, tq], dim=1), k, v, k_extra=tk, v_extra=tv)
+            out, text_out = out[:, :n_img], out[:, n_img:]
+        out = attn.to_out[1](attn.to_out[0](out.reshape(b, n_img, heads * d)))
+        if text_out is None:
+            return out
+        text_out = text_out.reshape(b, -1, heads * d)
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+
+def _attention_modules(transformer) -> list[tuple[str, object]]:
+    found = []
+    for i, block in enumerate(transformer.transformer_blocks):
+        for name in ("attn", "attn2"):
+            module = getattr(block, name, None)
+            if module is not None:
+                found.append((f"transformer_blocks.{i}.{name}", module))
+    return found
+
+
+def patch_sd3(handle: RASHandle, transformer) -> None:
+    """Patch one ``SD3Transformer2DModel`` instance for RAS (see the module docstring)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    session = handle.session
+    modules = _attention_modules(transformer)
+    for name, module in modules:
+        if type(module.processor) is not JointAttnProcessor2_0:
+            raise ValueError(
+                f"{name} uses {type(module.processor).__name__}; RAS supports SD3 attention with diffusers' "
+                "JointAttnProcessor2_0 only (reset with transformer.set_default_attn_processor() or unfuse QKV)"
+            )
+
+    def forward(original, hidden_states, *args, **kwargs):
+        for unsupported in ("block_controlnet_hidden_states", "skip_layers"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"RAS does not support {unsupported} (the active token count differs per step)")
+        if len(args) > 3 and args[3] is not None:
+            raise ValueError("RAS does not support block_controlnet_hidden_states")
+        b, _, h, w = hidden_states.shape
+        session.begin_step(b, h, w, hidden_states.device)
+        return original(hidden_states, *args, **kwargs)
+
+    def pos_embed(original, latent):
+        return session.gather(original(latent))
+
+    def proj_out(original, x):
+        return session.scatter_output(original(x))
+
+    for name, module in modules:
+        handle.patch(module, "processor", SD3RASAttnProcessor(handle, name))
+    handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
+    handle.wrap_method(transformer.proj_out, "forward", proj_out)
+    handle.wrap_method(transformer, "forward", forward)

@@ -1,0 +1,175 @@
+"""The RAS controller: per-generation state any DiT codebase can drive with five calls.
+
+A generation of T steps, from the model's side::
+
+    session.reset()                                   # new generation
+    for step in range(T):
+        session.begin_step(batch, height, width)      # before the transformer runs
+        x = session.gather(patch_embed(latents))      # [B, N, D] -> [B, K, D] (no-op on dense steps)
+        ...   per layer: out = session.attend(layer_key, q, k, v, k_extra=..., v_extra=...)
+        out = session.scatter_output(final_proj(x))   # [B, K, F] -> [B, N, F] with cached rows for the others
+        guided = cfg(unpatchify(out))                 # whatever the sampler does
+        session.observe(guided)                       # picks the next step's active tokens
+
+Shapes: B is the transformer batch, P prompts with B a multiple of P (CFG copies of a prompt share its active
+set: row r of the batch belongs to prompt r % P, as diffusers' ``torch.cat([x] * 2)`` lays them out);
+N = (H / p) * (W / p) image tokens in row-major patch order; K the step's active count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ras_kernels import cached_kv_attention, gather_tokens, scatter_tokens, select_regions
+
+from .config import RASConfig
+
+
+class RASSession:
+    """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation."""
+
+    def __init__(self, config: RASConfig, patch_size: int):
+        if not isinstance(config, RASConfig):
+            raise TypeError(f"config must be a RASConfig, got {type(config).__name__}")
+        self.config = config
+        self.patch_size = patch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new generation: step 0, no caches, zero starvation counters."""
+        self.step = 0
+        self.num_tokens: int | None = None
+        self.schedule: list[int] | None = None
+        self.counters: torch.Tensor | None = None
+        self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
+        self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
+        self._kv: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._out: torch.Tensor | None = None
+        self._forward_done = False
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the current step computes every image token."""
+        return self.active is None
+
+    @property
+    def num_active(self) -> int:
+        return self.batch_index.shape[1]
+
+    # ---- inside the transformer ----
+    def begin_step(self, batch: int, height: int, width: int, device: torch.device) -> None:
+        """Prepare the current step for a transformer batch of latents [batch, C, height, width]."""
+        cfg, p = self.config, self.patch_size
+        if self._forward_done:
+            raise RuntimeError(
+                f"the transformer ran twice at step {self.step} without observe() between: call observe(guided) "
+                "after each step (apply_ras on a pipeline does this through its scheduler)"
+            )
+        if self.step >= cfg.num_steps:
+            raise RuntimeError(
+                f"step {self.step} is past the configured num_steps={cfg.num_steps}; call reset() to start a new "
+                "generation"
+            )
+        if height % p or width % p:
+            raise ValueError(f"latent height and width ({height}, {width}) must be divisible by patch size {p}")
+        n = (height // p) * (width // p)
+        if self.num_tokens is None:
+            self.num_tokens, self.schedule = n, cfg.token_schedule(n)
+        elif n != self.num_tokens:
+            raise ValueError(f"latent size changed within a generation ({self.num_tokens} -> {n} tokens)")
+        if self.active is None:
+            self.batch_index = torch.arange(n, device=device).expand(batch, n)
+        else:
+            prompts = self.active.shape[0]
+            if batch % prompts:
+                raise ValueError(f"transformer batch {batch} is not a multiple of the {prompts} prompts observed")
+            self.batch_index = self.active.repeat(batch // prompts, 1)
+
+    def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
+        """Active rows of x [B, N, D] (plus ``add`` [1 or B, N, D]); x itself (+ add) on a dense step."""
+        if self.is_dense:
+            return x if add is None else x + add
+        if add is not None:
+            x = x + add  # TODO(kernels): fused gather+add
+        return gather_tokens(x, self.batch_index)
+
+    def gather_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. RoPE frequencies)."""
+        if self.is_dense:
+            return table
+        b = self.batch_index.shape[0]
+        idx = self.batch_index.reshape(b, -1, *([1] * (table.dim() - 2))).expand(b, -1, *table.shape[2:])
+        return torch.gather(table.expand(b, *table.shape[1:]), 1, idx)
+
+    def attend(
+        self,
+        key: object,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        k_extra: torch.Tensor | None = None,
+        v_extra: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention for layer ``key``: q [B, Lq, Hq, d] over the layer's whole-image K/V cache (refreshed with
+        the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d]."""
+        caches = self._kv.get(key)
+        b, _, hkv, d = k.shape
+        if caches is None or caches[0].shape != (b, self.num_tokens, hkv, d) or caches[0].dtype != k.dtype:
+            if not self.is_dense:
+                raise RuntimeError(f"no K/V cache for layer {key!r} at RAS step {self.step}: a dense step must run first")
+            caches = tuple(torch.empty(b, self.num_tokens, hkv, d, dtype=k.dtype, device=k.device) for _ in "kv")
+            self._kv[key] = caches
+        return cached_kv_attention(
+            q, k, v, caches[0], caches[1], self.batch_index, k_extra=k_extra, v_extra=v_extra, scale=scale
+        )
+
+    def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Merge the step's per-token output [B, K, F] into the output cache; returns all N rows [B, N, F].
+
+        The returned tensor is the cache itself: valid until the next step's scatter_output.
+        """
+        b, _, f = out.shape
+        if self._out is None or self._out.shape != (b, self.num_tokens, f) or self._out.dtype != out.dtype:
+            if not self.is_dense:
+                raise RuntimeError(f"no output cache at RAS step {self.step}: a dense step must run first")
+            self._out = torch.empty(b, self.num_tokens, f, dtype=out.dtype, device=out.device)
+        scatter_tokens(self._out, self.batch_index, out)
+        self._forward_done = True
+        return self._out
+
+    # ---- after the step ----
+    def observe(self, guided: torch.Tensor) -> None:
+        """Take the step's guided output [P, C, H, W] (inactive rows merged) and choose the next active set."""
+        if not self._forward_done:
+            raise RuntimeError(f"observe() at step {self.step} before the transformer ran for that step")
+        cfg = self.config
+        nxt = self.step + 1
+        if nxt < cfg.num_steps and cfg.is_ras_step(nxt):
+            prompts = guided.shape[0]
+            if self.counters is None or self.counters.shape[0] != prompts:
+                self.counters = torch.zeros(prompts, self.num_tokens, dtype=torch.int32, device=guided.device)
+            self.active = select_regions(
+                guided,
+                self.schedule[nxt],
+                patch_size=self.patch_size,
+                metric=cfg.metric,
+                counters=self.counters,
+                starvation_scale=cfg.starvation_scale,
+                mode=cfg.mode,
+                high_ratio=cfg.high_ratio,
+            )
+        else:
+            self.active = None
+        self.step = nxt
+        self._forward_done = False
+        if nxt == cfg.num_steps:
+            # The generation is over: release the caches rather than keep them allocated.
+            self._kv.clear()
+            self._out = None
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the K/V and output caches now."""
+        total = sum(t.numel() * t.element_size() for pair in self._kv.values() for t in pair)
+        return total + (0 if self._out is None else self._out.numel() * self._out.element_size())

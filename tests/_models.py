@@ -1,0 +1,156 @@
+"""Tiny random-weight diffusers pipelines for CPU tests: nothing is downloaded.
+
+Text encoders are built from ``transformers`` configs and the tokenizers from an in-memory word-level vocabulary,
+so the pipelines run their real prompt-encoding code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORDS = "a an the red green blue cat dog house tree on under big small photo of painting".split()
+
+
+def word_tokenizer(max_length: int):
+    """A fast tokenizer over ``WORDS`` with pad/bos/eos/unk tokens; pads and truncates to ``max_length``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 1), ("<eos>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def _clip_encoder(hidden: int, projection: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=projection,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def _tiny_vae(levels: int = 1):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(8,) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        shift_factor=0.0,
+    ).eval()
+
+
+def tiny_sd3_transformer(*, sd35: bool = False, patch_size: int = 2, num_layers: int = 3):
+    """SD3-layout MMDiT (SD3.5 layout: QK RMS-norm and a dual-attention first block)."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=patch_size,
+        in_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=32,
+        **extra,
+    ).eval()
+
+
+def tiny_sd3_pipeline(*, sd35: bool = False, patch_size: int = 2):
+    """StableDiffusion3Pipeline with two tiny CLIP encoders (no T5: diffusers then feeds zeros for it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(sd35=sd35, patch_size=patch_size),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_vae(),
+        text_encoder=_clip_encoder(16, 8),
+        tokenizer=word_tokenizer(16),
+        text_encoder_2=_clip_encoder(16, 8),
+        tokenizer_2=word_tokenizer(16),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_lumina_transformer(*, patch_size: int = 2, num_layers: int = 3):
+    """Lumina-Next layout: GQA (4 query / 2 kv heads), QK-norm, 2-D RoPE, learned sigma."""
+    from diffusers import LuminaNextDiT2DModel
+
+    return LuminaNextDiT2DModel(
+        sample_size=8,
+        patch_size=patch_size,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=num_layers,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        multiple_of=16,
+        learn_sigma=True,
+        qk_norm=True,
+        cross_attention_dim=24,
+    ).eval()
+
+
+def tiny_lumina_pipeline(*, patch_size: int = 2):
+    """LuminaPipeline with a tiny Gemma text encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline
+    from transformers import GemmaConfig, GemmaModel
+
+    gemma = GemmaModel(
+        GemmaConfig(
+            vocab_size=len(WORDS) + 4,
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=12,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
+    transformer = tiny_lumina_transformer(patch_size=patch_size)
+    with torch.no_grad():
+        # The pad token starts uninitialised (torch.empty) in diffusers; give it defined values.
+        transformer.pad_token.normal_()
+    return LuminaPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(),
+        text_encoder=gemma,
+        tokenizer=word_tokenizer(32),
+    )
