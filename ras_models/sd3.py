@@ -91,7 +91,8 @@ def patch_sd3(handle: RASHandle, transformer) -> None:
         return original(hidden_states, *args, **kwargs)
 
     def pos_embed(original, latent):
-        return session.gather(original(latent))
+        # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we (first).
+        return session.gather(original(latent).contiguous())
 
     def proj_out(original, x):
         return session.scatter_output(original(x))
