@@ -206,13 +206,17 @@ def test_ratio_one_reproduces_unpatched_pipeline(factory, size, torch_backend):
     torch.testing.assert_close(ras, dense, atol=ATOL, rtol=0)
 
 
+def _processors(transformer):
+    return {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
+
+
 @pytest.mark.parametrize("factory,size", [(tiny_sd3_pipeline, SD3_SIZE), (tiny_lumina_pipeline, LUMINA_SIZE)],
                          ids=["sd3", "lumina"])
 def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
     pipe = factory()
     t, s = pipe.transformer, pipe.scheduler
     modules = list(t.modules())
-    processors = {name: p for name, p in t.attn_processors.items()}
+    processors = _processors(t)
     instance_attrs = {id(m): dict(vars(m)) for m in modules}
     dense = _run(pipe, "a red cat", size, 6)
     sched_attrs = dict(vars(s))
@@ -225,8 +229,8 @@ def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
     assert handle.session.memory_bytes() == 0, "caches must be released when a generation ends"
     handle.remove()
 
-    assert {name: p for name, p in t.attn_processors.items()} == processors
-    assert all(p is processors[name] for name, p in t.attn_processors.items())
+    assert _processors(t).keys() == processors.keys()
+    assert all(p is processors[name] for name, p in _processors(t).items())
     for m in modules:
         assert vars(m).keys() == instance_attrs[id(m)].keys()
         assert all(vars(m)[k] is v for k, v in instance_attrs[id(m)].items() if k not in ("_parameters", "_buffers", "_modules"))
