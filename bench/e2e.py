@@ -1,0 +1,245 @@
+"""The main job: a full sampling loop dense and with RAS, side by side, and a comparison table.
+
+Default: an SD3-architecture transformer with random weights (a tiny one on CPU; the SD3-medium config on a CUDA
+GPU), CFG batch 2, the model family's RAS preset. Speed does not depend on weight values; the PSNR column says how
+far each RAS result lands from the dense result of the same seed (meaningful for trained weights).
+
+    python -m bench.e2e                               # SD3 layout, ratios 0.5 / 0.25 / 0.125
+    python -m bench.e2e --model lumina --ratio 0.25   # Lumina-Next layout
+    python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ras_models import RASConfig, apply_ras
+
+# Published layouts (random weights): SD3-medium and Lumina-Next-SFT.
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_TINY = dict(
+    sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+    joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64, out_channels=16,
+    pos_embed_max_size=96,
+)
+LUMINA_NEXT_SFT = dict(
+    sample_size=128, patch_size=2, in_channels=4, hidden_size=2304, num_layers=24, num_attention_heads=32,
+    num_kv_heads=8, multiple_of=256, learn_sigma=True, qk_norm=True, cross_attention_dim=2048,
+)
+LUMINA_TINY = dict(
+    sample_size=32, patch_size=2, in_channels=4, hidden_size=128, num_layers=4, num_attention_heads=4,
+    num_kv_heads=2, multiple_of=32, learn_sigma=True, qk_norm=True, cross_attention_dim=64,
+)
+TEXT_TOKENS = {"sd3": 333, "lumina": 256}
+GUIDANCE = 5.0
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: float  # share of image tokens computed over the run
+    step_ms: list[float]
+    latents: torch.Tensor
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.step_ms)
+
+
+class Loop:
+    """A CFG sampling loop of a bare transformer (flow-matching Euler), the same for dense and RAS runs."""
+
+    def __init__(self, family: str, transformer, latent: int, device, dtype, seed: int):
+        self.family, self.transformer, self.device = family, transformer, device
+        cfg = transformer.config
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        t = TEXT_TOKENS[family]
+        self.noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
+        if family == "sd3":
+            self.kwargs = {
+                "encoder_hidden_states": torch.randn(2, t, cfg.joint_attention_dim, generator=g).to(device, dtype),
+                "pooled_projections": torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
+            }
+        else:
+            from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+            mask = torch.ones(2, t, dtype=torch.bool)
+            mask[1, t // 4 :] = False  # the negative prompt is shorter: a padded caption
+            self.kwargs = {
+                "encoder_hidden_states": torch.randn(2, t, cfg.cross_attention_dim, generator=g).to(device, dtype),
+                "encoder_mask": mask.to(device),
+                "image_rotary_emb": get_2d_rotary_pos_embed_lumina(transformer.head_dim, 384, 384).to(device),
+                "cross_attention_kwargs": {"base_sequence_length": (cfg.sample_size * 8 // 16) ** 2},
+            }
+
+    def run(self, steps: int, handle=None, progress: str = "") -> tuple[torch.Tensor, list[float]]:
+        x = self.noise.clone()
+        times = []
+        if handle is not None:
+            handle.reset()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for i in range(steps):
+            sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                t = torch.full((2,), sigma * 1000 if self.family == "sd3" else 1 - sigma, device=self.device)
+                out = self.transformer(torch.cat([x, x]), timestep=t, return_dict=False, **self.kwargs)[0]
+                out = out[:, : x.shape[1]]
+                uncond, cond = out.chunk(2)
+                guided = uncond + GUIDANCE * (cond - uncond)
+                if handle is not None:
+                    handle.observe(guided)
+                velocity = guided if self.family == "sd3" else -guided
+                x = x + (sigma_next - sigma) * velocity
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+            print(f"\r  {progress} step {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        return x.float(), times
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    mse = torch.mean((x - ref) ** 2).item()
+    peak = (ref.max() - ref.min()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def build_transformer(family: str, full: bool, device, dtype):
+    from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
+
+    cls, config = {
+        "sd3": (SD3Transformer2DModel, SD3_MEDIUM if full else SD3_TINY),
+        "lumina": (LuminaNextDiT2DModel, LUMINA_NEXT_SFT if full else LUMINA_TINY),
+    }[family]
+    with torch.device(device):
+        model = cls(**config)
+    if family == "lumina":
+        with torch.no_grad():
+            model.pad_token.normal_()  # created uninitialised by diffusers
+    return model.to(dtype).eval()
+
+
+def preset(family: str, steps: int | None, ratio: float, num_tokens: int) -> RASConfig:
+    """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
+    token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
+    base = RASConfig.sd3 if family == "sd3" else RASConfig.lumina_next
+    config = base(sample_ratio=ratio)
+    overrides = {}
+    if steps is not None and steps != config.num_steps:
+        resets = tuple(round(r * steps / config.num_steps) for r in config.reset_steps)
+        overrides.update(num_steps=steps, reset_steps=tuple(r for r in resets if r < steps),
+                         warmup_steps=min(config.warmup_steps, steps - 1))
+    if config.schedule == "dynamic" and num_tokens != 4096:
+        overrides.update(dynamic_step=max(1, config.dynamic_step * num_tokens // 4096),
+                         dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096))
+    return base(sample_ratio=ratio, **overrides)
+
+
+def table(results: list[Result], dense: Result) -> str:
+    lines = ["| run | steps | tokens computed | median ms/step | total ms | speedup | PSNR vs dense (dB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {len(r.step_ms)} | {100 * r.tokens:.1f}% | {statistics.median(r.step_ms):.2f} | "
+            f"{r.total_ms:.1f} | {dense.total_ms / r.total_ms:.2f}x | {psnr(r.latents, dense.latents):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_random_weights(args) -> None:
+    device = torch.device(args.device)
+    full = device.type == "cuda" if args.full is None else args.full
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
+                                                                                   ("bf16" if device.type == "cuda" else "fp32")]
+    latent = args.resolution // 8 if args.resolution else (128 if full else 32)
+    transformer = build_transformer(args.model, full, device, dtype)
+    loop = Loop(args.model, transformer, latent, device, dtype, args.seed)
+    n = (latent // transformer.config.patch_size) ** 2
+    configs = [preset(args.model, args.steps, r, n) for r in args.ratio]
+    steps = configs[0].num_steps
+    print(f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
+          f"latent {latent}x{latent} ({n} image tokens), {steps} steps, CFG batch 2", file=sys.stderr)
+    loop.run(min(2, steps), progress="warm-up dense")
+    latents, times = loop.run(steps, progress="dense")
+    dense = Result("diffusers dense", 1.0, times, latents)
+    results = [dense]
+    for config in configs:
+        with apply_ras(transformer, config) as handle:
+            loop.run(min(2, steps), handle, progress=f"warm-up RAS {config.sample_ratio}")
+            handle.reset()
+            latents, times = loop.run(steps, handle, progress=f"RAS {config.sample_ratio}")
+        share = sum(config.token_schedule(n)) / (steps * n)
+        results.append(Result(f"RAS ratio {config.sample_ratio} ({config.schedule})", share, times, latents))
+    print(table(results, dense))
+
+
+def run_pretrained(args) -> None:
+    from diffusers import DiffusionPipeline
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or "bf16"]
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype, local_files_only=True).to(device)
+    family = "sd3" if type(pipe.transformer).__name__.startswith("SD3") else "lumina"
+    size = args.resolution or 1024
+    n = (size // 16) ** 2
+    results = []
+    for name, config in [("dense", None)] + [(f"RAS ratio {r}", preset(family, args.steps, r, n)) for r in args.ratio]:
+        steps = (config or preset(family, args.steps, 0.5, n)).num_steps
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        handle = apply_ras(pipe, config) if config is not None else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        latents = pipe(args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator,
+                       output_type="latent").images
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - start) * 1e3
+        share = 1.0 if config is None else sum(config.token_schedule(n)) / (steps * n)
+        if handle is not None:
+            handle.remove()
+        results.append(Result(name, share, [total / steps] * steps, latents.float()))
+    print(table(results, results[0]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("sd3", "lumina"), default="sd3", help="model family (default sd3)")
+    parser.add_argument("--ratio", type=float, nargs="+", default=[0.5, 0.25, 0.125],
+                        help="RAS sample ratios to compare with dense (default 0.5 0.25 0.125)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels, latent = resolution / 8 (default 1024 on GPU, 256 on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                        help="published model config (default on GPU) or a tiny one (default on CPU)")
+    parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
+    parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for r in args.ratio:
+        if not 0 < r <= 1:
+            parser.error(f"--ratio values must be in (0, 1], got {r}")
+    if args.resolution is not None and args.resolution % 16:
+        parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    if args.pretrained:
+        run_pretrained(args)
+    else:
+        run_random_weights(args)
+
+
+if __name__ == "__main__":
+    main()
