@@ -193,23 +193,32 @@ def run_pretrained(args) -> None:
     pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype, local_files_only=True).to(device)
     family = "sd3" if type(pipe.transformer).__name__.startswith("SD3") else "lumina"
     size = args.resolution or 1024
-    n = (size // 16) ** 2
-    results = []
-    for name, config in [("dense", None)] + [(f"RAS ratio {r}", preset(family, args.steps, r, n)) for r in args.ratio]:
-        steps = (config or preset(family, args.steps, 0.5, n)).num_steps
+    n = (size // pipe.vae_scale_factor // pipe.transformer.config.patch_size) ** 2
+    steps = preset(family, args.steps, 0.5, n).num_steps
+
+    def generate():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        handle = apply_ras(pipe, config) if config is not None else None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        latents = pipe(args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator,
-                       output_type="latent").images
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        total = (time.perf_counter() - start) * 1e3
+        return pipe(args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator,
+                    output_type="latent").images
+
+    generate()  # warm-up
+    results = []
+    for ratio in [None, *args.ratio]:
+        config = None if ratio is None else preset(family, args.steps, ratio, n)
+        handle = None if config is None else apply_ras(pipe, config)
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            latents = generate()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            total = (time.perf_counter() - start) * 1e3
+        finally:
+            if handle is not None:
+                handle.remove()
         share = 1.0 if config is None else sum(config.token_schedule(n)) / (steps * n)
-        if handle is not None:
-            handle.remove()
+        name = "pipeline dense" if config is None else f"RAS ratio {ratio} ({config.schedule})"
         results.append(Result(name, share, [total / steps] * steps, latents.float()))
     print(table(results, results[0]))
 

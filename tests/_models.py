@@ -87,8 +87,17 @@ def tiny_sd3_transformer(*, sd35: bool = False, patch_size: int = 2, num_layers:
     ).eval()
 
 
-def tiny_sd3_pipeline(*, sd35: bool = False, patch_size: int = 2):
-    """StableDiffusion3Pipeline with two tiny CLIP encoders (no T5: diffusers then feeds zeros for it)."""
+def _t5_encoder(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(WORDS) + 4, d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=1,
+                      num_heads=2, pad_token_id=0, eos_token_id=2)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_sd3_pipeline(*, sd35: bool = False, patch_size: int = 2, t5: bool = False):
+    """StableDiffusion3Pipeline with two tiny CLIP encoders and, with ``t5``, a tiny T5 (without it diffusers
+    feeds zeros in its place; a pipeline saved that way cannot be loaded back)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
@@ -99,8 +108,8 @@ def tiny_sd3_pipeline(*, sd35: bool = False, patch_size: int = 2):
         tokenizer=word_tokenizer(16),
         text_encoder_2=_clip_encoder(16, 8),
         tokenizer_2=word_tokenizer(16),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_t5_encoder(32) if t5 else None,
+        tokenizer_3=word_tokenizer(16) if t5 else None,
     )
 
 

@@ -1,0 +1,42 @@
+"""The README's main job (bench/e2e.py) on CPU: random-weight loop and the local from_pretrained path."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import e2e
+
+from ._models import tiny_sd3_pipeline
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and not line.startswith("| run") and len(cells) == 7:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("model", ["sd3", "lumina"])
+def test_random_weight_loop_prints_comparison(model, capsys, torch_backend):
+    e2e.main(["--model", model, "--steps", "6", "--ratio", "0.5", "0.25", "--resolution", "128", "--device", "cpu"])
+    rows = _rows(capsys.readouterr().out)
+    assert len(rows) == 3 and "diffusers dense" in rows
+    for name, (steps, tokens, step_ms, total, speedup, psnr) in rows.items():
+        assert steps == "6"
+        assert float(step_ms) > 0 and float(total) > 0 and speedup.endswith("x")
+        if name != "diffusers dense":
+            assert float(tokens.rstrip("%")) < 100
+            assert psnr != "inf" and float(psnr) > 0  # RAS changed the result, but not into noise
+
+
+def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
+    tiny_sd3_pipeline(t5=True).save_pretrained(tmp_path)
+    e2e.main(["--pretrained", str(tmp_path), "--steps", "6", "--ratio", "0.5", "--resolution", "32",
+              "--dtype", "fp32", "--device", "cpu"])
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {"pipeline dense", "RAS ratio 0.5 (static)"}
+    assert re.fullmatch(r"\d+\.\d%", rows["RAS ratio 0.5 (static)"][1])
