@@ -31,7 +31,7 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _adapters()]
 
 
-def apply_ras(target, config: RASConfig | None = None) -> RASHandle:
+def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = True) -> RASHandle:
     """Apply RAS to a diffusers pipeline (its ``.transformer`` and ``.scheduler``) or to a bare transformer.
 
     With a pipeline, each call of the pipeline is one generation: its scheduler's ``set_timesteps`` starts it
@@ -43,6 +43,9 @@ def apply_ras(target, config: RASConfig | None = None) -> RASHandle:
         target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel`` or ``LuminaPipeline``/``LuminaNextDiT2DModel``
             (any pipeline whose ``transformer`` is one of these).
         config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()``).
+        cuda_graphs: capture each distinct step shape of a CUDA, no-grad run in a CUDA graph and replay it (removes
+            the launch and host overhead that dominates low-ratio steps); the caches are then reused across
+            generations and freed by ``remove()``. ``False`` runs every step eagerly.
 
     Returns:
         A :class:`RASHandle`; ``handle.remove()`` (or leaving ``with``) restores the exact original modules.
@@ -60,7 +63,7 @@ def apply_ras(target, config: RASConfig | None = None) -> RASHandle:
         config = preset()
     if getattr(transformer, "_ras_handle", None) is not None:
         raise RuntimeError("RAS is already applied to this transformer; call remove() on its handle first")
-    handle = RASHandle(RASSession(config, patch_size=transformer.config.patch_size))
+    handle = RASHandle(RASSession(config, patch_size=transformer.config.patch_size), cuda_graphs=cuda_graphs)
     try:
         patch(handle, transformer)
         if transformer is not target:

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from .graphs import StepGraphs
 from .session import RASSession
 
 _MISSING = object()
@@ -18,9 +19,23 @@ class RASHandle:
     :meth:`observe` after each step and :meth:`reset` before each generation.
     """
 
-    def __init__(self, session: RASSession):
+    def __init__(self, session: RASSession, *, cuda_graphs: bool = True):
         self.session = session
+        self.graphs = StepGraphs() if cuda_graphs else None
         self._undo: list[tuple[object, str, object]] = []
+
+    def run_step(self, forward, hidden_states: torch.Tensor, *args, **kwargs):
+        """One transformer call: begin the step, then run ``forward`` eagerly or through its CUDA graph.
+
+        Graphs are used for CUDA inputs under ``torch.no_grad()`` (pipelines sample that way); a step shape's first
+        call runs eagerly, its second is captured, later ones replay.
+        """
+        b, _, h, w = hidden_states.shape
+        self.session.begin_step(b, h, w, hidden_states.device)
+        if self.graphs is None or not hidden_states.is_cuda or torch.is_grad_enabled():
+            return forward(hidden_states, *args, **kwargs)
+        self.session.keep_buffers = True  # graphs read the caches they were captured with: reuse, never free
+        return self.graphs.run(tuple(self.session.batch_index.shape), forward, hidden_states, *args, **kwargs)
 
     def patch(self, obj: object, name: str, value: object) -> None:
         """Set ``obj.name = value`` on the instance, remembering what to restore."""
@@ -40,6 +55,10 @@ class RASHandle:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
+        if self.graphs is not None:
+            self.graphs.clear()
+        self.session.keep_buffers = False
+        self.session.release()
         self.session.reset()
 
     def observe(self, guided: torch.Tensor) -> None:

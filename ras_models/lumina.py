@@ -104,9 +104,7 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
                 )
 
     def forward(original, hidden_states, *args, **kwargs):
-        b, _, h, w = hidden_states.shape
-        session.begin_step(b, h, w, hidden_states.device)
-        return original(hidden_states, *args, **kwargs)
+        return handle.run_step(original, hidden_states, *args, **kwargs)
 
     def patch_embedder(original, x, freqs_cis):
         tokens, mask, sizes, rope = original(x, freqs_cis)

@@ -86,9 +86,7 @@ def patch_sd3(handle: RASHandle, transformer) -> None:
                 raise ValueError(f"RAS does not support {unsupported} (the active token count differs per step)")
         if len(args) > 3 and args[3] is not None:
             raise ValueError("RAS does not support block_controlnet_hidden_states")
-        b, _, h, w = hidden_states.shape
-        session.begin_step(b, h, w, hidden_states.device)
-        return original(hidden_states, *args, **kwargs)
+        return handle.run_step(original, hidden_states, *args, **kwargs)
 
     def pos_embed(original, latent):
         # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we (first).

@@ -28,24 +28,36 @@ from .config import RASConfig
 class RASSession:
     """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation."""
 
-    def __init__(self, config: RASConfig, patch_size: int):
+    def __init__(self, config: RASConfig, patch_size: int, *, keep_buffers: bool = False):
         if not isinstance(config, RASConfig):
             raise TypeError(f"config must be a RASConfig, got {type(config).__name__}")
         self.config = config
         self.patch_size = patch_size
+        self.keep_buffers = keep_buffers
+        self.counters: torch.Tensor | None = None
+        self.release()
         self.reset()
 
     def reset(self) -> None:
-        """Start a new generation: step 0, no caches, zero starvation counters."""
+        """Start a new generation: step 0, zero starvation counters. Cache buffers are kept (and reused) when
+        ``keep_buffers`` is set, as CUDA graphs need; otherwise they are released."""
         self.step = 0
         self.num_tokens: int | None = None
         self.schedule: list[int] | None = None
-        self.counters: torch.Tensor | None = None
         self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
         self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
-        self._kv: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._out: torch.Tensor | None = None
         self._forward_done = False
+        if self.counters is not None:
+            self.counters.zero_()
+        if not self.keep_buffers:
+            self.release()
+
+    def release(self) -> None:
+        """Free every cache and index buffer."""
+        self.counters = None
+        self._kv: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._out: dict[tuple, torch.Tensor] = {}
+        self._index: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def is_dense(self) -> bool:
@@ -77,13 +89,19 @@ class RASSession:
             self.num_tokens, self.schedule = n, cfg.token_schedule(n)
         elif n != self.num_tokens:
             raise ValueError(f"latent size changed within a generation ({self.num_tokens} -> {n} tokens)")
-        if self.active is None:
-            self.batch_index = torch.arange(n, device=device).expand(batch, n)
-        else:
+        k = n if self.active is None else self.active.shape[1]
+        index = self._index.get((batch, k))
+        if index is None:
+            index = torch.arange(k, device=device).repeat(batch, 1)  # the dense rows; RAS steps overwrite it
+            self._index[(batch, k)] = index
+        if self.active is not None:
             prompts = self.active.shape[0]
             if batch % prompts:
                 raise ValueError(f"transformer batch {batch} is not a multiple of the {prompts} prompts observed")
-            self.batch_index = self.active.repeat(batch // prompts, 1)
+            # In place: a captured step graph reads this buffer.
+            index.view(batch // prompts, prompts, k).copy_(self.active.expand(batch // prompts, prompts, k))
+        self.batch_index = index
+        self._forward_done = True
 
     def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
         """Active rows of x [B, N, D] (plus ``add`` [1 or B, N, D]); x itself (+ add) on a dense step."""
@@ -114,13 +132,15 @@ class RASSession:
     ) -> torch.Tensor:
         """Attention for layer ``key``: q [B, Lq, Hq, d] over the layer's whole-image K/V cache (refreshed with
         the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d]."""
-        caches = self._kv.get(key)
         b, _, hkv, d = k.shape
-        if caches is None or caches[0].shape != (b, self.num_tokens, hkv, d) or caches[0].dtype != k.dtype:
+        # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
+        cache_key = (key, b, self.num_tokens, hkv, d, k.dtype)
+        caches = self._kv.get(cache_key)
+        if caches is None:
             if not self.is_dense:
                 raise RuntimeError(f"no K/V cache for layer {key!r} at RAS step {self.step}: a dense step must run first")
             caches = tuple(torch.empty(b, self.num_tokens, hkv, d, dtype=k.dtype, device=k.device) for _ in "kv")
-            self._kv[key] = caches
+            self._kv[cache_key] = caches
         return cached_kv_attention(
             q, k, v, caches[0], caches[1], self.batch_index, k_extra=k_extra, v_extra=v_extra, scale=scale
         )
@@ -131,13 +151,15 @@ class RASSession:
         The returned tensor is the cache itself: valid until the next step's scatter_output.
         """
         b, _, f = out.shape
-        if self._out is None or self._out.shape != (b, self.num_tokens, f) or self._out.dtype != out.dtype:
+        out_key = (b, self.num_tokens, f, out.dtype)
+        cache = self._out.get(out_key)
+        if cache is None:
             if not self.is_dense:
                 raise RuntimeError(f"no output cache at RAS step {self.step}: a dense step must run first")
-            self._out = torch.empty(b, self.num_tokens, f, dtype=out.dtype, device=out.device)
-        scatter_tokens(self._out, self.batch_index, out)
-        self._forward_done = True
-        return self._out
+            cache = torch.empty(b, self.num_tokens, f, dtype=out.dtype, device=out.device)
+            self._out[out_key] = cache
+        scatter_tokens(cache, self.batch_index, out)
+        return cache
 
     # ---- after the step ----
     def observe(self, guided: torch.Tensor) -> None:
@@ -148,7 +170,7 @@ class RASSession:
         nxt = self.step + 1
         if nxt < cfg.num_steps and cfg.is_ras_step(nxt):
             prompts = guided.shape[0]
-            if self.counters is None or self.counters.shape[0] != prompts:
+            if self.counters is None or self.counters.shape != (prompts, self.num_tokens):
                 self.counters = torch.zeros(prompts, self.num_tokens, dtype=torch.int32, device=guided.device)
             self.active = select_regions(
                 guided,
@@ -164,12 +186,10 @@ class RASSession:
             self.active = None
         self.step = nxt
         self._forward_done = False
-        if nxt == cfg.num_steps:
-            # The generation is over: release the caches rather than keep them allocated.
-            self._kv.clear()
-            self._out = None
+        if nxt == cfg.num_steps and not self.keep_buffers:
+            self.release()  # the generation is over: free the caches rather than keep them allocated
 
     def memory_bytes(self) -> int:
         """Bytes held by the K/V and output caches now."""
-        total = sum(t.numel() * t.element_size() for pair in self._kv.values() for t in pair)
-        return total + (0 if self._out is None else self._out.numel() * self._out.element_size())
+        tensors = [t for pair in self._kv.values() for t in pair] + list(self._out.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,99 @@
+"""CUDA graphs for transformer steps: one graph per distinct step shape, replayed with fresh inputs.
+
+At low ratios an eager RAS step is bound by kernel launches and host work, not by the GPU. Every active-token
+count of a generation is known before sampling starts, so each distinct shape (dense, and each K) is captured once
+and then replayed: the step's tensor inputs are copied into the graph's static buffers, the graph runs, and the
+output is cloned out (so callers may keep it, as multistep solvers do). The first call of a shape runs eagerly
+(which also warms up cuBLAS, cuDNN and Triton's autotuner) and the capture follows.
+
+Everything a step reads that changes between steps must be a tensor input or live in a buffer the caller refills
+in place (the active indices, the caches); non-tensor arguments are part of the graph's key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _split(value):
+    """Tensors found in ``value`` (nested lists/tuples/dicts) and a hashable description of the rest."""
+    if isinstance(value, torch.Tensor):
+        return [value], ("tensor", tuple(value.shape), value.dtype, value.device, tuple(value.stride()))
+    if isinstance(value, (list, tuple)):
+        parts = [_split(v) for v in value]
+        return [t for p in parts for t in p[0]], (type(value).__name__, tuple(p[1] for p in parts))
+    if isinstance(value, dict):
+        parts = {k: _split(v) for k, v in value.items()}
+        return [t for p in parts.values() for t in p[0]], ("dict", tuple((k, p[1]) for k, p in sorted(parts.items())))
+    return [], ("const", repr(value))
+
+
+def _rebuild(value, tensors):
+    """``value`` with its tensors replaced, in order, by the next items of the iterator ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        return next(tensors)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebuild(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _rebuild(v, tensors) for k, v in value.items()}
+    return value
+
+
+class _Graph:
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool):
+        inputs, _ = _split((args, kwargs))
+        self.static_inputs = [t.clone() for t in inputs]
+        static_args, static_kwargs = _rebuild((args, kwargs), iter(self.static_inputs))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.static_output = fn(*static_args, **static_kwargs)
+
+    def replay(self, args: tuple, kwargs: dict):
+        inputs, _ = _split((args, kwargs))
+        for static, fresh in zip(self.static_inputs, inputs):
+            if static.data_ptr() != fresh.data_ptr():
+                static.copy_(fresh)
+        self.graph.replay()
+        outputs, _ = _split(self.static_output)
+        return _rebuild(self.static_output, iter([t.clone() for t in outputs]))
+
+
+class StepGraphs:
+    """Captured transformer steps keyed by step shape; ``run(key, fn, *args, **kwargs)`` replays or captures."""
+
+    def __init__(self):
+        self._graphs: dict[object, _Graph] = {}
+        self._seen: set[object] = set()
+        self._pool = None
+
+    def run(self, key: object, fn: Callable, *args, **kwargs):
+        _, layout = _split((args, kwargs))
+        full_key = (key, layout)
+        graph = self._graphs.get(full_key)
+        if graph is not None:
+            return graph.replay(args, kwargs)
+        if full_key not in self._seen:
+            # First time: run eagerly (warms up libraries and autotuners; the result is the step's result).
+            self._seen.add(full_key)
+            return fn(*args, **kwargs)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = _Graph(fn, args, kwargs, self._pool)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "capturing the transformer step in a CUDA graph failed (something in the step synchronises with "
+                "the host or changes shape); apply RAS with cuda_graphs=False to run eagerly"
+            ) from err
+        self._graphs[full_key] = graph
+        return graph.replay(args, kwargs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
