@@ -51,10 +51,19 @@ class Result:
     tokens: float  # share of image tokens computed over the run
     step_ms: list[float]
     latents: torch.Tensor
+    ras_steps: list[bool] | None = None  # which steps were RAS steps (None: all dense)
+    peak_mib: float | None = None
 
     @property
     def total_ms(self) -> float:
         return sum(self.step_ms)
+
+    @property
+    def ras_step_ms(self) -> float | None:
+        """Median time of the RAS steps alone (dense warm-up and reset steps excluded)."""
+        if not self.ras_steps or not any(self.ras_steps):
+            return None
+        return statistics.median(t for t, ras in zip(self.step_ms, self.ras_steps) if ras)
 
 
 class Loop:
@@ -148,14 +157,27 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int) -> RAS
 
 
 def table(results: list[Result], dense: Result) -> str:
-    lines = ["| run | steps | tokens computed | median ms/step | total ms | speedup | PSNR vs dense (dB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | tokens computed | median ms/step | median RAS-step ms (vs dense step) | total ms | "
+             "speedup | peak MiB | PSNR vs dense (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+    dense_step = statistics.median(dense.step_ms)
     for r in results:
+        ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f} ({r.ras_step_ms / dense_step:.2f}x)"
+        peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         lines.append(
-            f"| {r.name} | {len(r.step_ms)} | {100 * r.tokens:.1f}% | {statistics.median(r.step_ms):.2f} | "
-            f"{r.total_ms:.1f} | {dense.total_ms / r.total_ms:.2f}x | {psnr(r.latents, dense.latents):.1f} |"
+            f"| {r.name} | {len(r.step_ms)} | {100 * r.tokens:.1f}% | {statistics.median(r.step_ms):.2f} | {ras} | "
+            f"{r.total_ms:.1f} | {dense.total_ms / r.total_ms:.2f}x | {peak} | {psnr(r.latents, dense.latents):.1f} |"
         )
     return "\n".join(lines)
+
+
+def _measure(loop: Loop, steps: int, handle, label: str) -> tuple[torch.Tensor, list[float], float | None]:
+    """One timed generation (after the caller's warm-up) and its peak memory in MiB (CUDA only)."""
+    cuda = loop.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    latents, times = loop.run(steps, handle, progress=label)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return latents, times, peak
 
 
 def run_random_weights(args) -> None:
@@ -172,16 +194,19 @@ def run_random_weights(args) -> None:
     print(f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
           f"latent {latent}x{latent} ({n} image tokens), {steps} steps, CFG batch 2", file=sys.stderr)
     loop.run(min(2, steps), progress="warm-up dense")
-    latents, times = loop.run(steps, progress="dense")
-    dense = Result("diffusers dense", 1.0, times, latents)
+    latents, times, peak = _measure(loop, steps, None, "dense")
+    dense = Result("diffusers dense eager", 1.0, times, latents, peak_mib=peak)
     results = [dense]
+    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
     for config in configs:
-        with apply_ras(transformer, config) as handle:
-            loop.run(min(2, steps), handle, progress=f"warm-up RAS {config.sample_ratio}")
-            handle.reset()
-            latents, times = loop.run(steps, handle, progress=f"RAS {config.sample_ratio}")
-        share = sum(config.token_schedule(n)) / (steps * n)
-        results.append(Result(f"RAS ratio {config.sample_ratio} ({config.schedule})", share, times, latents))
+        for graphs in graph_modes:
+            label = f"RAS ratio {config.sample_ratio} ({config.schedule}{', CUDA graphs' if graphs else ', eager'})"
+            with apply_ras(transformer, config, cuda_graphs=graphs) as handle:
+                loop.run(steps, handle, progress=f"warm-up {label}")  # a whole generation: every shape captured
+                latents, times, peak = _measure(loop, steps, handle, label)
+            share = sum(config.token_schedule(n)) / (steps * n)
+            ras_steps = [config.is_ras_step(i) for i in range(steps)]
+            results.append(Result(label, share, times, latents, ras_steps, peak))
     print(table(results, dense))
 
 
@@ -219,7 +244,7 @@ def run_pretrained(args) -> None:
                 handle.remove()
         share = 1.0 if config is None else sum(config.token_schedule(n)) / (steps * n)
         name = "pipeline dense" if config is None else f"RAS ratio {ratio} ({config.schedule})"
-        results.append(Result(name, share, [total / steps] * steps, latents.float()))
+        results.append(Result(name, share, [total / steps] * steps, latents.float()))  # per step: the mean
     print(table(results, results[0]))
 
 
@@ -235,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                         help="published model config (default on GPU) or a tiny one (default on CPU)")
+    parser.add_argument("--graphs", choices=("on", "off", "both"), default="on",
+                        help="RAS runs with CUDA graphs (default), eagerly, or both")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
     parser.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ def _rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and not line.startswith("| run") and len(cells) == 7:
+        if line.startswith("| ") and not line.startswith("| run") and len(cells) == 9:
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -24,11 +24,12 @@ def _rows(text: str) -> dict[str, list[str]]:
 def test_random_weight_loop_prints_comparison(model, capsys, torch_backend):
     e2e.main(["--model", model, "--steps", "6", "--ratio", "0.5", "0.25", "--resolution", "128", "--device", "cpu"])
     rows = _rows(capsys.readouterr().out)
-    assert len(rows) == 3 and "diffusers dense" in rows
-    for name, (steps, tokens, step_ms, total, speedup, psnr) in rows.items():
+    assert len(rows) == 3 and "diffusers dense eager" in rows
+    for name, (steps, tokens, step_ms, ras_ms, total, speedup, _, psnr) in rows.items():
         assert steps == "6"
         assert float(step_ms) > 0 and float(total) > 0 and speedup.endswith("x")
-        if name != "diffusers dense":
+        if name != "diffusers dense eager":
+            assert float(ras_ms.split()[0]) > 0
             assert float(tokens.rstrip("%")) < 100
             assert psnr != "inf" and float(psnr) > 0  # RAS changed the result, but not into noise
 
