@@ -24,22 +24,56 @@ from ras_models import RASConfig, apply_ras
 
 # Published layouts (random weights): SD3-medium and Lumina-Next-SFT.
 SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
     pos_embed_max_size=192,
 )
 SD3_TINY = dict(
-    sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
-    joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64, out_channels=16,
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=128,
+    pooled_projection_dim=64,
+    out_channels=16,
     pos_embed_max_size=96,
 )
 LUMINA_NEXT_SFT = dict(
-    sample_size=128, patch_size=2, in_channels=4, hidden_size=2304, num_layers=24, num_attention_heads=32,
-    num_kv_heads=8, multiple_of=256, learn_sigma=True, qk_norm=True, cross_attention_dim=2048,
+    sample_size=128,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=2304,
+    num_layers=24,
+    num_attention_heads=32,
+    num_kv_heads=8,
+    multiple_of=256,
+    learn_sigma=True,
+    qk_norm=True,
+    cross_attention_dim=2048,
 )
 LUMINA_TINY = dict(
-    sample_size=32, patch_size=2, in_channels=4, hidden_size=128, num_layers=4, num_attention_heads=4,
-    num_kv_heads=2, multiple_of=32, learn_sigma=True, qk_norm=True, cross_attention_dim=64,
+    sample_size=32,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=128,
+    num_layers=4,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    multiple_of=32,
+    learn_sigma=True,
+    qk_norm=True,
+    cross_attention_dim=64,
 )
 TEXT_TOKENS = {"sd3": 333, "lumina": 256}
 GUIDANCE = 5.0
@@ -63,7 +97,7 @@ class Result:
         """Median time of the RAS steps alone (dense warm-up and reset steps excluded)."""
         if not self.ras_steps or not any(self.ras_steps):
             return None
-        return statistics.median(t for t, ras in zip(self.step_ms, self.ras_steps) if ras)
+        return statistics.median(t for t, ras in zip(self.step_ms, self.ras_steps, strict=False) if ras)
 
 
 class Loop:
@@ -148,17 +182,25 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int) -> RAS
     overrides = {}
     if steps is not None and steps != config.num_steps:
         resets = tuple(round(r * steps / config.num_steps) for r in config.reset_steps)
-        overrides.update(num_steps=steps, reset_steps=tuple(r for r in resets if r < steps),
-                         warmup_steps=min(config.warmup_steps, steps - 1))
+        overrides.update(
+            num_steps=steps,
+            reset_steps=tuple(r for r in resets if r < steps),
+            warmup_steps=min(config.warmup_steps, steps - 1),
+        )
     if config.schedule == "dynamic" and num_tokens != 4096:
-        overrides.update(dynamic_step=max(1, config.dynamic_step * num_tokens // 4096),
-                         dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096))
+        overrides.update(
+            dynamic_step=max(1, config.dynamic_step * num_tokens // 4096),
+            dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096),
+        )
     return base(sample_ratio=ratio, **overrides)
 
 
 def table(results: list[Result], dense: Result) -> str:
-    lines = ["| run | steps | tokens computed | median ms/step | median RAS-step ms (vs dense step) | total ms | "
-             "speedup | peak MiB | PSNR vs dense (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | steps | tokens computed | median ms/step | median RAS-step ms (vs dense step) | total ms | "
+        "speedup | peak MiB | PSNR vs dense (dB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     dense_step = statistics.median(dense.step_ms)
     for r in results:
         ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f} ({r.ras_step_ms / dense_step:.2f}x)"
@@ -183,16 +225,20 @@ def _measure(loop: Loop, steps: int, handle, label: str) -> tuple[torch.Tensor, 
 def run_random_weights(args) -> None:
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or
-                                                                                   ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
     latent = args.resolution // 8 if args.resolution else (128 if full else 32)
     transformer = build_transformer(args.model, full, device, dtype)
     loop = Loop(args.model, transformer, latent, device, dtype, args.seed)
     n = (latent // transformer.config.patch_size) ** 2
     configs = [preset(args.model, args.steps, r, n) for r in args.ratio]
     steps = configs[0].num_steps
-    print(f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
-          f"latent {latent}x{latent} ({n} image tokens), {steps} steps, CFG batch 2", file=sys.stderr)
+    print(
+        f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
+        f"latent {latent}x{latent} ({n} image tokens), {steps} steps, CFG batch 2",
+        file=sys.stderr,
+    )
     loop.run(min(2, steps), progress="warm-up dense")
     latents, times, peak = _measure(loop, steps, None, "dense")
     dense = Result("diffusers dense eager", 1.0, times, latents, peak_mib=peak)
@@ -223,8 +269,9 @@ def run_pretrained(args) -> None:
 
     def generate():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        return pipe(args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator,
-                    output_type="latent").images
+        return pipe(
+            args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator, output_type="latent"
+        ).images
 
     generate()  # warm-up
     results = []
@@ -251,17 +298,34 @@ def run_pretrained(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("sd3", "lumina"), default="sd3", help="model family (default sd3)")
-    parser.add_argument("--ratio", type=float, nargs="+", default=[0.5, 0.25, 0.125],
-                        help="RAS sample ratios to compare with dense (default 0.5 0.25 0.125)")
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.25, 0.125],
+        help="RAS sample ratios to compare with dense (default 0.5 0.25 0.125)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="image side in pixels, latent = resolution / 8 (default 1024 on GPU, 256 on CPU)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side in pixels, latent = resolution / 8 (default 1024 on GPU, 256 on CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
-    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
-                        help="published model config (default on GPU) or a tiny one (default on CPU)")
-    parser.add_argument("--graphs", choices=("on", "off", "both"), default="on",
-                        help="RAS runs with CUDA graphs (default), eagerly, or both")
+    parser.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="published model config (default on GPU) or a tiny one (default on CPU)",
+    )
+    parser.add_argument(
+        "--graphs",
+        choices=("on", "off", "both"),
+        default="on",
+        help="RAS runs with CUDA graphs (default), eagerly, or both",
+    )
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
     parser.add_argument("--seed", type=int, default=0)

@@ -91,9 +91,7 @@ class RASConfig:
     @classmethod
     def lumina_next(cls, **overrides) -> RASConfig:
         """Lumina-Next example: 30 steps, 4 warm-up, resets at 12 and 22, dynamic 256 tokens per 4 steps."""
-        base = cls(
-            num_steps=30, warmup_steps=4, reset_steps=(12, 22), schedule="dynamic", high_ratio=1.0
-        )
+        base = cls(num_steps=30, warmup_steps=4, reset_steps=(12, 22), schedule="dynamic", high_ratio=1.0)
         return replace(base, **overrides)
 
     @property

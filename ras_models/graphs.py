@@ -52,7 +52,7 @@ class _Graph:
 
     def replay(self, args: tuple, kwargs: dict):
         inputs, _ = _split((args, kwargs))
-        for static, fresh in zip(self.static_inputs, inputs):
+        for static, fresh in zip(self.static_inputs, inputs, strict=False):
             if static.data_ptr() != fresh.data_ptr():
                 static.copy_(fresh)
         self.graph.replay()

@@ -138,7 +138,9 @@ class RASSession:
         caches = self._kv.get(cache_key)
         if caches is None:
             if not self.is_dense:
-                raise RuntimeError(f"no K/V cache for layer {key!r} at RAS step {self.step}: a dense step must run first")
+                raise RuntimeError(
+                    f"no K/V cache for layer {key!r} at RAS step {self.step}: a dense step must run first"
+                )
             caches = tuple(torch.empty(b, self.num_tokens, hkv, d, dtype=k.dtype, device=k.device) for _ in "kv")
             self._kv[cache_key] = caches
         return cached_kv_attention(

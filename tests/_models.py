@@ -90,8 +90,16 @@ def tiny_sd3_transformer(*, sd35: bool = False, patch_size: int = 2, num_layers:
 def _t5_encoder(d_model: int):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=len(WORDS) + 4, d_model=d_model, d_ff=2 * d_model, d_kv=16, num_layers=1,
-                      num_heads=2, pad_token_id=0, eos_token_id=2)
+    config = T5Config(
+        vocab_size=len(WORDS) + 4,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=16,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     return T5EncoderModel(config).eval()
 
 

@@ -25,6 +25,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
+
 def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
     """A tensor full of NaN, so any element a kernel fails to write shows up in the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -26,9 +26,7 @@ ATOL = 1e-4
 def _run(pipe, prompts, size, steps, seed=7):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return pipe(
-            prompts, num_inference_steps=steps, generator=generator, output_type="latent", **size
-        ).images
+        return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="latent", **size).images
 
 
 def _oracle_count(cfg: dict, step: int, n: int) -> int | None:
@@ -149,8 +147,14 @@ CASES = {
         tiny_lumina_pipeline,
         LUMINA_SIZE,
         {
-            "steps": 10, "warmup": 2, "resets": (6,), "ratio": 0.5, "high_ratio": 1.0, "mode": "reference",
-            "dynamic": (2, 4), "dynamic_step": 8,
+            "steps": 10,
+            "warmup": 2,
+            "resets": (6,),
+            "ratio": 0.5,
+            "high_ratio": 1.0,
+            "mode": "reference",
+            "dynamic": (2, 4),
+            "dynamic_step": 8,
         },
     ),
     "lumina-2prompts-nonsquare": (
@@ -195,8 +199,15 @@ def test_ras_generation_matches_spec_oracle(case, torch_backend):
     torch.testing.assert_close(ras, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("factory,size", [(tiny_sd3_pipeline, SD3_SIZE), (lambda: tiny_sd3_pipeline(sd35=True), SD3_SIZE),
-                                          (tiny_lumina_pipeline, LUMINA_SIZE)], ids=["sd3", "sd35", "lumina"])
+@pytest.mark.parametrize(
+    "factory,size",
+    [
+        (tiny_sd3_pipeline, SD3_SIZE),
+        (lambda: tiny_sd3_pipeline(sd35=True), SD3_SIZE),
+        (tiny_lumina_pipeline, LUMINA_SIZE),
+    ],
+    ids=["sd3", "sd35", "lumina"],
+)
 def test_ratio_one_reproduces_unpatched_pipeline(factory, size, torch_backend):
     pipe = factory()
     dense = _run(pipe, "a red cat", size, 6)
@@ -210,8 +221,9 @@ def _processors(transformer):
     return {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
 
 
-@pytest.mark.parametrize("factory,size", [(tiny_sd3_pipeline, SD3_SIZE), (tiny_lumina_pipeline, LUMINA_SIZE)],
-                         ids=["sd3", "lumina"])
+@pytest.mark.parametrize(
+    "factory,size", [(tiny_sd3_pipeline, SD3_SIZE), (tiny_lumina_pipeline, LUMINA_SIZE)], ids=["sd3", "lumina"]
+)
 def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
     pipe = factory()
     t, s = pipe.transformer, pipe.scheduler
@@ -233,7 +245,11 @@ def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
     assert all(p is processors[name] for name, p in _processors(t).items())
     for m in modules:
         assert vars(m).keys() == instance_attrs[id(m)].keys()
-        assert all(vars(m)[k] is v for k, v in instance_attrs[id(m)].items() if k not in ("_parameters", "_buffers", "_modules"))
+        assert all(
+            vars(m)[k] is v
+            for k, v in instance_attrs[id(m)].items()
+            if k not in ("_parameters", "_buffers", "_modules")
+        )
     assert vars(s).keys() == sched_attrs.keys() and "step" not in vars(s) and "set_timesteps" not in vars(s)
     torch.testing.assert_close(_run(pipe, "a red cat", size, 6), dense, atol=0, rtol=0)
 
@@ -263,8 +279,11 @@ def test_bare_transformer_needs_observe(torch_backend):
     t = pipe.transformer
     handle = apply_ras(t, RASConfig(num_steps=4, warmup_steps=1, reset_steps=()))
     x = torch.randn(2, 4, 16, 16)
-    kwargs = {"encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 16),
-              "timestep": torch.tensor([1.0, 1.0])}
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 5, 32),
+        "pooled_projections": torch.randn(2, 16),
+        "timestep": torch.tensor([1.0, 1.0]),
+    }
     with torch.no_grad():
         out = t(x, **kwargs).sample
         with pytest.raises(RuntimeError, match="observe"):

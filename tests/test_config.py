@@ -33,8 +33,16 @@ def test_lumina_preset_dynamic_schedule():
 
 
 def test_dynamic_drop_is_floored_to_multiple_and_clipped():
-    cfg = RASConfig(num_steps=8, warmup_steps=1, reset_steps=(), schedule="dynamic", sample_ratio=0.9,
-                    dynamic_step=100, dynamic_group=1, dynamic_multiple=64)
+    cfg = RASConfig(
+        num_steps=8,
+        warmup_steps=1,
+        reset_steps=(),
+        schedule="dynamic",
+        sample_ratio=0.9,
+        dynamic_step=100,
+        dynamic_group=1,
+        dynamic_multiple=64,
+    )
     counts = cfg.token_schedule(1000)
     # skip = int(0.1 * 1000) = 100, centre = (8 + 1) // 1 // 2 = 4; step s drops 100 + 100 * (s - 4).
     drops = [max((100 + 100 * (s - 4)) // 64 * 64, 0) for s in range(1, 8)]
@@ -48,8 +56,15 @@ def test_end_step_and_static_counts():
 
 
 def test_schedule_with_no_active_token_raises():
-    cfg = RASConfig(num_steps=30, warmup_steps=4, reset_steps=(), schedule="dynamic", sample_ratio=0.1,
-                    dynamic_step=256, dynamic_multiple=1)
+    cfg = RASConfig(
+        num_steps=30,
+        warmup_steps=4,
+        reset_steps=(),
+        schedule="dynamic",
+        sample_ratio=0.1,
+        dynamic_step=256,
+        dynamic_multiple=1,
+    )
     with pytest.raises(ValueError, match="no token active"):
         cfg.token_schedule(1024)
 
@@ -57,14 +72,27 @@ def test_schedule_with_no_active_token_raises():
 @pytest.mark.parametrize(
     "field,value,exc",
     [
-        ("sample_ratio", 0.0, ValueError), ("sample_ratio", 1.5, ValueError), ("sample_ratio", float("nan"), ValueError),
-        ("num_steps", 1, ValueError), ("num_steps", 2.5, TypeError),
-        ("warmup_steps", 0, ValueError), ("warmup_steps", 28, ValueError),
-        ("reset_steps", (28,), ValueError), ("reset_steps", (-1,), ValueError), ("reset_steps", 12, TypeError),
-        ("end_step", 2, ValueError), ("end_step", 28, ValueError),
-        ("schedule", "cosine", ValueError), ("dynamic_step", -1, ValueError), ("dynamic_group", 0, ValueError),
-        ("dynamic_multiple", 0, ValueError), ("metric", "var", ValueError), ("mode", "random", ValueError),
-        ("starvation_scale", -0.1, ValueError), ("high_ratio", 0.0, ValueError), ("high_ratio", 1.01, ValueError),
+        ("sample_ratio", 0.0, ValueError),
+        ("sample_ratio", 1.5, ValueError),
+        ("sample_ratio", float("nan"), ValueError),
+        ("num_steps", 1, ValueError),
+        ("num_steps", 2.5, TypeError),
+        ("warmup_steps", 0, ValueError),
+        ("warmup_steps", 28, ValueError),
+        ("reset_steps", (28,), ValueError),
+        ("reset_steps", (-1,), ValueError),
+        ("reset_steps", 12, TypeError),
+        ("end_step", 2, ValueError),
+        ("end_step", 28, ValueError),
+        ("schedule", "cosine", ValueError),
+        ("dynamic_step", -1, ValueError),
+        ("dynamic_group", 0, ValueError),
+        ("dynamic_multiple", 0, ValueError),
+        ("metric", "var", ValueError),
+        ("mode", "random", ValueError),
+        ("starvation_scale", -0.1, ValueError),
+        ("high_ratio", 0.0, ValueError),
+        ("high_ratio", 1.01, ValueError),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value, exc):

@@ -56,7 +56,7 @@ def sample(model, noise, steps, ras=None, trace=None):
     x = noise.clone()
     if ras is not None:
         ras.reset()
-    for i in range(steps):
+    for _i in range(steps):
         v = model(x, ras)
         if trace is not None:
             trace.append(v.clone())
@@ -71,16 +71,19 @@ def test_ratio_one_reproduces_plain_model(torch_backend):
     noise = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
         plain = sample(model, noise, 6)
-        ras = sample(model, noise, 6, RASSession(RASConfig(num_steps=6, warmup_steps=1, reset_steps=(),
-                                                           sample_ratio=1.0), patch_size=2))
+        ras = sample(
+            model,
+            noise,
+            6,
+            RASSession(RASConfig(num_steps=6, warmup_steps=1, reset_steps=(), sample_ratio=1.0), patch_size=2),
+        )
     torch.testing.assert_close(ras, plain, atol=1e-5, rtol=0)
 
 
 def test_inactive_tokens_reuse_their_last_output(torch_backend):
     model = TinyDiT().eval()
     noise = torch.randn(2, 4, 16, 16)
-    session = RASSession(RASConfig(num_steps=6, warmup_steps=2, reset_steps=(4,), sample_ratio=0.25),
-                         patch_size=2)
+    session = RASSession(RASConfig(num_steps=6, warmup_steps=2, reset_steps=(4,), sample_ratio=0.25), patch_size=2)
     trace: list[torch.Tensor] = []
     actives = []
     original_observe = session.observe

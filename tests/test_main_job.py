@@ -36,8 +36,22 @@ def test_random_weight_loop_prints_comparison(model, capsys, torch_backend):
 
 def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
     tiny_sd3_pipeline(t5=True).save_pretrained(tmp_path)
-    e2e.main(["--pretrained", str(tmp_path), "--steps", "6", "--ratio", "0.5", "--resolution", "32",
-              "--dtype", "fp32", "--device", "cpu"])
+    e2e.main(
+        [
+            "--pretrained",
+            str(tmp_path),
+            "--steps",
+            "6",
+            "--ratio",
+            "0.5",
+            "--resolution",
+            "32",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+        ]
+    )
     rows = _rows(capsys.readouterr().out)
     assert set(rows) == {"pipeline dense", "RAS ratio 0.5 (static)"}
     assert re.fullmatch(r"\d+\.\d%", rows["RAS ratio 0.5 (static)"][1])

@@ -63,8 +63,16 @@ def test_reference_selection_follows_spec(case, torch_backend):
     for _ in range(3):  # several steps: the counters feed back into the priorities
         signal = torch.randn(b, c, h, w)
         expected, expected_counters = literal_select(signal, k, p, metric, counters, 0.1, mode, high_ratio)
-        got = select_regions(signal, k, patch_size=p, metric=metric, counters=counters, starvation_scale=0.1,
-                             mode=mode, high_ratio=high_ratio)
+        got = select_regions(
+            signal,
+            k,
+            patch_size=p,
+            metric=metric,
+            counters=counters,
+            starvation_scale=0.1,
+            mode=mode,
+            high_ratio=high_ratio,
+        )
         assert got.dtype == torch.int64 and torch.equal(got, expected)
         assert torch.equal(counters, expected_counters)
 
