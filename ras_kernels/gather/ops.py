@@ -1,38 +1,241 @@
-"""Public ``gather_tokens`` / ``scatter_tokens``: validation and backend dispatch."""
+"""Public ``gather_tokens`` / ``scatter_tokens``: validation, Triton launchers, torch.library ops, dispatch."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+
 import torch
 
-from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, use_triton
 from . import reference
 
 
+def debug_checks_enabled() -> bool:
+    """``RAS_DEBUG=1``: the ops also check index ranges on the device (this synchronises with the host)."""
+    return os.environ.get("RAS_DEBUG", "0").strip() == "1"
+
+
 def validate_index(name: str, idx: object, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Check ``idx`` is a [batch, K] int32/int64 tensor with 1 <= K <= num_tokens on ``device``."""
+    """Check ``idx`` is a [batch, K] int32/int64 tensor with 1 <= K <= num_tokens on ``device``.
+
+    With ``RAS_DEBUG=1`` also check every index lies in [0, num_tokens) (one host synchronisation).
+    """
     check_tensor(name, idx, ndim=2, dtypes=INDEX_DTYPES, device=device)
     if idx.shape[0] != batch:
         raise ValueError(f"{name} has batch {idx.shape[0]}, expected {batch}")
     if not 1 <= idx.shape[1] <= num_tokens:
         raise ValueError(f"{name} must select between 1 and N={num_tokens} tokens, got K={idx.shape[1]}")
+    if debug_checks_enabled() and idx.numel() and bool(((idx < 0) | (idx >= num_tokens)).any()):
+        raise ValueError(
+            f"{name} holds token indices outside [0, N={num_tokens}): min {int(idx.min())}, max {int(idx.max())} "
+            "(RAS_DEBUG=1 check)"
+        )
     return idx
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` of each sample: x [B, N, D], idx [B, K] (int32/int64) -> [B, K, D].
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    """The kernels address rows through strides but need each row contiguous."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride in its last dimension (rows contiguous), got strides {tuple(t.stride())}"
+        )
 
-    Indices are not range-checked on the device (that would need a host sync); out-of-range indices are
-    undefined behaviour, as in ``torch.gather`` on CUDA.
+
+def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
+    if t.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have batch 1 (shared) or B={batch}, got shape {tuple(t.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers (Triton path)
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, row stride) of a [B, N, D] tensor, 0 for a dimension of size 1 (never stepped along)."""
+    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _align(*strides: int) -> int:
+    """Largest power of two <= 16 dividing every stride: row offsets are multiples of it (vector accesses)."""
+    g = math.gcd(*strides)
+    return min(16, g & -g) if g else 16
+
+
+def _launch_config(d: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) from the row width only, never from K (one compiled kernel for every K).
+
+    A program moves a tile of about 8 KiB: up to 1 KiB of each of BLOCK_R rows. Wider rows are split into column
+    blocks, choosing among 1/4, 1/2 and 1 KiB the width that pads the fewest columns (D = 1536 bf16 -> 3 x 512,
+    D = 2304 bf16 -> 9 x 256), so no lanes idle on a masked tail. At SD3 sizes (B = 2, K >= 1024, D = 1536 bf16)
+    this gives >= 768 programs, several per SM on a 132-SM card.
+    """
+    cap = 1024 // element_size
+    width = 1 << max(0, d - 1).bit_length()  # next power of two
+    if width <= cap:
+        block_d = width
+    else:
+        block_d = min((cap, cap // 2, cap // 4), key=lambda w: (_cdiv(d, w) * w - d, -w))
+    block_r = min(128, max(1, 8192 // (block_d * element_size)))
+    vectors = block_r * block_d * element_size // 16  # 16-byte accesses per tile
+    num_warps = max(1, min(4, vectors // 32))
+    return block_r, block_d, num_warps
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _gather_launch(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> None:
+    """Fill ``out`` [B, K, D] (contiguous, x's dtype) with the gathered rows."""
+    from . import kernels
+
+    batch, k = idx.shape
+    d = x.shape[2]
+    if out.numel() == 0:
+        return
+    sxb, sxn = _row_strides(x)
+    sab, san = _row_strides(add) if add is not None else (0, 0)
+    block_r, block_d, num_warps = _launch_config(d, x.element_size())
+    grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
+    with _device_of(x):
+        kernels.gather_rows_kernel[grid](
+            out,
+            x,
+            add if add is not None else x,  # never read when HAS_ADD is False
+            idx,
+            sxb,
+            sxn,
+            sab,
+            san,
+            idx.stride(0),
+            idx.stride(1),
+            k,
+            d,
+            HAS_ADD=add is not None,
+            ALIGN=_align(sxb, sxn, sab, san),
+            EVEN_D=d % block_d == 0,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+
+def _scatter_launch(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """Write ``src`` [B, K, D] into rows ``idx`` of ``dst`` [B, N, D] in place."""
+    from . import kernels
+
+    batch, k = idx.shape
+    d = dst.shape[2]
+    if src.numel() == 0:
+        return
+    sdb, sdn = _row_strides(dst)
+    ssb, ssk = _row_strides(src)
+    block_r, block_d, num_warps = _launch_config(d, dst.element_size())
+    grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
+    with _device_of(dst):
+        kernels.scatter_rows_kernel[grid](
+            dst,
+            src,
+            idx,
+            sdb,
+            sdn,
+            ssb,
+            ssk,
+            idx.stride(0),
+            idx.stride(1),
+            k,
+            d,
+            ALIGN=_align(sdb, sdn, ssb, ssk),
+            EVEN_D=d % block_d == 0,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+
+
+def _gather_triton(x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty((idx.shape[0], idx.shape[1], x.shape[2]), dtype=x.dtype, device=x.device)
+    _gather_launch(out, x, idx, add)
+    return out
+
+
+# torch.library ops, so torch.compile treats each launch as one opaque op (a fake implementation gives the output's
+# shape, and the schema declares the in-place write to dst). custom_op rather than triton_op + wrap_triton: the
+# latter tries to run the kernel on fake tensors under TRITON_INTERPRET=1 and so breaks torch.compile on CPU.
+# Explicit schemas keep the registration independent of annotation handling across torch versions.
+# Eager calls (CUDA-graph capture included) launch directly: the op's Python dispatch would cost more host time
+# than the kernel's GPU time at SD3 sizes.
+@torch.library.custom_op(
+    "ras_kernels::gather_tokens", mutates_args=(), schema="(Tensor x, Tensor idx, Tensor? add) -> Tensor"
+)
+def _gather_op(x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    return _gather_triton(x, idx, add)
+
+
+@_gather_op.register_fake
+def _(x, idx, add):
+    return x.new_empty((idx.shape[0], idx.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op(
+    "ras_kernels::scatter_tokens", mutates_args=("dst",), schema="(Tensor(a!) dst, Tensor idx, Tensor src) -> ()"
+)
+def _scatter_op(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    _scatter_launch(dst, idx, src)
+
+
+@_scatter_op.register_fake
+def _(dst, idx, src):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public ops
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``idx`` of each sample, optionally plus the same rows of ``add``.
+
+    x [Bx, N, D] and add [Ba, N, D] (float32/bfloat16/float16, add's dtype may differ from x's; a batch of 1 is
+    shared by all samples, e.g. a position table), idx [B, K] int32/int64 -> [B, K, D] contiguous in x's dtype:
+    ``out[b, j] = x[b, idx[b, j]] (+ add[b, idx[b, j]], summed in fp32 and rounded to x's dtype)``.
+    Inputs may be strided views as long as the last dimension is contiguous.
+
+    Indices are not range-checked on the device unless ``RAS_DEBUG=1`` (the check needs a host sync);
+    out-of-range indices are undefined behaviour, as in ``torch.gather`` on CUDA.
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    validate_index("idx", idx, x.shape[0], x.shape[1], x.device)
-    return reference.gather_tokens(x, idx)
+    check_tensor("idx", idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    batch = idx.shape[0]
+    _check_batch("x", x, batch)
+    _check_rows("x", x)
+    if add is not None:
+        check_tensor("add", add, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
+        _check_batch("add", add, batch)
+        if add.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"add must have shape (B or 1, N, D) = (*, {x.shape[1]}, {x.shape[2]}), got {tuple(add.shape)}"
+            )
+        _check_rows("add", add)
+    validate_index("idx", idx, batch, x.shape[1], x.device)
+    if use_triton(x.device):
+        return (_gather_op if torch.compiler.is_compiling() else _gather_triton)(x, idx, add)
+    return reference.gather_tokens(x, idx, add=add)
 
 
 def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Write src [B, K, D] into rows ``idx`` [B, K] of dst [B, N, D] in place; returns ``dst``.
 
-    Indices within a sample must be distinct (as :func:`select_regions` returns them).
+    dst and src may be strided views with a contiguous last dimension; rows of dst not in ``idx`` are untouched.
+    Indices within a sample must be distinct (as :func:`select_regions` returns them); with repeats, which write
+    lands is unspecified. Index range as for :func:`gather_tokens` (checked only with ``RAS_DEBUG=1``).
     """
     check_tensor("dst", dst, ndim=3, dtypes=FLOAT_DTYPES)
     validate_index("idx", idx, dst.shape[0], dst.shape[1], dst.device)
@@ -40,4 +243,13 @@ def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
     expected = (dst.shape[0], idx.shape[1], dst.shape[2])
     if tuple(src.shape) != expected:
         raise ValueError(f"src must have shape (B, K, D) = {expected}, got {tuple(src.shape)}")
+    _check_rows("dst", dst)
+    _check_rows("src", src)
+    if any(size > 1 and stride == 0 for size, stride in zip(dst.shape, dst.stride(), strict=True)):
+        raise ValueError(
+            f"dst must not be a broadcast (expanded) view: rows would alias; strides {tuple(dst.stride())}"
+        )
+    if use_triton(dst.device):
+        (_scatter_op if torch.compiler.is_compiling() else _scatter_launch)(dst, idx, src)
+        return dst
     return reference.scatter_tokens(dst, idx, src)
