@@ -9,6 +9,8 @@ cannot honour).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from .handle import RASHandle
 
@@ -88,9 +90,19 @@ def patch_sd3(handle: RASHandle, transformer) -> None:
             raise ValueError("RAS does not support block_controlnet_hidden_states")
         return handle.run_step(original, hidden_states, *args, **kwargs)
 
+    embed = transformer.pos_embed
+    fusable = embed.pos_embed is not None and embed.pos_embed_max_size and embed.flatten and not embed.layer_norm
+
     def pos_embed(original, latent):
-        # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we (first).
-        return session.gather(original(latent).contiguous())
+        if not fusable:
+            # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we.
+            return session.gather(original(latent).contiguous())
+        # The stride-p patch convolution is a per-patch linear map; its rows and the cropped sin-cos table's rows
+        # are then gathered and summed in one pass (no full-N add, no transpose copy).
+        p = embed.patch_size
+        patches = rearrange(latent, "b c (y p) (x q) -> b (y x) (c p q)", p=p, q=p)
+        tokens = F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
+        return session.gather(tokens, add=embed.cropped_pos_embed(*latent.shape[-2:]))
 
     def proj_out(original, x):
         return session.scatter_output(original(x))

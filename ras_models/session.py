@@ -104,20 +104,19 @@ class RASSession:
         self._forward_done = True
 
     def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
-        """Active rows of x [B, N, D] (plus ``add`` [1 or B, N, D]); x itself (+ add) on a dense step."""
-        if self.is_dense:
-            return x if add is None else x + add
-        if add is not None:
-            x = x + add  # TODO(kernels): fused gather+add
-        return gather_tokens(x, self.batch_index)
+        """The step's rows of ``x`` [B, N, D] plus the same rows of ``add`` [1 or B, N, D] (summed in fp32), in one
+        pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result."""
+        return gather_tokens(x, self.batch_index, add=add)
 
     def gather_rows(self, table: torch.Tensor) -> torch.Tensor:
-        """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. RoPE frequencies)."""
+        """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. complex RoPE frequencies);
+        the table itself on a dense step (it broadcasts)."""
         if self.is_dense:
             return table
-        b = self.batch_index.shape[0]
-        idx = self.batch_index.reshape(b, -1, *([1] * (table.dim() - 2))).expand(b, -1, *table.shape[2:])
-        return torch.gather(table.expand(b, *table.shape[1:]), 1, idx)
+        real = torch.view_as_real(table) if table.is_complex() else table
+        rows = gather_tokens(real.reshape(*real.shape[:2], -1), self.batch_index)
+        rows = rows.view(*rows.shape[:2], *real.shape[2:])
+        return torch.view_as_complex(rows) if table.is_complex() else rows
 
     def attend(
         self,
