@@ -4,9 +4,9 @@ Every op validates its inputs on the host and then runs Triton kernels (CUDA ten
 reference (``<op>/reference.py``); ``RAS_BACKEND=torch|triton`` forces one.
 """
 
-from .attention.ops import cached_kv_attention
+from .attention.ops import cached_kv_attention, flash_attention
 from .gather.ops import gather_tokens, scatter_tokens
 from .select.ops import select_regions
 
-__all__ = ["cached_kv_attention", "gather_tokens", "scatter_tokens", "select_regions"]
+__all__ = ["cached_kv_attention", "flash_attention", "gather_tokens", "scatter_tokens", "select_regions"]
 __version__ = "0.1.0"

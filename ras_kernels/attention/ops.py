@@ -1,20 +1,54 @@
-"""Public ``cached_kv_attention``: validation and backend dispatch."""
+"""Public ``cached_kv_attention`` and ``attention``: validation, Triton launchers, torch.library ops, dispatch."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
+from torch.library import triton_op, wrap_triton
 
-from .._backend import FLOAT_DTYPES, check_tensor
+from .._backend import FLOAT_DTYPES, check_tensor, use_triton
 from ..gather.ops import validate_index
 from . import reference
 
+# d = 2^a or 2^a + 2^b with 2^b >= 8, 16 <= d <= 256: the kernel splits d into two power-of-two pieces.
+HEAD_DIMS = (16, 24, 32, 40, 48, 64, 72, 80, 96, 128, 136, 144, 160, 192, 256)
 
-def validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale) -> None:
+
+def _check_head_dim(d: int) -> None:
+    if d not in HEAD_DIMS:
+        raise ValueError(
+            f"head dim d must be one of {', '.join(map(str, HEAD_DIMS))} (tuned for 64, 72 and 128), got {d}"
+        )
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
+    ):
+        raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
+
+
+def _check_unit_last_stride(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit last (head-dim) stride, got strides {tuple(t.stride())}")
+
+
+def _check_key_mask(name: str, mask, b: int, t: int, device: torch.device) -> None:
+    check_tensor(name, mask, ndim=2, dtypes=(torch.bool,), device=device)
+    if tuple(mask.shape) != (b, t):
+        raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+
+
+def validate_attention_args(
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask=None, return_lse=False
+) -> None:
     """Check every argument of :func:`cached_kv_attention`."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     b, lq, hq, d = q.shape
+    _check_head_dim(d)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
     n, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
@@ -40,10 +74,247 @@ def validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_e
         check_tensor("v_extra", v_extra, ndim=4, dtypes=(q.dtype,), device=q.device)
         if v_extra.shape != k_extra.shape:
             raise ValueError(f"v_extra shape {tuple(v_extra.shape)} differs from k_extra {tuple(k_extra.shape)}")
-    if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
-    ):
-        raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
+    if extra_mask is not None:
+        if k_extra is None:
+            raise ValueError("extra_mask needs k_extra and v_extra")
+        _check_key_mask("extra_mask", extra_mask, b, k_extra.shape[1], q.device)
+    _check_scale(scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_unit_last_stride(name, t)
+    if k_extra is not None:
+        _check_unit_last_stride("k_extra", k_extra)
+        _check_unit_last_stride("v_extra", v_extra)
+
+
+def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
+    """Check every argument of :func:`attention`."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    b, _, hq, d = q.shape
+    _check_head_dim(d)
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    lk, hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k must have shape (B={b}, L, Hkv, d={d}), got {tuple(k.shape)}")
+    if lk < 1:
+        raise ValueError("k must hold at least one key (L >= 1)")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,), device=q.device)
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} differs from k {tuple(k.shape)}")
+    if key_mask is not None:
+        _check_key_mask("key_mask", key_mask, b, lk, q.device)
+    _check_scale(scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_unit_last_stride(name, t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _split_head_dim(d: int) -> tuple[int, int]:
+    """d = D0 + rest, D0 the largest power of two <= d; D1 = max(rest, 16) is the second piece's width (0 if none)."""
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    return d0, (0 if rest == 0 else max(16, rest))
+
+
+def _lq_bucket(lq: int) -> int:
+    """The autotuner's key for the query length: the next power of two, so K changing per step does not retune."""
+    return min(max(64, 1 << max(lq - 1, 1).bit_length()), 1 << 16)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on the GPU; the autotuner picks per key.
+GPU_CONFIGS = (
+    (128, 64, 4, 3),
+    (128, 64, 4, 4),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+)
+# One fixed config where autotuning is impossible (interpreter) or not worth it (fp32, exact-precision dots).
+_FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def _width(d: int) -> int:
+    d0, d1 = _split_head_dim(d)
+    return d0 + d1
+
+
+def _default_config(d: int) -> dict:
+    """The config used with RAS_ATTN_AUTOTUNE=0 (no autotuning, e.g. for quick GPU test runs)."""
+    w = _width(d)
+    if w <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if w <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+@functools.cache
+def _tuned_attn_kernel():
+    import triton
+
+    from . import kernels
+
+    def prune(configs, named_args, **kwargs):
+        # Large head dims do not fit 128 x 128 tiles in registers / shared memory.
+        meta = {**named_args, **kwargs}
+        width = meta["D0"] + (meta["D1"] if meta["SPLIT"] else 0)
+        kept = [c for c in configs if width <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+        return kept or configs
+
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS
+        ],
+        key=["lq_bucket", "HEAD_DIM", "HAS_EXTRA", "HAS_MASK"],
+        prune_configs_by={"early_config_prune": prune},
+    )(kernels.attn_fwd_kernel)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its offset and batch/row/head strides are multiples of 8 elements (the kernel's alignment
+    hints rely on it; true for contiguous tensors and for views of fused projections), else an aligned copy."""
+    if t.storage_offset() % 8 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool):
+    """Allocate out [B, Lq, Hq, d] (and lse [B, Hq, Lq] fp32 when asked); the kernel's arguments and grid."""
+    import triton
+
+    b, lq, hq, d = q.shape
+    hkv = k.shape[2]
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    if k_extra is not None:
+        k_extra, v_extra = _aligned(k_extra), _aligned(v_extra)
+    out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    has_extra = k_extra is not None and k_extra.shape[1] > 0
+    ke, ve = (k_extra, v_extra) if has_extra else (k, v)
+    has_mask = has_extra and extra_mask is not None
+    # Bool masks are read as bytes (a zero-copy view).
+    mask = extra_mask.view(torch.uint8) if has_mask else ke
+    s_mb, s_mt = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
+    d0, d1 = _split_head_dim(d)
+    args = (
+        q, k, v, ke, ve, mask, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ke.stride(0), ke.stride(1), ke.stride(2),
+        ve.stride(0), ve.stride(1), ve.stride(2),
+        s_mb, s_mt,
+        lq, _lq_bucket(lq), k.shape[1], ke.shape[1] if has_extra else 0, hq, hq // hkv,
+        scale * math.log2(math.e),
+    )  # fmt: skip
+    consts = {
+        "HEAD_DIM": d,
+        "D0": d0,
+        "D1": max(d1, 16),
+        "SPLIT": d1 > 0,
+        "HAS_EXTRA": has_extra,
+        "HAS_MASK": has_mask,
+        "STORE_LSE": return_lse,
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+    def grid(meta):
+        return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
+
+    return out, lse, args, consts, grid
+
+
+def _launch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_extra: torch.Tensor | None,
+    v_extra: torch.Tensor | None,
+    extra_mask: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+    wrap,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the attention kernel; ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner."""
+    from . import kernels
+
+    out, lse, args, consts, grid = _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    if out.numel() == 0:
+        return out, lse
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter cannot autotune (no driver): one small fixed config.
+        config = _INTERPRET_CONFIG
+    elif q.dtype == torch.float32:
+        config = _FP32_CONFIG
+    elif config is None and os.environ.get("RAS_ATTN_AUTOTUNE", "1") == "0":
+        config = _default_config(q.shape[-1])
+    if config is None:
+        wrap(_tuned_attn_kernel())[grid](*args, **consts)
+    else:
+        wrap(kernels.attn_fwd_kernel)[grid](*args, **consts, **config)
+    return out, lse
+
+
+def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new, wrap) -> None:
+    import triton
+
+    from . import kernels
+
+    b, kk, hkv, d = k_new.shape
+    if b == 0 or kk == 0 or hkv == 0:
+        return
+    block_k = 64
+    grid = (triton.cdiv(kk, block_k), hkv, b)
+    wrap(kernels.cache_write_kernel)[grid](
+        k_new, v_new, k_cache, v_cache, idx,
+        k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        idx.stride(0), idx.stride(1),
+        kk, k_cache.shape[1],
+        HEAD_DIM=d, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+
+
+# The two registered ops: torch.compile and CUDA graph capture see the Triton kernels through them; the cache
+# write is declared as mutating both caches. The attention launch is queued after the write on the same stream.
+@triton_op("ras_kernels::write_kv_cache", mutates_args={"k_cache", "v_cache"})
+def _write_kv_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+) -> None:
+    _launch_cache_write(k_cache, v_cache, idx, k_new, v_new, wrap_triton)
+
+
+@triton_op("ras_kernels::flash_attention", mutates_args={})
+def _flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_extra: torch.Tensor | None,
+    v_extra: torch.Tensor | None,
+    extra_mask: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, wrap_triton)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def cached_kv_attention(
@@ -56,16 +327,68 @@ def cached_kv_attention(
     *,
     k_extra: torch.Tensor | None = None,
     v_extra: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the active (and text) queries over a whole-image K/V cache refreshed in place.
 
-    Writes ``k_new``/``v_new`` [B, K, Hkv, d] into ``k_cache``/``v_cache`` [B, N, Hkv, d] at rows ``idx`` [B, K],
-    then returns softmax(q k^T * scale) v for q [B, Lq, Hq, d] over the keys/values [cache rows 0..N-1, then
-    ``k_extra``/``v_extra`` [B, T, Hkv, d] rows], shape [B, Lq, Hq, d]. Hq must be a multiple of Hkv (query head
-    h reads kv head h // (Hq / Hkv)). ``scale`` defaults to 1 / sqrt(d). All tensors share one float dtype.
+    Writes ``k_new``/``v_new`` [B, K, Hkv, d] into ``k_cache``/``v_cache`` [B, N, Hkv, d] at rows ``idx`` [B, K]
+    (int32/int64, distinct per row), then returns softmax(q k^T * scale) v for q [B, Lq, Hq, d] over the
+    keys/values [cache rows 0..N-1, then ``k_extra``/``v_extra`` [B, T, Hkv, d] rows], shape [B, Lq, Hq, d]
+    (contiguous). Hq must be a multiple of Hkv (query head h reads kv head h // (Hq / Hkv)). ``scale`` defaults
+    to 1 / sqrt(d). All tensors share one float dtype (fp16/bf16; fp32 too) and may be strided views with a unit
+    last stride. Head dims: see ``HEAD_DIMS`` (tuned for 64, 72 and 128).
+
+    ``extra_mask``: optional [B, T] bool, False hides that extra key from every query (applied in the kernel).
+    ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Lq] fp32 (natural log).
     """
-    validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale)
+    validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if use_triton(q.device):
+        # Stream order makes the attention launch wait for the cache write.
+        _write_kv_cache(k_cache, v_cache, idx, k_new, v_new)
+        out, lse = _flash_attention(q, k_cache, v_cache, k_extra, v_extra, extra_mask, float(scale), return_lse)
+        return (out, lse) if return_lse else out
     return reference.cached_kv_attention(
-        q, k_new, v_new, k_cache, v_cache, idx, k_extra=k_extra, v_extra=v_extra, scale=scale
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        idx,
+        k_extra=k_extra,
+        v_extra=v_extra,
+        extra_mask=extra_mask,
+        scale=scale,
+        return_lse=return_lse,
     )
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v with grouped-query heads, no cache: the same kernel as :func:`cached_kv_attention`.
+
+    q [B, Lq, Hq, d]; k/v [B, L, Hkv, d] (L >= 1); result [B, Lq, Hq, d] contiguous. ``key_mask``: optional [B, L]
+    bool, False hides that key from every query; a query that sees no key at all gets zeros (and lse -inf).
+    ``scale`` defaults to 1 / sqrt(d); ``return_lse`` also returns [B, Hq, Lq] fp32 (natural log).
+    """
+    validate_plain_attention_args(q, k, v, key_mask, scale, return_lse)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if use_triton(q.device):
+        if key_mask is None:
+            out, lse = _flash_attention(q, k, v, None, None, None, float(scale), return_lse)
+        else:
+            # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
+            out, lse = _flash_attention(q, k[:, :0], v[:, :0], k, v, key_mask, float(scale), return_lse)
+        return (out, lse) if return_lse else out
+    return reference.attention(q, k, v, scale, key_mask, return_lse=return_lse)

@@ -1,0 +1,197 @@
+"""Benchmark of cached_kv_attention / attention against PyTorch SDPA (CUDA only).
+
+    python -m bench.bench_attention            # the table (ceilings, SD3 and Lumina shapes)
+    python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
+
+Both sides are timed as CUDA-graph replays (so host launch overhead is not counted for either), median of
+triton's do_bench with the L2 flushed between runs. FLOPs = 4 * Lq * Lk * Hq * d * B. The SDPA baseline runs on
+the equivalent pre-concatenated inputs ([B, L, H, d] tensors seen as [B, H, L, d] views, GQA heads repeated
+beforehand, none of that timed) with the fastest of its cuDNN / flash / memory-efficient backends, each tried
+explicitly. The "full op" rows add the cache write to ours and index_copy_ + torch.cat to the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
+
+DTYPE = torch.bfloat16
+
+
+def _graph(fn):
+    """Capture ``fn`` (after a warm-up call that also autotunes) and return a replay closure."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+def _time(fn) -> float:
+    return median_ms(_graph(fn))
+
+
+def _best_sdpa(q, k, v, backends=None) -> tuple[float, str]:
+    """Fastest SDPA backend on [B, L, H, d] inputs (viewed as [B, H, L, d]); k/v already have q's head count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    names = {
+        SDPBackend.CUDNN_ATTENTION: "cuDNN",
+        SDPBackend.FLASH_ATTENTION: "flash",
+        SDPBackend.EFFICIENT_ATTENTION: "efficient",
+    }
+    best = (math.inf, "none")
+    for backend in backends or names:
+        try:
+            with sdpa_kernel(backend):
+                ms = _time(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+        except RuntimeError:
+            continue
+        best = min(best, (ms, f"SDPA {names[backend]}"))
+    return best
+
+
+def _inputs(b, n, kk, t, hq, hkv, d, lq=None):
+    g = dict(dtype=DTYPE, device="cuda")
+    lq = kk + t if lq is None else lq
+    q = torch.randn(b, lq, hq, d, **g)
+    kc, vc = torch.randn(b, n, hkv, d, **g), torch.randn(b, n, hkv, d, **g)
+    kn, vn = torch.randn(b, kk, hkv, d, **g), torch.randn(b, kk, hkv, d, **g)
+    idx = torch.stack([torch.randperm(n, device="cuda")[:kk] for _ in range(b)]).sort(dim=1).values
+    ke, ve = (torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)) if t else (None, None)
+    return q, kn, vn, kc, vc, idx, ke, ve
+
+
+def _concat(kc, vc, ke, ve, group):
+    k = kc if ke is None else torch.cat([kc, ke], 1)
+    v = vc if ve is None else torch.cat([vc, ve], 1)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    return k, v
+
+
+SD3 = dict(b=2, n=4096, t=333, hq=24, hkv=24, d=64)
+LUMINA = dict(b=2, n=4096, t=0, hq=32, hkv=8, d=72)
+
+
+def _shapes():
+    for kk in (512, 1024, 2048, 4096):
+        yield "SD3", dict(SD3, kk=kk)
+    for kk in (1024, 2048, 4096):
+        yield "Lumina", dict(LUMINA, kk=kk)
+
+
+def _shape_str(name, s) -> str:
+    lq, lk = s["kk"] + s["t"], s["n"] + s["t"]
+    return f"{name} B={s['b']} H={s['hq']}/{s['hkv']} d={s['d']} Lq={lq} Lk={lk}"
+
+
+def _flops(s) -> float:
+    return 4.0 * (s["kk"] + s["t"]) * (s["n"] + s["t"]) * s["hq"] * s["d"] * s["b"]
+
+
+def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ras_kernels.attention import ops
+
+    q, kn, vn, kc, vc, idx, ke, ve = _inputs(**s)
+    scale = s["d"] ** -0.5
+    group = s["hq"] // s["hkv"]
+    shape = _shape_str(name, s)
+    ours = _time(lambda: ops._flash_attention(q, kc, vc, ke, ve, None, scale, False))
+    k_all, v_all = _concat(kc, vc, ke, ve, group)
+    base_ms, base_name = _best_sdpa(q, k_all, v_all)
+    out = [Row("attention kernel", shape, ours, base_ms, base_name, "TFLOP/s", _flops(s), tf)]
+    if s["kk"] not in (1024, 4096):
+        return out
+    # The whole op (cache write + attention) against the plain-PyTorch RAS path with the same SDPA backend.
+    ours_full = _time(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve, scale=scale))
+    backends = {"SDPA cuDNN": SDPBackend.CUDNN_ATTENTION, "SDPA flash": SDPBackend.FLASH_ATTENTION}
+    rows_idx = idx[0].long()  # one index set for the CFG pair (the RAS spec), so index_copy_ on dim 1 works
+
+    def torch_path():
+        kc.index_copy_(1, rows_idx, kn)
+        vc.index_copy_(1, rows_idx, vn)
+        k_all, v_all = _concat(kc, vc, ke, ve, group)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
+
+    with sdpa_kernel(backends.get(base_name, SDPBackend.EFFICIENT_ATTENTION)):
+        base_full = _time(torch_path)
+    base_full_name = f"index_copy_+cat+{base_name}"
+    out.append(Row("cached_kv_attention", shape, ours_full, base_full, base_full_name, "TFLOP/s", _flops(s), tf))
+    return out
+
+
+def rows(ceilings: dict) -> list[Row]:
+    out = []
+    for name, s in _shapes():
+        out += _shape_rows(name, s, ceilings["TFLOP/s"])
+    return out
+
+
+SWEEP_CONFIGS = ((128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2))
+
+
+def _sweep_cells(name: str, s: dict, configs) -> list[str]:
+    from ras_kernels.attention import ops
+
+    q, _, _, kc, vc, _, ke, ve = _inputs(**s)
+    scale = s["d"] ** -0.5
+    k_all, v_all = _concat(kc, vc, ke, ve, s["hq"] // s["hkv"])
+    base_ms, base_name = _best_sdpa(q, k_all, v_all)
+    cells = [_shape_str(name, s), f"{_flops(s) / base_ms / 1e9:.0f} ({base_name[5:]})"]
+    for bm, bn, w, st in configs:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        try:
+            ms = _time(lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, lambda f: f, cfg))
+            cells.append(f"{_flops(s) / ms / 1e9:.0f}")
+        except Exception as e:  # noqa: BLE001 - out of resources etc.
+            cells.append(type(e).__name__[:12])
+    return cells
+
+
+def sweep() -> None:
+    """Time every candidate config of the attention kernel on every shape (TFLOP/s), next to the best SDPA."""
+    from ras_kernels.attention import ops
+
+    configs = sorted(set(ops.GPU_CONFIGS) | set(SWEEP_CONFIGS))
+    header = ["shape", "SDPA best"] + [f"{bm}x{bn} w{w} s{st}" for bm, bn, w, st in configs]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, s in _shapes():
+        print("| " + " | ".join(_sweep_cells(name, s, configs)) + " |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="time every kernel config on every shape")
+    a = parser.parse_args()
+    import triton
+
+    print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}, {str(DTYPE)[6:]}")
+    if a.sweep:
+        sweep()
+        return
+    ceilings = measure_ceilings()
+    print(f"ceilings: {ceilings['GB/s']:.0f} GB/s copy, {ceilings['TFLOP/s']:.0f} TFLOP/s bf16 GEMM")
+    # Row by row, so a long run shows progress.
+    for i, (name, s) in enumerate(_shapes()):
+        lines = format_table(_shape_rows(name, s, ceilings["TFLOP/s"])).splitlines()
+        print("\n".join(lines if i == 0 else lines[2:]), flush=True)
+    from ras_kernels.attention import ops
+
+    for key, cfg in ops._tuned_attn_kernel().cache.items():
+        print(f"autotuned {key[:4]}: {cfg}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Triton kernels for attention over a refreshed K/V cache (only ``@triton.jit`` functions live here).
+
+Layout of every [B, L, H, d] tensor: batch stride, row stride and head stride are passed; the last (d) stride is 1.
+A head dimension that is not a power of two is handled as two power-of-two pieces, ``d = D0 + REST``
+(e.g. 72 = 64 + 8, the 8 read into a 16-wide operand): both pieces are separate ``tl.dot`` operands, so the
+padding costs 80/72 of the work instead of the 128/72 of one padded block.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["n_active"])
+def cache_write_kernel(
+    k_new_ptr,
+    v_new_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    idx_ptr,
+    s_knb,
+    s_knt,
+    s_knh,
+    s_vnb,
+    s_vnt,
+    s_vnh,
+    s_kcb,
+    s_kcn,
+    s_kch,
+    s_vcb,
+    s_vcn,
+    s_vch,
+    s_ib,
+    s_ik,
+    n_active,
+    n_tokens,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``k_cache[b, idx[b, j], h, :] = k_new[b, j, h, :]`` and the same for v, in place.
+
+    k_new/v_new: [B, K, Hkv, d]; k_cache/v_cache: [B, N, Hkv, d]; idx: [B, K] int32/int64 (distinct per row).
+    Grid: (cdiv(K, BLOCK_K), Hkv, B). Indices outside [0, N) are skipped (never written out of bounds).
+    """
+    pid_k = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = offs_k < n_active
+    rows = tl.load(idx_ptr + b * s_ib + offs_k * s_ik, mask=ok, other=0).to(tl.int64)
+    ok = ok & (rows >= 0) & (rows < n_tokens)
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    kx = tl.load(k_new_ptr + b * s_knb + h * s_knh + offs_k[:, None] * s_knt + offs_d[None, :], mask=m2)
+    tl.store(k_cache_ptr + b * s_kcb + h * s_kch + rows[:, None] * s_kcn + offs_d[None, :], kx, mask=m2)
+    vx = tl.load(v_new_ptr + b * s_vnb + h * s_vnh + offs_k[:, None] * s_vnt + offs_d[None, :], mask=m2)
+    tl.store(v_cache_ptr + b * s_vcb + h * s_vch + rows[:, None] * s_vcn + offs_d[None, :], vx, mask=m2)
+
+
+@triton.jit
+def _attn_tile(
+    acc0,
+    acc1,
+    m_i,
+    l_i,
+    q0,
+    q1,
+    k_ptrs0,
+    k_ptrs1,
+    v_ptrs0,
+    v_ptrs1,
+    key_ok,
+    qk_scale,
+    SPLIT: tl.constexpr,
+    MASKED: tl.constexpr,
+    GUARD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One key tile of the online softmax (log2 domain): returns the updated (acc0, acc1, m_i, l_i).
+
+    q0 [BM, D0], q1 [BM, D1]; the pointer blocks address [BN, D0] / [BN, D1] rows of K and V. ``key_ok`` [BN]
+    (used when MASKED) says which keys exist and are visible; masked keys get a score of -inf. GUARD protects
+    rows that have seen no visible key yet (m_i = -inf), which only happens when the first tiles can be fully
+    masked. K/V loads are masked by row only (never by column): see attn_fwd_kernel for the second piece.
+    """
+    if MASKED:
+        k0 = tl.load(k_ptrs0, mask=key_ok[:, None], other=0.0)
+    else:
+        k0 = tl.load(k_ptrs0)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if SPLIT:
+        if MASKED:
+            k1 = tl.load(k_ptrs1, mask=key_ok[:, None], other=0.0)
+        else:
+            k1 = tl.load(k_ptrs1)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+    if MASKED:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v0 = tl.load(v_ptrs0, mask=key_ok[:, None], other=0.0)
+    else:
+        v0 = tl.load(v_ptrs0)
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if SPLIT:
+        if MASKED:
+            v1 = tl.load(v_ptrs1, mask=key_ok[:, None], other=0.0)
+        else:
+            v1 = tl.load(v_ptrs1)
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["lq", "lq_bucket"])
+def attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ke_ptr,
+    ve_ptr,
+    mask_ptr,
+    out_ptr,
+    lse_ptr,
+    s_qb,
+    s_ql,
+    s_qh,
+    s_kb,
+    s_kn,
+    s_kh,
+    s_vb,
+    s_vn,
+    s_vh,
+    s_keb,
+    s_ket,
+    s_keh,
+    s_veb,
+    s_vet,
+    s_veh,
+    s_mb,
+    s_mt,
+    lq,
+    lq_bucket,
+    n_keys,
+    n_extra,
+    heads_q,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = softmax(q [k; k_extra]^T * scale) [v; v_extra], without concatenating the two key segments.
+
+    q: [B, Lq, Hq, d]; k/v: [B, N, Hkv, d] (the cache, N = n_keys, may be 0); ke/ve: [B, T, Hkv, d]
+    (T = n_extra, used when HAS_EXTRA); mask: [B, T] uint8, 0 hides that extra key from every query (HAS_MASK);
+    out: [B, Lq, Hq, d] contiguous; lse: [B, Hq, Lq] fp32, natural log-sum-exp of the scaled scores (STORE_LSE).
+    Query head h reads kv head h // group. qk_scale = scale * log2(e) (softmax computed with exp2).
+    d = D0 + REST with D0 a power of two and REST = 0 or a power of two (SPLIT when REST > 0; D1 = max(REST, 16)).
+    A query row that sees no key at all gets out = 0 and lse = -inf.
+    Grid: (cdiv(Lq, BLOCK_M), B * Hq). ``lq_bucket`` is unused here: it is the autotuner's key.
+    """
+    REST: tl.constexpr = HEAD_DIM - D0
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = tl.arange(0, D1)
+    d1_ok = offs_d1 < REST
+    # Columns of the second K/V piece: when REST (8) is narrower than the 16-wide dot operand, the piece reads
+    # its REST columns twice instead of masking columns, so the K/V tile loads in the loop carry no column mask
+    # and never leave the row. q1's extra columns are zero, so the duplicates add nothing to the scores, and the
+    # duplicated output columns are never stored.
+    offs_kv1 = offs_d1
+    if SPLIT:
+        if REST < D1:
+            offs_kv1 = offs_d1 % REST
+    m_ok = offs_m < lq
+
+    # Every batch/row/head stride is a multiple of 8 elements (the launcher guarantees it): saying so lets the
+    # compiler use 16-byte vector loads and cp.async pipelining when a head stride (e.g. d = 72) is not a multiple
+    # of 16, the only divisibility Triton infers by itself. Without the hint triton 3.6 fell back to scalar loads,
+    # ran 5x slower and computed wrong values for d = 72 on H200.
+    q_off = tl.multiple_of(b * s_qb + h * s_qh, 8)
+    k_off = tl.multiple_of(b * s_kb + hk * s_kh, 8)
+    v_off = tl.multiple_of(b * s_vb + hk * s_vh, 8)
+    q_base = q_ptr + q_off + tl.multiple_of(offs_m * s_ql, 8)[:, None]
+    q0 = tl.load(q_base + offs_d0[None, :], mask=m_ok[:, None], other=0.0)
+    q1 = q0
+    if SPLIT:
+        q1 = tl.load(q_base + D0 + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+
+    # Segment 1: the cache rows 0..N-1; full tiles unmasked, then one masked tail tile.
+    rows_k = tl.multiple_of(offs_n * s_kn, 8)[:, None]
+    rows_v = tl.multiple_of(offs_n * s_vn, 8)[:, None]
+    k_ptrs0 = k_ptr + k_off + rows_k + offs_d0[None, :]
+    v_ptrs0 = v_ptr + v_off + rows_v + offs_d0[None, :]
+    k_ptrs1 = k_ptr + k_off + rows_k + D0 + offs_kv1[None, :]
+    v_ptrs1 = v_ptr + v_off + rows_v + D0 + offs_kv1[None, :]
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for _start in range(0, n_full, BLOCK_N):
+        acc0, acc1, m_i, l_i = _attn_tile(
+            acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, m_ok, qk_scale,
+            SPLIT, False, False, DOT_PREC,
+        )  # fmt: skip
+        k_ptrs0 += BLOCK_N * s_kn
+        k_ptrs1 += BLOCK_N * s_kn
+        v_ptrs0 += BLOCK_N * s_vn
+        v_ptrs1 += BLOCK_N * s_vn
+    if n_full < n_keys:
+        key_ok = n_full + offs_n < n_keys
+        acc0, acc1, m_i, l_i = _attn_tile(
+            acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, key_ok, qk_scale,
+            SPLIT, True, False, DOT_PREC,
+        )  # fmt: skip
+
+    # Segment 2: the extra rows (text / caption keys), every tile masked (bounds and the optional key mask).
+    if HAS_EXTRA:
+        ke_off = tl.multiple_of(b * s_keb + hk * s_keh, 8)
+        ve_off = tl.multiple_of(b * s_veb + hk * s_veh, 8)
+        rows_k = tl.multiple_of(offs_n * s_ket, 8)[:, None]
+        rows_v = tl.multiple_of(offs_n * s_vet, 8)[:, None]
+        k_ptrs0 = ke_ptr + ke_off + rows_k + offs_d0[None, :]
+        v_ptrs0 = ve_ptr + ve_off + rows_v + offs_d0[None, :]
+        k_ptrs1 = ke_ptr + ke_off + rows_k + D0 + offs_kv1[None, :]
+        v_ptrs1 = ve_ptr + ve_off + rows_v + D0 + offs_kv1[None, :]
+        mask_ptrs = mask_ptr + b * s_mb + offs_n * s_mt
+        for start in range(0, n_extra, BLOCK_N):
+            key_ok = start + offs_n < n_extra
+            if HAS_MASK:
+                key_ok = key_ok & (tl.load(mask_ptrs, mask=key_ok, other=0) != 0)
+            acc0, acc1, m_i, l_i = _attn_tile(
+                acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, key_ok, qk_scale,
+                SPLIT, True, HAS_MASK, DOT_PREC,
+            )  # fmt: skip
+            k_ptrs0 += BLOCK_N * s_ket
+            k_ptrs1 += BLOCK_N * s_ket
+            v_ptrs0 += BLOCK_N * s_vet
+            v_ptrs1 += BLOCK_N * s_vet
+            mask_ptrs += BLOCK_N * s_mt
+
+    # Epilogue: normalise (a row with no visible key keeps acc = 0), store out and the natural-log LSE.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    s_ol = heads_q * HEAD_DIM
+    out_base = out_ptr + tl.multiple_of(b * lq * s_ol + h * HEAD_DIM, 8) + offs_m[:, None] * s_ol
+    tl.store(out_base + offs_d0[None, :], (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+    if SPLIT:
+        tl.store(
+            out_base + D0 + offs_d1[None, :],
+            (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & d1_ok[None, :],
+        )
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=m_ok)

@@ -1,0 +1,388 @@
+"""cached_kv_attention / attention: Triton kernels against the fp32 reference.
+
+Error rule (flash-attention's): the kernel's max error against the fp32 reference may be at most about twice the
+error of PyTorch's own SDPA at the same input dtype (plus a tiny floor for fp32). CPU runs use fp16/fp32 inputs
+under TRITON_INTERPRET=1 (bf16 dots are wrong in the interpreter); the GPU sweep adds bf16 and full sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ras_kernels.attention import ops, reference
+
+from ._utils import DEVICE, requires_cuda, requires_triton
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _sdpa(q, k, v, scale, mask=None):
+    """PyTorch SDPA at the inputs' dtype on pre-concatenated keys: the error baseline."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vv = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=attn_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _check_close(out, ref, base, dtype):
+    """Max error of ``out`` vs the fp32 ``ref`` <= 2 x that of the SDPA baseline ``base`` (+ floor)."""
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous()
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten or poisoned element?)"
+    err = (out.float() - ref).abs().max().item()
+    base_err = (base.float() - ref).abs().max().item()
+    assert err <= 2 * base_err + FLOOR[dtype], f"error {err:.3g} vs SDPA {base_err:.3g}"
+
+
+def _randperm_rows(b, n, k, dtype, device):
+    return torch.stack([torch.randperm(n, device=device)[:k] for _ in range(b)]).to(dtype)
+
+
+def _case(b, n, kk, t, hq, hkv, d, dtype, *, lq=None, device=DEVICE, idx_dtype=torch.int64):
+    """Random inputs; Lq defaults to K + T (active image queries + text queries, the SD3 layout)."""
+    lq = kk + t if lq is None else lq
+    g = dict(dtype=dtype, device=device)
+    q = torch.randn(b, lq, hq, d, **g)
+    k_cache, v_cache = torch.randn(b, n, hkv, d, **g), torch.randn(b, n, hkv, d, **g)
+    k_new, v_new = torch.randn(b, kk, hkv, d, **g), torch.randn(b, kk, hkv, d, **g)
+    idx = _randperm_rows(b, n, kk, idx_dtype, device)
+    extra = (torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)) if t else (None, None)
+    return q, k_new, v_new, k_cache, v_cache, idx, extra
+
+
+def _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, scale, extra_mask=None):
+    """fp32 reference output/LSE, the caches after the write (in the input dtype), and the SDPA baseline."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    reference.write_cache(kc, idx, k_new)
+    reference.write_cache(vc, idx, v_new)
+    ke, ve = extra
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    ref, lse = reference.cached_kv_attention(
+        q.float(), f(k_new), f(v_new), k_cache.float(), v_cache.float(), idx,
+        k_extra=f(ke), v_extra=f(ve), extra_mask=extra_mask, scale=scale, return_lse=True,
+    )  # fmt: skip
+    k_all, v_all, mask = kc, vc, None
+    if ke is not None:
+        k_all, v_all = torch.cat([kc, ke], 1), torch.cat([vc, ve], 1)
+        if extra_mask is not None:
+            mask = torch.cat([torch.ones(kc.shape[:2], dtype=torch.bool, device=kc.device), extra_mask], 1)
+    base = _sdpa(q, k_all, v_all, scale if scale is not None else q.shape[-1] ** -0.5, mask)
+    return ref, lse, kc, vc, base
+
+
+CPU_CASES = [
+    # (B, N, K, T, Hq, Hkv, d, dtype)
+    pytest.param(1, 1, 1, 0, 2, 2, 64, torch.float32, id="N1-K1"),
+    pytest.param(2, 63, 1, 5, 4, 2, 72, torch.float16, id="N63-K1-T5-gqa-d72"),
+    pytest.param(2, 63, 63, 0, 4, 2, 64, torch.float16, id="N63-KeqN"),
+    pytest.param(1, 97, 40, 5, 4, 2, 72, torch.float32, id="N97-K40-T5-d72-fp32"),
+    pytest.param(2, 97, 97, 5, 2, 2, 64, torch.float16, id="N97-KeqN-T5"),
+    pytest.param(1, 70, 9, 3, 2, 1, 40, torch.float16, id="d40-split-32+8"),
+    pytest.param(1, 40, 40, 0, 2, 2, 96, torch.float16, id="d96-split-64+32"),
+    pytest.param(1, 33, 5, 0, 2, 2, 128, torch.float32, id="d128"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("b, n, kk, t, hq, hkv, d, dtype", CPU_CASES)
+def test_matches_reference_and_updates_cache(triton_backend, b, n, kk, t, hq, hkv, d, dtype):
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype)
+    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], return_lse=True
+    )
+    _check_close(out, ref, base, dtype)
+    # Cache rows at idx hold k_new/v_new exactly; every other row is untouched.
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_extra_mask(triton_backend, dtype):
+    b, n, kk, t, hq, hkv, d = 2, 40, 20, 37, 4, 2, 64
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, idx_dtype=torch.int32)
+    mask = torch.rand(b, t, device=DEVICE) < 0.5
+    mask[1] = False  # a sample whose text keys are all padding: only the cache is visible
+    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, 0.3, mask)
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx,
+        k_extra=extra[0], v_extra=extra[1], extra_mask=mask, scale=0.3, return_lse=True,
+    )  # fmt: skip
+    _check_close(out, ref, base, dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+
+
+@requires_triton
+def test_strided_views(triton_backend):
+    """q, new k/v, caches and extras as views of fused buffers (unit last stride only); writes land in the buffer."""
+    b, n, kk, t, hq, hkv, d, dtype = 2, 50, 30, 5, 4, 2, 72, torch.float16
+    g = dict(dtype=dtype, device=DEVICE)
+    qkv = torch.randn(b, kk + t, 3, hq, d, **g)  # e.g. linear_out.view(B, L, 3, H, d)
+    q = qkv[:, :, 0]
+    new = torch.randn(b, kk, hkv, 2, d, **g)
+    k_new, v_new = new[:, :, :, 0], new[:, :, :, 1]
+    kv = torch.randn(b, n, 2, hkv, d, **g)
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    ext = torch.randn(b, t + 3, hkv, 2, d, **g)[:, 3:]
+    ke, ve = ext[..., 0, :], ext[..., 1, :]
+    idx = _randperm_rows(b, n, kk, torch.int64, DEVICE).repeat_interleave(2, dim=1)[:, ::2]  # strided idx
+    assert not (q.is_contiguous() or k_cache.is_contiguous() or ke.is_contiguous() or idx.is_contiguous())
+    ref, _, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
+    out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=ke, v_extra=ve)
+    _check_close(out, ref, base, dtype)
+    assert torch.equal(kv[:, :, 0], kc) and torch.equal(kv[:, :, 1], vc)
+
+
+@requires_triton
+def test_misaligned_views(triton_backend):
+    """Views whose offset / strides are not multiples of 8 elements are copied before the launch (same answer)."""
+    b, n, kk, t, hq, hkv, d, dtype = 1, 30, 12, 3, 2, 1, 72, torch.float16
+    g = dict(dtype=dtype, device=DEVICE)
+    q = torch.randn(b * (kk + t) * hq * d + 3, **g)[3:].view(b, kk + t, hq, d)  # storage offset 3
+    wide = torch.randn(b, n, hkv, d + 4, **g)  # row/head strides d + 4 = 76, not a multiple of 8
+    k_cache, v_cache = wide[..., :d], torch.randn(b, n, hkv, d, **g)
+    k_new, v_new = torch.randn(b, kk, hkv, d, **g), torch.randn(b, kk, hkv, d, **g)
+    ke, ve = torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)
+    idx = _randperm_rows(b, n, kk, torch.int64, DEVICE)
+    ref, _, kc, _, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
+    out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=ke, v_extra=ve)
+    _check_close(out, ref, base, dtype)
+    assert torch.equal(wide[..., :d], kc)  # the cache write still lands in the caller's (misaligned) view
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_plain_attention(triton_backend, dtype):
+    b, lq, lk, hq, hkv, d = 2, 33, 70, 4, 2, 72
+    g = dict(dtype=dtype, device=DEVICE)
+    q, k, v = torch.randn(b, lq, hq, d, **g), torch.randn(b, lk, hkv, d, **g), torch.randn(b, lk, hkv, d, **g)
+    scale = math.sqrt(math.log(4096) / math.log(1024)) / math.sqrt(d)  # Lumina-style explicit scale
+    ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), scale, return_lse=True)
+    out, lse = ops.flash_attention(q, k, v, scale=scale, return_lse=True)
+    _check_close(out, ref, _sdpa(q, k, v, scale), dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@requires_triton
+@pytest.mark.filterwarnings("ignore:divide by zero")  # the interpreter's log2(0) for the fully masked sample
+def test_plain_attention_key_mask(triton_backend):
+    """Masked keys are invisible; a sample with every key masked gets zeros and lse = -inf (no NaN)."""
+    b, lq, lk, hq, hkv, d, dtype = 3, 20, 45, 2, 1, 64, torch.float16
+    g = dict(dtype=dtype, device=DEVICE)
+    q, k, v = torch.randn(b, lq, hq, d, **g), torch.randn(b, lk, hkv, d, **g), torch.randn(b, lk, hkv, d, **g)
+    mask = torch.rand(b, lk, device=DEVICE) < 0.6
+    mask[0, :40] = False  # only the tail tile has visible keys
+    mask[0, 44] = True
+    mask[2] = False
+    ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), d**-0.5, mask, return_lse=True)
+    out, lse = ops.flash_attention(q, k, v, key_mask=mask, return_lse=True)
+    _check_close(out[:2], ref[:2], _sdpa(q[:2], k[:2], v[:2], d**-0.5, mask[:2]), dtype)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    assert torch.isneginf(lse[2]).all()
+    torch.testing.assert_close(lse[:2], ref_lse[:2], atol=2e-3, rtol=1e-4)
+
+
+@requires_triton
+def test_triton_and_torch_backends_agree(monkeypatch):
+    """The public function gives the same answer through both backends (here fp32, so only rounding differs)."""
+    monkeypatch.setenv("RAS_BACKEND", "torch")
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(1, 30, 10, 4, 2, 2, 64, torch.float32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    want = ops.cached_kv_attention(q, k_new, v_new, kc, vc, idx, k_extra=extra[0], v_extra=extra[1])
+    monkeypatch.setenv("RAS_BACKEND", "triton")
+    got = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Error paths (checked before any launch, on both backends)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _good(dtype=torch.float32, d=64):
+    q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 8, 3, 0, 4, 2, d, dtype, device="cpu")
+    ke, ve = torch.randn(1, 5, 2, d, dtype=dtype), torch.randn(1, 5, 2, d, dtype=dtype)
+    return dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache, idx=idx), ke, ve
+
+
+def _call(args, **kw):
+    a = args
+    return ops.cached_kv_attention(a["q"], a["k_new"], a["v_new"], a["k_cache"], a["v_cache"], a["idx"], **kw)
+
+
+@pytest.mark.parametrize(
+    "mutate, kw, exc, match",
+    [
+        (lambda a: a.update(q=a["q"].int()), {}, TypeError, "q must have dtype"),
+        (lambda a: a.update(k_cache=a["k_cache"].half()), {}, TypeError, "k_cache must have dtype"),
+        (lambda a: a.update(q=a["q"][:, :, :3]), {}, ValueError, "multiple of kv heads"),
+        (lambda a: a.update(k_new=a["k_new"][:, :2]), {}, ValueError, "k_new must have shape"),
+        (lambda a: a.update(idx=a["idx"].float()), {}, TypeError, "idx must have dtype"),
+        (lambda a: a.update(q=a["q"].transpose(1, 3).contiguous().transpose(1, 3)), {}, ValueError, "unit last"),
+        (lambda a: None, {"scale": -1.0}, ValueError, "scale must be"),
+        (lambda a: None, {"scale": float("nan")}, ValueError, "scale must be"),
+        (lambda a: None, {"return_lse": 1}, TypeError, "return_lse must be a bool"),
+        (lambda a: None, {"extra_mask": torch.ones(1, 5, dtype=torch.bool)}, ValueError, "extra_mask needs k_extra"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_errors(monkeypatch, backend, mutate, kw, exc, match):
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    args, _, _ = _good()
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        _call(args, **kw)
+
+
+@pytest.mark.parametrize(
+    "mask, exc, match",
+    [
+        (torch.ones(1, 5), TypeError, "extra_mask must have dtype"),
+        (torch.ones(1, 4, dtype=torch.bool), ValueError, r"extra_mask must have shape \(B, T\)"),
+        (torch.ones(5, dtype=torch.bool), ValueError, "extra_mask must have 2 dimensions"),
+    ],
+)
+def test_extra_mask_errors(mask, exc, match):
+    args, ke, ve = _good()
+    with pytest.raises(exc, match=match):
+        _call(args, k_extra=ke, v_extra=ve, extra_mask=mask)
+
+
+@pytest.mark.parametrize("d", [8, 65, 88, 264])
+def test_head_dim_errors(d):
+    args, _, _ = _good(d=d)
+    with pytest.raises(ValueError, match="head dim d must be one of 16, 24"):
+        _call(args)
+
+
+def test_plain_attention_errors():
+    q, k, v = torch.randn(1, 4, 4, 64), torch.randn(1, 6, 2, 64), torch.randn(1, 6, 2, 64)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        ops.flash_attention(q, k, v, key_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="v shape"):
+        ops.flash_attention(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="at least one key"):
+        ops.flash_attention(q, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        ops.flash_attention(q[:, :, :3], k, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: full sizes, bf16 and fp16, SD3 and Lumina shapes, CUDA graphs, torch.compile, no recompile per K
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    # (B, N, K, T, Hq, Hkv, d)
+    pytest.param(2, 4096, 1024, 333, 24, 24, 64, id="sd3-K1024"),
+    pytest.param(2, 4096, 4096, 333, 24, 24, 64, id="sd3-dense"),
+    pytest.param(8, 4096, 512, 333, 24, 24, 64, id="sd3-B8"),
+    pytest.param(2, 16384, 2048, 333, 24, 24, 64, id="sd3-N16384"),
+    pytest.param(2, 4096, 1024, 0, 32, 8, 72, id="lumina-K1024"),
+    pytest.param(8, 4096, 777, 0, 32, 8, 72, id="lumina-B8-K777"),
+    pytest.param(2, 16384, 2048, 0, 32, 8, 72, id="lumina-N16384"),
+    pytest.param(2, 4000, 1000, 77, 32, 8, 72, id="d72-tail-tiles"),
+    pytest.param(2, 4096, 1000, 77, 24, 8, 128, id="flux-d128"),
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, n, kk, t, hq, hkv, d", GPU_CASES)
+def test_gpu_full_size(triton_backend, b, n, kk, t, hq, hkv, d, dtype):
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, device="cuda")
+    scale = None if d != 72 else math.sqrt(math.log(n) / math.log(1024)) / math.sqrt(d)
+    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, scale)
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], scale=scale, return_lse=True
+    )
+    _check_close(out, ref, base, dtype)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_lumina_dense_and_caption_mask(triton_backend, dtype):
+    """Lumina dense self-attention (4096 x 4096, GQA 32/8, d 72) and its masked caption cross-attention."""
+    g = dict(dtype=dtype, device="cuda")
+    b, n, hq, hkv, d, t = 2, 4096, 32, 8, 72, 256
+    q, k, v = torch.randn(b, n, hq, d, **g), torch.randn(b, n, hkv, d, **g), torch.randn(b, n, hkv, d, **g)
+    _check_close(ops.flash_attention(q, k, v), reference.attention(q.float(), k.float(), v.float(), d**-0.5),
+                 _sdpa(q, k, v, d**-0.5), dtype)  # fmt: skip
+    kt, vt = torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)
+    lengths = torch.tensor([100, 256], device="cuda")
+    mask = torch.arange(t, device="cuda")[None, :] < lengths[:, None]
+    ref = reference.attention(q.float(), kt.float(), vt.float(), d**-0.5, mask)
+    _check_close(ops.flash_attention(q, kt, vt, key_mask=mask), ref, _sdpa(q, kt, vt, d**-0.5, mask), dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fp32(triton_backend):
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 1000, 300, 33, 8, 4, 72, torch.float32, device="cuda")
+    ref, _, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
+    _check_close(out, ref, base, torch.float32)
+    assert torch.equal(k_cache, kc)
+
+
+def _compiled_variants() -> int:
+    from ras_kernels.attention import kernels
+
+    caches = kernels.attn_fwd_kernel.device_caches
+    return sum(len(c[0]) for c in caches.values())
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_new_k_reuses_the_kernel(triton_backend):
+    """K (hence Lq) changes every step: a new value in the same bucket must reuse the compiled kernel."""
+    outs = []
+    for kk in (1000, 1001, 1017):
+        q, k_new, v_new, k_cache, v_cache, idx, extra = _case(
+            2, 4096, kk, 333, 24, 24, 64, torch.bfloat16, device="cuda"
+        )
+        outs.append(ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1]))
+        torch.cuda.synchronize()
+        if kk == 1000:
+            before = _compiled_variants()
+    assert _compiled_variants() == before
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph_and_compile(triton_backend):
+    """The ops replay inside a CUDA graph and run under torch.compile (fullgraph) with the same results."""
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 4096, 1024, 333, 24, 24, 64, torch.bfloat16, device="cuda")
+
+    def step(q, k_new, v_new, k_cache, v_cache, idx, ke, ve):
+        return ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=ke, v_extra=ve)
+
+    args = (q, k_new, v_new, k_cache, v_cache, idx, *extra)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    want = step(*args)  # also autotunes outside the capture
+    kc_want, vc_want = k_cache.clone(), v_cache.clone()
+    k_cache.copy_(kc0)
+    v_cache.copy_(vc0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want) and torch.equal(k_cache, kc_want) and torch.equal(v_cache, vc_want)
+    k_cache.copy_(kc0)
+    v_cache.copy_(vc0)
+    got_c = torch.compile(step, fullgraph=True)(*args)
+    torch.testing.assert_close(got_c, want, atol=0, rtol=0)
+    assert torch.equal(k_cache, kc_want) and torch.equal(v_cache, vc_want)
