@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
+from ras_kernels import flash_attention
 
 from .handle import RASHandle
 
@@ -81,11 +81,8 @@ class LuminaRASCrossAttnProcessor:
         base_sequence_length=None,
     ):
         q, k, v = _project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, key_rotary_emb)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
-        )
-        return out.transpose(1, 2).to(q.dtype)
+        mask = None if attention_mask is None else attention_mask.bool()
+        return flash_attention(q, k, v, key_mask=mask, scale=attn.scale)
 
 
 def patch_lumina(handle: RASHandle, transformer) -> None:
