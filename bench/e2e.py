@@ -174,12 +174,12 @@ def build_transformer(family: str, full: bool, device, dtype):
     return model.to(dtype).eval()
 
 
-def preset(family: str, steps: int | None, ratio: float, num_tokens: int) -> RASConfig:
+def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedule: str | None = None) -> RASConfig:
     """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
     token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
     base = RASConfig.sd3 if family == "sd3" else RASConfig.lumina_next
-    config = base(sample_ratio=ratio)
-    overrides = {}
+    overrides = {} if schedule is None else {"schedule": schedule}
+    config = base(sample_ratio=ratio, **overrides)
     if steps is not None and steps != config.num_steps:
         resets = tuple(round(r * steps / config.num_steps) for r in config.reset_steps)
         overrides.update(
@@ -232,7 +232,7 @@ def run_random_weights(args) -> None:
     transformer = build_transformer(args.model, full, device, dtype)
     loop = Loop(args.model, transformer, latent, device, dtype, args.seed)
     n = (latent // transformer.config.patch_size) ** 2
-    configs = [preset(args.model, args.steps, r, n) for r in args.ratio]
+    configs = [preset(args.model, args.steps, r, n, args.schedule) for r in args.ratio]
     steps = configs[0].num_steps
     print(
         f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
@@ -276,7 +276,7 @@ def run_pretrained(args) -> None:
     generate()  # warm-up
     results = []
     for ratio in [None, *args.ratio]:
-        config = None if ratio is None else preset(family, args.steps, ratio, n)
+        config = None if ratio is None else preset(family, args.steps, ratio, n, args.schedule)
         handle = None if config is None else apply_ras(pipe, config)
         try:
             if device.type == "cuda":
@@ -319,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="published model config (default on GPU) or a tiny one (default on CPU)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=("static", "dynamic"),
+        default=None,
+        help="override the preset's schedule (SD3 static, Lumina-Next dynamic)",
     )
     parser.add_argument(
         "--graphs",

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in MODULES:
         rows += importlib.import_module(name).rows(ceilings)
-    copies = ["| op | shape | bytes | ours (ms) | size-matched copy (ms) | ours / copy time |", "|---|---|---|---|---|---|"]
+    copies = [
+        "| op | shape | bytes | ours (ms) | size-matched copy (ms) | ours / copy time |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.unit == "GB/s":
             copy = size_matched_copy_ms(r.work)

@@ -1,0 +1,174 @@
+"""Benchmark of select_regions against its plain-PyTorch reference (CUDA only).
+
+    python -m bench.bench_select            # the table: ceilings, then SD3-like sizes (C=16, p=2, K=N/2)
+    python -m bench.bench_select --sweep    # also band-select launch variants and the per-kernel split
+
+Both sides are timed as CUDA-graph replays (no host launch cost for either; the op has no host sync, so it
+captures), median of triton's do_bench with the L2 flushed between runs; the eager time of the public op (host
+dispatch + two launches) is printed beside them. starvation_scale = 0 while timing, so the counters that every
+replay increments never overflow exp(); the kernels execute the same instructions for any scale.
+Bytes = signal read + counters read and written + indices written (the 4-byte key scratch is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
+from ras_kernels import select_regions
+from ras_kernels.select import ops, reference
+
+# (B, C, side, p, dtype): 128x128 latent = SD3/Lumina at 1024^2 (N = 4096), 256x256 = 2048^2 (N = 16384)
+SHAPES = [
+    (2, 16, 128, 2, torch.bfloat16),
+    (2, 16, 128, 2, torch.float32),
+    (8, 16, 128, 2, torch.bfloat16),
+    (2, 16, 256, 2, torch.bfloat16),
+    (2, 16, 256, 2, torch.float32),
+    (8, 16, 256, 2, torch.bfloat16),
+    (2, 16, 256, 1, torch.bfloat16),
+]
+KW = dict(metric="std", mode="reference", high_ratio=0.3, starvation_scale=0.0)
+
+
+def _graph(fn):
+    """Capture ``fn`` after a warm-up call (which compiles) and return a replay closure."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    torch.cuda.synchronize()
+    return g.replay
+
+
+def _inputs(b, c, side, p, dtype):
+    n = (side // p) ** 2
+    x = torch.randn(b, c, side, side, device="cuda", dtype=dtype)
+    counters = torch.randint(0, 8, (b, n), device="cuda", dtype=torch.int32)
+    return x, counters, n
+
+
+def _shape(b, c, side, p, dtype, k) -> str:
+    return f"B={b} C={c} {side}x{side} p={p} N={(side // p) ** 2} K={k} {str(dtype).replace('torch.', '')}"
+
+
+def rows(ceilings: dict) -> list[Row]:
+    out = []
+    for b, c, side, p, dtype in SHAPES:
+        x, counters, n = _inputs(b, c, side, p, dtype)
+        k = n // 2
+        ours = _graph(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
+        base = _graph(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
+        work = x.numel() * x.element_size() + 2 * counters.numel() * 4 + b * k * 8
+        out.append(
+            Row(
+                "select_regions",
+                _shape(b, c, side, p, dtype, k),
+                median_ms(ours),
+                median_ms(base),
+                "reference (torch.sort)",
+                "GB/s",
+                work,
+                ceilings["GB/s"],
+            )
+        )
+    return out
+
+
+def eager_table() -> str:
+    lines = ["| shape | ours eager (ms) | reference eager (ms) |", "|---|---|---|"]
+    for b, c, side, p, dtype in SHAPES:
+        x, counters, n = _inputs(b, c, side, p, dtype)
+        k = n // 2
+        ours = median_ms(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
+        base = median_ms(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
+        lines.append(f"| {_shape(b, c, side, p, dtype, k)} | {ours:.4f} | {base:.4f} |")
+    return "\n".join(lines)
+
+
+def _kernel_split(b, c, side, p, dtype) -> str:
+    """GPU time per kernel of one call, from the profiler (mean over 50 calls)."""
+    x, counters, n = _inputs(b, c, side, p, dtype)
+    fn = partial(select_regions, x, n // 2, patch_size=p, counters=counters, **KW)
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+    parts = []
+    for ev in prof.key_averages():
+        if "kernel" in ev.key and ev.count >= 50:
+            dev_us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
+            parts.append(f"{ev.key}: {dev_us:.1f} us")
+    return f"{_shape(b, c, side, p, dtype, n // 2)}: " + ", ".join(parts)
+
+
+SWEEP = {
+    128: [
+        dict(),
+        dict(warps=8, chunk=4096, out_chunk=1024),
+        dict(warps=32, chunk=4096, out_chunk=4096),
+        dict(bits=2),
+        dict(bits=8),
+        dict(bits=1, use_histogram=False),
+        dict(bits=4, use_histogram=False),
+    ],
+    256: [
+        dict(),
+        dict(warps=16, chunk=16384, out_chunk=2048),
+        dict(warps=32, chunk=8192, out_chunk=4096),
+        dict(warps=32, chunk=4096, out_chunk=4096),
+        dict(warps=32, chunk=16384, out_chunk=8192),
+        dict(bits=2),
+        dict(bits=8),
+        dict(bits=2, use_histogram=False),
+    ],
+}
+
+
+def sweep() -> str:
+    lines = ["| N | band-select tuning | full op, graph replay (ms) |", "|---|---|---|"]
+    for side, variants in SWEEP.items():
+        x, counters, n = _inputs(2, 16, side, 2, torch.bfloat16)
+        band = reference.band_start(n, n // 2, 0.3)
+        for tuning in variants:
+            cfg = ops.select_tuning(n)
+            cfg.update(tuning)
+            try:
+                fn = _graph(partial(ops.launch_select, x, counters, n // 2, band, 2, False, 0.0, tuning))
+                ms = f"{median_ms(fn):.4f}"
+            except Exception as e:  # a variant that fails to compile must not hide the others
+                ms = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            lines.append(f"| {n} | {cfg} | {ms} |")
+    splits = [_kernel_split(2, 16, side, 2, torch.bfloat16) for side in (128, 256)]
+    return "\n".join(lines) + "\n\n" + "\n".join(splits)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time band-select launch variants")
+    args = parser.parse_args(argv)
+    ceilings = measure_ceilings()
+    print(
+        f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}; ceilings: device copy "
+        f"{ceilings['GB/s']:.0f} GB/s, bf16 GEMM {ceilings['TFLOP/s']:.0f} TFLOP/s\n"
+    )
+    print(format_table(rows(ceilings)) + "\n")
+    print(eager_table() + "\n")
+    if args.sweep:
+        print(sweep())
+
+
+if __name__ == "__main__":
+    main()
