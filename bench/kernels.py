@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         if r.unit == "GB/s":
             copy = size_matched_copy_ms(r.work)
             copies.append(
-                f"| {r.op} | {r.shape} | {r.work / 1e6:.1f} MB | {r.ours_ms:.4f} | {copy:.4f} | {r.ours_ms / copy:.2f} |"
+                f"| {r.op} | {r.shape} | {r.work / 1e6:.1f} MB | {r.ours_ms:.4f} | {copy:.4f} | "
+                f"{r.ours_ms / copy:.2f} |"
             )
     text = f"{header}\n\n{format_table(rows)}\n\n{chr(10).join(copies)}\n"
     print(text)
