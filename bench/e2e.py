@@ -126,13 +126,16 @@ class Loop:
                 "cross_attention_kwargs": {"base_sequence_length": (cfg.sample_size * 8 // 16) ** 2},
             }
 
-    def run(self, steps: int, handle=None, progress: str = "") -> tuple[torch.Tensor, list[float]]:
+    def run(self, steps: int, handle=None, progress: str = "", on_step=None) -> tuple[torch.Tensor, list[float]]:
+        """One generation; ``on_step(i)``, if given, is called before step i (e.g. to start a profiler)."""
         x = self.noise.clone()
         times = []
         if handle is not None:
             handle.reset()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         for i in range(steps):
+            if on_step is not None:
+                on_step(i)
             sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
             sync()
             start = time.perf_counter()

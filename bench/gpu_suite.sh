@@ -15,3 +15,5 @@ python3 -m bench.e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --graphs both 2>"$ou
 python3 -m bench.e2e --model lumina --schedule static --ratio 1.0 0.25 --graphs both 2>"$out/e2e_lumina.err" \
   | tee "$out/e2e_lumina.md"
 python3 -m bench.e2e --model lumina --ratio 0.5 2>>"$out/e2e_lumina.err" | tee -a "$out/e2e_lumina.md"
+python3 -m bench.profile_step --model sd3 --ratio 0.25 2>/dev/null | tee "$out/profile_sd3.md" | head -30
+python3 -m bench.profile_step --model lumina --ratio 0.25 2>/dev/null | tee "$out/profile_lumina.md" | head -30
