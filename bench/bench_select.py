@@ -84,13 +84,18 @@ def rows(ceilings: dict) -> list[Row]:
 
 
 def eager_table() -> str:
-    lines = ["| shape | ours eager (ms) | reference eager (ms) |", "|---|---|---|"]
+    lines = [
+        "| shape | ours eager (ms) | ours through torch.ops (ms) | reference eager (ms) |",
+        "|---|---|---|---|",
+    ]
     for b, c, side, p, dtype in SHAPES:
         x, counters, n = _inputs(b, c, side, p, dtype)
         k = n // 2
+        band = reference.band_start(n, k, KW["high_ratio"])
         ours = median_ms(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
+        op = median_ms(partial(torch.ops.ras_kernels.select_regions, x, counters, k, band, p, False, 0.0))
         base = median_ms(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
-        lines.append(f"| {_shape(b, c, side, p, dtype, k)} | {ours:.4f} | {base:.4f} |")
+        lines.append(f"| {_shape(b, c, side, p, dtype, k)} | {ours:.4f} | {op:.4f} | {base:.4f} |")
     return "\n".join(lines)
 
 
@@ -115,37 +120,42 @@ def _kernel_split(b, c, side, p, dtype) -> str:
 SWEEP = {
     128: [
         dict(),
-        dict(warps=8, chunk=4096, out_chunk=1024),
-        dict(warps=32, chunk=4096, out_chunk=4096),
+        dict(warps=8),
+        dict(warps=32),
         dict(bits=2),
         dict(bits=8),
-        dict(bits=1, use_histogram=False),
-        dict(bits=4, use_histogram=False),
+        dict(out_block=512, out_warps=4),
+        dict(out_block=2048, out_warps=8),
     ],
     256: [
         dict(),
-        dict(warps=16, chunk=16384, out_chunk=2048),
-        dict(warps=32, chunk=8192, out_chunk=4096),
-        dict(warps=32, chunk=4096, out_chunk=4096),
-        dict(warps=32, chunk=16384, out_chunk=8192),
+        dict(warps=32),
+        dict(chunk=8192),
         dict(bits=2),
         dict(bits=8),
-        dict(bits=2, use_histogram=False),
+        dict(out_block=1024, out_warps=4),
+        dict(out_block=4096, out_warps=16),
     ],
 }
 
 
 def sweep() -> str:
-    lines = ["| N | band-select tuning | full op, graph replay (ms) |", "|---|---|---|"]
+    """Band-select launch variants on the same input; each must return exactly the default's indices."""
+    lines = ["| N | tuning | full op, graph replay (ms) |", "|---|---|---|"]
     for side, variants in SWEEP.items():
         x, counters, n = _inputs(2, 16, side, 2, torch.bfloat16)
         band = reference.band_start(n, n // 2, 0.3)
+        expected = ops.launch_select(x, None, n // 2, band, 2, False, 0.0)
         for tuning in variants:
             cfg = ops.select_tuning(n)
             cfg.update(tuning)
             try:
-                fn = _graph(partial(ops.launch_select, x, counters, n // 2, band, 2, False, 0.0, tuning))
-                ms = f"{median_ms(fn):.4f}"
+                got = ops.launch_select(x, None, n // 2, band, 2, False, 0.0, tuning, traceable=False)
+                same = "" if torch.equal(got, expected) else " MISMATCH"
+                fn = _graph(
+                    partial(ops.launch_select, x, counters, n // 2, band, 2, False, 0.0, tuning, traceable=False)
+                )
+                ms = f"{median_ms(fn):.4f}{same}"
             except Exception as e:  # a variant that fails to compile must not hide the others
                 ms = f"failed: {type(e).__name__}: {str(e)[:200]}"
             lines.append(f"| {n} | {cfg} | {ms} |")
