@@ -16,6 +16,7 @@ from ras_kernels.select.reference import select_regions as reference_select
 from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_lumina_pipeline, tiny_sd3_pipeline
+from ._utils import TRITON_RUNNABLE
 
 SD3_SIZE = {"height": 16, "width": 16}  # vae factor 1 -> 16x16 latent
 LUMINA_SIZE = {"height": 128, "width": 128}  # Lumina's fixed vae factor 8 -> 16x16 latent
@@ -182,8 +183,20 @@ def _config(cfg: dict) -> RASConfig:
     return RASConfig(**kwargs)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ras_generation_matches_spec_oracle(case, torch_backend):
+def _backend_cases():
+    """Every case on the plain-PyTorch path; two also on the Triton kernels (interpreter on CPU, or a GPU)."""
+    cases = [pytest.param(case, "torch", id=f"{case}-torch") for case in CASES]
+    triton_marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+    cases += [
+        pytest.param(case, "triton", id=f"{case}-triton", marks=triton_marks)
+        for case in ("sd3-1prompt", "lumina-1prompt-dynamic")
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case,backend", _backend_cases())
+def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
+    monkeypatch.setenv("RAS_BACKEND", backend)
     factory, size, cfg = CASES[case]
     pipe = factory()
     prompts = ["a red cat", "the big blue house"] if "2prompts" in case else "a red cat"

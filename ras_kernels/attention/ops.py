@@ -141,7 +141,7 @@ GPU_CONFIGS = (
 )
 # One fixed config where autotuning is impossible (interpreter) or not worth it (fp32, exact-precision dots).
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
 def _width(d: int) -> int:
