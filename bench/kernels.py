@@ -3,7 +3,7 @@
     python -m bench.kernels [--markdown FILE]
 
 Measures the card's ceilings first (large device copy, 8192^3 bf16 GEMM), then each op module's rows
-(bench/bench_select.py, bench_gather.py, bench_attention.py), all in one process. For the memory-bound rows it also
+(bench/bench_select.py, bench_gather.py, bench_attention.py), all in one process. For the gather/scatter rows it also
 times a plain device copy of the same byte count: at these sizes (13-75 MB) a fixed per-launch cost is part of
 any kernel, and the size-matched copy shows how much of the large-copy ceiling is reachable at all.
 """
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.unit == "GB/s":
+        if r.unit == "GB/s" and not r.op.startswith("select"):  # selection is not a copy
             copy = size_matched_copy_ms(r.work)
             copies.append(
                 f"| {r.op} | {r.shape} | {r.work / 1e6:.1f} MB | {r.ours_ms:.4f} | {copy:.4f} | "
