@@ -18,24 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
+from bench.common import Row, device_name, format_table, graph_ms, measure_ceilings
 
 DTYPE = torch.bfloat16
-
-
-def _graph(fn):
-    """Capture ``fn`` (after a warm-up call that also autotunes) and return a replay closure."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
-
-
-def _time(fn) -> float:
-    return median_ms(_graph(fn))
 
 
 def _best_sdpa(q, k, v, backends=None) -> tuple[float, str]:
@@ -52,7 +37,7 @@ def _best_sdpa(q, k, v, backends=None) -> tuple[float, str]:
     for backend in backends or names:
         try:
             with sdpa_kernel(backend):
-                ms = _time(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+                ms = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
         except RuntimeError:
             continue
         best = min(best, (ms, f"SDPA {names[backend]}"))
@@ -107,14 +92,14 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
     scale = s["d"] ** -0.5
     group = s["hq"] // s["hkv"]
     shape = _shape_str(name, s)
-    ours = _time(lambda: ops._flash_attention(q, kc, vc, ke, ve, None, scale, False))
+    ours = graph_ms(lambda: ops._flash_attention(q, kc, vc, ke, ve, None, scale, False))
     k_all, v_all = _concat(kc, vc, ke, ve, group)
     base_ms, base_name = _best_sdpa(q, k_all, v_all)
     out = [Row("attention kernel", shape, ours, base_ms, base_name, "TFLOP/s", _flops(s), tf)]
     if s["kk"] not in (1024, 4096):
         return out
     # The whole op (cache write + attention) against the plain-PyTorch RAS path with the same SDPA backend.
-    ours_full = _time(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve, scale=scale))
+    ours_full = graph_ms(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve, scale=scale))
     backends = {"SDPA cuDNN": SDPBackend.CUDNN_ATTENTION, "SDPA flash": SDPBackend.FLASH_ATTENTION}
     rows_idx = idx[0].long()  # one index set for the CFG pair (the RAS spec), so index_copy_ on dim 1 works
 
@@ -125,7 +110,7 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
         return F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
 
     with sdpa_kernel(backends.get(base_name, SDPBackend.EFFICIENT_ATTENTION)):
-        base_full = _time(torch_path)
+        base_full = graph_ms(torch_path)
     base_full_name = f"index_copy_+cat+{base_name}"
     out.append(Row("cached_kv_attention", shape, ours_full, base_full, base_full_name, "TFLOP/s", _flops(s), tf))
     return out
@@ -152,7 +137,9 @@ def _sweep_cells(name: str, s: dict, configs) -> list[str]:
     for bm, bn, w, st in configs:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
         try:
-            ms = _time(lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, lambda f: f, cfg))
+            ms = graph_ms(
+                lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, lambda f: f, cfg)
+            )
             cells.append(f"{_flops(s) / ms / 1e9:.0f}")
         except Exception as e:  # noqa: BLE001 - out of resources etc.
             cells.append(type(e).__name__[:12])

@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
+from bench.common import Row, device_name, format_table, graph_ms, measure_ceilings
 from ras_kernels import gather_tokens, scatter_tokens
 from ras_kernels.gather import ops, reference
 
@@ -29,23 +29,8 @@ DTYPE = torch.bfloat16
 DEVICE = "cuda"
 
 
-def _graph(fn):
-    """Capture ``fn`` after a warm-up call (which compiles) and return a replay closure."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
-
-
-def _time(fn) -> float:
-    return median_ms(_graph(fn))
-
-
 def _fastest(**candidates) -> tuple[float, str]:
-    return min((_time(fn), name) for name, fn in candidates.items())
+    return min((graph_ms(fn), name) for name, fn in candidates.items())
 
 
 def _inputs(b: int, n: int, d: int, k: int, dtype=DTYPE):
@@ -78,12 +63,12 @@ def _rows_at(k: int, bw: float) -> list[Row]:
     base, name = _fastest(
         **{"torch.gather": lambda: torch.gather(x, 1, idx3), "index_select": lambda: x2.index_select(0, flat)}
     )
-    ours = _time(lambda: gather_tokens(x, idx))
+    ours = graph_ms(lambda: gather_tokens(x, idx))
     out.append(Row("gather_tokens", shape, ours, base, name, "GB/s", _bytes(2, b, k, d, el, idx), bw))
 
     assert torch.equal(gather_tokens(x, idx, add=pos), reference.gather_tokens(x, idx, add=pos))
-    base = _time(lambda: (x + pos).view(b * n, d).index_select(0, flat))
-    ours = _time(lambda: gather_tokens(x, idx, add=pos))
+    base = graph_ms(lambda: (x + pos).view(b * n, d).index_select(0, flat))
+    ours = graph_ms(lambda: gather_tokens(x, idx, add=pos))
     out.append(
         Row("gather_tokens(add=pos)", shape, ours, base, "x+pos, index_select", "GB/s", _bytes(3, b, k, d, el, idx), bw)
     )
@@ -93,7 +78,7 @@ def _rows_at(k: int, bw: float) -> list[Row]:
     base, name = _fastest(
         **{"scatter_": lambda: cache.scatter_(1, idx3, src), "index_copy_": lambda: cache2.index_copy_(0, flat, src2)}
     )
-    ours = _time(lambda: scatter_tokens(cache, idx, src))
+    ours = graph_ms(lambda: scatter_tokens(cache, idx, src))
     out.append(Row("scatter_tokens", shape, ours, base, name, "GB/s", _bytes(2, b, k, d, el, idx), bw))
     return out
 
@@ -109,12 +94,12 @@ SWEEP = [(4, 512, 4), (16, 512, 4), (16, 512, 8), (32, 512, 8), (16, 256, 4)]
 
 
 def _sweep_case(label: str, fn, shape: str, work: float, bw: float) -> list[Row]:
-    default, base = ops._launch_config, _time(fn)
+    default, base = ops._launch_config, graph_ms(fn)
     out = []
     for cfg in SWEEP:
         ops._launch_config = lambda *_, cfg=cfg: cfg
         try:
-            ms = _time(fn)
+            ms = graph_ms(fn)
         finally:
             ops._launch_config = default
         out.append(

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
+from bench.common import Row, device_name, format_table, graph_replay, measure_ceilings, median_ms
 from ras_kernels import select_regions
 from ras_kernels.select import ops, reference
 
@@ -32,21 +32,6 @@ SHAPES = [
     (2, 16, 256, 1, torch.bfloat16),
 ]
 KW = dict(metric="std", mode="reference", high_ratio=0.3, starvation_scale=0.0)
-
-
-def _graph(fn):
-    """Capture ``fn`` after a warm-up call (which compiles) and return a replay closure."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
 
 
 def _inputs(b, c, side, p, dtype):
@@ -65,8 +50,8 @@ def rows(ceilings: dict) -> list[Row]:
     for b, c, side, p, dtype in SHAPES:
         x, counters, n = _inputs(b, c, side, p, dtype)
         k = n // 2
-        ours = _graph(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
-        base = _graph(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
+        ours = graph_replay(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
+        base = graph_replay(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
         work = x.numel() * x.element_size() + 2 * counters.numel() * 4 + b * k * 8
         out.append(
             Row(
@@ -152,7 +137,7 @@ def sweep() -> str:
             try:
                 got = ops.launch_select(x, None, n // 2, band, 2, False, 0.0, tuning, traceable=False)
                 same = "" if torch.equal(got, expected) else " MISMATCH"
-                fn = _graph(
+                fn = graph_replay(
                     partial(ops.launch_select, x, counters, n // 2, band, 2, False, 0.0, tuning, traceable=False)
                 )
                 ms = f"{median_ms(fn):.4f}{same}"

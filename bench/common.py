@@ -41,6 +41,36 @@ def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_replay(fn):
+    """Capture ``fn`` in a CUDA graph after a warm-up call (which compiles and autotunes); return the replay.
+
+    Timing the replay leaves host launch overhead out of both sides of a comparison.
+    """
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def graph_ms(fn) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph."""
+    return median_ms(graph_replay(fn))
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation, for host-inclusive pytest-benchmark timings."""
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name()
 

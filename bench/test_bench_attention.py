@@ -9,16 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import synced
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 @pytest.mark.parametrize("kk", [1024, 4096])
@@ -27,7 +20,7 @@ def test_bench_cached_kv_attention_sd3(benchmark, kk):
     from ras_kernels.attention.ops import cached_kv_attention
 
     q, kn, vn, kc, vc, idx, ke, ve = _inputs(**dict(SD3, kk=kk))
-    fn = _sync(lambda: cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
+    fn = synced(lambda: cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
     fn()  # autotune outside the timing
     benchmark(fn)
 
@@ -37,7 +30,7 @@ def test_bench_attention_lumina_dense(benchmark):
     from ras_kernels import flash_attention
 
     q, _, _, kc, vc, _, _, _ = _inputs(**dict(LUMINA, kk=4096))
-    fn = _sync(lambda: flash_attention(q, kc, vc))
+    fn = synced(lambda: flash_attention(q, kc, vc))
     fn()
     benchmark(fn)
 
@@ -50,6 +43,6 @@ def test_bench_sdpa_lumina_dense(benchmark):
 
     q, _, _, kc, vc, _, _, _ = _inputs(**dict(LUMINA, kk=4096))
     k, v = kc.repeat_interleave(4, dim=2).transpose(1, 2), vc.repeat_interleave(4, dim=2).transpose(1, 2)
-    fn = _sync(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k, v))
+    fn = synced(lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k, v))
     fn()
     benchmark(fn)

@@ -9,16 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import synced
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def _sd3_inputs(k):
@@ -32,7 +25,7 @@ def test_bench_gather_tokens(benchmark, k):
     from ras_kernels import gather_tokens
 
     x, _, idx, _, _, _ = _sd3_inputs(k)
-    fn = _sync(lambda: gather_tokens(x, idx))
+    fn = synced(lambda: gather_tokens(x, idx))
     fn()  # compile outside the timing
     benchmark(fn)
 
@@ -42,7 +35,7 @@ def test_bench_gather_tokens_add(benchmark, k):
     from ras_kernels import gather_tokens
 
     x, pos, idx, _, _, _ = _sd3_inputs(k)
-    fn = _sync(lambda: gather_tokens(x, idx, add=pos))
+    fn = synced(lambda: gather_tokens(x, idx, add=pos))
     fn()
     benchmark(fn)
 
@@ -52,7 +45,7 @@ def test_bench_scatter_tokens(benchmark, k):
     from ras_kernels import scatter_tokens
 
     _, _, idx, _, src, cache = _sd3_inputs(k)
-    fn = _sync(lambda: scatter_tokens(cache, idx, src))
+    fn = synced(lambda: scatter_tokens(cache, idx, src))
     fn()
     benchmark(fn)
 
@@ -62,6 +55,6 @@ def test_bench_torch_index_select(benchmark, k):
     """The plain-PyTorch gather baseline, for comparison in the same session."""
     x, _, _, flat, _, _ = _sd3_inputs(k)
     x2 = x.view(-1, x.shape[-1])
-    fn = _sync(lambda: x2.index_select(0, flat))
+    fn = synced(lambda: x2.index_select(0, flat))
     fn()
     benchmark(fn)

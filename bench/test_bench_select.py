@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import synced
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 KW = dict(patch_size=2, metric="std", mode="reference", high_ratio=0.3, starvation_scale=0.0)
@@ -21,21 +23,12 @@ def _inputs(b, side):
     return x, counters, n
 
 
-def _sync(fn):
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
-
-
 @pytest.mark.parametrize("b,side", [(2, 128), (2, 256), (8, 128)], ids=["B2-N4096", "B2-N16384", "B8-N4096"])
 def test_bench_select_regions(benchmark, b, side):
     from ras_kernels import select_regions
 
     x, counters, n = _inputs(b, side)
-    fn = _sync(lambda: select_regions(x, n // 2, counters=counters, **KW))
+    fn = synced(lambda: select_regions(x, n // 2, counters=counters, **KW))
     fn()  # compile outside the timing
     benchmark(fn)
 
@@ -45,6 +38,6 @@ def test_bench_select_reference(benchmark, b, side):
     from ras_kernels.select.reference import select_regions
 
     x, counters, n = _inputs(b, side)
-    fn = _sync(lambda: select_regions(x, n // 2, counters=counters, **KW))
+    fn = synced(lambda: select_regions(x, n // 2, counters=counters, **KW))
     fn()
     benchmark(fn)
