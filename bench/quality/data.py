@@ -1,0 +1,287 @@
+"""Procedural, captioned scenes: one to three coloured shapes on a textured background.
+
+A scene places ``count`` objects (1..3) in distinct cells of a 3 x 3 grid (with a small random offset); each object
+has a shape, a colour, a size and a texture (plain or diagonal stripes). The background has a colour and a texture
+(plain, horizontal stripes, a checkerboard or a vertical gradient, stripes and checks with a random phase). Its
+caption lists the objects in slot order, e.g.::
+
+    a small red circle top left and a big blue striped square bottom right on a striped green background
+
+Everything is generated in torch and vectorised over the batch: :func:`sample_scenes` draws the parameters (on the
+generator's device), :func:`render` rasterises them (anti-aliased signed-distance shapes), :func:`tokens` builds the
+caption token ids directly from the parameters, :func:`labels` the classifier targets. Images are RGB in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
+COLOUR_RGB = (
+    (0.95, 0.15, 0.12),
+    (0.15, 0.85, 0.20),
+    (0.20, 0.40, 1.00),
+    (0.95, 0.88, 0.12),
+    (0.90, 0.20, 0.85),
+    (0.15, 0.85, 0.90),
+    (0.96, 0.96, 0.96),
+)
+SIZES = ("small", "big")
+SIZE_RADIUS = (0.085, 0.135)  # share of the image side
+OBJECT_TEXTURES = ("plain", "striped")
+BACKGROUNDS = ("black", "gray", "green", "blue", "brown", "purple")
+BACKGROUND_RGB = (
+    (0.06, 0.06, 0.06),
+    (0.42, 0.42, 0.42),
+    (0.12, 0.32, 0.14),
+    (0.10, 0.14, 0.40),
+    (0.38, 0.24, 0.12),
+    (0.28, 0.12, 0.34),
+)
+BACKGROUND_TEXTURES = ("plain", "striped", "checkered", "gradient")
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+MAX_OBJECTS = 3
+JITTER = 0.03  # largest object offset from its cell centre, share of the side
+MAX_TOKENS = 32
+PAD = "<pad>"
+
+VOCAB: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [PAD, "a", "and", "on", "background", *SIZES, *SHAPES, *OBJECT_TEXTURES, *BACKGROUND_TEXTURES]
+        + [*COLOURS, *BACKGROUNDS]
+        + [word for cell in CELLS for word in cell.split()]
+    )
+)
+WORD_ID = {word: i for i, word in enumerate(VOCAB)}
+PAD_ID = WORD_ID[PAD]
+
+
+@dataclass
+class Scenes:
+    """Parameters of a batch of B scenes. Per-object tensors are [B, MAX_OBJECTS]; slots >= count are unused."""
+
+    count: torch.Tensor  # [B] objects in the scene, 1..MAX_OBJECTS
+    cell: torch.Tensor  # [B, M] grid cell (row-major 3 x 3), distinct within a scene
+    shape: torch.Tensor  # [B, M] index into SHAPES
+    colour: torch.Tensor  # [B, M] index into COLOURS
+    size: torch.Tensor  # [B, M] index into SIZES
+    texture: torch.Tensor  # [B, M] index into OBJECT_TEXTURES
+    offset: torch.Tensor  # [B, M, 2] (x, y) offset from the cell centre, share of the side
+    background: torch.Tensor  # [B] index into BACKGROUNDS
+    background_texture: torch.Tensor  # [B] index into BACKGROUND_TEXTURES
+    phase: torch.Tensor  # [B] in [0, 1): phase of the background stripes / checks
+
+    def __len__(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def present(self) -> torch.Tensor:
+        """[B, M] bool: which object slots are drawn."""
+        return torch.arange(MAX_OBJECTS, device=self.count.device) < self.count[:, None]
+
+    def to(self, device) -> Scenes:
+        return Scenes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, index) -> Scenes:
+        """The scenes selected by ``index`` (a slice, index tensor or bool mask over the batch)."""
+        return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def sample_scenes(n: int, generator: torch.Generator | None = None) -> Scenes:
+    """Draw ``n`` scenes; deterministic for a seeded ``generator``, on that generator's device."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    m = MAX_OBJECTS
+
+    def randint(high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(0, high, shape, generator=generator, device=device)
+
+    count = torch.randint(1, m + 1, (n,), generator=generator, device=device)
+    cell = torch.rand(n, len(CELLS), generator=generator, device=device).argsort(dim=1)[:, :m]
+    shape = randint(len(SHAPES), (n, m))
+    colour = randint(len(COLOURS), (n, m))
+    size = randint(len(SIZES), (n, m))
+    texture = randint(len(OBJECT_TEXTURES), (n, m))
+    offset = (torch.rand(n, m, 2, generator=generator, device=device) * 2 - 1) * JITTER
+    background = randint(len(BACKGROUNDS), (n,))
+    background_texture = randint(len(BACKGROUND_TEXTURES), (n,))
+    phase = torch.rand(n, generator=generator, device=device)
+    return Scenes(count, cell, shape, colour, size, texture, offset, background, background_texture, phase)
+
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _table(values, device, dtype=torch.float32) -> torch.Tensor:
+    """A constant lookup table on ``device``, made once: a fresh host-to-GPU copy per batch would wait for the
+    GPU's queued work and stall a training loop that generates its data on the fly."""
+    key = (tuple(values), str(device), dtype)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
+    return table
+
+
+def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
+    """Rasterise ``scenes`` into RGB images [B, 3, size, size] in [-1, 1] (float32, on the scenes' device)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size must be an int >= 16, got {size!r}")
+    dev, b, s = scenes.count.device, len(scenes), size
+    pix = torch.arange(s, device=dev, dtype=torch.float32)
+    coord = (pix + 0.5) / s  # pixel centres, share of the side
+
+    # Background: colour times a texture factor.
+    period = max(s // 8, 2)
+    shift = (scenes.phase * period).floor()[:, None, None]  # [B, 1, 1]
+    rows = pix.view(1, s, 1) + shift
+    cols = pix.view(1, 1, s) + shift
+    stripes = ((rows // (period // 2)) % 2).expand(b, s, s)
+    checks = ((rows // period + cols // period) % 2).expand(b, s, s)
+    factor = torch.stack(
+        [
+            torch.ones(b, s, s, device=dev),
+            1 + 0.7 * stripes,
+            1 + 0.7 * checks,
+            (0.55 + 0.9 * coord).view(1, s, 1).expand(b, s, s),
+        ],
+        dim=1,
+    )  # [B, textures, S, S]
+    factor = factor.gather(1, scenes.background_texture.view(b, 1, 1, 1).expand(b, 1, s, s))  # [B, 1, S, S]
+    base = _table(BACKGROUND_RGB, dev)[scenes.background]  # [B, 3]
+    image = (base[:, :, None, None] * factor).clamp(0, 1)
+
+    # Objects: signed distances (in pixels) of the four shapes, picked per slot, anti-aliased over one pixel.
+    radius = _table(SIZE_RADIUS, dev)[scenes.size][..., None, None]  # [B, M, 1, 1]
+    cx = ((scenes.cell % 3).float() + 0.5) / 3 + scenes.offset[..., 0]
+    cy = ((scenes.cell // 3).float() + 0.5) / 3 + scenes.offset[..., 1]
+    dx = coord.view(1, 1, 1, s) - cx[..., None, None]  # [B, M, 1, S]
+    dy = coord.view(1, 1, s, 1) - cy[..., None, None]  # [B, M, S, 1]
+    adx, ady = dx.abs(), dy.abs()
+    circle = torch.sqrt(dx * dx + dy * dy) - radius
+    square = torch.maximum(adx, ady) - 0.82 * radius
+    # Upward triangle: apex at dy = -r, base at dy = 0.75 r with half-width r.
+    triangle = torch.maximum(dy - 0.75 * radius, (1.75 * adx - (dy + radius)) / math.sqrt(1.75**2 + 1))
+    diamond = (adx + ady - 1.1 * radius) / math.sqrt(2)
+    sdf = torch.stack(torch.broadcast_tensors(circle, square, triangle, diamond), dim=-1)  # [B, M, S, S, 4]
+    sdf = sdf.gather(-1, scenes.shape[..., None, None, None].expand(*sdf.shape[:-1], 1))[..., 0]
+    alpha = (0.5 - sdf * s).clamp(0, 1) * scenes.present[..., None, None]  # [B, M, S, S]
+
+    band = max(s // 21, 1)
+    diagonal = ((pix.view(s, 1) + pix.view(1, s)) // band) % 2  # [S, S]
+    striped = (scenes.texture == OBJECT_TEXTURES.index("striped")).float()[..., None, None]
+    shade = 1 - 0.5 * striped * diagonal  # [B, M, S, S]
+    rgb = _table(COLOUR_RGB, dev)[scenes.colour]  # [B, M, 3]
+    for j in range(MAX_OBJECTS):  # later slots are drawn over earlier ones
+        a = alpha[:, j, None]
+        image = image * (1 - a) + rgb[:, j, :, None, None] * shade[:, j, None] * a
+    return image * 2 - 1
+
+
+def tokens(scenes: Scenes) -> torch.Tensor:
+    """Caption token ids [B, MAX_TOKENS] (int64, padded with ``PAD_ID``), built from the parameters on-device."""
+    dev = scenes.count.device
+    present = scenes.present
+
+    def ids(words) -> torch.Tensor:
+        return _table(tuple(WORD_ID[w] for w in words), dev, torch.int64)
+
+    def where(mask: torch.Tensor, value) -> torch.Tensor:
+        return torch.where(mask, value, PAD_ID)  # Python scalars: no host-to-device copy
+
+    first = ids([cell.split()[0] for cell in CELLS])
+    second = ids([cell.split()[1] if " " in cell else PAD for cell in CELLS])
+    striped = scenes.texture == OBJECT_TEXTURES.index("striped")
+    slots = []
+    for j in range(MAX_OBJECTS):
+        on = present[:, j]
+        words = [
+            where(on, WORD_ID["a"]),
+            where(on, ids(SIZES)[scenes.size[:, j]]),
+            where(on, ids(COLOURS)[scenes.colour[:, j]]),
+            where(on & striped[:, j], WORD_ID["striped"]),
+            where(on, ids(SHAPES)[scenes.shape[:, j]]),
+            where(on, first[scenes.cell[:, j]]),
+            where(on, second[scenes.cell[:, j]]),
+            where(j + 1 < scenes.count, WORD_ID["and"]),
+        ]
+        slots.append(torch.stack(words, dim=1))
+    always = torch.ones_like(scenes.count, dtype=torch.bool)
+    tail = [
+        where(always, WORD_ID["on"]),
+        where(always, WORD_ID["a"]),
+        ids(BACKGROUND_TEXTURES)[scenes.background_texture],
+        ids(BACKGROUNDS)[scenes.background],
+        where(always, WORD_ID["background"]),
+    ]
+    seq = torch.cat([*slots, torch.stack(tail, dim=1)], dim=1)
+    # Squeeze out the padding: a stable sort on "is padding" keeps the words in order.
+    order = torch.sort((seq == PAD_ID).to(torch.int32), dim=1, stable=True).indices
+    seq = seq.gather(1, order)
+    out = torch.full((len(scenes), MAX_TOKENS), PAD_ID, dtype=torch.int64, device=dev)
+    width = min(seq.shape[1], MAX_TOKENS)
+    out[:, :width] = seq[:, :width]
+    return out
+
+
+def decode(ids: torch.Tensor) -> list[str]:
+    """Token ids [B, L] -> caption strings (padding dropped)."""
+    return [" ".join(VOCAB[i] for i in row if i != PAD_ID) for row in ids.tolist()]
+
+
+def captions(scenes: Scenes) -> list[str]:
+    """The caption of each scene."""
+    return decode(tokens(scenes))
+
+
+def tokenize(texts: list[str], device=None) -> torch.Tensor:
+    """Caption strings -> token ids [B, MAX_TOKENS]; an empty string is the unconditional caption (all padding)."""
+    out = torch.full((len(texts), MAX_TOKENS), PAD_ID, dtype=torch.int64)
+    for row, text in enumerate(texts):
+        words = text.split()
+        if len(words) > MAX_TOKENS:
+            raise ValueError(f"caption {text!r} has {len(words)} words; at most {MAX_TOKENS} are accepted")
+        for col, word in enumerate(words):
+            if word not in WORD_ID or word == PAD:
+                raise ValueError(f"caption word {word!r} is not in the vocabulary; accepted words: {VOCAB[1:]}")
+            out[row, col] = WORD_ID[word]
+    return out.to(device) if device is not None else out
+
+
+IGNORE = -100  # target of a classifier head that does not apply (attributes of an empty cell)
+
+
+def labels(scenes: Scenes) -> dict[str, torch.Tensor]:
+    """Classifier targets: per cell [B, 9] ``shape`` (0 = empty, 1 + index into SHAPES), ``colour``, ``size`` and
+    ``texture`` (``IGNORE`` for empty cells), and per scene [B] ``background`` and ``background_texture``."""
+    b, dev = len(scenes), scenes.count.device
+    present = scenes.present
+    cells = len(CELLS)
+    out = {
+        "shape": torch.zeros(b, cells, dtype=torch.int64, device=dev),
+        **{k: torch.full((b, cells), IGNORE, dtype=torch.int64, device=dev) for k in ("colour", "size", "texture")},
+    }
+    for j in range(MAX_OBJECTS):  # cells are distinct within a scene, so unused slots touch only empty cells
+        on = present[:, j]
+        index = scenes.cell[:, j : j + 1]
+        out["shape"].scatter_(1, index, torch.where(on, scenes.shape[:, j] + 1, 0)[:, None])
+        for name in ("colour", "size", "texture"):
+            value = torch.where(on, getattr(scenes, name)[:, j], IGNORE)
+            out[name].scatter_(1, index, value[:, None])
+    out["background"] = scenes.background.clone()
+    out["background_texture"] = scenes.background_texture.clone()
+    return out
+
+
+HEADS = {  # classifier head -> (classes, per cell?)
+    "shape": (1 + len(SHAPES), True),
+    "colour": (len(COLOURS), True),
+    "size": (len(SIZES), True),
+    "texture": (len(OBJECT_TEXTURES), True),
+    "background": (len(BACKGROUNDS), False),
+    "background_texture": (len(BACKGROUND_TEXTURES), False),
+}

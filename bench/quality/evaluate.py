@@ -1,0 +1,557 @@
+"""The RAS quality tool: dense vs RAS variants from the same seeds; writes a report and an image grid.
+
+    python -m bench.quality.evaluate --weights bench/quality/weights --samples 256
+
+For each step count (default 28 and 10) it samples the same prompts from the same initial noise with:
+
+* dense: every token every step (the reference of that step count);
+* RAS at each ratio (default 0.5 / 0.25 / 0.125), one run per selection variant:
+  ``reference`` (the SD3 preset: R * exp(+k D), high_ratio 0.3, k = 0.1), ``paper`` (R * exp(-k D)),
+  ``no-starvation`` (k = 0), ``random`` (uniformly random tokens: see :func:`ras_config`);
+* ``RAS 1.0``: the RAS code path computing every token (the numerical floor of the PSNR/SSIM columns);
+* equal time: dense sampling with fewer steps, as many as fit in the measured time of the ``reference`` RAS run.
+
+Each run is compared with the dense run of its step count: PSNR and SSIM (mean over samples), the task scores of the
+scene classifier (``model.score``), and the speedup (dense time / run time, whole batched generation, same card,
+same process). Timed runs follow an untimed warm-up pass on CUDA (Triton autotuning and CUDA-graph capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ras_models import RASConfig, apply_ras
+
+from . import data
+from . import model as qmodel
+
+VARIANTS = ("reference", "paper", "no-starvation", "random")
+EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
+
+
+def ras_config(steps: int, ratio: float, num_tokens: int, variant: str) -> RASConfig:
+    """The RAS settings of one variant: the SD3 preset (28 steps: warm-up 4, resets 12 and 20, high_ratio 0.3, k 0.1;
+    other step counts move the resets proportionally, as ``bench.e2e``) with:
+
+    * ``reference``: unchanged (mode "reference": priority R * exp(+k D));
+    * ``paper``: mode "paper" (priority R * exp(-k D));
+    * ``no-starvation``: starvation_scale 0 (ranking by R alone, same band);
+    * ``random``: starvation_scale 0 and high_ratio 1; the tool hands ``observe`` Gaussian noise instead of the
+      model output, so every RAS step drops the tokens of highest noise score: a uniformly random set, drawn afresh
+      every step and for every prompt (same warm-up, resets and token counts as the other variants).
+    """
+    from bench.e2e import preset
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    config = preset("sd3", steps, ratio, num_tokens)
+    overrides = {
+        "reference": {},
+        "paper": {"mode": "paper"},
+        "no-starvation": {"starvation_scale": 0.0},
+        "random": {"starvation_scale": 0.0, "high_ratio": 1.0},
+    }[variant]
+    return dataclasses.replace(config, **overrides)
+
+
+# ---- metrics ----
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample PSNR [B] in dB of images in [-1, 1] mapped to [0, 1] (peak 1; capped at 100 dB)."""
+    a, b = _unit(x), _unit(ref)
+    mse = ((a - b) ** 2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-sample SSIM [B] (Wang et al. 2004) of images in [-1, 1] mapped to [0, 1]: Gaussian window 11 / 1.5,
+    K1 = 0.01, K2 = 0.03, per channel over the valid windows, averaged over channels and positions; in float64."""
+    a, b = _unit(x).double(), _unit(ref).double()
+    c = a.shape[1]
+    w = _gaussian_window(window, sigma, c, a.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return value.flatten(1).mean(dim=1).float()
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+# ---- sampling ----
+class Sampler:
+    """Batched CFG sampling (flow-matching Euler, uniform sigmas) of fixed prompts from fixed initial noise.
+
+    The transformer batch of a chunk of P prompts is [unconditional x P; conditional x P] (diffusers' layout: row r
+    belongs to prompt r % P); the latent state is float32, the model runs in ``dtype``.
+    """
+
+    def __init__(self, models, ids: torch.Tensor, noise: torch.Tensor, *, guidance, device, dtype, batch, graphs):
+        self.models, self.guidance, self.device, self.dtype = models, guidance, device, dtype
+        self.graphs = graphs and device.type == "cuda"
+        self.chunks = []
+        uncond = torch.full_like(ids[:batch], data.PAD_ID)
+        with torch.no_grad():
+            for lo in range(0, ids.shape[0], batch):
+                chunk = ids[lo : lo + batch].to(device)
+                states, pooled = models.encoder(torch.cat([uncond[: chunk.shape[0]].to(device), chunk]))
+                x = noise[lo : lo + batch].to(device, torch.float32)
+                self.chunks.append((x, states.to(dtype), pooled.to(dtype)))
+        self.dense_graphs = None
+        if self.graphs:
+            from ras_models.graphs import StepGraphs
+
+            self.dense_graphs = StepGraphs()
+        self._dense_warm = False
+
+    def _forward(self, handle, x_in, t, states, pooled):
+        kwargs = dict(encoder_hidden_states=states, pooled_projections=pooled, timestep=t, return_dict=False)
+        transformer = self.models.transformer
+        if handle is None and self.dense_graphs is not None:
+            return self.dense_graphs.run("dense", transformer, x_in, **kwargs)[0]
+        return transformer(x_in, **kwargs)[0]
+
+    def _generate_chunk(self, chunk, steps: int, handle, noise_gen) -> torch.Tensor:
+        x, states, pooled = chunk
+        x = x.clone()
+        p = x.shape[0]
+        if handle is not None:
+            handle.reset()
+        for i in range(steps):
+            sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
+            t = torch.full((2 * p,), sigma * 1000, device=self.device)
+            out = self._forward(handle, torch.cat([x, x]).to(self.dtype), t, states, pooled).float()
+            uncond, cond = out.chunk(2)
+            guided = uncond + self.guidance * (cond - uncond)
+            if handle is not None:
+                if noise_gen is not None:
+                    handle.observe(torch.randn(guided.shape, generator=noise_gen, device=self.device))
+                else:
+                    handle.observe(guided)
+            x = x + (sigma_next - sigma) * guided
+        return x
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def generate(self, steps: int, handle=None, random_seed: int | None = None) -> tuple[torch.Tensor, float]:
+        """All prompts' images [N, 3, S, S] (CPU float32) and the seconds the timed pass took.
+
+        On CUDA an untimed pass over the first chunk comes first (autotuning, graph capture); every pass of a
+        ``random`` run draws the same noise signals (generator re-seeded)."""
+
+        def noise_gen():
+            if random_seed is None:
+                return None
+            return torch.Generator(self.device).manual_seed(random_seed)
+
+        if self.device.type == "cuda" and (handle is not None or not self._dense_warm):
+            self._generate_chunk(self.chunks[0], steps, handle, noise_gen())
+            self._dense_warm = self._dense_warm or handle is None
+        gen = noise_gen()
+        outputs = []
+        self._sync()
+        start = time.perf_counter()
+        for chunk in self.chunks:
+            outputs.append(self._generate_chunk(chunk, steps, handle, gen))
+        self._sync()
+        seconds = time.perf_counter() - start
+        return torch.cat(outputs).cpu(), seconds
+
+    def close(self) -> None:
+        if self.dense_graphs is not None:
+            self.dense_graphs.clear()
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    group: int  # the step count of the dense reference it is compared with
+    steps: int
+    kind: str  # "dense", "ras", "floor" (RAS 1.0) or "equal-time"
+    images: torch.Tensor
+    seconds: float
+    tokens: float  # share of image tokens computed over the generation
+    ratio: float | None = None
+    variant: str | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def run_all(sampler: Sampler, args, num_tokens: int) -> list[Run]:
+    runs: list[Run] = []
+
+    def say(run: Run) -> None:
+        print(f"[eval] {run.name} ({run.steps} steps): {run.seconds:.3f} s", file=sys.stderr, flush=True)
+
+    def dense(steps: int, group: int, name: str, kind: str) -> Run:
+        images, seconds = sampler.generate(steps)
+        run = Run(name, group, steps, kind, images, seconds, 1.0)
+        say(run)
+        return run
+
+    def ras(steps: int, ratio: float, variant: str, kind: str = "ras") -> Run:
+        config = ras_config(steps, ratio, num_tokens, variant)
+        seed = args.seed + EVAL_SEED_OFFSET + 7 if variant == "random" else None
+        with apply_ras(sampler.models.transformer, config, cuda_graphs=sampler.graphs) as handle:
+            images, seconds = sampler.generate(steps, handle, random_seed=seed)
+        share = sum(config.token_schedule(num_tokens)) / (steps * num_tokens)
+        name = f"RAS {ratio:g} {variant}" if kind == "ras" else "RAS 1.0 (all tokens)"
+        run = Run(name, steps, steps, kind, images, seconds, share, ratio, variant)
+        say(run)
+        return run
+
+    for steps in args.steps:
+        reference = dense(steps, steps, f"dense {steps} steps", "dense")
+        group = [reference]
+        if args.floor:
+            group.append(ras(steps, 1.0, "reference", kind="floor"))
+        for ratio in args.ratios:
+            group.extend(ras(steps, ratio, variant) for variant in args.variants)
+        per_step = reference.seconds / steps
+        equal: dict[int, Run] = {}
+        base_variant = "reference" if "reference" in args.variants else args.variants[0]
+        for run in [r for r in group if r.kind == "ras" and r.variant == base_variant]:
+            fewer = min(steps, max(1, round(run.seconds / per_step)))
+            if fewer not in equal:
+                if fewer == steps:
+                    equal[fewer] = dataclasses.replace(
+                        reference, name=f"dense {steps} steps", kind="equal-time", metrics={}
+                    )
+                else:
+                    equal[fewer] = dense(fewer, steps, f"dense {fewer} steps", "equal-time")
+            equal[fewer].metrics.setdefault("equal_to", []).append(f"{run.ratio:g}")
+        group.extend(equal.values())
+        runs.extend(group)
+    return runs
+
+
+@torch.no_grad()
+def score_runs(runs: list[Run], models, targets: dict, device, batch: int) -> None:
+    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores."""
+    dense = {r.group: r for r in runs if r.kind == "dense"}
+    for run in runs:
+        ref = dense[run.group]
+        per: dict[str, list[torch.Tensor]] = {}
+        for lo in range(0, run.images.shape[0], batch):
+            x = run.images[lo : lo + batch].to(device)
+            logits = models.classifier(x.clamp(-1, 1))
+            tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
+            values = qmodel.score(logits, tgt)
+            if run is not ref:
+                y = ref.images[lo : lo + batch].to(device)
+                values["psnr"], values["ssim"] = psnr(x, y), ssim(x, y)
+            for key, value in values.items():
+                per.setdefault(key, []).append(value.cpu())
+        for key, parts in per.items():
+            values = torch.cat(parts)
+            run.metrics[key] = values.mean().item()
+            run.metrics[key + "_se"] = (values.std().item() / math.sqrt(values.numel())) if values.numel() > 1 else 0.0
+
+
+# ---- output ----
+def write_png(path: str | Path, image: torch.Tensor) -> None:
+    """Write ``image`` [H, W, 3] uint8 as an RGB PNG (zlib + struct; no imaging library needed)."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be a uint8 tensor [H, W, 3], got {image.dtype} {tuple(image.shape)}")
+    h, w, _ = image.shape
+    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), image.reshape(h, w * 3)], dim=1)  # filter byte 0
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    body = zlib.compress(rows.contiguous().numpy().tobytes(), 9)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def grid_columns(runs: list[Run]) -> list[Run]:
+    """Grid columns for the first step count: dense, the reference variant at every ratio, the other variants and
+    the equal-time dense run at the lowest ratio."""
+    group = runs[0].group
+    mine = [r for r in runs if r.group == group]
+    ras = [r for r in mine if r.kind == "ras"]
+    columns = [r for r in mine if r.kind == "dense"]
+    if not ras:
+        return columns
+    base = "reference" if any(r.variant == "reference" for r in ras) else ras[0].variant
+    lowest = min(r.ratio for r in ras)
+    columns += [r for r in ras if r.variant == base]
+    columns += [r for r in ras if r.ratio == lowest and r.variant != base]
+    columns += [r for r in mine if r.kind == "equal-time" and f"{lowest:g}" in r.metrics.get("equal_to", [])]
+    return columns
+
+
+def make_grid(columns: list[Run], samples: int, scale: int = 2, gap: int = 4) -> torch.Tensor:
+    """Rows = the first ``samples`` prompts, columns = ``columns``; uint8 [H, W, 3] on a white background."""
+    size = columns[0].images.shape[-1] * scale
+    rows = min(samples, columns[0].images.shape[0])
+    height = rows * size + (rows + 1) * gap
+    width = len(columns) * size + (len(columns) + 1) * gap
+    canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
+    for c, run in enumerate(columns):
+        for r in range(rows):
+            img = _unit(run.images[r]).mul(255).round().to(torch.uint8)
+            img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
+            y, x = gap + r * (size + gap), gap + c * (size + gap)
+            canvas[y : y + size, x : x + size] = img
+    return canvas
+
+
+def _pct(run: Run, key: str) -> str:
+    return f"{100 * run.metrics[key]:.1f} ± {100 * run.metrics[key + '_se']:.1f}"
+
+
+def table(runs: list[Run], group: int) -> str:
+    mine = [r for r in runs if r.group == group]
+    dense = next(r for r in mine if r.kind == "dense")
+    lines = [
+        "| run | steps | tokens computed | time (s) | speedup | PSNR vs dense (dB) | SSIM vs dense | "
+        "scene ok (%) | objects ok (%) | attributes ok (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in mine:
+        name = r.name
+        if r.kind == "equal-time":
+            name += f" (equal time: RAS {', '.join(r.metrics['equal_to'])})"
+        if r.kind == "dense":
+            quality = "reference | reference"
+        else:
+            quality = f"{r.metrics['psnr']:.2f} | {r.metrics['ssim']:.4f}"
+        lines.append(
+            f"| {name} | {r.steps} | {100 * r.tokens:.1f}% | {r.seconds:.3f} | {dense.seconds / r.seconds:.2f}x | "
+            f"{quality} | {_pct(r, 'scene')} | {_pct(r, 'objects')} | {_pct(r, 'attributes')} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(runs: list[Run], groups: list[int], ratios: list[float]) -> list[str]:
+    """Findings computed from the tables (no judgement beyond the numbers)."""
+    lines = []
+    for group in groups:
+        mine = [r for r in runs if r.group == group]
+        dense = next(r for r in mine if r.kind == "dense")
+        for ratio in ratios:
+            ras = [r for r in mine if r.kind == "ras" and r.ratio == ratio]
+            if not ras:
+                continue
+            by_task = max(ras, key=lambda r: r.metrics["scene"])
+            by_psnr = max(ras, key=lambda r: r.metrics["psnr"])
+            text = (
+                f"- {group} steps, ratio {ratio:g}: highest scene score `{by_task.variant}` "
+                f"({100 * by_task.metrics['scene']:.1f}% vs dense {100 * dense.metrics['scene']:.1f}%), highest PSNR "
+                f"`{by_psnr.variant}` ({by_psnr.metrics['psnr']:.2f} dB)"
+            )
+            base = next((r for r in ras if r.variant == "reference"), None)
+            equal = [r for r in mine if r.kind == "equal-time" and f"{ratio:g}" in r.metrics.get("equal_to", [])]
+            if base is not None and equal:
+                e = equal[0]
+                text += (
+                    f"; `reference` ({dense.seconds / base.seconds:.2f}x, scene {100 * base.metrics['scene']:.1f}%) "
+                    f"vs dense {e.steps} steps at equal time ({dense.seconds / e.seconds:.2f}x, scene "
+                    f"{100 * e.metrics['scene']:.1f}%)"
+                )
+            lines.append(text + ".")
+    return lines
+
+
+def environment(device) -> str:
+    import diffusers
+
+    parts = [f"torch {torch.__version__}", f"diffusers {diffusers.__version__}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"{name}; " + ", ".join(parts)
+
+
+def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype, captions, columns) -> None:
+    training = models.training or {}
+    cfg = models.config["dit"]
+    n_params = sum(p.numel() for p in models.transformer.parameters())
+    groups = list(args.steps)
+    link = os.path.relpath(grid_path, start=path.parent)
+    num_tokens = (models.image_size // cfg["patch_size"]) ** 2
+    schedules = "; ".join(
+        f"{steps} steps: dense warm-up steps 0-{c.warmup_steps - 1}, dense resets at {list(c.reset_steps)}"
+        for steps in groups
+        for c in [ras_config(steps, 0.5, num_tokens, "reference")]
+    )
+    lines = [
+        "# RAS quality study (issue 5)",
+        "",
+        "Generated by `python -m bench.quality.evaluate` "
+        f"(`{' '.join(['--weights', str(args.weights), '--samples', str(args.samples)])}`); every number below was "
+        "measured by that run. The model is the project's own small SD3-architecture DiT trained on procedural "
+        "scenes (`bench/quality`), so absolute scores say nothing about SD3 itself; what carries over is the "
+        "comparison between the RAS variants and the baselines on one trained model.",
+        "",
+        "## Setup",
+        f"- Device: {environment(device)}; model dtype {str(dtype).split('.')[-1]}; CUDA graphs "
+        f"{'on (RAS and dense)' if args.graphs and device.type == 'cuda' else 'off'}.",
+        f"- Model: `SD3Transformer2DModel`, pixel space {models.image_size}x{models.image_size}x3, patch "
+        f"{cfg['patch_size']} ({(models.image_size // cfg['patch_size']) ** 2} image tokens), {cfg['num_layers']} "
+        f"blocks, width {cfg['num_attention_heads'] * cfg['attention_head_dim']} ({cfg['num_attention_heads']} heads "
+        f"x {cfg['attention_head_dim']}), {n_params / 1e6:.1f} M parameters; caption encoder over a "
+        f"{len(data.VOCAB)}-word vocabulary.",
+        f"- Training: {training.get('dit_steps', '?')} DiT steps (batch {training.get('batch', '?')}, seed "
+        f"{training.get('seed', '?')}, {training.get('dit_seconds', '?')} s on {training.get('device', '?')}); "
+        f"final loss {training.get('dit_loss_last200', '?')}; reproduce with `{training.get('reproduce', '?')}`.",
+        f"- Task classifier ({training.get('classifier_steps', '?')} steps): on clean held-out scenes "
+        f"{training.get('classifier_clean', '?')}.",
+        f"- Sampling: {args.samples} prompts (evaluation seed {args.seed}), CFG scale {args.guidance:g}, "
+        f"flow-matching Euler with uniform sigmas, batches of {args.batch} prompts (transformer batch "
+        f"{2 * args.batch}); RAS schedule: the `RASConfig.sd3` preset (high_ratio 0.3, k = 0.1, static), resets "
+        f"moved proportionally for other step counts: {schedules}.",
+        "",
+        "## Variants",
+        "- `reference`: the preset, mode `reference` (priority R·exp(+kD), the public code's rule).",
+        "- `paper`: mode `paper` (priority R·exp(−kD), the paper's stated intent).",
+        "- `no-starvation`: starvation_scale 0 (ranking by the output's per-token channel std R alone).",
+        "- `random`: uniformly random active tokens, drawn afresh every RAS step and for every prompt: the tool "
+        "hands `observe()` Gaussian noise instead of the model output, with starvation_scale 0 and high_ratio 1. "
+        "Same schedule and token counts as the others.",
+        "- `RAS 1.0 (all tokens)`: the RAS code path (K/V caches, gathers) computing every token: the numerical "
+        "floor of the PSNR/SSIM columns.",
+        "- `dense N steps (equal time)`: dense sampling with as many steps as fit in the measured time of the "
+        "`reference` run at that ratio (N = round(time / dense time per step)); the baseline a user could pick "
+        "instead of RAS.",
+        "",
+        "## Metrics",
+        "- PSNR (peak 1, images mapped to [0, 1]) and SSIM (Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, mean over "
+        "channels) against the dense run of the same step count, from the same seed; mean over samples.",
+        "- Task scores, by the scene classifier against the requested scene (mean ± standard error over samples): "
+        "*scene ok* = every grid cell read as requested (empty, or the requested shape in the requested colour) and "
+        "the right background colour; *objects ok* = share of requested objects with the right shape and colour in "
+        "place; *attributes ok* = share right among object sizes, object textures and the background texture.",
+        "- Time: the whole batched generation (all prompts, transformer + CFG + selection + Euler update), after an "
+        "untimed warm-up pass; speedup = dense time of the same step count / run time.",
+        "",
+    ]
+    for group in groups:
+        lines += [f"## {group} steps", "", table(runs, group), ""]
+    lines += ["## Summary (computed from the tables)", "", *summary(runs, groups, list(args.ratios)), ""]
+    legend = ", ".join(
+        r.name + (f" (equal time: RAS {', '.join(r.metrics['equal_to'])})" if r.kind == "equal-time" else "")
+        for r in columns
+    )
+    lines += [
+        "## Image grid",
+        "",
+        f"![dense vs RAS variants]({link})",
+        "",
+        f"Columns ({columns[0].steps} steps): {legend}. Rows (prompts):",
+        "",
+        *[f"{i + 1}. {c}" for i, c in enumerate(captions)],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="bench/quality/weights", help="folder written by bench.quality.train")
+    p.add_argument("--samples", type=int, default=256, help="prompts (default 256)")
+    p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
+    p.add_argument("--steps", type=int, nargs="+", default=[28, 10], help="step counts (default 28 10)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the training record's, or 4)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts and initial noise)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on CUDA, else fp32")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="CUDA graphs (CUDA only)")
+    p.add_argument("--report", default="docs/quality.md")
+    p.add_argument("--grid", default="docs/quality_grid.png")
+    p.add_argument("--grid-samples", type=int, default=6)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[Run]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.samples < 1 or args.batch < 1 or args.grid_samples < 1:
+        parser.error("--samples, --batch and --grid-samples must be >= 1")
+    args.batch = min(args.batch, args.samples)
+    if args.samples % args.batch:
+        parser.error(f"--samples ({args.samples}) must be a multiple of --batch ({args.batch}): equal timed batches")
+    if any(s < 2 for s in args.steps):
+        parser.error("--steps values must be >= 2")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        parser.error("--ratios values must be in (0, 1]")
+    if not qmodel.has_weights(args.weights):
+        parser.error(f"no trained weights in {args.weights}: run `python -m bench.quality.train --out {args.weights}`")
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ]
+    models = qmodel.load(args.weights, device, dtype)
+    if args.guidance is None:
+        args.guidance = float(models.training.get("guidance", 4.0))
+    size = models.image_size
+    num_tokens = (size // models.config["dit"]["patch_size"]) ** 2
+    gen = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
+    scenes = data.sample_scenes(args.samples, gen)
+    ids, targets, captions = data.tokens(scenes), data.labels(scenes), data.captions(scenes)
+    noise = torch.randn(args.samples, 3, size, size, generator=gen)
+    print(
+        f"[eval] {environment(device)}; {args.samples} prompts, steps {args.steps}, ratios {args.ratios}, "
+        f"variants {args.variants}",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
+    sampler = Sampler(
+        models, ids, noise, guidance=args.guidance, device=device, dtype=dtype, batch=args.batch, graphs=args.graphs
+    )
+    try:
+        runs = run_all(sampler, args, num_tokens)
+    finally:
+        sampler.close()
+    score_runs(runs, models, targets, device, args.batch)
+    columns = grid_columns(runs)
+    write_png(args.grid, make_grid(columns, args.grid_samples))
+    rows = min(args.grid_samples, args.samples)
+    write_report(Path(args.report), Path(args.grid), runs, args, models, device, dtype, captions[:rows], columns)
+    for group in args.steps:
+        print(f"\n{group} steps\n{table(runs, group)}")
+    print("\n" + "\n".join(summary(runs, list(args.steps), list(args.ratios))))
+    elapsed = time.perf_counter() - start
+    print(f"[eval] {len(runs)} runs in {elapsed:.0f} s; wrote {args.report} and {args.grid}", file=sys.stderr)
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Models of the quality study and their weights on disk.
+
+* The DiT: diffusers' ``SD3Transformer2DModel`` in pixel space (RGB in and out, no VAE): 64 x 64 images, patch 2
+  (1024 image tokens), 10 joint-attention blocks of width 192 (3 heads x 64), SD3.5-style RMS QK-norm. The width is
+  below the issue's suggested 384-512 because the shipped weights must stay under about 30 MB: an SD3 block holds
+  ~36 width^2 parameters (half of them in the text stream), so 8 blocks at width 384 are 41 M parameters (79 MiB
+  in bf16). At width 192, 10 blocks are 13.1 M parameters; with the caption encoder and the classifier the saved
+  files total 29.5 MB.
+* :class:`CaptionEncoder`: caption token ids -> learned embeddings + positions -> a small pre-norm transformer;
+  gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
+* :class:`SceneClassifier`: a small CNN that reads a scene back (per grid cell: shape or empty, colour, size,
+  texture; background colour and texture); the task metric of ``evaluate``.
+
+Weights: ``config.json`` (model configuration + training record) and safetensors shards of at most 15 MiB
+(``weights-0000i-of-0000n.safetensors``; parameters in bf16, buffers as built), keys prefixed ``transformer.``,
+``caption_encoder.`` and ``classifier.``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data
+
+DIT = dict(
+    sample_size=64,
+    patch_size=2,
+    in_channels=3,
+    out_channels=3,
+    num_layers=10,
+    attention_head_dim=64,
+    num_attention_heads=3,
+    joint_attention_dim=128,
+    caption_projection_dim=192,
+    pooled_projection_dim=64,
+    pos_embed_max_size=32,
+    qk_norm="rms_norm",
+)
+ENCODER = dict(width=128, layers=2, heads=4, pooled=64)
+CLASSIFIER = dict(width=32)
+
+# A toy configuration for CPU tests: 32 x 32 images (256 tokens), two blocks of width 32.
+TINY_DIT = dict(
+    DIT,
+    sample_size=32,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=32,
+    pooled_projection_dim=16,
+    pos_embed_max_size=16,
+)
+TINY_ENCODER = dict(width=32, layers=1, heads=2, pooled=16)
+TINY_CLASSIFIER = dict(width=8)
+
+CONFIG_FILE = "config.json"
+SHARD_BYTES = 15 * 2**20
+SHARD_PATTERN = "weights-*-of-*.safetensors"
+
+
+def default_config(*, tiny: bool = False, layers: int | None = None) -> dict:
+    """The model configuration: ``{"image_size", "dit", "encoder", "classifier"}``."""
+    dit = dict(TINY_DIT if tiny else DIT)
+    if layers is not None:
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be an int >= 1, got {layers!r}")
+        dit["num_layers"] = layers
+    return {
+        "image_size": dit["sample_size"],
+        "dit": dit,
+        "encoder": dict(TINY_ENCODER if tiny else ENCODER),
+        "classifier": dict(TINY_CLASSIFIER if tiny else CLASSIFIER),
+    }
+
+
+class CaptionEncoder(nn.Module):
+    """Caption token ids [B, L] -> (joint-attention states [B, L, width], pooled projection [B, pooled])."""
+
+    def __init__(self, width: int, layers: int, heads: int, pooled: int, vocab_size: int = len(data.VOCAB)):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.position = nn.Parameter(torch.randn(data.MAX_TOKENS, width) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.pool = nn.Linear(width, pooled)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x)
+        return x, self.pool(x.mean(dim=1))
+
+
+class SceneClassifier(nn.Module):
+    """Images [B, 3, S, S] in [-1, 1] -> logits per head of ``data.HEADS`` ([B, 9, C] per cell, else [B, C])."""
+
+    def __init__(self, image_size: int, width: int):
+        super().__init__()
+        if image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(min(8, cout), cout), nn.GELU()]
+
+        w = width
+        self.features = nn.Sequential(
+            *block(3, w, 1),
+            *block(w, 2 * w, 2),
+            *block(2 * w, 4 * w, 2),
+            *block(4 * w, 4 * w, 2),
+            *block(4 * w, 4 * w, 1),
+            nn.Conv2d(4 * w, w, 1),
+        )
+        side = image_size // 8
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(w * side * side, 256), nn.GELU())
+        self.heads = nn.ModuleDict(
+            {
+                name: nn.Linear(256, classes * (len(data.CELLS) if per_cell else 1))
+                for name, (classes, per_cell) in data.HEADS.items()
+            }
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.hidden(self.features(images))
+        out = {}
+        for name, (classes, per_cell) in data.HEADS.items():
+            logits = self.heads[name](h)
+            out[name] = logits.view(-1, len(data.CELLS), classes) if per_cell else logits
+        return out
+
+
+@dataclass
+class QualityModels:
+    transformer: nn.Module
+    encoder: CaptionEncoder
+    classifier: SceneClassifier
+    config: dict
+    training: dict = field(default_factory=dict)  # the training record saved with the weights
+
+    @property
+    def image_size(self) -> int:
+        return self.config["image_size"]
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.transformer, "caption_encoder": self.encoder, "classifier": self.classifier}
+
+
+def build(config: dict, *, adaln_zero: bool = True) -> QualityModels:
+    """Fresh models: PyTorch's default initialisation, then (unless ``adaln_zero=False``, e.g. for a random-weight
+    model whose output should depend on its input) adaLN-Zero: see :func:`adaln_zero_`."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(**config["dit"])
+    if adaln_zero:
+        adaln_zero_(transformer)
+    encoder = CaptionEncoder(**config["encoder"])
+    classifier = SceneClassifier(config["image_size"], **config["classifier"])
+    return QualityModels(transformer, encoder, classifier, copy.deepcopy(config))
+
+
+def adaln_zero_(transformer: nn.Module) -> None:
+    """Zero the adaptive-norm modulations and the output projection (DiT's adaLN-Zero): every block starts as the
+    identity and the model predicts zero, which makes short training runs markedly more stable."""
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            for norm in (block.norm1, block.norm1_context):
+                norm.linear.weight.zero_()
+                norm.linear.bias.zero_()
+        transformer.norm_out.linear.weight.zero_()
+        transformer.norm_out.linear.bias.zero_()
+        transformer.proj_out.weight.zero_()
+        transformer.proj_out.bias.zero_()
+
+
+def save(models: QualityModels, out_dir: str | Path, training: dict, dtype: torch.dtype = torch.bfloat16) -> list:
+    """Write ``config.json`` and the safetensors shards into ``out_dir`` (old shards there are removed)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for prefix, module in models.modules().items():
+        params = {name for name, _ in module.named_parameters()}
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().to("cpu")
+            if name in params and t.is_floating_point():
+                t = t.to(dtype)
+            state[f"{prefix}.{name}"] = t.contiguous().clone()
+    shards: list[dict] = [{}]
+    used = 0
+    for key, t in state.items():
+        size = t.numel() * t.element_size()
+        if shards[-1] and used + size > SHARD_BYTES:
+            shards.append({})
+            used = 0
+        shards[-1][key] = t
+        used += size
+    for old in out.glob(SHARD_PATTERN):
+        old.unlink()
+    names = [f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(out / name))
+    record = {"config": models.config, "training": training, "shards": names, "dtype": str(dtype).split(".")[-1]}
+    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return [out / n for n in [CONFIG_FILE, *names]]
+
+
+def has_weights(weights_dir: str | Path) -> bool:
+    return (Path(weights_dir) / CONFIG_FILE).is_file()
+
+
+def load(weights_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> QualityModels:
+    """The saved models, in eval mode, on ``device``: the DiT and caption encoder in ``dtype``, the classifier in
+    float32 (it scores images; it is not timed)."""
+    from safetensors.torch import load_file
+
+    root = Path(weights_dir)
+    if not has_weights(root):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {root}: train with `python -m bench.quality.train --out {root}`")
+    record = json.loads((root / CONFIG_FILE).read_text())
+    state = {}
+    for name in record["shards"]:
+        state.update(load_file(str(root / name)))
+    models = build(record["config"])
+    models.training = record.get("training", {})
+    for prefix, module in models.modules().items():
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(part, strict=True)
+    models.transformer.to(device=device, dtype=dtype).eval()
+    models.encoder.to(device=device, dtype=dtype).eval()
+    models.classifier.to(device=device, dtype=torch.float32).eval()
+    return models
+
+
+def score(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample task scores [B] from classifier logits against the requested scene (``data.labels``).
+
+    * ``scene``: 1.0 when every grid cell is read as requested (empty, or the requested shape in the requested
+      colour) and the background colour is right; else 0.0. The task metric: the requested shapes and colours,
+      in place, and nothing else.
+    * ``objects``: share of the requested objects read with the right shape and colour in their cell.
+    * ``attributes``: share right among the requested objects' sizes and textures and the background texture.
+    """
+    pred = {name: value.argmax(dim=-1) for name, value in logits.items()}
+    occupied = targets["shape"] > 0
+    colour_ok = pred["colour"] == targets["colour"]
+    cell_ok = (pred["shape"] == targets["shape"]) & (~occupied | colour_ok)
+    scene = cell_ok.all(dim=1) & (pred["background"] == targets["background"])
+    objects = (cell_ok & occupied).sum(dim=1) / occupied.sum(dim=1).clamp(min=1)
+    right = ((pred["size"] == targets["size"]) & occupied).sum(dim=1)
+    right = right + ((pred["texture"] == targets["texture"]) & occupied).sum(dim=1)
+    right = right + (pred["background_texture"] == targets["background_texture"])
+    attributes = right / (2 * occupied.sum(dim=1) + 1)
+    return {"scene": scene.float(), "objects": objects.float(), "attributes": attributes.float()}

@@ -1,0 +1,363 @@
+"""The RAS quality study (bench/quality) on CPU: scene data, captions, models, a training smoke run, the evaluation
+pipeline end to end at toy scale, and (once they ship) the trained weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.quality import data, evaluate, train
+from bench.quality import model as qmodel
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "bench" / "quality" / "weights"
+needs_weights = pytest.mark.skipif(
+    not qmodel.has_weights(WEIGHTS),
+    reason="no trained weights in bench/quality/weights yet: they are trained on a GPU with "
+    "`python -m bench.quality.train --minutes 9 --out bench/quality/weights`",
+)
+
+# Stated threshold of the shipped model: a dense 8-step CPU sample of 4 evaluation prompts shows at least this
+# share of the requested objects (right shape and colour in the right cell), as read by the shipped classifier.
+OBJECTS_THRESHOLD = 0.5
+# The shipped classifier on clean, held-out scenes: share of scenes read entirely right.
+CLASSIFIER_THRESHOLD = 0.95
+
+
+def _scenes(n: int, seed: int) -> data.Scenes:
+    return data.sample_scenes(n, torch.Generator().manual_seed(seed))
+
+
+# ---- data ----
+def test_scenes_are_deterministic_per_seed():
+    a, b, c = _scenes(16, 3), _scenes(16, 3), _scenes(16, 4)
+    for name in ("count", "cell", "shape", "colour", "size", "texture", "offset", "background", "phase"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(data.render(a), data.render(b))
+    assert torch.equal(data.tokens(a), data.tokens(b))
+    for key, value in data.labels(a).items():
+        assert torch.equal(value, data.labels(b)[key]), key
+    assert not torch.equal(data.render(a), data.render(c))
+
+
+def test_scene_invariants_and_token_round_trip():
+    scenes = _scenes(64, 0)
+    assert scenes.count.min() >= 1 and scenes.count.max() <= data.MAX_OBJECTS
+    for row in scenes.cell.tolist():
+        assert len(set(row)) == len(row)  # distinct cells
+    images = data.render(scenes, 64)
+    assert images.shape == (64, 3, 64, 64) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    ids = data.tokens(scenes)
+    assert ids.shape == (64, data.MAX_TOKENS)
+    assert torch.equal(data.tokenize(data.decode(ids)), ids)
+    # Padding only at the end of each caption.
+    pad = ids == data.PAD_ID
+    assert torch.equal(pad, pad.cummax(dim=1).values)
+
+
+def test_captions_describe_the_parameters():
+    """The vectorised token builder against plain string formatting of the same parameters."""
+    scenes = _scenes(32, 1)
+    for i, caption in enumerate(data.captions(scenes)):
+        phrases = []
+        for j in range(int(scenes.count[i])):
+            striped = "striped " if data.OBJECT_TEXTURES[scenes.texture[i, j]] == "striped" else ""
+            phrases.append(
+                f"a {data.SIZES[scenes.size[i, j]]} {data.COLOURS[scenes.colour[i, j]]} {striped}"
+                f"{data.SHAPES[scenes.shape[i, j]]} {data.CELLS[scenes.cell[i, j]]}"
+            )
+        background = (
+            f"on a {data.BACKGROUND_TEXTURES[scenes.background_texture[i]]} "
+            f"{data.BACKGROUNDS[scenes.background[i]]} background"
+        )
+        assert caption == " and ".join(phrases) + " " + background
+
+
+def test_tokenize_rejects_unknown_words_and_long_captions():
+    with pytest.raises(ValueError, match="'dog'"):
+        data.tokenize(["a small dog top"])
+    with pytest.raises(ValueError, match="at most"):
+        data.tokenize([" ".join(["a"] * (data.MAX_TOKENS + 1))])
+    assert torch.equal(data.tokenize([""]), torch.full((1, data.MAX_TOKENS), data.PAD_ID))
+
+
+@pytest.mark.parametrize("shape", data.SHAPES)
+def test_render_draws_each_shape_with_its_area_and_colour(shape):
+    """One plain object on a plain background: its colour at the centre, its covered area from geometry."""
+    s = 64
+    scenes = _scenes(8, 2)
+    scenes.count.fill_(1)
+    scenes.shape[:, 0] = data.SHAPES.index(shape)
+    scenes.texture.zero_()
+    scenes.background_texture.zero_()
+    with_object = (data.render(scenes, s) + 1) / 2
+    empty = scenes[:]
+    empty.count = torch.zeros_like(scenes.count)
+    background = (data.render(empty, s) + 1) / 2
+    for i in range(len(scenes)):
+        rgb = torch.tensor(data.COLOUR_RGB[scenes.colour[i, 0]])
+        bg = torch.tensor(data.BACKGROUND_RGB[scenes.background[i]])
+        cy = (int(scenes.cell[i, 0]) // 3 + 0.5) / 3 + float(scenes.offset[i, 0, 1])
+        cx = (int(scenes.cell[i, 0]) % 3 + 0.5) / 3 + float(scenes.offset[i, 0, 0])
+        centre = with_object[i, :, int(cy * s), int(cx * s)]
+        torch.testing.assert_close(centre, rgb, atol=1e-5, rtol=0)
+        channel = int((rgb - bg).abs().argmax())
+        coverage = (with_object[i, channel] - background[i, channel]) / (rgb[channel] - bg[channel])
+        r = data.SIZE_RADIUS[scenes.size[i, 0]] * s
+        expected = {
+            "circle": math.pi * r * r,
+            "square": (2 * 0.82 * r) ** 2,
+            "triangle": 1.75 * r * r,  # base 2r, height 1.75r
+            "diamond": 2 * (1.1 * r) ** 2,
+        }[shape]
+        assert abs(coverage.sum().item() - expected) < 0.06 * expected + 2
+
+
+def test_labels_match_the_parameters():
+    scenes = _scenes(16, 5)
+    targets = data.labels(scenes)
+    for i in range(len(scenes)):
+        occupied = {int(scenes.cell[i, j]): j for j in range(int(scenes.count[i]))}
+        for cell in range(len(data.CELLS)):
+            if cell in occupied:
+                j = occupied[cell]
+                assert targets["shape"][i, cell] == scenes.shape[i, j] + 1
+                assert targets["colour"][i, cell] == scenes.colour[i, j]
+                assert targets["size"][i, cell] == scenes.size[i, j]
+            else:
+                assert targets["shape"][i, cell] == 0 and targets["colour"][i, cell] == data.IGNORE
+
+
+def _oracle_logits(targets: dict) -> dict:
+    """Logits whose argmax is the target (class 0 where the target is ignored)."""
+    out = {}
+    for name, (classes, _) in data.HEADS.items():
+        t = targets[name].clamp(min=0)
+        out[name] = torch.nn.functional.one_hot(t, classes).float()
+    return out
+
+
+def test_task_score_semantics():
+    scenes = _scenes(8, 6)
+    scenes.count.fill_(2)
+    targets = data.labels(scenes)
+    logits = _oracle_logits(targets)
+    perfect = qmodel.score(logits, targets)
+    assert all(torch.equal(v, torch.ones(8)) for v in perfect.values())
+    # Sample 0: the first object read in the wrong colour; sample 1: a spurious shape in an empty cell.
+    cell = int(scenes.cell[0, 0])
+    wrong = (int(targets["colour"][0, cell]) + 1) % len(data.COLOURS)
+    logits["colour"][0, cell] = torch.nn.functional.one_hot(torch.tensor(wrong), len(data.COLOURS)).float()
+    empty = next(c for c in range(9) if c not in scenes.cell[1, :2].tolist())
+    logits["shape"][1, empty] = torch.nn.functional.one_hot(torch.tensor(1), 1 + len(data.SHAPES)).float()
+    got = qmodel.score(logits, targets)
+    assert got["scene"].tolist() == [0.0, 0.0] + [1.0] * 6
+    assert got["objects"].tolist() == [0.5] + [1.0] * 7
+    assert torch.equal(got["attributes"], torch.ones(8))
+
+
+# ---- metrics and output ----
+def test_psnr_and_ssim_against_closed_forms():
+    x = torch.full((2, 3, 32, 32), -0.2)
+    y = x + 0.1  # [0, 1] scale: offset 0.05
+    torch.testing.assert_close(evaluate.psnr(y, x), torch.full((2,), -20 * math.log10(0.05)))
+    a, b = 0.4, 0.55  # constant images: SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    expected = (2 * a * b + 0.01**2) / (a * a + b * b + 0.01**2)
+    got = evaluate.ssim(torch.full((1, 3, 16, 16), 2 * a - 1), torch.full((1, 3, 16, 16), 2 * b - 1))
+    torch.testing.assert_close(got, torch.tensor([expected]), atol=1e-6, rtol=0)
+    z = torch.rand(2, 3, 24, 24) * 2 - 1
+    torch.testing.assert_close(evaluate.ssim(z, z), torch.ones(2))
+
+
+def test_ssim_matches_a_per_window_computation():
+    """The convolution form against window-by-window weighted statistics."""
+    x, y = torch.rand(1, 3, 14, 13) * 2 - 1, torch.rand(1, 3, 14, 13) * 2 - 1
+    a, b = ((x + 1) / 2).double(), ((y + 1) / 2).double()
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :]) / g.sum() ** 2
+    values = []
+    for c in range(3):
+        for i in range(14 - 10):
+            for j in range(13 - 10):
+                pa, pb = a[0, c, i : i + 11, j : j + 11], b[0, c, i : i + 11, j : j + 11]
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                c1, c2 = 0.01**2, 0.03**2
+                values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    expected = torch.stack(values).mean().float()
+    torch.testing.assert_close(evaluate.ssim(x, y)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_png_writer_round_trip(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    image = torch.randint(0, 256, (7, 11, 3), dtype=torch.uint8)
+    evaluate.write_png(tmp_path / "x.png", image)
+    with image_module.open(tmp_path / "x.png") as im:
+        assert im.mode == "RGB" and im.size == (11, 7)
+        assert list(im.tobytes()) == image.flatten().tolist()
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate.write_png(tmp_path / "y.png", image.float())
+
+
+# ---- models ----
+def test_model_configuration_and_shapes():
+    config = qmodel.default_config()
+    dit = config["dit"]
+    assert (dit["in_channels"], dit["out_channels"], dit["patch_size"]) == (3, 3, 2)
+    assert (config["image_size"] // dit["patch_size"]) ** 2 == 1024
+    assert dit["joint_attention_dim"] == config["encoder"]["width"]
+    assert dit["pooled_projection_dim"] == config["encoder"]["pooled"]
+    with torch.device("meta"):
+        full = qmodel.build(config, adaln_zero=False)
+    params = sum(p.numel() for m in full.modules().values() for p in m.parameters())
+    assert params * 2 < 30e6  # the shipped files stay under about 30 MB (bf16)
+    tiny = qmodel.build(qmodel.default_config(tiny=True), adaln_zero=False)
+    s = tiny.image_size
+    ids = data.tokens(_scenes(3, 0))
+    states, pooled = tiny.encoder(ids)
+    assert states.shape == (3, data.MAX_TOKENS, tiny.config["dit"]["joint_attention_dim"])
+    assert pooled.shape == (3, tiny.config["dit"]["pooled_projection_dim"])
+    x = torch.randn(3, 3, s, s)
+    out = tiny.transformer(x, encoder_hidden_states=states, pooled_projections=pooled, timestep=torch.full((3,), 500.0))
+    assert out.sample.shape == x.shape
+    logits = tiny.classifier(x)
+    for name, (classes, per_cell) in data.HEADS.items():
+        assert logits[name].shape == ((3, 9, classes) if per_cell else (3, classes))
+    with pytest.raises(ValueError, match="layers"):
+        qmodel.default_config(layers=0)
+
+
+def test_adaln_zero_start_predicts_zero():
+    tiny = qmodel.build(qmodel.default_config(tiny=True))
+    s = tiny.image_size
+    states, pooled = tiny.encoder(data.tokens(_scenes(2, 0)))
+    out = tiny.transformer(
+        torch.randn(2, 3, s, s),
+        encoder_hidden_states=states,
+        pooled_projections=pooled,
+        timestep=torch.full((2,), 300.0),
+    ).sample
+    assert torch.count_nonzero(out) == 0
+
+
+def test_save_and_load_round_trip_in_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(qmodel, "SHARD_BYTES", 64 * 2**10)  # force several shards
+    models = qmodel.build(qmodel.default_config(tiny=True), adaln_zero=False)
+    files = qmodel.save(models, tmp_path, {"seed": 7})
+    assert len(files) > 2 and all(f.stat().st_size <= 64 * 2**10 + 2**12 for f in files[1:])
+    loaded = qmodel.load(tmp_path)
+    assert loaded.training == {"seed": 7}
+    for name, module in models.modules().items():
+        mine = dict(module.named_parameters())
+        for key, value in loaded.modules()[name].named_parameters():
+            assert torch.equal(value, mine[key].detach().to(torch.bfloat16).float()), f"{name}.{key}"
+    # Re-saving with fewer shards removes the stale ones.
+    monkeypatch.setattr(qmodel, "SHARD_BYTES", 2**30)
+    qmodel.save(models, tmp_path, {})
+    assert len(list(tmp_path.glob(qmodel.SHARD_PATTERN))) == 1
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        qmodel.load(tmp_path / "missing")
+
+
+# ---- training and evaluation, toy scale ----
+def test_training_smoke_run(tmp_path):
+    record = train.main(
+        ["--tiny", "--steps", "2", "--classifier-steps", "2", "--batch", "4", "--classifier-batch", "8"]
+        + ["--seed", "3", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / qmodel.CONFIG_FILE).read_text())
+    assert saved["training"]["dit_steps"] == 2 and saved["training"]["classifier_steps"] == 2
+    assert "--steps 2" in record["reproduce"] and "--seed 3" in record["reproduce"]
+    loaded = qmodel.load(tmp_path)
+    assert all(torch.isfinite(p).all() for m in loaded.modules().values() for p in m.parameters())
+
+
+def test_training_by_minutes_fixes_the_step_count(tmp_path):
+    record = train.main(
+        ["--tiny", "--minutes", "0.1", "--classifier-steps", "1", "--batch", "2", "--classifier-batch", "2"]
+        + ["--warmup", "8", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    assert record["dit_steps"] > 4  # the calibration steps (2..4 at warm-up 8) ran, then the step count was fixed
+    assert f"--steps {record['dit_steps']}" in record["reproduce"]
+
+
+def test_evaluation_end_to_end_toy_scale(tmp_path):
+    models = qmodel.build(qmodel.default_config(tiny=True), adaln_zero=False)
+    qmodel.save(models, tmp_path / "w", {"guidance": 3.0})
+    report, grid = tmp_path / "docs" / "quality.md", tmp_path / "docs" / "quality_grid.png"
+    runs = evaluate.main(
+        ["--weights", str(tmp_path / "w"), "--samples", "2", "--batch", "2", "--steps", "6", "--ratios", "0.25"]
+        + ["--device", "cpu", "--report", str(report), "--grid", str(grid), "--grid-samples", "2"]
+    )
+    by_name = {r.name: r for r in runs}
+    expected = {"dense 6 steps", "RAS 1.0 (all tokens)"} | {f"RAS 0.25 {v}" for v in evaluate.VARIANTS}
+    assert expected <= set(by_name)
+    floor = by_name["RAS 1.0 (all tokens)"]
+    assert floor.metrics["psnr"] > 60  # same computation through the RAS path
+    for variant in evaluate.VARIANTS:
+        run = by_name[f"RAS 0.25 {variant}"]
+        assert run.tokens < 1 and 0 < run.metrics["psnr"] < floor.metrics["psnr"]
+        assert 0 < run.metrics["ssim"] <= 1
+        assert 0 <= run.metrics["scene"] <= 1
+    text = report.read_text()
+    assert "## 6 steps" in text and "](quality_grid.png)" in text and "RAS 0.25 random" in text
+    image_module = pytest.importorskip("PIL.Image")
+    with image_module.open(grid) as im:
+        columns = len(evaluate.grid_columns(runs))
+        assert im.size == (columns * 64 + (columns + 1) * 4, 2 * 64 + 3 * 4)
+
+
+def test_evaluation_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--weights", str(tmp_path), "--samples", "2"])
+    assert "no trained weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="variant"):
+        evaluate.ras_config(10, 0.5, 256, "best")
+
+
+# ---- the shipped weights ----
+@needs_weights
+def test_shipped_weights_load_and_classifier_reads_clean_scenes():
+    models = qmodel.load(WEIGHTS)
+    record = json.loads((WEIGHTS / qmodel.CONFIG_FILE).read_text())
+    assert record["training"]["seed"] is not None and "reproduce" in record["training"]
+    size = sum((WEIGHTS / name).stat().st_size for name in record["shards"])
+    assert size < 31e6
+    scenes = _scenes(128, 123)
+    with torch.no_grad():
+        scores = qmodel.score(models.classifier(data.render(scenes, models.image_size)), data.labels(scenes))
+    assert scores["scene"].mean() >= CLASSIFIER_THRESHOLD
+
+
+@needs_weights
+def test_shipped_dense_sample_is_deterministic_and_on_task():
+    models = qmodel.load(WEIGHTS)
+    scenes = _scenes(4, evaluate.EVAL_SEED_OFFSET + 99)
+    ids = data.tokens(scenes)
+    noise = torch.randn(4, 3, models.image_size, models.image_size, generator=torch.Generator().manual_seed(5))
+    guidance = float(models.training.get("guidance", 4.0))
+
+    def sampler(n: int) -> evaluate.Sampler:
+        return evaluate.Sampler(
+            models,
+            ids[:n],
+            noise[:n],
+            guidance=guidance,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            batch=n,
+            graphs=False,
+        )
+
+    first, _ = sampler(1).generate(3)
+    again, _ = sampler(1).generate(3)
+    assert torch.equal(first, again)
+    images, _ = sampler(4).generate(8)
+    with torch.no_grad():
+        scores = qmodel.score(models.classifier(images.clamp(-1, 1)), data.labels(scenes))
+    assert scores["objects"].mean() >= OBJECTS_THRESHOLD
