@@ -2,8 +2,8 @@
 
 Layout of every [B, L, H, d] tensor: batch stride, row stride and head stride are passed; the last (d) stride is 1.
 A head dimension that is not a power of two is handled as two power-of-two pieces, ``d = D0 + REST``
-(e.g. 72 = 64 + 8, the 8 read into a 16-wide operand): both pieces are separate ``tl.dot`` operands, so the
-padding costs 80/72 of the work instead of the 128/72 of one padded block.
+(e.g. 72 = 64 + 8): both pieces are separate ``tl.dot`` operands, so the padding costs at most 80/72 of the work
+instead of the 128/72 of one padded block (see attn_fwd_kernel).
 """
 
 from __future__ import annotations
@@ -80,21 +80,15 @@ def _attn_tile(
 ):
     """One key tile of the online softmax (log2 domain): returns the updated (acc0, acc1, m_i, l_i).
 
-    q0 [BM, D0], q1 [BM, D1]; the pointer blocks address [BN, D0] / [BN, D1] rows of K and V. ``key_ok`` [BN]
-    (used when MASKED) says which keys exist and are visible; masked keys get a score of -inf. GUARD protects
-    rows that have seen no visible key yet (m_i = -inf), which only happens when the first tiles can be fully
-    masked. K/V loads are masked by row only (never by column): see attn_fwd_kernel for the second piece.
+    q0 [BM, D0], q1 [BM, D1]; the pointer blocks address [BN, D0] / [BN, D1] of K and [BN, D0] / [BN, DV1] of V.
+    K/V loads are never masked (the caller points every row of the tile at an existing key row); when MASKED,
+    keys outside ``key_ok`` [BN] get a score of -inf. GUARD protects rows that have seen no visible key yet
+    (m_i = -inf), which only happens when whole tiles can be masked (a key mask).
     """
-    if MASKED:
-        k0 = tl.load(k_ptrs0, mask=key_ok[:, None], other=0.0)
-    else:
-        k0 = tl.load(k_ptrs0)
+    k0 = tl.load(k_ptrs0)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     if SPLIT:
-        if MASKED:
-            k1 = tl.load(k_ptrs1, mask=key_ok[:, None], other=0.0)
-        else:
-            k1 = tl.load(k_ptrs1)
+        k1 = tl.load(k_ptrs1)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
     if MASKED:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -106,19 +100,58 @@ def _attn_tile(
     p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v0 = tl.load(v_ptrs0, mask=key_ok[:, None], other=0.0)
-    else:
-        v0 = tl.load(v_ptrs0)
+    v0 = tl.load(v_ptrs0)
     p = p.to(v0.dtype)
     acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
     if SPLIT:
-        if MASKED:
-            v1 = tl.load(v_ptrs1, mask=key_ok[:, None], other=0.0)
-        else:
-            v1 = tl.load(v_ptrs1)
+        v1 = tl.load(v_ptrs1)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
     return acc0, acc1, m_new, l_i
+
+
+@triton.jit
+def _attn_masked_rows(
+    acc0,
+    acc1,
+    m_i,
+    l_i,
+    q0,
+    q1,
+    k_base,
+    v_base,
+    s_kn,
+    s_vn,
+    mask_base,
+    s_mt,
+    lo,
+    hi,
+    qk_scale,
+    cols0,
+    cols_k1,
+    cols_v1,
+    SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Key rows lo..hi-1 of one segment (k_base/v_base point at its row 0), in tiles whose rows past ``hi`` are
+    clamped to row hi - 1 (loads stay unmasked, see attn_fwd_kernel) and get a score of -inf; with HAS_MASK the
+    uint8 key mask at ``mask_base + row * s_mt`` hides keys too. Returns the updated (acc0, acc1, m_i, l_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        rel = tl.minimum(offs_n, hi - 1 - start)
+        row0 = tl.cast(start, tl.int64)
+        k_t = k_base + row0 * s_kn + tl.multiple_of(rel * s_kn, 8)[:, None]
+        v_t = v_base + row0 * s_vn + tl.multiple_of(rel * s_vn, 8)[:, None]
+        key_ok = offs_n < hi - start
+        if HAS_MASK:
+            key_ok = key_ok & (tl.load(mask_base + (row0 + offs_n) * s_mt, mask=key_ok, other=0) != 0)
+        acc0, acc1, m_i, l_i = _attn_tile(
+            acc0, acc1, m_i, l_i, q0, q1,
+            k_t + cols0[None, :], k_t + cols_k1[None, :], v_t + cols0[None, :], v_t + cols_v1[None, :],
+            key_ok, qk_scale, SPLIT, True, HAS_MASK, DOT_PREC,
+        )  # fmt: skip
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["lq", "lq_bucket"])
@@ -158,6 +191,7 @@ def attn_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     D0: tl.constexpr,
     D1: tl.constexpr,
+    DV1: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_EXTRA: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -172,11 +206,15 @@ def attn_fwd_kernel(
     (T = n_extra, used when HAS_EXTRA); mask: [B, T] uint8, 0 hides that extra key from every query (HAS_MASK);
     out: [B, Lq, Hq, d] contiguous; lse: [B, Hq, Lq] fp32, natural log-sum-exp of the scaled scores (STORE_LSE).
     Query head h reads kv head h // group. qk_scale = scale * log2(e) (softmax computed with exp2).
-    d = D0 + REST with D0 a power of two and REST = 0 or a power of two (SPLIT when REST > 0; D1 = max(REST, 16)).
+    Head dim d = D0 + REST, D0 a power of two, REST = 0 or a power of two >= 8 (SPLIT when REST > 0):
+    scores = q[:, :D0] k[:, :D0]^T + q1 k[:, d-D1:]^T, where the D1 = max(REST, 16)-wide window q1 is q[:, d-D1:]
+    with the columns it shares with the first piece zeroed (a dot needs K >= 16, and the window stays inside the
+    row, so no column mask); the output's last REST columns come from a DV1 = REST-wide PV dot (N = 8 is allowed).
     A query row that sees no key at all gets out = 0 and lse = -inf.
     Grid: (cdiv(Lq, BLOCK_M), B * Hq). ``lq_bucket`` is unused here: it is the autotuner's key.
     """
     REST: tl.constexpr = HEAD_DIM - D0
+    OFF1: tl.constexpr = HEAD_DIM - D1
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // heads_q
@@ -187,42 +225,45 @@ def attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     offs_d1 = tl.arange(0, D1)
-    d1_ok = offs_d1 < REST
-    # Columns of the second K/V piece: when REST (8) is narrower than the 16-wide dot operand, the piece reads
-    # its REST columns twice instead of masking columns, so the K/V tile loads in the loop carry no column mask
-    # and never leave the row. q1's extra columns are zero, so the duplicates add nothing to the scores, and the
-    # duplicated output columns are never stored.
-    offs_kv1 = offs_d1
-    if SPLIT:
-        if REST < D1:
-            offs_kv1 = offs_d1 % REST
+    offs_v1 = tl.arange(0, DV1)
+    cols_k1 = OFF1 + offs_d1
+    cols_v1 = D0 + offs_v1
     m_ok = offs_m < lq
 
-    # Every batch/row/head stride is a multiple of 8 elements (the launcher guarantees it): saying so lets the
-    # compiler use 16-byte vector loads and cp.async pipelining when a head stride (e.g. d = 72) is not a multiple
-    # of 16, the only divisibility Triton infers by itself. Without the hint triton 3.6 fell back to scalar loads,
-    # ran 5x slower and computed wrong values for d = 72 on H200.
+    # No dot operand is ever loaded with a mask: rows past the end are clamped to the last row (their output is
+    # never stored, their scores are -inf). Masked K/V tiles made triton 3.6 on sm_90 stage the operands through
+    # register -> shared copies whose buffers alias (the tail-tile K0/K1/V0/V1 tiles all at one offset), which
+    # gave wrong values in the narrow second piece and illegal shared-memory reads (compute-sanitizer, H200).
+    # Unmasked loads keep every K/V tile on the cp.async pipeline, the path the full tiles take.
+    # Every batch/row/head stride is a multiple of 8 elements (the launcher guarantees it): the hints let the
+    # compiler use 16-byte vector loads and cp.async when a stride (e.g. d = 72) is not a multiple of 16, the
+    # only divisibility Triton infers by itself.
+    rows_q = tl.minimum(offs_m, lq - 1)
     q_off = tl.multiple_of(b * s_qb + h * s_qh, 8)
     k_off = tl.multiple_of(b * s_kb + hk * s_kh, 8)
     v_off = tl.multiple_of(b * s_vb + hk * s_vh, 8)
-    q_base = q_ptr + q_off + tl.multiple_of(offs_m * s_ql, 8)[:, None]
-    q0 = tl.load(q_base + offs_d0[None, :], mask=m_ok[:, None], other=0.0)
+    q_base = q_ptr + q_off + tl.multiple_of(rows_q * s_ql, 8)[:, None]
+    q0 = tl.load(q_base + offs_d0[None, :])
     q1 = q0
     if SPLIT:
-        q1 = tl.load(q_base + D0 + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+        q1 = tl.load(q_base + cols_k1[None, :])
+        if D1 > REST:
+            q1 = tl.where((offs_d1 >= D1 - REST)[None, :], q1, 0.0).to(q0.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DV1], dtype=tl.float32)
 
-    # Segment 1: the cache rows 0..N-1; full tiles unmasked, then one masked tail tile.
+    # Segment 1: the cache rows 0..N-1; full tiles with no mask at all, then the tail rows (one clamped tile).
+    k_base = k_ptr + k_off
+    v_base = v_ptr + v_off
     rows_k = tl.multiple_of(offs_n * s_kn, 8)[:, None]
     rows_v = tl.multiple_of(offs_n * s_vn, 8)[:, None]
-    k_ptrs0 = k_ptr + k_off + rows_k + offs_d0[None, :]
-    v_ptrs0 = v_ptr + v_off + rows_v + offs_d0[None, :]
-    k_ptrs1 = k_ptr + k_off + rows_k + D0 + offs_kv1[None, :]
-    v_ptrs1 = v_ptr + v_off + rows_v + D0 + offs_kv1[None, :]
+    k_ptrs0 = k_base + rows_k + offs_d0[None, :]
+    v_ptrs0 = v_base + rows_v + offs_d0[None, :]
+    k_ptrs1 = k_base + rows_k + cols_k1[None, :]
+    v_ptrs1 = v_base + rows_v + cols_v1[None, :]
     n_full = (n_keys // BLOCK_N) * BLOCK_N
     for _start in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attn_tile(
@@ -233,37 +274,19 @@ def attn_fwd_kernel(
         k_ptrs1 += BLOCK_N * s_kn
         v_ptrs0 += BLOCK_N * s_vn
         v_ptrs1 += BLOCK_N * s_vn
-    if n_full < n_keys:
-        key_ok = n_full + offs_n < n_keys
-        acc0, acc1, m_i, l_i = _attn_tile(
-            acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, key_ok, qk_scale,
-            SPLIT, True, False, DOT_PREC,
-        )  # fmt: skip
+    acc0, acc1, m_i, l_i = _attn_masked_rows(
+        acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, s_kn, s_vn, mask_ptr, 0, n_full, n_keys, qk_scale,
+        offs_d0, cols_k1, cols_v1, SPLIT, False, DOT_PREC, BLOCK_N,
+    )  # fmt: skip
 
     # Segment 2: the extra rows (text / caption keys), every tile masked (bounds and the optional key mask).
     if HAS_EXTRA:
-        ke_off = tl.multiple_of(b * s_keb + hk * s_keh, 8)
-        ve_off = tl.multiple_of(b * s_veb + hk * s_veh, 8)
-        rows_k = tl.multiple_of(offs_n * s_ket, 8)[:, None]
-        rows_v = tl.multiple_of(offs_n * s_vet, 8)[:, None]
-        k_ptrs0 = ke_ptr + ke_off + rows_k + offs_d0[None, :]
-        v_ptrs0 = ve_ptr + ve_off + rows_v + offs_d0[None, :]
-        k_ptrs1 = ke_ptr + ke_off + rows_k + D0 + offs_kv1[None, :]
-        v_ptrs1 = ve_ptr + ve_off + rows_v + D0 + offs_kv1[None, :]
-        mask_ptrs = mask_ptr + b * s_mb + offs_n * s_mt
-        for start in range(0, n_extra, BLOCK_N):
-            key_ok = start + offs_n < n_extra
-            if HAS_MASK:
-                key_ok = key_ok & (tl.load(mask_ptrs, mask=key_ok, other=0) != 0)
-            acc0, acc1, m_i, l_i = _attn_tile(
-                acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, key_ok, qk_scale,
-                SPLIT, True, HAS_MASK, DOT_PREC,
-            )  # fmt: skip
-            k_ptrs0 += BLOCK_N * s_ket
-            k_ptrs1 += BLOCK_N * s_ket
-            v_ptrs0 += BLOCK_N * s_vet
-            v_ptrs1 += BLOCK_N * s_vet
-            mask_ptrs += BLOCK_N * s_mt
+        ke_base = ke_ptr + tl.multiple_of(b * s_keb + hk * s_keh, 8)
+        ve_base = ve_ptr + tl.multiple_of(b * s_veb + hk * s_veh, 8)
+        acc0, acc1, m_i, l_i = _attn_masked_rows(
+            acc0, acc1, m_i, l_i, q0, q1, ke_base, ve_base, s_ket, s_vet, mask_ptr + b * s_mb, s_mt, 0, n_extra,
+            qk_scale, offs_d0, cols_k1, cols_v1, SPLIT, HAS_MASK, DOT_PREC, BLOCK_N,
+        )  # fmt: skip
 
     # Epilogue: normalise (a row with no visible key keeps acc = 0), store out and the natural-log LSE.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -271,11 +294,7 @@ def attn_fwd_kernel(
     out_base = out_ptr + tl.multiple_of(b * lq * s_ol + h * HEAD_DIM, 8) + offs_m[:, None] * s_ol
     tl.store(out_base + offs_d0[None, :], (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
     if SPLIT:
-        tl.store(
-            out_base + D0 + offs_d1[None, :],
-            (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty),
-            mask=m_ok[:, None] & d1_ok[None, :],
-        )
+        tl.store(out_base + cols_v1[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=m_ok)

@@ -119,7 +119,8 @@ def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
 
 
 def _split_head_dim(d: int) -> tuple[int, int]:
-    """d = D0 + rest, D0 the largest power of two <= d; D1 = max(rest, 16) is the second piece's width (0 if none)."""
+    """d = D0 + rest, D0 the largest power of two <= d; D1 = max(rest, 16) is the width of the second QK piece
+    (0 if none); the second PV piece is exactly rest wide (the kernel's DV1)."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
     return d0, (0 if rest == 0 else max(16, rest))
@@ -222,6 +223,7 @@ def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, 
         "HEAD_DIM": d,
         "D0": d0,
         "D1": max(d1, 16),
+        "DV1": (d - d0) or 16,
         "SPLIT": d1 > 0,
         "HAS_EXTRA": has_extra,
         "HAS_MASK": has_mask,
