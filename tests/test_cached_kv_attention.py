@@ -409,7 +409,8 @@ def test_gpu_new_k_reuses_the_kernel(triton_backend):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_cuda_graph_and_compile(triton_backend):
-    """The ops replay inside a CUDA graph and run under torch.compile (fullgraph) with the same results."""
+    """The ops replay inside a CUDA graph (bit-identical) and run under torch.compile (fullgraph; Inductor passes
+    the float scale as fp64, which the kernel casts to fp32)."""
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 4096, 1024, 333, 24, 24, 64, torch.bfloat16, device="cuda")
 
     def step(q, k_new, v_new, k_cache, v_cache, idx, ke, ve):
@@ -430,5 +431,7 @@ def test_gpu_cuda_graph_and_compile(triton_backend):
     k_cache.copy_(kc0)
     v_cache.copy_(vc0)
     got_c = torch.compile(step, fullgraph=True)(*args)
-    torch.testing.assert_close(got_c, want, atol=0, rtol=0)
+    # Inductor benchmarks the autotuner's configs itself and may pick another tile shape (another summation
+    # order) than the eager autotuner: equal up to bf16 rounding, not bit for bit.
+    torch.testing.assert_close(got_c, want)
     assert torch.equal(k_cache, kc_want) and torch.equal(v_cache, vc_want)

@@ -215,6 +215,8 @@ def attn_fwd_kernel(
     """
     REST: tl.constexpr = HEAD_DIM - D0
     OFF1: tl.constexpr = HEAD_DIM - D1
+    # torch.compile (Inductor) passes a Python float as fp64: keep the softmax state and the accumulators fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // heads_q
