@@ -44,7 +44,11 @@ def _rebuild(value, tensors):
 class _Graph:
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool):
         inputs, _ = _split((args, kwargs))
-        self.static_inputs = [t.clone() for t in inputs]
+        # A CPU tensor input (e.g. the RoPE table LuminaPipeline builds on the host every step, which the model
+        # moves to the GPU itself) gets a static copy on the GPU: the model's own move is then a no-op, and a
+        # host-to-device copy, which a graph cannot capture, happens in replay() before the graph runs.
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.static_inputs = [t.to(device, copy=True) if t.device.type == "cpu" else t.clone() for t in inputs]
         static_args, static_kwargs = _rebuild((args, kwargs), iter(self.static_inputs))
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
