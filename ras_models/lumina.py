@@ -43,10 +43,15 @@ def _project(attn, hidden_states, context, query_rope, key_rope):
     return q.to(dtype), k.to(dtype), v
 
 
-class LuminaRASSelfAttnProcessor:
-    """Self-attention of the active tokens over the layer's whole-image K/V cache."""
+class LuminaRASAttnProcessor:
+    """Lumina-Next attention on the active tokens.
 
-    def __init__(self, handle: RASHandle, key: str):
+    With a layer ``key``: self-attention over that layer's whole-image K/V cache, with the proportional scale of
+    the full N. Without one: cross-attention of the active tokens (with their RoPE rows) over the full, padded
+    caption.
+    """
+
+    def __init__(self, handle: RASHandle, key: str | None = None):
         self.session = handle.session
         self.key = key
 
@@ -61,28 +66,13 @@ class LuminaRASSelfAttnProcessor:
         base_sequence_length=None,
     ):
         q, k, v = _project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, key_rotary_emb)
+        if self.key is None:
+            mask = None if attention_mask is None else attention_mask.bool()
+            return flash_attention(q, k, v, key_mask=mask, scale=attn.scale)
         scale = attn.scale
         if base_sequence_length is not None:
             scale = math.sqrt(math.log(self.session.num_tokens, base_sequence_length)) * attn.scale
         return self.session.attend(self.key, q, k, v, scale=scale)
-
-
-class LuminaRASCrossAttnProcessor:
-    """Cross-attention of the active tokens (with their RoPE rows) over the full, padded caption."""
-
-    def __call__(
-        self,
-        attn,
-        hidden_states,
-        encoder_hidden_states,
-        attention_mask=None,
-        query_rotary_emb=None,
-        key_rotary_emb=None,
-        base_sequence_length=None,
-    ):
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, key_rotary_emb)
-        mask = None if attention_mask is None else attention_mask.bool()
-        return flash_attention(q, k, v, key_mask=mask, scale=attn.scale)
 
 
 def patch_lumina(handle: RASHandle, transformer) -> None:
@@ -109,9 +99,9 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
     def norm_out(original, x, *args, **kwargs):
         return session.scatter_output(original(x, *args, **kwargs))
 
-    cross = LuminaRASCrossAttnProcessor()
+    cross = LuminaRASAttnProcessor(handle)
     for i, layer in enumerate(transformer.layers):
-        handle.patch(layer.attn1, "processor", LuminaRASSelfAttnProcessor(handle, f"layers.{i}.attn1"))
+        handle.patch(layer.attn1, "processor", LuminaRASAttnProcessor(handle, f"layers.{i}.attn1"))
         handle.patch(layer.attn2, "processor", cross)
     handle.wrap_method(transformer.patch_embedder, "forward", patch_embedder)
     handle.wrap_method(transformer.norm_out, "forward", norm_out)
