@@ -71,6 +71,14 @@ def synced(fn):
     return run
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The dtype a ``--dtype`` option names; by default bf16 on a GPU, fp32 on the CPU."""
+    return DTYPES[name or ("bf16" if device.type == "cuda" else "fp32")]
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name()
 

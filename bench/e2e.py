@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.common import resolve_dtype
 from ras_models import RASConfig, apply_ras
 
 # Published layouts (random weights): SD3-medium and Lumina-Next-SFT.
@@ -228,9 +229,7 @@ def _measure(loop: Loop, steps: int, handle, label: str) -> tuple[torch.Tensor, 
 def run_random_weights(args) -> None:
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ]
+    dtype = resolve_dtype(args.dtype, device)
     latent = args.resolution // 8 if args.resolution else (128 if full else 32)
     transformer = build_transformer(args.model, full, device, dtype)
     loop = Loop(args.model, transformer, latent, device, dtype, args.seed)
@@ -263,7 +262,7 @@ def run_pretrained(args) -> None:
     from diffusers import DiffusionPipeline
 
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or "bf16"]
+    dtype = resolve_dtype(args.dtype or "bf16", device)
     pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype, local_files_only=True).to(device)
     family = "sd3" if type(pipe.transformer).__name__.startswith("SD3") else "lumina"
     size = args.resolution or 1024

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import resolve_dtype
 from ras_models import RASConfig, apply_ras
 
 from . import data
@@ -514,9 +515,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     if not qmodel.has_weights(args.weights):
         parser.error(f"no trained weights in {args.weights}: run `python -m bench.quality.train --out {args.weights}`")
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ]
+    dtype = resolve_dtype(args.dtype, device)
     models = qmodel.load(args.weights, device, dtype)
     if args.guidance is None:
         args.guidance = float(models.training.get("guidance", 4.0))
