@@ -12,11 +12,12 @@ far each RAS result lands from the dense result of the same seed (meaningful for
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -88,6 +89,8 @@ class Result:
     latents: torch.Tensor
     ras_steps: list[bool] | None = None  # which steps were RAS steps (None: all dense)
     peak_mib: float | None = None
+    ratio: float | None = None  # RAS sample ratio (None: a dense run)
+    schedule: str | None = None
 
     @property
     def total_ms(self) -> float:
@@ -216,6 +219,40 @@ def table(results: list[Result], dense: Result) -> str:
     return "\n".join(lines)
 
 
+def _compiled_blocks(transformer) -> list:
+    """Regional torch.compile of the transformer blocks (the repeated part, compiled once and reused by every block,
+    as diffusers' ``compile_repeated_blocks`` does); returns the blocks to undo it with :func:`_uncompile`."""
+    blocks = list(getattr(transformer, "transformer_blocks", None) or transformer.layers)
+    for block in blocks:
+        block.compile()
+    return blocks
+
+
+def _uncompile(blocks: list) -> None:
+    for block in blocks:
+        block._compiled_call_impl = None
+
+
+def write_json(path: str, model: str, resolution: int, results: list[Result], dense: Result) -> None:
+    """The table's numbers for bench.plot_e2e: one record per run, times in ms."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = []
+    for r in results:
+        row = {k: v for k, v in asdict(r).items() if k not in ("latents", "ras_steps")}
+        row.update(total_ms=r.total_ms, ras_step_ms=r.ras_step_ms, speedup=dense.total_ms / r.total_ms)
+        rows.append(row)
+    record = {
+        "model": model,
+        "resolution": resolution,
+        "device": device,
+        "torch": torch.__version__,
+        "dense_step_ms": statistics.median(dense.step_ms),
+        "runs": rows,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def _measure(loop: Loop, steps: int, handle, label: str) -> tuple[torch.Tensor, list[float], float | None]:
     """One timed generation (after the caller's warm-up) and its peak memory in MiB (CUDA only)."""
     cuda = loop.device.type == "cuda"
@@ -245,6 +282,12 @@ def run_random_weights(args) -> None:
     latents, times, peak = _measure(loop, steps, None, "dense")
     dense = Result("diffusers dense eager", 1.0, times, latents, peak_mib=peak)
     results = [dense]
+    if args.compile_baseline:
+        blocks = _compiled_blocks(transformer)
+        loop.run(steps, progress="warm-up dense torch.compile")  # compiles
+        latents, times, peak = _measure(loop, steps, None, "dense torch.compile")
+        results.append(Result("diffusers dense torch.compile", 1.0, times, latents, peak_mib=peak))
+        _uncompile(blocks)
     graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
     for config in configs:
         for graphs in graph_modes:
@@ -254,8 +297,10 @@ def run_random_weights(args) -> None:
                 latents, times, peak = _measure(loop, steps, handle, label)
             share = sum(config.token_schedule(n)) / (steps * n)
             ras_steps = [config.is_ras_step(i) for i in range(steps)]
-            results.append(Result(label, share, times, latents, ras_steps, peak))
+            results.append(Result(label, share, times, latents, ras_steps, peak, config.sample_ratio, config.schedule))
     print(table(results, dense))
+    if args.json:
+        write_json(args.json, args.model, latent * 8, results, dense)
 
 
 def run_pretrained(args) -> None:
@@ -334,6 +379,12 @@ def main(argv: list[str] | None = None) -> None:
         default="on",
         help="RAS runs with CUDA graphs (default), eagerly, or both",
     )
+    parser.add_argument(
+        "--compile-baseline",
+        action="store_true",
+        help="also time dense diffusers with its transformer blocks under torch.compile (compiles for minutes)",
+    )
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
     parser.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,9 @@
 
 Patched on the instance only: ``patch_embedder`` (gather the active token rows and their RoPE rows),
 ``norm_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), the self- and
-cross-attention processors of every layer, and ``forward`` (begins the step).
+cross-attention processors of every layer, every layer's ``forward`` (the same maths with the elementwise work
+fused: RMSNorm + modulation, tanh gates + post-norm + residual + the next RMSNorm, QK LayerNorm + RoPE) and
+``forward`` (begins the step).
 
 Self-attention: q/k after QK-norm and RoPE; the cache holds post-RoPE, GQA-compressed k/v [B, N, Hkv, d]. The
 proportional-attention scale ``sqrt(log_base(N)) / sqrt(d)`` uses the full image token count N. The self-attention
@@ -12,35 +14,37 @@ caption keys/values are full and the caption padding mask applies.
 
 from __future__ import annotations
 
+import functools
 import math
 
-from ras_kernels import flash_attention
+import torch
+
+from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_residual_norm
 
 from .handle import RASHandle
 
 
+def _norm_rope(x, norm, rope, d):
+    """QK-norm (LayerNorm across heads) and RoPE of x [B, L, H * d] in one pass -> [B, L, H, d]."""
+    b = x.shape[0]
+    if norm is not None:
+        x = adaptive_norm(x, norm="layer", weight=norm.weight, bias=norm.bias, eps=norm.eps, rope=rope)
+    elif rope is not None:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        return apply_rotary_emb(x.view(b, -1, x.shape[-1] // d, d), rope, use_real=False).to(x.dtype)
+    return x.view(b, -1, x.shape[-1] // d, d)
+
+
 def _project(attn, hidden_states, context, query_rope, key_rope):
     """q [B, L, H, d], k/v [B, S, Hkv, d] as diffusers' LuminaAttnProcessor2_0 forms them."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    b = hidden_states.shape[0]
     q = attn.to_q(hidden_states)
     k = attn.to_k(context)
     v = attn.to_v(context)
-    dtype = q.dtype
     d = q.shape[-1] // attn.heads
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    q = q.view(b, -1, attn.heads, d)
-    k = k.view(b, -1, k.shape[-1] // d, d)
-    v = v.view(b, -1, v.shape[-1] // d, d)
-    if query_rope is not None:
-        q = apply_rotary_emb(q, query_rope, use_real=False)
-    if key_rope is not None:
-        k = apply_rotary_emb(k, key_rope, use_real=False)
-    return q.to(dtype), k.to(dtype), v
+    q = _norm_rope(q, attn.norm_q, query_rope, d)
+    k = _norm_rope(k, attn.norm_k, key_rope, d)
+    return q, k, v.view(*v.shape[:2], -1, d)
 
 
 class LuminaRASAttnProcessor:
@@ -75,6 +79,79 @@ class LuminaRASAttnProcessor:
         return self.session.attend(self.key, q, k, v, scale=scale)
 
 
+def _layer_forward(
+    layer,
+    hidden_states,
+    attention_mask,
+    image_rotary_emb,
+    encoder_hidden_states,
+    encoder_mask,
+    temb,
+    cross_attention_kwargs=None,
+):
+    """diffusers' ``LuminaNextDiTBlock.forward`` with its elementwise work in fused kernels: the input RMSNorm +
+    modulation, the tanh-gated mix of self- and cross-attention, and per sub-layer one post-RMSNorm + tanh gate +
+    residual (+ the next RMSNorm + modulation)."""
+    kwargs = cross_attention_kwargs or {}
+    norm1 = layer.norm1
+    scale_msa, gate_msa, scale_mlp, gate_mlp = norm1.linear(norm1.silu(temb)).chunk(4, dim=1)
+    x = adaptive_norm(hidden_states, scale_msa, norm="rms", weight=norm1.norm.weight, eps=norm1.norm.eps)
+    self_out = layer.attn1(
+        hidden_states=x,
+        encoder_hidden_states=x,
+        attention_mask=attention_mask,
+        query_rotary_emb=image_rotary_emb,
+        key_rotary_emb=image_rotary_emb,
+        **kwargs,
+    )
+    norm_c = layer.norm1_context
+    context = adaptive_norm(encoder_hidden_states, norm="rms", weight=norm_c.weight, eps=norm_c.eps)
+    cross_out = layer.attn2(
+        hidden_states=x,
+        encoder_hidden_states=context,
+        attention_mask=encoder_mask,
+        query_rotary_emb=image_rotary_emb,
+        key_rotary_emb=None,
+        **kwargs,
+    )
+    head_gate = layer.gate.repeat_interleave(layer.head_dim)[None]  # per head -> per channel
+    mixed = gated_residual(self_out.flatten(2), cross_out.flatten(2), head_gate, tanh_gate=True)
+    hidden_states, x = gated_residual_norm(
+        hidden_states,
+        layer.attn2.to_out[0](mixed),
+        gate_msa,
+        scale_mlp,
+        tanh_gate=True,
+        branch_weight=layer.norm2.weight,
+        branch_eps=layer.norm2.eps,
+        norm="rms",
+        weight=layer.ffn_norm1.weight,
+        eps=layer.ffn_norm1.eps,
+    )
+    ffn = layer.ffn_norm2
+    return gated_residual(
+        hidden_states, layer.feed_forward(x), gate_mlp, tanh_gate=True, branch_weight=ffn.weight, branch_eps=ffn.eps
+    )
+
+
+def _check_layer(name: str, layer) -> None:
+    """The fused layer forward reproduces diffusers' for this norm layout only."""
+    from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
+
+    post_norms = (layer.norm2, layer.ffn_norm2)
+    if (
+        type(layer.norm1) is not LuminaRMSNormZero
+        or any(type(n) is not RMSNorm for n in (layer.norm1.norm, layer.norm1_context, layer.ffn_norm1, *post_norms))
+        or any(n.weight is None for n in post_norms)
+        or any(norm is not None and type(norm) is not torch.nn.LayerNorm for norm in _qk_norms(layer))
+    ):
+        raise ValueError(f"{name} has a norm layout RAS does not know (Lumina-Next LuminaNextDiTBlock expected)")
+
+
+def _qk_norms(layer):
+    return [getattr(attn, n) for attn in (layer.attn1, layer.attn2) for n in ("norm_q", "norm_k")]
+
+
 def patch_lumina(handle: RASHandle, transformer) -> None:
     """Patch one ``LuminaNextDiT2DModel`` instance for RAS (see the module docstring)."""
     from diffusers.models.attention_processor import LuminaAttnProcessor2_0
@@ -88,6 +165,7 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
                     f"layers.{i}.{name} uses {type(processor).__name__}; RAS supports Lumina-Next attention with "
                     "diffusers' LuminaAttnProcessor2_0 only"
                 )
+        _check_layer(f"layers.{i}", layer)
 
     def forward(original, hidden_states, *args, **kwargs):
         return handle.run_step(original, hidden_states, *args, **kwargs)
@@ -103,6 +181,7 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
     for i, layer in enumerate(transformer.layers):
         handle.patch(layer.attn1, "processor", LuminaRASAttnProcessor(handle, f"layers.{i}.attn1"))
         handle.patch(layer.attn2, "processor", cross)
+        handle.patch(layer, "forward", functools.partial(_layer_forward, layer))
     handle.wrap_method(transformer.patch_embedder, "forward", patch_embedder)
     handle.wrap_method(transformer.norm_out, "forward", norm_out)
     handle.wrap_method(transformer, "forward", forward)

@@ -2,15 +2,20 @@
 
 Patched on the instance only: ``pos_embed`` (gather the active rows after patch + position embedding),
 ``proj_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), every joint
-attention processor (K/V cache, text keys as extra rows) and ``forward`` (begins the step, rejects what RAS
-cannot honour).
+attention processor (K/V cache, text keys as extra rows), every block's ``forward`` (the same maths with the
+per-token elementwise work fused: adaLN LayerNorm + modulation, gate + residual + the next LayerNorm) and
+``forward`` (begins the step, rejects what RAS cannot honour).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
 from .handle import RASHandle
 
@@ -57,6 +62,62 @@ class SD3RASAttnProcessor:
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return out, text_out
+
+
+def _block_forward(block, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    """diffusers' ``JointTransformerBlock.forward`` with its elementwise work in fused kernels: per stream one
+    LayerNorm + modulation, one gate + residual + LayerNorm + modulation, one gate + residual."""
+    if block._chunk_size is not None:
+        raise ValueError("RAS does not support chunked feed-forward (set_chunk_feed_forward); reset it to None")
+    kwargs = joint_attention_kwargs or {}
+    norm1, norm1_context = block.norm1, block.norm1_context
+    mods = norm1.linear(norm1.silu(temb)).chunk(9 if block.use_dual_attention else 6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    x = adaptive_norm(hidden_states, scale_msa, shift_msa, eps=norm1.norm.eps)
+    if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift), no gates, no context feed-forward
+        c_scale, c_shift = norm1_context.linear(norm1_context.silu(temb).to(hidden_states.dtype)).chunk(2, dim=1)
+    else:
+        c_mods = norm1_context.linear(norm1_context.silu(temb)).chunk(6, dim=1)
+        c_shift, c_scale = c_mods[:2]
+    context = adaptive_norm(encoder_hidden_states, c_scale, c_shift, eps=norm1_context.norm.eps)
+
+    attn_output, context_attn_output = block.attn(hidden_states=x, encoder_hidden_states=context, **kwargs)
+    if block.use_dual_attention:
+        shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+        attn_output2 = block.attn2(
+            hidden_states=adaptive_norm(hidden_states, scale_msa2, shift_msa2, eps=norm1.norm.eps), **kwargs
+        )
+        hidden_states = gated_residual(hidden_states, attn_output, gate_msa)
+        attn_output, gate_msa = attn_output2, gate_msa2
+    hidden_states, x = gated_residual_norm(
+        hidden_states, attn_output, gate_msa, scale_mlp, shift_mlp, eps=block.norm2.eps
+    )
+    hidden_states = gated_residual(hidden_states, block.ff(x), gate_mlp)
+    if block.context_pre_only:
+        return None, hidden_states
+    c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods[2:]
+    encoder_hidden_states, context = gated_residual_norm(
+        encoder_hidden_states, context_attn_output, c_gate_msa, c_scale_mlp, c_shift_mlp, eps=block.norm2_context.eps
+    )
+    encoder_hidden_states = gated_residual(encoder_hidden_states, block.ff_context(context), c_gate_mlp)
+    return encoder_hidden_states, hidden_states
+
+
+def _check_block(name: str, block) -> None:
+    """The fused block forward reproduces diffusers' for these norm layouts only."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
+
+    norm1 = SD35AdaLayerNormZeroX if block.use_dual_attention else AdaLayerNormZero
+    context = AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero
+    layer_norms = [block.norm1.norm, block.norm1_context.norm, block.norm2, block.norm2_context]
+    if (
+        type(block.norm1) is not norm1
+        or getattr(block.norm1, "emb", None) is not None
+        or type(block.norm1_context) is not context
+        or getattr(block.norm1_context, "emb", None) is not None
+        or any(n is not None and (type(n) is not torch.nn.LayerNorm or n.elementwise_affine) for n in layer_norms)
+    ):
+        raise ValueError(f"{name} has a norm layout RAS does not know (SD3 / SD3.5 JointTransformerBlock expected)")
 
 
 def _attention_modules(transformer) -> list[tuple[str, object]]:
@@ -107,8 +168,12 @@ def patch_sd3(handle: RASHandle, transformer) -> None:
     def proj_out(original, x):
         return session.scatter_output(original(x))
 
+    for i, block in enumerate(transformer.transformer_blocks):
+        _check_block(f"transformer_blocks.{i}", block)
     for name, module in modules:
         handle.patch(module, "processor", SD3RASAttnProcessor(handle, name))
+    for block in transformer.transformer_blocks:
+        handle.patch(block, "forward", functools.partial(_block_forward, block))
     handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
     handle.wrap_method(transformer.proj_out, "forward", proj_out)
     handle.wrap_method(transformer, "forward", forward)

@@ -158,6 +158,8 @@ def test_torch_compile_sees_through(triton_backend):
         ({"rope": torch.randn(1, 2, 4)}, TypeError, "rope must have dtype"),
         ({"rope": torch.ones(1, 2, 3, dtype=torch.complex64)}, ValueError, "rope must have shape"),
         ({"rope": torch.ones(1, 3, 2, dtype=torch.complex64)}, ValueError, "rope must have shape"),
+        ({"rope": torch.ones(1, 2, 4, dtype=torch.complex64).mT}, ValueError, "rope must have"),
+        ({"rope": torch.ones(1, 2, 8, dtype=torch.complex64)[..., ::2]}, ValueError, "rope must have unit stride"),
     ],
 )
 def test_adaptive_norm_errors(kwargs, error, match):

@@ -78,6 +78,8 @@ def _check_rope(rope: object, x: torch.Tensor) -> None:
             f"rope must have shape (B or 1, L, head_dim / 2) with D = {d} a multiple of head_dim, "
             f"got {tuple(rope.shape)}"
         )
+    if half > 1 and rope.stride(-1) != 1:
+        raise ValueError(f"rope must have unit stride in its last dimension, got strides {tuple(rope.stride())}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
