@@ -10,6 +10,6 @@
 
 GPU commands (from the repository root)::
 
-    python -m bench.quality.train --minutes 9 --out bench/quality/weights
+    python -m bench.quality.train --out bench/quality/weights
     python -m bench.quality.evaluate --weights bench/quality/weights --samples 256
 """

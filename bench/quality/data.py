@@ -1,15 +1,18 @@
 """Procedural, captioned scenes: one to three coloured shapes on a textured background.
 
 A scene places ``count`` objects (1..3) in distinct cells of a 3 x 3 grid (with a small random offset); each object
-has a shape, a colour, a size and a texture (plain or diagonal stripes). The background has a colour and a texture
-(plain, horizontal stripes, a checkerboard or a vertical gradient, stripes and checks with a random phase). Its
-caption lists the objects in slot order, e.g.::
+has a shape (four silhouettes that stay distinct when blurred: disc, square, triangle, plus-shaped cross), a colour,
+a size and a texture (plain or broad diagonal stripes). Objects nearly fill their cell (a big one spans 29% of the
+image side) and never overlap. The background has a colour and a texture (plain, horizontal stripes, a checkerboard
+or a vertical gradient, stripes and checks with a random phase). Objects occupy their slots in reading order of
+their cells, so the caption lists them top left to bottom right, e.g.::
 
     a small red circle top left and a big blue striped square bottom right on a striped green background
 
 Everything is generated in torch and vectorised over the batch: :func:`sample_scenes` draws the parameters (on the
 generator's device), :func:`render` rasterises them (anti-aliased signed-distance shapes), :func:`tokens` builds the
-caption token ids directly from the parameters, :func:`labels` the classifier targets. Images are RGB in [-1, 1].
+caption token ids directly from the parameters, :func:`phrases` the phrase of each caption word, :func:`labels` the
+classifier targets. Images are RGB in [-1, 1].
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
 COLOUR_RGB = (
     (0.95, 0.15, 0.12),
@@ -31,7 +34,7 @@ COLOUR_RGB = (
     (0.96, 0.96, 0.96),
 )
 SIZES = ("small", "big")
-SIZE_RADIUS = (0.085, 0.135)  # share of the image side
+SIZE_RADIUS = (0.1, 0.145)  # share of the image side
 OBJECT_TEXTURES = ("plain", "striped")
 BACKGROUNDS = ("black", "gray", "green", "blue", "brown", "purple")
 BACKGROUND_RGB = (
@@ -45,7 +48,7 @@ BACKGROUND_RGB = (
 BACKGROUND_TEXTURES = ("plain", "striped", "checkered", "gradient")
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 MAX_OBJECTS = 3
-JITTER = 0.03  # largest object offset from its cell centre, share of the side
+JITTER = 0.02  # largest object offset from its cell centre, share of the side (big objects stay inside their cell)
 MAX_TOKENS = 32
 PAD = "<pad>"
 
@@ -65,7 +68,7 @@ class Scenes:
     """Parameters of a batch of B scenes. Per-object tensors are [B, MAX_OBJECTS]; slots >= count are unused."""
 
     count: torch.Tensor  # [B] objects in the scene, 1..MAX_OBJECTS
-    cell: torch.Tensor  # [B, M] grid cell (row-major 3 x 3), distinct within a scene
+    cell: torch.Tensor  # [B, M] grid cell (row-major 3 x 3), distinct within a scene, ascending over drawn slots
     shape: torch.Tensor  # [B, M] index into SHAPES
     colour: torch.Tensor  # [B, M] index into COLOURS
     size: torch.Tensor  # [B, M] index into SIZES
@@ -103,6 +106,9 @@ def sample_scenes(n: int, generator: torch.Generator | None = None) -> Scenes:
 
     count = torch.randint(1, m + 1, (n,), generator=generator, device=device)
     cell = torch.rand(n, len(CELLS), generator=generator, device=device).argsort(dim=1)[:, :m]
+    # Drawn slots in reading order (the caption's order), unused slots after them.
+    drawn = torch.arange(m, device=device) < count[:, None]
+    cell = torch.where(drawn, cell, cell + len(CELLS)).sort(dim=1).values % len(CELLS)
     shape = randint(len(SHAPES), (n, m))
     colour = randint(len(COLOURS), (n, m))
     size = randint(len(SIZES), (n, m))
@@ -155,7 +161,7 @@ def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
     base = _table(BACKGROUND_RGB, dev)[scenes.background]  # [B, 3]
     image = (base[:, :, None, None] * factor).clamp(0, 1)
 
-    # Objects: signed distances (in pixels) of the four shapes, picked per slot, anti-aliased over one pixel.
+    # Objects: signed distances (share of the side) of the four shapes, picked per slot, anti-aliased over a pixel.
     radius = _table(SIZE_RADIUS, dev)[scenes.size][..., None, None]  # [B, M, 1, 1]
     cx = ((scenes.cell % 3).float() + 0.5) / 3 + scenes.offset[..., 0]
     cy = ((scenes.cell // 3).float() + 0.5) / 3 + scenes.offset[..., 1]
@@ -166,15 +172,17 @@ def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
     square = torch.maximum(adx, ady) - 0.82 * radius
     # Upward triangle: apex at dy = -r, base at dy = 0.75 r with half-width r.
     triangle = torch.maximum(dy - 0.75 * radius, (1.75 * adx - (dy + radius)) / math.sqrt(1.75**2 + 1))
-    diamond = (adx + ady - 1.1 * radius) / math.sqrt(2)
-    sdf = torch.stack(torch.broadcast_tensors(circle, square, triangle, diamond), dim=-1)  # [B, M, S, S, 4]
+    # Cross: two bars of half-length r and half-width 0.4 r.
+    arm = 0.4 * radius
+    cross = torch.minimum(torch.maximum(adx - radius, ady - arm), torch.maximum(adx - arm, ady - radius))
+    sdf = torch.stack(torch.broadcast_tensors(circle, square, triangle, cross), dim=-1)  # [B, M, S, S, 4]
     sdf = sdf.gather(-1, scenes.shape[..., None, None, None].expand(*sdf.shape[:-1], 1))[..., 0]
     alpha = (0.5 - sdf * s).clamp(0, 1) * scenes.present[..., None, None]  # [B, M, S, S]
 
-    band = max(s // 21, 1)
+    band = max(s // 16, 1)
     diagonal = ((pix.view(s, 1) + pix.view(1, s)) // band) % 2  # [S, S]
     striped = (scenes.texture == OBJECT_TEXTURES.index("striped")).float()[..., None, None]
-    shade = 1 - 0.5 * striped * diagonal  # [B, M, S, S]
+    shade = 1 - 0.4 * striped * diagonal  # [B, M, S, S]
     rgb = _table(COLOUR_RGB, dev)[scenes.colour]  # [B, M, 3]
     for j in range(MAX_OBJECTS):  # later slots are drawn over earlier ones
         a = alpha[:, j, None]
@@ -226,6 +234,14 @@ def tokens(scenes: Scenes) -> torch.Tensor:
     width = min(seq.shape[1], MAX_TOKENS)
     out[:, :width] = seq[:, :width]
     return out
+
+
+def phrases(ids: torch.Tensor) -> torch.Tensor:
+    """The phrase of each caption token [B, L]: the count of "and" / "on" up to it (object phrases 0 .. count - 1,
+    then the background phrase from "on"), capped at ``MAX_OBJECTS``; padding is ``MAX_OBJECTS + 1``."""
+    boundary = (ids == WORD_ID["and"]) | (ids == WORD_ID["on"])
+    index = boundary.long().cumsum(dim=1).clamp(max=MAX_OBJECTS)
+    return torch.where(ids == PAD_ID, MAX_OBJECTS + 1, index)
 
 
 def decode(ids: torch.Tensor) -> list[str]:

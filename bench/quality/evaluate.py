@@ -428,8 +428,10 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
         f"- Training: {training.get('dit_steps', '?')} DiT steps (batch {training.get('batch', '?')}, seed "
         f"{training.get('seed', '?')}, {training.get('dit_seconds', '?')} s on {training.get('device', '?')}); "
         f"final loss {training.get('dit_loss_last200', '?')}; reproduce with `{training.get('reproduce', '?')}`.",
-        f"- Task classifier ({training.get('classifier_steps', '?')} steps): on clean held-out scenes "
-        f"{training.get('classifier_clean', '?')}.",
+        f"- Task classifier ({training.get('classifier_steps', '?')} steps, on augmented scenes): on clean held-out "
+        f"scenes {training.get('classifier_clean', '?')}.",
+        "- CFG scale chosen after training from dense samples of held-out prompts (scale: their scores): "
+        f"{training.get('validation', 'not run')}.",
         f"- Sampling: {args.samples} prompts (evaluation seed {args.seed}), CFG scale {args.guidance:g}, "
         f"flow-matching Euler with uniform sigmas, batches of {args.batch} prompts (transformer batch "
         f"{2 * args.batch}); RAS schedule: the `RASConfig.sd3` preset (high_ratio 0.3, k = 0.1, static), resets "

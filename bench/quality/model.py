@@ -6,8 +6,8 @@
   ~36 width^2 parameters (half of them in the text stream), so 8 blocks at width 384 are 41 M parameters (79 MiB
   in bf16). At width 192, 10 blocks are 13.1 M parameters; with the caption encoder and the classifier the saved
   files total 29.5 MB.
-* :class:`CaptionEncoder`: caption token ids -> learned embeddings + positions -> a small pre-norm transformer;
-  gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
+* :class:`CaptionEncoder`: caption token ids -> learned word, position and phrase embeddings -> a small pre-norm
+  transformer; gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
 * :class:`SceneClassifier`: a small CNN that reads a scene back (per grid cell: shape or empty, colour, size,
   texture; background colour and texture); the task metric of ``evaluate``.
 
@@ -81,12 +81,20 @@ def default_config(*, tiny: bool = False, layers: int | None = None) -> dict:
 
 
 class CaptionEncoder(nn.Module):
-    """Caption token ids [B, L] -> (joint-attention states [B, L, width], pooled projection [B, pooled])."""
+    """Caption token ids [B, L] -> (joint-attention states [B, L, width], pooled projection [B, pooled]).
+
+    Each word's input is the sum of three embeddings of equal scale: the word, its position, and its phrase
+    (``data.phrases``: which object it describes, or the background, or padding).
+    Without order information a caption is a bag of words, in which "a red circle top and a blue square bottom"
+    cannot be told from "a blue circle top and a red square bottom"; the phrase embedding lets attention bind
+    each object's colour, shape, size and texture to its cell from the first step.
+    """
 
     def __init__(self, width: int, layers: int, heads: int, pooled: int, vocab_size: int = len(data.VOCAB)):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width)
-        self.position = nn.Parameter(torch.randn(data.MAX_TOKENS, width) * 0.02)
+        self.position = nn.Parameter(torch.randn(data.MAX_TOKENS, width))
+        self.phrase = nn.Embedding(data.MAX_OBJECTS + 2, width)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 width, heads, 2 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
@@ -97,7 +105,7 @@ class CaptionEncoder(nn.Module):
         self.pool = nn.Linear(width, pooled)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.embed(ids) + self.position[: ids.shape[1]]
+        x = self.embed(ids) + self.position[: ids.shape[1]] + self.phrase(data.phrases(ids))
         for layer in self.layers:
             x = layer(x)
         x = self.norm(x)

@@ -1,7 +1,7 @@
 """Train the quality study's models: the scene classifier, then the DiT (rectified flow) with its caption encoder.
 
-    python -m bench.quality.train --minutes 9 --out bench/quality/weights     # GPU: everything within 9 minutes
-    python -m bench.quality.train --steps 9000 --classifier-steps 4000 --seed 0 --out bench/quality/weights
+    python -m bench.quality.train --out bench/quality/weights     # GPU: everything within --minutes (8.6)
+    python -m bench.quality.train --steps 6000 --classifier-steps 2500 --seed 0 --out bench/quality/weights
 
 With ``--minutes`` the DiT's step count is fixed early (from the measured time of steps 10..40, before the
 learning-rate warm-up ends, so the schedule is that of a run given ``--steps``); the saved ``config.json`` records
@@ -11,8 +11,13 @@ kernels may still differ in the last bits).
 Data: fresh scenes every step, generated on the device (``data.sample_scenes`` / ``render`` / ``tokens``).
 DiT objective (rectified flow, as SD3): x_t = (1 - t) x_0 + t eps with t ~ logit-normal(0, 1); the model predicts
 v = eps - x_0 from (x_t, 1000 t, caption); captions are dropped (all padding) with probability ``--cfg-dropout`` so
-that sampling can use classifier-free guidance. bf16 autocast on CUDA, AdamW, linear warm-up then cosine decay to
-10%, gradient clipping at 1, EMA of the weights (the EMA is what is saved, in bf16).
+that sampling can use classifier-free guidance. bf16 autocast on CUDA, each joint-attention block torch.compiled
+(``--compile``, on by default; training falls back to eager if the first compiled step fails), AdamW, linear warm-up
+then cosine decay to 10%, gradient clipping at 1, EMA of the weights (the EMA is what is saved, in bf16).
+
+The classifier trains first, on scenes degraded the way samples are (see :func:`augment`). After the DiT, the saved
+weights sample held-out prompts (not the evaluation's) at each ``--guidance`` scale; the scale whose samples the
+classifier reads best is recorded for sampling, with the scores of every scale.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch.nn.functional as F
 from . import data
 from . import model as qmodel
 
+VALIDATION_STEPS = 28  # Euler steps of the guidance validation: the evaluation's main step count
+VALIDATION_SECONDS = 4  # time kept per guidance scale for the validation (128 prompts take about 2 s on an H200)
+
 
 def log(message: str) -> None:
     print(message, flush=True)
@@ -41,16 +49,31 @@ def scene_batch(n: int, generator: torch.Generator, size: int):
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Classifier augmentation: a random blur mix and Gaussian noise, so that imperfect samples still read."""
-    b = images.shape[0]
+    """Classifier augmentation: the degradations of a diffusion sample, so that the classifier reads whether the
+    requested content is there rather than exact edges. Per image: a smooth warp (shift up to 2 pixels, scale
+    +-4%, edges wobbled by up to a pixel), a blur of random strength, per-channel gain and offset, Gaussian noise.
+    Shapes stay far apart in silhouette, so the shape classes remain separable."""
+    b, c, s, _ = images.shape
     dev = images.device
-    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(b, 1, 1, 1, generator=generator, device=dev) * (
-        torch.rand(b, 1, 1, 1, generator=generator, device=dev) < 0.5
-    )
-    sigma = 0.15 * torch.rand(b, 1, 1, 1, generator=generator, device=dev)
-    noise = torch.randn(images.shape, generator=generator, device=dev)
-    return images + mix * (blurred - images) + sigma * noise
+
+    def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
+        return torch.rand(*shape, generator=generator, device=dev) * 2 - 1
+
+    theta = torch.zeros(b, 2, 3, device=dev)
+    scale = 1 + 0.04 * uniform(b)
+    theta[:, 0, 0], theta[:, 1, 1] = scale, scale
+    theta[:, :, 2] = uniform(b, 2) * (4 / s)  # grid units: 2 per side
+    grid = F.affine_grid(theta, [b, c, s, s], align_corners=False)
+    wobble = F.interpolate(uniform(b, 2, 6, 6) * (2 / s), size=(s, s), mode="bicubic", align_corners=False)
+    x = F.grid_sample(images, grid + wobble.permute(0, 2, 3, 1), padding_mode="border", align_corners=False)
+    taps = torch.exp(-0.5 * torch.arange(-2.0, 3.0, device=dev) ** 2)
+    kernel = (taps[:, None] * taps[None, :] / taps.sum() ** 2).expand(c, 1, 5, 5)
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=c)
+    mix = (uniform(b, 1, 1, 1) + 1) / 2 * (uniform(b, 1, 1, 1) < 0)  # no blur for half the images
+    x = x + mix * (blurred - x)
+    x = x * (1 + 0.1 * uniform(b, c, 1, 1)) + 0.05 * uniform(b, c, 1, 1)
+    sigma = 0.15 * (uniform(b, 1, 1, 1) + 1) / 2
+    return x + sigma * torch.randn(x.shape, generator=generator, device=dev)
 
 
 def classifier_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,8 +109,9 @@ def train_classifier(models, args, device, deadline: float) -> dict:
         for group in opt.param_groups:
             group["lr"] = args.classifier_lr * lr_factor(step, args.classifier_steps, min(100, args.classifier_steps))
         images, _, targets = scene_batch(args.classifier_batch, generator, models.image_size)
+        images = augment(images, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = net(augment(images, generator))
+            logits = net(images)
         loss = classifier_loss(logits, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,6 +145,27 @@ def dit_forward(transformer, encoder, x_t, t, ids):
     )[0]
 
 
+def loss_and_grads(transformer, encoder, opt, x_t, t, ids, target, device) -> torch.Tensor:
+    """The rectified-flow loss of one batch, back-propagated (gradients of the previous step cleared first)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        pred = dit_forward(transformer, encoder, x_t, t, ids)
+    loss = F.mse_loss(pred.float(), target)
+    loss.backward()
+    return loss
+
+
+def compile_blocks(transformer, on: bool = True) -> None:
+    """Regional compilation: ``torch.compile`` each joint-attention block's forward (the blocks share their compiled
+    code, so compiling takes seconds, not minutes), fusing the norms, modulations and activations that bound eager
+    training at this width; ``on=False`` restores the eager forwards."""
+    for block in transformer.transformer_blocks:
+        if on:
+            block.forward = torch.compile(block.forward)
+        else:
+            del block.forward
+
+
 def train_dit(models, args, device, deadline: float) -> dict:
     """Rectified-flow training of the DiT and caption encoder; the EMA weights are copied into the models."""
     transformer = models.transformer.to(device).train()
@@ -130,10 +175,12 @@ def train_dit(models, args, device, deadline: float) -> dict:
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + 2)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99), fused=fused)
-    forward = torch.compile(dit_forward) if args.compile else dit_forward
+    compiled = args.compile
+    if compiled:
+        compile_blocks(transformer)
     total = args.steps
     # Steps whose duration fixes the step count of a --minutes run: inside the warm-up, whose learning rates do not
-    # depend on the step count, so the run's schedule is that of a run given --steps (10..40 at the default 300).
+    # depend on the step count, so the run's schedule is that of a run given --steps (10..40 at the default 200).
     calibrate = (min(10, args.warmup // 4), min(40, args.warmup // 2))
     start, losses, step, mark = time.time(), [], 0, 0.0
     while total is None or step < total:
@@ -156,11 +203,16 @@ def train_dit(models, args, device, deadline: float) -> dict:
         t = torch.sigmoid(torch.randn(b, generator=generator, device=device))
         noise = torch.randn(images.shape, generator=generator, device=device)
         x_t = (1 - t.view(b, 1, 1, 1)) * images + t.view(b, 1, 1, 1) * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = forward(transformer, encoder, x_t, t, ids)
-        loss = F.mse_loss(pred.float(), noise - images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batch = (x_t, t, ids, noise - images, device)
+        try:
+            loss = loss_and_grads(transformer, encoder, opt, *batch)
+        except Exception as error:  # a compiler failure shows in the first step; train eagerly instead
+            if not (compiled and step == 0):
+                raise
+            log(f"[dit] torch.compile failed ({type(error).__name__}: {error}); training eagerly")
+            compile_blocks(transformer, on=False)
+            compiled = False
+            loss = loss_and_grads(transformer, encoder, opt, *batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
@@ -174,25 +226,71 @@ def train_dit(models, args, device, deadline: float) -> dict:
             elapsed = time.time() - start
             left = f"/{total}" if total is not None else ""
             log(f"[dit] step {step}{left} loss {recent:.4f} lr {opt.param_groups[0]['lr']:.2e} {elapsed:.0f}s")
-            if args.steps is None and time.time() > deadline + 30:
+            if args.steps is None and time.time() > deadline + 5:
                 log(f"[dit] past the time budget: stopping at step {step}")
                 break
+    if compiled:
+        compile_blocks(transformer, on=False)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
     transformer.eval()
     encoder.eval()
     tail = torch.stack(losses[-200:]).mean().item() if losses else float("nan")
-    return {"dit_steps": step, "dit_seconds": round(time.time() - start, 1), "dit_loss_last200": round(tail, 5)}
+    return {
+        "dit_steps": step,
+        "dit_seconds": round(time.time() - start, 1),
+        "dit_loss_last200": round(tail, 5),
+        "compiled": compiled,
+    }
+
+
+@torch.no_grad()
+def choose_guidance(weights_dir, args, device) -> dict:
+    """Sample ``--validate`` held-out prompts (dense, ``VALIDATION_STEPS`` Euler steps, from the saved weights as
+    the evaluation loads them) at each ``--guidance`` scale and score them with the saved classifier. Returns the
+    scale with the most requested objects read right (ties: more whole scenes right, then the smaller scale) and
+    the scores of every scale."""
+    from .evaluate import Sampler
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = qmodel.load(weights_dir, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + 4)  # CPU, as the evaluation's prompts; another seed
+    scenes = data.sample_scenes(args.validate, gen)
+    size = models.image_size
+    noise = torch.randn(args.validate, 3, size, size, generator=gen)
+    targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
+    batch = min(args.validate, 128)
+    sampler = Sampler(
+        models, data.tokens(scenes), noise, guidance=0.0, device=device, dtype=dtype, batch=batch, graphs=False
+    )
+    scores = {}
+    for scale in args.guidance:
+        sampler.guidance = scale
+        images, seconds = sampler.generate(VALIDATION_STEPS)
+        logits = models.classifier(images.to(device).clamp(-1, 1))
+        scores[scale] = {k: round(v.mean().item(), 4) for k, v in qmodel.score(logits, targets).items()}
+        log(f"[validate] guidance {scale:g}: {scores[scale]} ({seconds:.1f}s)")
+    best = max(args.guidance, key=lambda g: (scores[g]["objects"], scores[g]["scene"], -g))
+    log(f"[validate] guidance {best:g} recorded for sampling")
+    return {"guidance": best, "validation": {f"{g:g}": v for g, v in scores.items()}}
 
 
 def reproduce_command(args, dit_steps: int, classifier_steps: int) -> str:
     parts = ["python", "-m", "bench.quality.train", "--steps", str(dit_steps)]
     parts += ["--classifier-steps", str(classifier_steps), "--seed", str(args.seed), "--out", "bench/quality/weights"]
-    for flag in ("batch", "lr", "warmup", "ema", "cfg_dropout", "classifier_batch", "classifier_lr", "layers"):
+    flags = ("batch", "lr", "warmup", "ema", "cfg_dropout", "guidance", "validate", "classifier_batch")
+    for flag in (*flags, "classifier_lr", "layers", "compile"):
         value = getattr(args, flag)
-        if value != PARSER_DEFAULTS[flag]:
-            parts += ["--" + flag.replace("_", "-"), str(value)]
+        option = "--" + flag.replace("_", "-")
+        if value == PARSER_DEFAULTS[flag]:
+            continue
+        if isinstance(value, bool):
+            parts.append(option if value else "--no-" + option[2:])
+        elif isinstance(value, list):
+            parts += [option, *map(str, value)]
+        else:
+            parts += [option, str(value)]
     if args.tiny:
         parts.append("--tiny")
     return shlex.join(parts)
@@ -200,22 +298,36 @@ def reproduce_command(args, dit_steps: int, classifier_steps: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run (default 9)")
+    p.add_argument("--minutes", type=float, default=8.6, help="wall-clock budget of the whole run (default 8.6)")
     p.add_argument("--steps", type=int, default=None, help="DiT steps (overrides --minutes for the DiT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/quality/weights", help="output folder (config.json + safetensors)")
     p.add_argument("--batch", type=int, default=128, help="DiT batch (default 128)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps (default 300)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights (default 0.995)")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="share of captions dropped (default 0.1)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale recorded for sampling (default 4)")
-    p.add_argument("--classifier-steps", type=int, default=4000)
+    p.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[2.0, 3.0, 4.0, 5.0, 7.0],
+        help="CFG scales tried after training; the best is recorded for sampling (default 2 3 4 5 7)",
+    )
+    p.add_argument(
+        "--validate", type=int, default=128, help="held-out prompts that choose the guidance (0: the first scale)"
+    )
+    p.add_argument("--classifier-steps", type=int, default=2500)
     p.add_argument("--classifier-batch", type=int, default=256)
     p.add_argument("--classifier-lr", type=float, default=1e-3)
     p.add_argument("--layers", type=int, default=None, help="DiT blocks (default 10; tiny 2)")
     p.add_argument("--tiny", action="store_true", help="toy configuration (32x32, width 32) for CPU tests")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile each DiT block for training (default on)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-every", type=int, default=100)
     return p
@@ -232,8 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
-    if args.classifier_steps < 0:
-        parser.error("--classifier-steps must be >= 0")
+    if args.classifier_steps < 0 or args.validate < 0:
+        parser.error("--classifier-steps and --validate must be >= 0")
     if not args.minutes > 0:
         parser.error("--minutes must be > 0")
     if args.steps is None and args.warmup < 4:
@@ -242,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--cfg-dropout and --ema must be in [0, 1)")
     start = time.time()
     budget = args.minutes * 60
+    # Kept after the DiT: saving, and sampling the validation prompts at every guidance scale.
+    reserve = 15 + (VALIDATION_SECONDS * len(args.guidance) if args.validate else 0)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -254,13 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"[setup] {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"DiT {n_dit / 1e6:.2f} M parameters, image {config['image_size']}, seed {args.seed}"
     )
-    record = train_classifier(models, args, device, start + 0.15 * budget)
+    record = train_classifier(models, args, device, start + 0.1 * budget)
     held_out = torch.Generator(device).manual_seed(args.seed * 1000 + 3)
     record["classifier_clean"] = classifier_accuracy(
         models.classifier, 64 if args.tiny else 1024, held_out, models.image_size
     )
     log(f"[classifier] on clean held-out scenes: {record['classifier_clean']}")
-    record.update(train_dit(models, args, device, start + budget - 15))
+    record.update(train_dit(models, args, device, start + budget - reserve))
     import diffusers
 
     record.update(
@@ -270,15 +384,18 @@ def main(argv: list[str] | None = None) -> dict:
         warmup=args.warmup,
         ema=args.ema,
         cfg_dropout=args.cfg_dropout,
-        guidance=args.guidance,
+        guidance=args.guidance[0],
         minutes=None if args.steps is not None else args.minutes,
-        wall_seconds=round(time.time() - start, 1),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
         diffusers=diffusers.__version__,
         command=shlex.join(["python", "-m", "bench.quality.train", *(sys.argv[1:] if argv is None else argv)]),
     )
     record["reproduce"] = reproduce_command(args, record["dit_steps"], record["classifier_steps"])
+    qmodel.save(models, args.out, record)
+    if args.validate:
+        record.update(choose_guidance(args.out, args, device))
+    record["wall_seconds"] = round(time.time() - start, 1)
     files = qmodel.save(models, args.out, record)
     size = sum(f.stat().st_size for f in files) / 2**20
     log(f"[done] {record['wall_seconds']:.0f}s; wrote {len(files)} files ({size:.1f} MiB) to {args.out}")
