@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance",
         type=float,
         nargs="+",
-        default=[2.0, 3.0, 4.0, 5.0, 7.0],
-        help="CFG scales tried after training; the best is recorded for sampling (default 2 3 4 5 7)",
+        default=[4.0, 2.0, 3.0, 5.0, 7.0],
+        help="CFG scales tried after training; the best is recorded for sampling, the first without --validate or "
+        "should validation fail (default 4 2 3 5 7)",
     )
     p.add_argument(
         "--validate", type=int, default=128, help="held-out prompts that choose the guidance (0: the first scale)"
