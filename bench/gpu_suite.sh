@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: every test (the GPU-marked ones included), the kernel table, the end-to-end tables, a profile.
 # Usage, from the repository root on a CUDA machine: bash bench/gpu_suite.sh OUTDIR [quick]
-# ("quick" stops after the kernel table). Writes tests.log, kernels.md, e2e.md, profile.md and stderr.log.
+# ("quick" stops after the kernel table). Writes tests.log, kernels.md, e2e.md (+ *.json, speedup.png), profile.md
+# and stderr.log. The tests run with RAS_ATTN_AUTOTUNE=0: autotuning every tiny test shape takes tens of minutes.
 set -uo pipefail
 out=${1:-gpu-results}
 mkdir -p "$out"
@@ -9,15 +10,18 @@ export PYTHONUNBUFFERED=1
 err="$out/stderr.log"
 python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee "$out/tests.log"
-python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests 2>&1 | tee -a "$out/tests.log" | tail -25
+RAS_ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests 2>&1 | tee -a "$out/tests.log" | tail -25
 python3 -m bench.kernels --markdown "$out/kernels.md" 2>>"$err" | tail -40
 [ "${2:-}" = quick ] && exit 0
 e2e() { echo "### bench.e2e $*"; python3 -m bench.e2e "$@" 2>>"$err"; echo; }
 {
-  e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --graphs both
-  e2e --model lumina --schedule static --ratio 1.0 0.25 --graphs both
-  e2e --model lumina --ratio 0.5
+  e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --compile-baseline --json "$out/sd3-1024.json"
+  e2e --model sd3 --resolution 2048 --ratio 0.5 0.25 0.125 --json "$out/sd3-2048.json"
+  e2e --model lumina --schedule static --ratio 1.0 0.25 --json "$out/lumina-1024-static.json"
+  e2e --model lumina --ratio 0.5 --compile-baseline --json "$out/lumina-1024-dynamic.json"
 } | tee "$out/e2e.md"
+python3 -m bench.plot_e2e "$out/sd3-1024.json" "$out/sd3-2048.json" "$out/lumina-1024-static.json" \
+  --out "$out/speedup.png" 2>>"$err"
 {
   python3 -m bench.profile_step --model sd3 --ratio 0.25
   python3 -m bench.profile_step --model lumina --ratio 0.25

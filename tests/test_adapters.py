@@ -307,3 +307,26 @@ def test_bare_transformer_needs_observe(torch_backend):
         t(x, **kwargs)
         assert not handle.session.is_dense and handle.session.num_active == 32
     handle.remove()
+
+
+@pytest.mark.parametrize(
+    "factory,path",
+    [(tiny_sd3_pipeline, "transformer_blocks.0.norm2"), (tiny_lumina_pipeline, "layers.1.norm2")],
+    ids=["sd3", "lumina"],
+)
+def test_unknown_norm_layout_raises(factory, path):
+    """The fused block forwards reproduce the released norm layouts only; anything else is refused up front."""
+    pipe = factory()
+    parent, name = path.rsplit(".", 1)
+    setattr(pipe.transformer.get_submodule(parent), name, torch.nn.Identity())
+    with pytest.raises(ValueError, match="norm layout"):
+        apply_ras(pipe)
+    assert "forward" not in vars(pipe.transformer), "a refused apply_ras must leave the model unpatched"
+
+
+def test_chunked_feed_forward_raises(torch_backend):
+    pipe = tiny_sd3_pipeline()
+    pipe.transformer.transformer_blocks[0].set_chunk_feed_forward(2, dim=1)
+    with apply_ras(pipe, RASConfig(num_steps=4, warmup_steps=1, reset_steps=())):
+        with pytest.raises(ValueError, match="chunked feed-forward"):
+            _run(pipe, "a red cat", SD3_SIZE, 4)
