@@ -10,6 +10,7 @@ The choice is made per call, on the host, before anything is launched:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -69,6 +70,11 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
     return t
+
+
+def device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

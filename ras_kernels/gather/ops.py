@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 
-from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, use_triton
+from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, device_of, use_triton
 from . import reference
 
 
@@ -87,11 +86,6 @@ def _launch_config(d: int, element_size: int) -> tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
-def _device_of(t: torch.Tensor):
-    """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _gather_launch(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> None:
     """Fill ``out`` [B, K, D] (contiguous, x's dtype) with the gathered rows."""
     from . import kernels
@@ -104,7 +98,7 @@ def _gather_launch(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, add: t
     sab, san = _row_strides(add) if add is not None else (0, 0)
     block_r, block_d, num_warps = _launch_config(d, x.element_size())
     grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
-    with _device_of(x):
+    with device_of(x):
         kernels.gather_rows_kernel[grid](
             out,
             x,
@@ -139,7 +133,7 @@ def _scatter_launch(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> 
     ssb, ssk = _row_strides(src)
     block_r, block_d, num_warps = _launch_config(d, dst.element_size())
     grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
-    with _device_of(dst):
+    with device_of(dst):
         kernels.scatter_rows_kernel[grid](
             dst,
             src,

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, use_triton
-from ..gather.ops import _device_of
+from .._backend import FLOAT_DTYPES, check_tensor, device_of, use_triton
 from . import reference
 
 MAX_D = 16384  # one row per register tile
@@ -130,7 +129,7 @@ def _launch(
     sxb, sxl = _strides(x)
     srb, srl = _strides(residual)
     spb, spl = _strides(rope_real)
-    with _device_of(x):
+    with device_of(x):
         kernels.fused_norm_kernel[(-(-rows // block_r),)](
             y if y is not None else x,  # a placeholder pointer is never dereferenced: its switch is off
             h if h is not None else x,
