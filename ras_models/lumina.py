@@ -143,13 +143,14 @@ def _check_layer(name: str, layer) -> None:
         type(layer.norm1) is not LuminaRMSNormZero
         or any(type(n) is not RMSNorm for n in (layer.norm1.norm, layer.norm1_context, layer.ffn_norm1, *post_norms))
         or any(n.weight is None for n in post_norms)
-        or any(norm is not None and type(norm) is not torch.nn.LayerNorm for norm in _qk_norms(layer))
+        or any(
+            type(norm) is not torch.nn.LayerNorm
+            for attn in (layer.attn1, layer.attn2)
+            for norm in (attn.norm_q, attn.norm_k)
+            if norm is not None
+        )
     ):
         raise ValueError(f"{name} has a norm layout RAS does not know (Lumina-Next LuminaNextDiTBlock expected)")
-
-
-def _qk_norms(layer):
-    return [getattr(attn, n) for attn in (layer.attn1, layer.attn2) for n in ("norm_q", "norm_k")]
 
 
 def patch_lumina(handle: RASHandle, transformer) -> None:

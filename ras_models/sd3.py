@@ -109,13 +109,14 @@ def _check_block(name: str, block) -> None:
 
     norm1 = SD35AdaLayerNormZeroX if block.use_dual_attention else AdaLayerNormZero
     context = AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero
-    layer_norms = [block.norm1.norm, block.norm1_context.norm, block.norm2, block.norm2_context]
+    layer_norms = [getattr(block.norm1, "norm", None), getattr(block.norm1_context, "norm", None), block.norm2]
+    layer_norms += [block.norm2_context] if not block.context_pre_only else []
     if (
         type(block.norm1) is not norm1
         or getattr(block.norm1, "emb", None) is not None
         or type(block.norm1_context) is not context
         or getattr(block.norm1_context, "emb", None) is not None
-        or any(n is not None and (type(n) is not torch.nn.LayerNorm or n.elementwise_affine) for n in layer_norms)
+        or any(type(n) is not torch.nn.LayerNorm or n.elementwise_affine for n in layer_norms)
     ):
         raise ValueError(f"{name} has a norm layout RAS does not know (SD3 / SD3.5 JointTransformerBlock expected)")
 
