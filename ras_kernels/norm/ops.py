@@ -172,31 +172,14 @@ def _launch(
     return h, y
 
 
-# torch.library ops, so torch.compile treats each launch as one opaque op (as for the other ops of this package).
-@torch.library.custom_op(
-    "ras_kernels::adaptive_norm",
-    mutates_args=(),
-    schema="(Tensor x, Tensor? scale, Tensor? shift, str norm, Tensor? weight, Tensor? bias, float eps, "
-    "Tensor? rope) -> Tensor",
-)
-def _adaptive_norm_op(x, scale, shift, norm, weight, bias, eps, rope):
+def _adaptive_norm_triton(x, scale, shift, norm, weight, bias, eps, rope) -> torch.Tensor:
     return _launch(x, norm=norm, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, rope=rope)[1]
 
 
-@_adaptive_norm_op.register_fake
-def _(x, scale, shift, norm, weight, bias, eps, rope):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op(
-    "ras_kernels::gated_residual_norm",
-    mutates_args=(),
-    schema="(Tensor residual, Tensor branch, Tensor? gate, bool tanh_gate, Tensor? branch_weight, float branch_eps, "
-    "str? norm, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) -> Tensor[]",
-)
-def _gated_residual_norm_op(
+def _residual_norm_triton(
     residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-):
+) -> list[torch.Tensor]:
+    """[h] without a norm, [h, y] with one (a list: the op schema's ``Tensor[]``)."""
     h, y = _launch(
         branch,
         residual=residual,
@@ -214,14 +197,70 @@ def _gated_residual_norm_op(
     return [h] if y is None else [h, y]
 
 
-@_gated_residual_norm_op.register_fake
+# torch.library ops, so torch.compile treats each launch as one opaque op; eager calls (CUDA-graph capture
+# included) call the launchers directly, as for the other ops of this package.
+@torch.library.custom_op(
+    "ras_kernels::adaptive_norm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? scale, Tensor? shift, str norm, Tensor? weight, Tensor? bias, float eps, "
+    "Tensor? rope) -> Tensor",
+)
+def _adaptive_norm_op(x, scale, shift, norm, weight, bias, eps, rope):
+    return _adaptive_norm_triton(x, scale, shift, norm, weight, bias, eps, rope)
+
+
+@_adaptive_norm_op.register_fake
+def _(x, scale, shift, norm, weight, bias, eps, rope):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(
+    "ras_kernels::gated_residual_norm",
+    mutates_args=(),
+    schema="(Tensor residual, Tensor branch, Tensor? gate, bool tanh_gate, Tensor? branch_weight, float branch_eps, "
+    "str? norm, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) -> Tensor[]",
+)
+def _residual_norm_op(
+    residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
+):
+    return _residual_norm_triton(
+        residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
+    )
+
+
+@_residual_norm_op.register_fake
 def _(residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps):
     h = torch.empty_like(residual, memory_format=torch.contiguous_format)
     return [h] if norm is None else [h, torch.empty_like(h)]
 
 
+def _triton_path(op, launcher, device: torch.device):
+    """The launcher for an eager call, the registered op while torch.compile traces; None for the reference."""
+    if not use_triton(device):
+        return None
+    return op if torch.compiler.is_compiling() else launcher
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public ops
+
+
+def _check_norm_args(b, d, device, norm, scale, shift, weight, bias, eps) -> float:
+    _check_norm(norm)
+    _check_per_sample("scale", scale, b, d, device)
+    _check_per_sample("shift", shift, b, d, device)
+    _check_vector("weight", weight, d, device)
+    _check_vector("bias", bias, d, device)
+    return _check_eps("eps", eps)
+
+
+def _check_residual_args(residual, branch, gate, branch_weight, branch_eps) -> float:
+    _check_x("residual", residual)
+    b, n, d = residual.shape
+    _check_rows("branch", branch, b, n, d, residual.device)
+    _check_per_sample("gate", gate, b, d, residual.device)
+    _check_vector("branch_weight", branch_weight, d, residual.device)
+    return _check_eps("branch_eps", branch_eps)
 
 
 def adaptive_norm(
@@ -244,28 +283,12 @@ def adaptive_norm(
     Returns [B, L, D] contiguous in x's dtype; statistics and arithmetic in fp32.
     """
     _check_x("x", x)
-    b, n, d = x.shape
-    _check_norm(norm)
-    _check_per_sample("scale", scale, b, d, x.device)
-    _check_per_sample("shift", shift, b, d, x.device)
-    _check_vector("weight", weight, d, x.device)
-    _check_vector("bias", bias, d, x.device)
-    eps = _check_eps("eps", eps)
+    eps = _check_norm_args(x.shape[0], x.shape[2], x.device, norm, scale, shift, weight, bias, eps)
     _check_rope(rope, x)
-    if use_triton(x.device):
-        if torch.compiler.is_compiling():
-            return _adaptive_norm_op(x, scale, shift, norm, weight, bias, eps, rope)
-        return _launch(x, norm=norm, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, rope=rope)[1]
+    triton_fn = _triton_path(_adaptive_norm_op, _adaptive_norm_triton, x.device)
+    if triton_fn is not None:
+        return triton_fn(x, scale, shift, norm, weight, bias, eps, rope)
     return reference.adaptive_norm(x, scale, shift, norm=norm, weight=weight, bias=bias, eps=eps, rope=rope)
-
-
-def _residual_args(residual, branch, gate, branch_weight, branch_eps) -> float:
-    _check_x("residual", residual)
-    b, n, d = residual.shape
-    _check_rows("branch", branch, b, n, d, residual.device)
-    _check_per_sample("gate", gate, b, d, residual.device)
-    _check_vector("branch_weight", branch_weight, d, residual.device)
-    return _check_eps("branch_eps", branch_eps)
 
 
 def gated_residual(
@@ -283,20 +306,11 @@ def gated_residual(
     (a post-norm, as Lumina-Next's ``norm2`` / ``ffn_norm2``). residual and branch [B, L, D]; returns [B, L, D]
     contiguous in residual's dtype, computed in fp32.
     """
-    branch_eps = _residual_args(residual, branch, gate, branch_weight, branch_eps)
-    if use_triton(residual.device):
-        if torch.compiler.is_compiling():
-            return _gated_residual_norm_op(
-                residual, branch, gate, tanh_gate, branch_weight, branch_eps, None, None, None, None, None, 1e-6
-            )[0]
-        return _launch(
-            branch,
-            residual=residual,
-            gate=gate,
-            tanh_gate=tanh_gate,
-            branch_weight=branch_weight,
-            branch_eps=branch_eps,
-        )[0]
+    branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
+    triton_fn = _triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    if triton_fn is not None:
+        args = (residual, branch, gate, tanh_gate, branch_weight, branch_eps, None, None, None, None, None, 1e-6)
+        return triton_fn(*args)[0]
     return reference.gated_residual(
         residual, branch, gate, tanh_gate=tanh_gate, branch_weight=branch_weight, branch_eps=branch_eps
     )
@@ -323,34 +337,15 @@ def gated_residual_norm(
     next sub-layer". Returns (h, y), both [B, L, D] contiguous in residual's dtype; y is computed from h as stored
     (rounded to its dtype), as the unfused code would.
     """
-    branch_eps = _residual_args(residual, branch, gate, branch_weight, branch_eps)
-    b, n, d = residual.shape
-    _check_norm(norm)
-    _check_per_sample("scale", scale, b, d, residual.device)
-    _check_per_sample("shift", shift, b, d, residual.device)
-    _check_vector("weight", weight, d, residual.device)
-    _check_vector("bias", bias, d, residual.device)
-    eps = _check_eps("eps", eps)
-    if use_triton(residual.device):
-        if torch.compiler.is_compiling():
-            h, y = _gated_residual_norm_op(
-                residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-            )
-            return h, y
-        return _launch(
-            branch,
-            residual=residual,
-            gate=gate,
-            tanh_gate=tanh_gate,
-            branch_weight=branch_weight,
-            branch_eps=branch_eps,
-            norm=norm,
-            weight=weight,
-            bias=bias,
-            scale=scale,
-            shift=shift,
-            eps=eps,
+    branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
+    b, _, d = residual.shape
+    eps = _check_norm_args(b, d, residual.device, norm, scale, shift, weight, bias, eps)
+    triton_fn = _triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    if triton_fn is not None:
+        h, y = triton_fn(
+            residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
         )
+        return h, y
     return reference.gated_residual_norm(
         residual,
         branch,
