@@ -174,6 +174,31 @@ def test_task_score_semantics():
     assert torch.equal(got["attributes"], torch.ones(8))
 
 
+def test_targets_and_scores_ignore_the_caption_order_of_objects():
+    """The classifier's targets are per grid cell, so the order in which the caption lists the objects (reading
+    order) cannot matter: permuting the drawn slots changes the caption but neither the image, the targets nor the
+    scores. ``objects`` asks only shape and colour: wrong sizes and textures lower ``attributes`` alone."""
+    scenes = _scenes(32, 11)
+    scenes.count.fill_(data.MAX_OBJECTS)
+    perm = torch.tensor([2, 0, 1])
+    permuted = scenes[:]
+    for name in ("cell", "shape", "colour", "size", "texture", "offset"):
+        setattr(permuted, name, getattr(scenes, name)[:, perm])
+    assert not torch.equal(data.tokens(permuted), data.tokens(scenes))
+    torch.testing.assert_close(data.render(permuted), data.render(scenes), atol=1e-6, rtol=0)
+    targets, moved = data.labels(scenes), data.labels(permuted)
+    for key, value in targets.items():
+        assert torch.equal(value, moved[key]), key
+    logits = _oracle_logits(moved)
+    for name in ("size", "texture"):
+        occupied = targets["shape"] > 0
+        wrong = torch.where(occupied, 1 - targets[name].clamp(min=0), 0)
+        logits[name] = torch.nn.functional.one_hot(wrong, data.HEADS[name][0]).float()
+    got = qmodel.score(logits, targets)
+    assert torch.equal(got["scene"], torch.ones(32)) and torch.equal(got["objects"], torch.ones(32))
+    torch.testing.assert_close(got["attributes"], torch.full((32,), 1 / (2 * data.MAX_OBJECTS + 1)))
+
+
 # ---- metrics and output ----
 def test_psnr_and_ssim_against_closed_forms():
     x = torch.full((2, 3, 32, 32), -0.2)
