@@ -4,7 +4,8 @@ Default: an SD3-architecture transformer with random weights (a tiny one on CPU;
 GPU), CFG batch 2, the model family's RAS preset. Speed does not depend on weight values; the PSNR column says how
 far each RAS result lands from the dense result of the same seed (meaningful for trained weights).
 
-    python -m bench.e2e                               # SD3 layout, ratios 0.5 / 0.25 / 0.125
+    python -m bench.e2e                               # SD3 layout, ratios 1.0 / 0.5 / 0.25 / 0.125 (+ dense
+                                                      # torch.compile on a GPU)
     python -m bench.e2e --model lumina --ratio 0.25   # Lumina-Next layout
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
@@ -202,20 +203,30 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedu
     return base(sample_ratio=ratio, **overrides)
 
 
+COMPILED = "diffusers dense torch.compile"
+
+
 def table(results: list[Result], dense: Result) -> str:
+    """The comparison: one row per run, speedups over the dense eager run (and over the dense torch.compile run,
+    when there is one, in a last column)."""
+    compiled = next((r for r in results if r.name == COMPILED), None)
+    extra = ("", "") if compiled is None else (" vs torch.compile |", "---|")
     lines = [
         "| run | steps | tokens computed | median ms/step | median RAS-step ms (vs dense step) | total ms | "
-        "speedup | peak MiB | PSNR vs dense (dB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"speedup | peak MiB | PSNR vs dense (dB) |{extra[0]}",
+        f"|---|---|---|---|---|---|---|---|---|{extra[1]}",
     ]
     dense_step = statistics.median(dense.step_ms)
     for r in results:
         ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f} ({r.ras_step_ms / dense_step:.2f}x)"
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        lines.append(
+        line = (
             f"| {r.name} | {len(r.step_ms)} | {100 * r.tokens:.1f}% | {statistics.median(r.step_ms):.2f} | {ras} | "
             f"{r.total_ms:.1f} | {dense.total_ms / r.total_ms:.2f}x | {peak} | {psnr(r.latents, dense.latents):.1f} |"
         )
+        if compiled is not None:
+            line += f" {compiled.total_ms / r.total_ms:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -282,11 +293,12 @@ def run_random_weights(args) -> None:
     latents, times, peak = _measure(loop, steps, None, "dense")
     dense = Result("diffusers dense eager", 1.0, times, latents, peak_mib=peak)
     results = [dense]
-    if args.compile_baseline:
+    compile_baseline = device.type == "cuda" if args.compile_baseline is None else args.compile_baseline
+    if compile_baseline:
         blocks = _compiled_blocks(transformer)
         loop.run(steps, progress="warm-up dense torch.compile")  # compiles
         latents, times, peak = _measure(loop, steps, None, "dense torch.compile")
-        results.append(Result("diffusers dense torch.compile", 1.0, times, latents, peak_mib=peak))
+        results.append(Result(COMPILED, 1.0, times, latents, peak_mib=peak))
         _uncompile(blocks)
     graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
     for config in configs:
@@ -349,8 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         "--ratio",
         type=float,
         nargs="+",
-        default=[0.5, 0.25, 0.125],
-        help="RAS sample ratios to compare with dense (default 0.5 0.25 0.125)",
+        default=[1.0, 0.5, 0.25, 0.125],
+        help="RAS sample ratios to compare with dense (default 1.0 0.5 0.25 0.125; 1.0 runs every token through "
+        "the RAS path)",
     )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30)")
     parser.add_argument(
@@ -381,8 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--compile-baseline",
-        action="store_true",
-        help="also time dense diffusers with its transformer blocks under torch.compile (compiles for minutes)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time dense diffusers with its transformer blocks under torch.compile (default on a GPU; "
+        "compiling takes a minute or two)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

@@ -23,11 +23,10 @@ fi
 [ "$part" = tests ] && exit 0
 e2e() { echo "### bench.e2e $*"; python3 -m bench.e2e "$@" 2>>"$err"; echo; }
 {
-  e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --compile-baseline --json "$out/sd3-1024.json"
-  e2e --model sd3 --resolution 2048 --ratio 0.5 0.25 0.125 --json "$out/sd3-2048.json"
-  e2e --model lumina --schedule static --ratio 1.0 0.5 0.25 0.125 --compile-baseline \
-    --json "$out/lumina-1024-static.json"
-  e2e --model lumina --ratio 0.5 --json "$out/lumina-1024-dynamic.json"
+  e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --json "$out/sd3-1024.json"
+  e2e --model sd3 --resolution 2048 --ratio 0.5 0.25 0.125 --no-compile-baseline --json "$out/sd3-2048.json"
+  e2e --model lumina --schedule static --ratio 1.0 0.5 0.25 0.125 --json "$out/lumina-1024-static.json"
+  e2e --model lumina --ratio 0.5 --no-compile-baseline --json "$out/lumina-1024-dynamic.json"
 } | tee "$out/e2e.md"
 python3 -m bench.plot_e2e "$out/sd3-1024.json" "$out/sd3-2048.json" "$out/lumina-1024-static.json" \
   --out "$out/speedup.png" 2>>"$err"

@@ -55,3 +55,17 @@ def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
     rows = _rows(capsys.readouterr().out)
     assert set(rows) == {"pipeline dense", "RAS ratio 0.5 (static)"}
     assert re.fullmatch(r"\d+\.\d%", rows["RAS ratio 0.5 (static)"][1])
+
+
+def test_table_adds_the_torch_compile_column():
+    """With a dense torch.compile run in the results, every row also gets its speedup over that run."""
+    import torch
+
+    def run(name, ms):
+        return e2e.Result(name, 1.0, [ms] * 4, torch.zeros(1, 4, 2, 2))
+
+    dense, compiled, ours = run("diffusers dense eager", 10.0), run(e2e.COMPILED, 8.0), run("RAS", 2.0)
+    lines = e2e.table([dense, compiled, ours], dense).splitlines()
+    assert lines[0].endswith("| vs torch.compile |") and lines[1].count("---") == 10
+    assert lines[2].endswith("| 0.80x |") and lines[3].endswith("| 1.00x |") and lines[4].endswith("| 4.00x |")
+    assert "vs torch.compile" not in e2e.table([dense, ours], dense)
