@@ -69,3 +69,25 @@ def test_table_adds_the_torch_compile_column():
     assert lines[0].endswith("| vs torch.compile |") and lines[1].count("---") == 10
     assert lines[2].endswith("| 0.80x |") and lines[3].endswith("| 1.00x |") and lines[4].endswith("| 4.00x |")
     assert "vs torch.compile" not in e2e.table([dense, ours], dense)
+
+
+def test_json_and_speedup_plot(tmp_path, capsys, torch_backend):
+    """--json records every run of the table; bench.plot_e2e turns the records into one PNG panel per file."""
+    import json
+
+    from PIL import Image
+
+    from bench import plot_e2e
+
+    record = tmp_path / "sd3.json"
+    e2e.main(["--steps", "6", "--ratio", "1.0", "0.5", "--resolution", "128", "--device", "cpu", "--json", str(record)])
+    rows = _rows(capsys.readouterr().out)
+    data = json.loads(record.read_text())
+    assert data["model"] == "sd3" and data["resolution"] == 128
+    assert [r["name"] for r in data["runs"]] == list(rows)
+    assert [r["ratio"] for r in data["runs"]] == [None, 1.0, 0.5]
+    for run in data["runs"]:
+        assert float(rows[run["name"]][4]) == round(run["total_ms"], 1)
+    png = tmp_path / "speedup.png"
+    plot_e2e.main([str(record), str(record), "--out", str(png)])
+    assert Image.open(png).size == (2 * plot_e2e.W, plot_e2e.H)
