@@ -5,8 +5,8 @@
 #   e2e    the end-to-end tables, their JSON and plot, the profiles (e2e.md, *.json, speedup.png, profile.md)
 #          ~9 min on an H200 (each part fits one 10-minute device call)
 #   all    both (default)
-# Errors go to OUTDIR/stderr.log. The tests run with RAS_ATTN_AUTOTUNE=0: autotuning every tiny test shape would
-# take tens of minutes (the kernel table and e2e runs autotune as users do).
+# Errors go to OUTDIR/stderr.log. The tests default to RAS_ATTN_AUTOTUNE=0 (tests/conftest.py); the kernel table and
+# the e2e runs autotune as users do.
 set -uo pipefail
 out=${1:-gpu-results}
 part=${2:-all}
@@ -16,7 +16,7 @@ err="$out/stderr.log"
 python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/tests.log"
 if [ "$part" != e2e ]; then
-  RAS_ATTN_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests 2>&1 \
+  python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests 2>&1 \
     | tee -a "$out/tests.log" | tail -25
   python3 -m bench.kernels --markdown "$out/kernels.md" 2>>"$err" | tail -40
 fi
