@@ -72,6 +72,19 @@ def check_tensor(
     return t
 
 
+def check_unit_stride(name: str, t: torch.Tensor) -> None:
+    """The kernels address rows through strides but need each row contiguous (unit stride in the last dimension)."""
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have unit stride in its last dimension (rows contiguous), got strides {tuple(t.stride())}"
+        )
+
+
+def row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, row stride) of a [B, N, D] tensor, 0 for a dimension of size 1 (never stepped along)."""
+    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+
 def device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -7,7 +7,15 @@ import os
 
 import torch
 
-from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, device_of, use_triton
+from .._backend import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_tensor,
+    check_unit_stride,
+    device_of,
+    row_strides,
+    use_triton,
+)
 from . import reference
 
 
@@ -34,14 +42,6 @@ def validate_index(name: str, idx: object, batch: int, num_tokens: int, device: 
     return idx
 
 
-def _check_rows(name: str, t: torch.Tensor) -> None:
-    """The kernels address rows through strides but need each row contiguous."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must have unit stride in its last dimension (rows contiguous), got strides {tuple(t.stride())}"
-        )
-
-
 def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
     if t.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have batch 1 (shared) or B={batch}, got shape {tuple(t.shape)}")
@@ -49,11 +49,6 @@ def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers (Triton path)
-
-
-def _row_strides(t: torch.Tensor) -> tuple[int, int]:
-    """(batch stride, row stride) of a [B, N, D] tensor, 0 for a dimension of size 1 (never stepped along)."""
-    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,8 +89,8 @@ def _gather_launch(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, add: t
     d = x.shape[2]
     if out.numel() == 0:
         return
-    sxb, sxn = _row_strides(x)
-    sab, san = _row_strides(add) if add is not None else (0, 0)
+    sxb, sxn = row_strides(x)
+    sab, san = row_strides(add) if add is not None else (0, 0)
     block_r, block_d, num_warps = _launch_config(d, x.element_size())
     grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
     with device_of(x):
@@ -129,8 +124,8 @@ def _scatter_launch(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> 
     d = dst.shape[2]
     if src.numel() == 0:
         return
-    sdb, sdn = _row_strides(dst)
-    ssb, ssk = _row_strides(src)
+    sdb, sdn = row_strides(dst)
+    ssb, ssk = row_strides(src)
     block_r, block_d, num_warps = _launch_config(d, dst.element_size())
     grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
     with device_of(dst):
@@ -209,7 +204,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
     check_tensor("idx", idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     batch = idx.shape[0]
     _check_batch("x", x, batch)
-    _check_rows("x", x)
+    check_unit_stride("x", x)
     if add is not None:
         check_tensor("add", add, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
         _check_batch("add", add, batch)
@@ -217,7 +212,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
             raise ValueError(
                 f"add must have shape (B or 1, N, D) = (*, {x.shape[1]}, {x.shape[2]}), got {tuple(add.shape)}"
             )
-        _check_rows("add", add)
+        check_unit_stride("add", add)
     validate_index("idx", idx, batch, x.shape[1], x.device)
     if use_triton(x.device):
         return (_gather_op if torch.compiler.is_compiling() else _gather_triton)(x, idx, add)
@@ -237,8 +232,8 @@ def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
     expected = (dst.shape[0], idx.shape[1], dst.shape[2])
     if tuple(src.shape) != expected:
         raise ValueError(f"src must have shape (B, K, D) = {expected}, got {tuple(src.shape)}")
-    _check_rows("dst", dst)
-    _check_rows("src", src)
+    check_unit_stride("dst", dst)
+    check_unit_stride("src", src)
     if any(size > 1 and stride == 0 for size, stride in zip(dst.shape, dst.stride(), strict=True)):
         raise ValueError(
             f"dst must not be a broadcast (expanded) view: rows would alias; strides {tuple(dst.stride())}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, device_of, use_triton
+from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, row_strides, use_triton
 from . import reference
 
 MAX_D = 16384  # one row per register tile
@@ -19,8 +19,7 @@ def _check_rows(name: str, t: torch.Tensor, batch: int, length: int, d: int, dev
     check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, device=device)
     if tuple(t.shape) != (batch, length, d):
         raise ValueError(f"{name} must have shape (B, L, D) = {(batch, length, d)}, got {tuple(t.shape)}")
-    if d > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {tuple(t.stride())}")
+    check_unit_stride(name, t)
 
 
 def _check_per_sample(name: str, t: object, batch: int, d: int, device: torch.device) -> None:
@@ -29,8 +28,7 @@ def _check_per_sample(name: str, t: object, batch: int, d: int, device: torch.de
     check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=device)
     if t.shape[0] not in (1, batch) or t.shape[1] != d:
         raise ValueError(f"{name} must have shape (B or 1, D) = ({batch} or 1, {d}), got {tuple(t.shape)}")
-    if d > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {tuple(t.stride())}")
+    check_unit_stride(name, t)
 
 
 def _check_vector(name: str, t: object, d: int, device: torch.device) -> None:
@@ -39,8 +37,7 @@ def _check_vector(name: str, t: object, d: int, device: torch.device) -> None:
     check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=device)
     if t.shape[0] != d:
         raise ValueError(f"{name} must have shape (D,) = ({d},), got {tuple(t.shape)}")
-    if d > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+    check_unit_stride(name, t)
 
 
 def _check_eps(name: str, eps: object) -> float:
@@ -61,8 +58,7 @@ def _check_x(name: str, x: object) -> torch.Tensor:
     d = x.shape[2]
     if not 1 <= d <= MAX_D:
         raise ValueError(f"{name} must have 1 <= D <= {MAX_D} features, got {d}")
-    if d > 1 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {tuple(x.stride())}")
+    check_unit_stride(name, x)
     return x
 
 
@@ -77,19 +73,11 @@ def _check_rope(rope: object, x: torch.Tensor) -> None:
             f"rope must have shape (B or 1, L, head_dim / 2) with D = {d} a multiple of head_dim, "
             f"got {tuple(rope.shape)}"
         )
-    if half > 1 and rope.stride(-1) != 1:
-        raise ValueError(f"rope must have unit stride in its last dimension, got strides {tuple(rope.stride())}")
+    check_unit_stride("rope", rope)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher (Triton path)
-
-
-def _strides(t: torch.Tensor | None) -> tuple[int, int]:
-    """(batch, row) strides of a [B, L, D] tensor, 0 along a dimension of size 1 (broadcast or never stepped)."""
-    if t is None:
-        return 0, 0
-    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
 
 def _batch_stride(t: torch.Tensor | None) -> int:
@@ -126,9 +114,9 @@ def _launch(
     block_d = 1 << (d - 1).bit_length()
     block_r = max(1, min(16, 2048 // block_d))
     num_warps = max(1, min(8, block_r * block_d // 256))
-    sxb, sxl = _strides(x)
-    srb, srl = _strides(residual)
-    spb, spl = _strides(rope_real)
+    sxb, sxl = row_strides(x)
+    srb, srl = (0, 0) if residual is None else row_strides(residual)
+    spb, spl = (0, 0) if rope_real is None else row_strides(rope_real)
     with device_of(x):
         kernels.fused_norm_kernel[(-(-rows // block_r),)](
             y if y is not None else x,  # a placeholder pointer is never dereferenced: its switch is off
