@@ -3,10 +3,10 @@
     python -m bench.kernels [--markdown FILE]
 
 Measures the card's ceilings first (large device copy, 8192^3 bf16 GEMM), then each op module's rows
-(bench/bench_select.py, bench_gather.py, bench_norm.py, bench_attention.py), all in one process. For the
-gather/scatter rows it also times a plain device copy of the same byte count: at these sizes (13-75 MB) a fixed
-per-launch cost is part of any kernel, and the size-matched copy shows how much of the large-copy ceiling is
-reachable at all.
+(bench/bench_select.py, bench_gather.py, bench_norm.py, bench_swiglu.py, bench_attention.py), all in one
+process. For the gather/scatter rows it also times a plain device copy of the same byte count: at these sizes
+(13-75 MB) a fixed per-launch cost is part of any kernel, and the size-matched copy shows how much of the
+large-copy ceiling is reachable at all.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ import triton
 
 from bench.common import Row, device_name, format_table, measure_ceilings, median_ms
 
-MODULES = ("bench.bench_select", "bench.bench_gather", "bench.bench_norm", "bench.bench_attention")
+MODULES = (
+    "bench.bench_select",
+    "bench.bench_gather",
+    "bench.bench_norm",
+    "bench.bench_swiglu",
+    "bench.bench_attention",
+)
 
 
 def size_matched_copy_ms(nbytes: float) -> float:

@@ -8,6 +8,7 @@ from .attention.ops import cached_kv_attention, flash_attention
 from .gather.ops import gather_tokens, scatter_tokens
 from .norm.ops import adaptive_norm, gated_residual, gated_residual_norm
 from .select.ops import select_regions
+from .swiglu.ops import swiglu
 
 __all__ = [
     "adaptive_norm",
@@ -18,5 +19,6 @@ __all__ = [
     "gated_residual_norm",
     "scatter_tokens",
     "select_regions",
+    "swiglu",
 ]
 __version__ = "0.1.0"

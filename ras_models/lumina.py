@@ -3,7 +3,7 @@
 Patched on the instance only: ``patch_embedder`` (gather the active token rows and their RoPE rows),
 ``norm_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), the self- and
 cross-attention processors of every layer, every layer's ``forward`` (the same maths with the elementwise work
-fused: RMSNorm + modulation, tanh gates + post-norm + residual + the next RMSNorm, QK LayerNorm + RoPE) and
+fused: RMSNorm + modulation, tanh gates + post-norm + residual + the next RMSNorm, QK LayerNorm + RoPE, SwiGLU) and
 ``forward`` (begins the step).
 
 Self-attention: q/k after QK-norm and RoPE; the cache holds post-RoPE, GQA-compressed k/v [B, N, Hkv, d]. The
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_residual_norm
+from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_residual_norm, swiglu
 
 from .handle import RASHandle
 
@@ -91,7 +91,7 @@ def _layer_forward(
 ):
     """diffusers' ``LuminaNextDiTBlock.forward`` with its elementwise work in fused kernels: the input RMSNorm +
     modulation, the tanh-gated mix of self- and cross-attention, and per sub-layer one post-RMSNorm + tanh gate +
-    residual (+ the next RMSNorm + modulation)."""
+    residual (+ the next RMSNorm + modulation), and the feed-forward's SwiGLU activation."""
     kwargs = cross_attention_kwargs or {}
     norm1 = layer.norm1
     scale_msa, gate_msa, scale_mlp, gate_mlp = norm1.linear(norm1.silu(temb)).chunk(4, dim=1)
@@ -128,14 +128,15 @@ def _layer_forward(
         weight=layer.ffn_norm1.weight,
         eps=layer.ffn_norm1.eps,
     )
-    ffn = layer.ffn_norm2
-    return gated_residual(
-        hidden_states, layer.feed_forward(x), gate_mlp, tanh_gate=True, branch_weight=ffn.weight, branch_eps=ffn.eps
-    )
+    ff, post = layer.feed_forward, layer.ffn_norm2
+    mlp = ff.linear_2(swiglu(ff.linear_1(x), ff.linear_3(x)))
+    return gated_residual(hidden_states, mlp, gate_mlp, tanh_gate=True, branch_weight=post.weight, branch_eps=post.eps)
 
 
 def _check_layer(name: str, layer) -> None:
     """The fused layer forward reproduces diffusers' for this norm layout only."""
+    from diffusers.models.activations import FP32SiLU
+    from diffusers.models.attention import LuminaFeedForward
     from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
 
     post_norms = (layer.norm2, layer.ffn_norm2)
@@ -149,6 +150,8 @@ def _check_layer(name: str, layer) -> None:
             for norm in (attn.norm_q, attn.norm_k)
             if norm is not None
         )
+        or type(layer.feed_forward) is not LuminaFeedForward
+        or type(layer.feed_forward.silu) is not FP32SiLU
     ):
         raise ValueError(f"{name} has a norm layout RAS does not know (Lumina-Next LuminaNextDiTBlock expected)")
 
