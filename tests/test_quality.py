@@ -1,5 +1,5 @@
 """The RAS quality study (bench/quality) on CPU: scene data, captions, models, a training smoke run, the evaluation
-pipeline end to end at toy scale, and (once they ship) the trained weights."""
+pipeline end to end at toy scale, and the shipped trained weights (bench/quality/weights)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ from bench.quality import data, evaluate, train
 from bench.quality import model as qmodel
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "bench" / "quality" / "weights"
-needs_weights = pytest.mark.skipif(
-    not qmodel.has_weights(WEIGHTS),
-    reason="no trained weights in bench/quality/weights yet: they are trained on a GPU with "
-    "`python -m bench.quality.train --out bench/quality/weights`",
-)
 
 # Stated threshold of the shipped model: a dense 8-step CPU sample of 4 evaluation prompts shows at least this
 # share of the requested objects (right shape and colour in the right cell), as read by the shipped classifier.
-OBJECTS_THRESHOLD = 0.5
+OBJECTS_THRESHOLD = 0.75
 # The shipped classifier on clean, held-out scenes: share of scenes read entirely right.
 CLASSIFIER_THRESHOLD = 0.95
 
@@ -402,7 +397,6 @@ def test_evaluation_rejects_bad_arguments(tmp_path, capsys):
 
 
 # ---- the shipped weights ----
-@needs_weights
 def test_shipped_weights_load_and_classifier_reads_clean_scenes():
     models = qmodel.load(WEIGHTS)
     record = json.loads((WEIGHTS / qmodel.CONFIG_FILE).read_text())
@@ -415,7 +409,6 @@ def test_shipped_weights_load_and_classifier_reads_clean_scenes():
     assert scores["scene"].mean() >= CLASSIFIER_THRESHOLD
 
 
-@needs_weights
 def test_shipped_dense_sample_is_deterministic_and_on_task():
     models = qmodel.load(WEIGHTS)
     scenes = _scenes(4, evaluate.EVAL_SEED_OFFSET + 99)
