@@ -45,12 +45,13 @@ def _panel(record: dict) -> Image.Image:
     for r in ratios:
         x, _ = xy(r, 0)
         draw.text((x - 12, H - MARGIN + 6), f"{r:g}", fill="black")
-    for tick in range(0, int(top) + 1):
+    for tick in range(0, int(top) + 1, 1 if top <= 10 else 5):
         _, y = xy(ratios[0], tick)
         draw.line([MARGIN - 4, y, MARGIN, y], fill="black")
         draw.text((MARGIN - 30, y - 6), f"{tick}x", fill="black")
     draw.text((W // 2 - 40, H - MARGIN + 22), "sample ratio", fill="black")
-    title = f"{record['model']} {record['resolution']}^2, {record['device']}: speedup over dense eager"
+    steps = len(record["runs"][0]["step_ms"])
+    title = f"{record['model']} {record['resolution']}^2, {steps} steps, {record['device']}: speedup over dense eager"
     draw.text((MARGIN, 12), title, fill="black")
     for speed in compiled:
         _, y = xy(ratios[0], speed)
