@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Row, device_name, format_table, graph_ms, measure_ceilings
+from bench.common import Row, format_table, graph_ms, measure_ceilings, print_header
 from ras_kernels import gather_tokens, scatter_tokens
 from ras_kernels.gather import ops, reference
 
@@ -124,14 +124,11 @@ def sweep(ceilings: dict) -> list[Row]:
 
 
 def main() -> None:
-    import triton
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other launch configs")
     args = parser.parse_args()
     ceilings = measure_ceilings()
-    print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"ceilings: device copy {ceilings['GB/s']:.0f} GB/s, bf16 GEMM {ceilings['TFLOP/s']:.0f} TFLOP/s\n")
+    print_header(ceilings)
     print(format_table(rows(ceilings)))
     if args.sweep:
         print("\nlaunch-config sweep (baseline = the default config):\n")

@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Row, device_name, format_table, graph_replay, measure_ceilings, median_ms
+from bench.common import Row, format_table, graph_replay, measure_ceilings, median_ms, print_header
 from ras_kernels import select_regions
 from ras_kernels.select import ops, reference
 
@@ -149,16 +149,11 @@ def sweep() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import triton
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time band-select launch variants")
     args = parser.parse_args(argv)
     ceilings = measure_ceilings()
-    print(
-        f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}; ceilings: device copy "
-        f"{ceilings['GB/s']:.0f} GB/s, bf16 GEMM {ceilings['TFLOP/s']:.0f} TFLOP/s\n"
-    )
+    print_header(ceilings)
     print(format_table(rows(ceilings)) + "\n")
     print(eager_table() + "\n")
     if args.sweep:

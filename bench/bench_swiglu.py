@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, device_name, format_table, graph_ms, measure_ceilings
+from bench.common import Row, format_table, graph_ms, measure_ceilings, print_header
 from ras_kernels import swiglu
 
 
@@ -29,11 +29,8 @@ def rows(ceilings: dict) -> list[Row]:
 
 
 def main() -> None:
-    import triton
-
     ceilings = measure_ceilings()
-    print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"ceilings: device copy {ceilings['GB/s']:.0f} GB/s\n")
+    print_header(ceilings)
     print(format_table(rows(ceilings)))
 
 

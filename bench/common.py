@@ -97,6 +97,14 @@ def measure_ceilings() -> dict[str, float]:
     }
 
 
+def print_header(ceilings: dict[str, float]) -> None:
+    """The card, the versions and the same-run ceilings, printed above a benchmark's table."""
+    import triton
+
+    print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"ceilings: device copy {ceilings['GB/s']:.0f} GB/s, bf16 GEMM {ceilings['TFLOP/s']:.0f} TFLOP/s\n")
+
+
 def format_table(rows: list[Row]) -> str:
     """A markdown table: op, shape, ours, baseline, speedup, achieved rate and share of the ceiling."""
     lines = [
