@@ -51,6 +51,15 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_available()
 
 
+def triton_path(op, launcher, device: torch.device):
+    """The Triton entry point of an op for tensors on ``device``: the plain launcher for an eager call (CUDA-graph
+    capture included: no custom-op dispatch cost), the registered torch.library op while torch.compile traces (one
+    opaque node), None when the plain-PyTorch reference runs instead."""
+    if not use_triton(device):
+        return None
+    return op if torch.compiler.is_compiling() else launcher
+
+
 def check_tensor(
     name: str,
     t: object,

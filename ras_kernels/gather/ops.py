@@ -14,7 +14,7 @@ from .._backend import (
     check_unit_stride,
     device_of,
     row_strides,
-    use_triton,
+    triton_path,
 )
 from . import reference
 
@@ -214,8 +214,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
             )
         check_unit_stride("add", add)
     validate_index("idx", idx, batch, x.shape[1], x.device)
-    if use_triton(x.device):
-        return (_gather_op if torch.compiler.is_compiling() else _gather_triton)(x, idx, add)
+    triton_fn = triton_path(_gather_op, _gather_triton, x.device)
+    if triton_fn is not None:
+        return triton_fn(x, idx, add)
     return reference.gather_tokens(x, idx, add=add)
 
 
@@ -238,7 +239,8 @@ def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
         raise ValueError(
             f"dst must not be a broadcast (expanded) view: rows would alias; strides {tuple(dst.stride())}"
         )
-    if use_triton(dst.device):
-        (_scatter_op if torch.compiler.is_compiling() else _scatter_launch)(dst, idx, src)
+    triton_fn = triton_path(_scatter_op, _scatter_launch, dst.device)
+    if triton_fn is not None:
+        triton_fn(dst, idx, src)
         return dst
     return reference.scatter_tokens(dst, idx, src)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, row_strides, use_triton
+from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, row_strides, triton_path
 from . import reference
 
 MAX_D = 16384  # one row per register tile
@@ -222,13 +222,6 @@ def _(residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight
     return [h] if norm is None else [h, torch.empty_like(h)]
 
 
-def _triton_path(op, launcher, device: torch.device):
-    """The launcher for an eager call, the registered op while torch.compile traces; None for the reference."""
-    if not use_triton(device):
-        return None
-    return op if torch.compiler.is_compiling() else launcher
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Public ops
 
@@ -273,7 +266,7 @@ def adaptive_norm(
     _check_x("x", x)
     eps = _check_norm_args(x.shape[0], x.shape[2], x.device, norm, scale, shift, weight, bias, eps)
     _check_rope(rope, x)
-    triton_fn = _triton_path(_adaptive_norm_op, _adaptive_norm_triton, x.device)
+    triton_fn = triton_path(_adaptive_norm_op, _adaptive_norm_triton, x.device)
     if triton_fn is not None:
         return triton_fn(x, scale, shift, norm, weight, bias, eps, rope)
     return reference.adaptive_norm(x, scale, shift, norm=norm, weight=weight, bias=bias, eps=eps, rope=rope)
@@ -295,7 +288,7 @@ def gated_residual(
     contiguous in residual's dtype, computed in fp32.
     """
     branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
-    triton_fn = _triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    triton_fn = triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
     if triton_fn is not None:
         args = (residual, branch, gate, tanh_gate, branch_weight, branch_eps, None, None, None, None, None, 1e-6)
         return triton_fn(*args)[0]
@@ -328,7 +321,7 @@ def gated_residual_norm(
     branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
     b, _, d = residual.shape
     eps = _check_norm_args(b, d, residual.device, norm, scale, shift, weight, bias, eps)
-    triton_fn = _triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    triton_fn = triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
     if triton_fn is not None:
         h, y = triton_fn(
             residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps

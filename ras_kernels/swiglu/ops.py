@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, use_triton
+from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, triton_path
 from . import reference
 
 
@@ -64,6 +64,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         )
     _rows("gate", gate)
     _rows("up", up)
-    if use_triton(gate.device):
-        return (_swiglu_op if torch.compiler.is_compiling() else _launch)(gate, up)
+    triton_fn = triton_path(_swiglu_op, _launch, gate.device)
+    if triton_fn is not None:
+        return triton_fn(gate, up)
     return reference.swiglu(gate, up)
