@@ -14,10 +14,15 @@ __all__ = ["RASConfig", "RASHandle", "RASSession", "apply_ras", "supported_model
 
 
 def _adapters():
-    from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
+    try:
+        from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
 
-    from .lumina import patch_lumina
-    from .sd3 import patch_sd3
+        from .lumina import patch_lumina
+        from .sd3 import patch_sd3
+    except ImportError as err:
+        raise ImportError(
+            "apply_ras needs diffusers and einops: pip install 'ras-kernels[models]' (ras_kernels alone needs neither)"
+        ) from err
 
     # transformer class -> (patch function, default config)
     return {
