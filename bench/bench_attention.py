@@ -2,6 +2,8 @@
 
     python -m bench.bench_attention            # the table (ceilings, SD3 and Lumina shapes)
     python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
+    python -m bench.bench_attention --tune ras_kernels/attention/tuned_configs.json
+                                               # the shipped table: fastest config per autotune key
 
 Both sides are timed as CUDA-graph replays (so host launch overhead is not counted for either), median of
 triton's do_bench with the L2 flushed between runs. FLOPs = 4 * Lq * Lk * Hq * d * B. The SDPA baseline runs on
@@ -158,15 +160,74 @@ def sweep() -> None:
         print("| " + " | ".join(_sweep_cells(name, s, configs)) + " |", flush=True)
 
 
+# Shape families for the shipped table: (name, B, N cache rows, T extra rows, Hq, Hkv, d, extra masked).
+TUNE_FAMILIES = (
+    ("SD3 joint", 2, 4096, 333, 24, 24, 64, False),
+    ("Lumina self", 2, 4096, 0, 32, 8, 72, False),
+    ("Lumina cross", 2, 0, 256, 32, 8, 72, True),
+    ("d=128 joint", 2, 4096, 512, 24, 24, 128, False),
+)
+TUNE_BUCKETS = tuple(1 << i for i in range(6, 16))  # query-length buckets 64 .. 32768
+
+
+def tune(path: str) -> None:
+    """Time every config of ``ops.GPU_CONFIGS`` for each autotune key of the shape families above (bf16, CUDA-graph
+    replays) and write the fastest per key to ``path``: the table ``ras_kernels.attention`` ships, so a first call
+    on this card's architecture does not autotune. The key ignores B, N and the head counts (as the autotuner's)."""
+    import json
+
+    import triton
+
+    from ras_kernels.attention import ops
+
+    major, minor = torch.cuda.get_device_capability()
+    table = {}
+    for name, b, n, t, hq, hkv, d, masked in TUNE_FAMILIES:
+        for bucket in TUNE_BUCKETS:
+            lq = max(1, bucket * 3 // 4)
+            q, _, _, kc, vc, _, ke, ve = _inputs(b, n, 0, t, hq, hkv, d, lq=lq)
+            mask = torch.rand(b, t, device="cuda") < 0.8 if masked else None
+            if masked:
+                mask[:, 0] = True
+            args = (q, kc, vc, ke, ve, mask, d**-0.5, False, lambda f: f)
+            timings = []
+            for bm, bn, w, st in ops.GPU_CONFIGS:
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                try:
+                    ms = graph_ms(lambda args=args, cfg=cfg: ops._launch_attention(*args, cfg))
+                except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
+                    continue
+                timings.append((ms, [bm, bn, w, st]))
+            ms, best = min(timings)
+            key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, masked)
+            table[key] = best
+            print(f"{name:13s} Lq={lq:6d} key {key}: {best} {ms * 1e3:.1f} us", flush=True)
+    record = {
+        "arch": f"sm{major}{minor}",
+        "measured_on": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "configs": {},
+    }
+    with open(path, "w") as f:  # one line per key, so a re-tune reads as a small diff
+        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items()))
+        f.write(json.dumps(record, indent=1).replace('"configs": {}', '"configs": {\n' + body + "\n }") + "\n")
+    print(f"wrote {len(table)} configs to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time every kernel config on every shape")
+    parser.add_argument("--tune", metavar="JSON", help="write the fastest config per autotune key to this file")
     a = parser.parse_args()
     import triton
 
     print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}, {str(DTYPE)[6:]}")
     if a.sweep:
         sweep()
+        return
+    if a.tune:
+        tune(a.tune)
         return
     ceilings = measure_ceilings()
     print(f"ceilings: {ceilings['GB/s']:.0f} GB/s copy, {ceilings['TFLOP/s']:.0f} TFLOP/s bf16 GEMM")
