@@ -1,13 +1,13 @@
 """Region-Adaptive Sampling for diffusers pipelines and custom DiTs.
 
-``apply_ras(pipe_or_transformer, config)`` patches one model instance (and its pipeline's scheduler) and returns
-a handle whose ``remove()`` restores it; ``RASSession`` is the model-agnostic controller behind it.
+``apply_ras(pipe_or_transformer, config)`` patches one model instance (and its pipeline) and returns a handle
+whose ``remove()`` restores it; ``RASSession`` is the model-agnostic controller behind it.
 """
 
 from __future__ import annotations
 
 from .config import RASConfig
-from .handle import RASHandle, hook_scheduler
+from .handle import RASHandle
 from .session import RASSession
 
 __all__ = ["RASConfig", "RASHandle", "RASSession", "apply_ras", "supported_models"]
@@ -36,13 +36,20 @@ def supported_models() -> list[str]:
     return [cls.__name__ for cls in _adapters()]
 
 
-def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = True) -> RASHandle:
-    """Apply RAS to a diffusers pipeline (its ``.transformer`` and ``.scheduler``) or to a bare transformer.
+def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = True, max_shapes: int = 4) -> RASHandle:
+    """Apply RAS to a diffusers pipeline (its ``.transformer``, and its scheduler during each call) or to a bare
+    transformer.
 
     With a pipeline, each call of the pipeline is one generation: its scheduler's ``set_timesteps`` starts it
     (and raises ValueError if the call's step count differs from ``config.num_steps``), and the guided output
-    handed to ``scheduler.step`` chooses the next step's tokens. With a bare transformer, call
-    ``handle.observe(guided)`` after every step and ``handle.reset()`` before every generation.
+    handed to ``scheduler.step`` chooses the next step's tokens. The scheduler is hooked only while the pipeline
+    runs, so pipelines may share one. A call that raises (or is interrupted, or stops early) frees the
+    generation's caches and graphs at once. With a bare transformer, call ``handle.observe(guided)`` after every
+    step and ``handle.reset()`` before every generation.
+
+    ``pipe.enable_model_cpu_offload()`` composes, before or after ``apply_ras``. Accelerate hooks on the
+    transformer's submodules (``enable_sequential_cpu_offload``, a ``device_map``) are refused. Replacing a patched
+    attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise.
 
     Args:
         target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel`` or ``LuminaPipeline``/``LuminaNextDiT2DModel``
@@ -50,10 +57,13 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
         config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()``).
         cuda_graphs: capture each distinct step shape of a CUDA, no-grad run in a CUDA graph and replay it (removes
             the launch and host overhead that dominates low-ratio steps); the caches are then reused across
-            generations and freed by ``remove()``. ``False`` runs every step eagerly.
+            generations and freed by ``remove()``. ``False`` runs every step eagerly and frees the caches when each
+            generation ends.
+        max_shapes: with ``cuda_graphs``, the graphs and caches of at most this many generation shapes (batch,
+            resolution) are held; a generation at a new shape first frees the least recently used one's.
 
     Returns:
-        A :class:`RASHandle`; ``handle.remove()`` (or leaving ``with``) restores the exact original modules.
+        A :class:`RASHandle`; ``handle.remove()`` (or leaving ``with``) restores the exact original objects.
     """
     transformer = getattr(target, "transformer", target)
     adapters = _adapters()
@@ -68,11 +78,20 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
         config = preset()
     if getattr(transformer, "_ras_handle", None) is not None:
         raise RuntimeError("RAS is already applied to this transformer; call remove() on its handle first")
-    handle = RASHandle(RASSession(config, patch_size=transformer.config.patch_size), cuda_graphs=cuda_graphs)
+    if transformer is not target and not hasattr(target, "scheduler"):
+        raise TypeError(f"apply_ras needs a pipeline with a .scheduler; {type(target).__name__} has none")
+    hooked = next((name for name, m in transformer.named_modules() if name and hasattr(m, "_hf_hook")), None)
+    if hooked is not None:
+        raise ValueError(
+            f"transformer.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), which RAS "
+            "does not support; use pipe.enable_model_cpu_offload() or no offloading"
+        )
+    session = RASSession(config, patch_size=transformer.config.patch_size, max_shapes=max_shapes)
+    handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs)
     try:
         patch(handle, transformer)
         if transformer is not target:
-            hook_scheduler(handle, target.scheduler)
+            handle.hook_pipeline(target)
         handle.patch(transformer, "_ras_handle", handle)
     except Exception:
         handle.remove()

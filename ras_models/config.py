@@ -10,12 +10,14 @@ METRICS = ("std", "l2")
 MODES = ("reference", "paper")
 
 
-def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+def require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise a TypeError naming ``name`` unless ``value`` is an int (bool is not), a ValueError unless it lies in
+    [low, high]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"RASConfig.{name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
         accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"RASConfig.{name} must be in {accepted}, got {value}")
+        raise ValueError(f"{name} must be in {accepted}, got {value}")
 
 
 def _require_float(name: str, value: object, accepted: str, ok) -> None:
@@ -61,20 +63,20 @@ class RASConfig:
 
     def __post_init__(self) -> None:
         _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
-        _require_int("num_steps", self.num_steps, 2)
-        _require_int("warmup_steps", self.warmup_steps, 1, self.num_steps - 1)
+        require_int("RASConfig.num_steps", self.num_steps, 2)
+        require_int("RASConfig.warmup_steps", self.warmup_steps, 1, self.num_steps - 1)
         if isinstance(self.reset_steps, (str, bytes)) or not hasattr(self.reset_steps, "__iter__"):
             raise TypeError(f"RASConfig.reset_steps must be a tuple of ints, got {self.reset_steps!r}")
         object.__setattr__(self, "reset_steps", tuple(self.reset_steps))
         for step in self.reset_steps:
-            _require_int("reset_steps[...]", step, 0, self.num_steps - 1)
+            require_int("RASConfig.reset_steps[...]", step, 0, self.num_steps - 1)
         if self.end_step is not None:
-            _require_int("end_step", self.end_step, self.warmup_steps, self.num_steps - 1)
+            require_int("RASConfig.end_step", self.end_step, self.warmup_steps, self.num_steps - 1)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"RASConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _require_int("dynamic_step", self.dynamic_step, 0)
-        _require_int("dynamic_group", self.dynamic_group, 1)
-        _require_int("dynamic_multiple", self.dynamic_multiple, 1)
+        require_int("RASConfig.dynamic_step", self.dynamic_step, 0)
+        require_int("RASConfig.dynamic_group", self.dynamic_group, 1)
+        require_int("RASConfig.dynamic_multiple", self.dynamic_multiple, 1)
         if self.metric not in METRICS:
             raise ValueError(f"RASConfig.metric must be one of {METRICS}, got {self.metric!r}")
         if self.mode not in MODES:

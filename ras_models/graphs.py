@@ -64,40 +64,75 @@ class _Graph:
         return _rebuild(self.static_output, iter([t.clone() for t in outputs]))
 
 
-class StepGraphs:
-    """Captured transformer steps keyed by step shape; ``run(key, fn, *args, **kwargs)`` replays or captures."""
+class _Group:
+    """The graphs of one generation shape and the memory pool they share (they are replayed one at a time)."""
 
     def __init__(self):
-        self._graphs: dict[object, _Graph] = {}
-        self._seen: set[object] = set()
-        self._pool = None
+        self.graphs: dict[object, _Graph] = {}
+        self.seen: set[object] = set()
+        self.pool = None
+
+
+class StepGraphs:
+    """Captured transformer steps; ``run(key, fn, *args, **kwargs)`` replays or captures.
+
+    Steps run in the group chosen by ``use_group`` (default: one group). The handle uses the generation's shape
+    (batch, latent height, latent width, device): the graphs of a group read that shape's cache buffers and share
+    one private memory pool, so dropping a group (``keep_only``) destroys its graphs and frees its whole pool.
+    Pools are per group rather than one for all: a CUDA graph pool is only given back once every graph captured
+    into it is destroyed, so with one shared pool a dropped shape's memory would stay reserved for later captures
+    only. The freed pool is handed back with ``torch.cuda.empty_cache()``, so every allocation (and other
+    processes) can reuse it and reserved memory stays flat as shapes come and go.
+    """
+
+    def __init__(self):
+        self._groups: dict[object, _Group] = {}
+        self._group: object = None
+
+    def use_group(self, group: object) -> None:
+        """Run the following steps in ``group``."""
+        self._group = group
 
     def run(self, key: object, fn: Callable, *args, **kwargs):
         _, layout = _split((args, kwargs))
         full_key = (key, layout)
-        graph = self._graphs.get(full_key)
+        entry = self._groups.setdefault(self._group, _Group())
+        graph = entry.graphs.get(full_key)
         if graph is not None:
             return graph.replay(args, kwargs)
-        if full_key not in self._seen:
+        if full_key not in entry.seen:
             # First time: run eagerly (warms up libraries and autotuners; the result is the step's result).
-            self._seen.add(full_key)
+            entry.seen.add(full_key)
             return fn(*args, **kwargs)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        if entry.pool is None:
+            entry.pool = torch.cuda.graph_pool_handle()
         try:
-            graph = _Graph(fn, args, kwargs, self._pool)
+            graph = _Graph(fn, args, kwargs, entry.pool)
         except RuntimeError as err:
             raise RuntimeError(
                 "capturing the transformer step in a CUDA graph failed (something in the step synchronises with "
                 "the host or changes shape); apply RAS with cuda_graphs=False to run eagerly"
             ) from err
-        self._graphs[full_key] = graph
+        entry.graphs[full_key] = graph
         return graph.replay(args, kwargs)
 
+    def groups(self) -> tuple[object, ...]:
+        """The groups holding graphs or eager first runs."""
+        return tuple(self._groups)
+
+    def keep_only(self, groups) -> None:
+        """Drop every group not in ``groups``."""
+        self._drop([g for g in self._groups if g not in groups])
+
     def clear(self) -> None:
-        self._graphs.clear()
-        self._seen.clear()
-        self._pool = None
+        self._drop(list(self._groups))
+
+    def _drop(self, groups: list) -> None:
+        captured = False
+        for group in groups:
+            captured |= bool(self._groups.pop(group).graphs)
+        if captured:
+            torch.cuda.empty_cache()  # return the dropped pools' memory (see the class docstring)
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return sum(len(entry.graphs) for entry in self._groups.values())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import types
 
 import torch
 
@@ -10,55 +12,240 @@ from .graphs import StepGraphs
 from .session import RASSession
 
 _MISSING = object()
+# accelerate's hooks (``enable_model_cpu_offload``) keep the forward they wrap in ``_old_forward`` and move it back
+# to ``forward`` when they are removed; diffusers removes and re-installs them after every pipeline call.
+_FORWARD_SLOTS = ("forward", "_old_forward")
+
+
+def _wrapped(original, wrapper):
+    """``wrapper(original, *args, **kwargs)`` as a callable that looks like ``original``."""
+    return functools.wraps(original)(functools.partial(wrapper, original))
+
+
+def _get(obj: object, name: str) -> object:
+    return type(obj) if name == "__class__" else vars(obj).get(name, _MISSING)
+
+
+class _Patch:
+    """``obj.name`` set to ``new`` on the instance; ``old`` was there before (``_MISSING``: nothing, the class's)."""
+
+    def __init__(self, obj: object, name: str, new: object, slots: tuple[str, ...]):
+        self.obj, self.name, self.new, self.slots = obj, name, new, slots
+        self.old = _get(obj, name)
+        setattr(obj, name, new)
+
+    def slot(self) -> str | None:
+        """Where our value sits now (None: something replaced it)."""
+        return next((s for s in self.slots if _get(self.obj, s) is self.new), None)
+
+    def undo(self) -> None:
+        """Put the old value back where ours sits; leave a value someone else put there since alone."""
+        slot = self.slot()
+        if slot is None:
+            return
+        if self.old is not _MISSING:
+            setattr(self.obj, slot, self.old)
+        elif slot == self.name:
+            delattr(self.obj, slot)
+        else:  # an instance forward moved into accelerate's _old_forward: the class's forward goes there instead
+            setattr(self.obj, slot, types.MethodType(getattr(type(self.obj), self.name), self.obj))
+
+
+class _Patches:
+    """Attributes set on instances. Each is undone only where our value still sits, so several sets of patches
+    (several handles, or a handle and a pipeline call) can be undone in any order."""
+
+    def __init__(self):
+        self.items: list[_Patch] = []
+
+    def set(self, obj: object, name: str, value: object, slots: tuple[str, ...] | None = None) -> None:
+        self.items.append(_Patch(obj, name, value, slots or (name,)))
+
+    def undo(self) -> None:
+        while self.items:
+            self.items.pop().undo()
 
 
 class RASHandle:
-    """RAS applied to one model (and optionally its pipeline's scheduler); ``remove()`` undoes every patch.
+    """RAS applied to one model (and optionally its pipeline); ``remove()`` undoes every patch.
 
     Also a context manager: ``with apply_ras(pipe): pipe(...)``. Drive a bare transformer yourself with
     :meth:`observe` after each step and :meth:`reset` before each generation.
     """
 
-    def __init__(self, session: RASSession, *, cuda_graphs: bool = True):
+    def __init__(self, session: RASSession, model: torch.nn.Module, *, cuda_graphs: bool = True):
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         self.session = session
+        self.model = model
         self.graphs = StepGraphs() if cuda_graphs else None
-        self._undo: list[tuple[object, str, object]] = []
+        self._patches = _Patches()
+        self._weights: tuple[int, ...] | None = None  # parameter/buffer addresses the graphs were captured with
 
     def run_step(self, forward, hidden_states: torch.Tensor, *args, **kwargs):
         """One transformer call: begin the step, then run ``forward`` eagerly or through its CUDA graph.
 
         Graphs are used for CUDA inputs under ``torch.no_grad()`` (pipelines sample that way); a step shape's first
-        call runs eagerly, its second is captured, later ones replay.
+        call runs eagerly, its second is captured, later ones replay. An exception in the step aborts the generation
+        (:meth:`abort`).
         """
+        self.check()
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor [B, C, H, W], got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 4:
+            raise ValueError(f"hidden_states must be latents [B, C, H, W], got shape {tuple(hidden_states.shape)}")
+        graphed = self._use_graphs(hidden_states)
+        if graphed:
+            self.session.keep_buffers = True  # graphs read the buffers they were captured with: reuse them
         b, _, h, w = hidden_states.shape
-        self.session.begin_step(b, h, w, hidden_states.device)
-        if self.graphs is None or not hidden_states.is_cuda or torch.is_grad_enabled():
-            return forward(hidden_states, *args, **kwargs)
-        self.session.keep_buffers = True  # graphs read the caches they were captured with: reuse, never free
-        return self.graphs.run(tuple(self.session.batch_index.shape), forward, hidden_states, *args, **kwargs)
+        self.session.begin_step(b, h, w, hidden_states.device)  # raises before changing any state
+        try:
+            if self.graphs is not None and self.session.step == 0:
+                self._drop_stale_graphs()
+            if not graphed:
+                return forward(hidden_states, *args, **kwargs)
+            self.graphs.use_group(self.session.shape_key)
+            return self.graphs.run(tuple(self.session.batch_index.shape), forward, hidden_states, *args, **kwargs)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _use_graphs(self, hidden_states: torch.Tensor) -> bool:
+        return self.graphs is not None and hidden_states.is_cuda and not torch.is_grad_enabled()
+
+    def _drop_stale_graphs(self) -> None:
+        """At a generation's start: drop the graphs of shapes whose buffers the session freed (least recently used
+        beyond ``max_shapes``), and every graph if the weights moved since capture (a captured graph reads them by
+        address: ``enable_model_cpu_offload`` or ``pipe.to(...)`` moves them between calls)."""
+        model = self.model
+        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        if weights != self._weights:
+            self.graphs.clear()
+            self._weights = weights
+        self.graphs.keep_only(self.session.held_shapes)
+
+    def check(self) -> None:
+        """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
+        ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense."""
+        # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
+        replaced = next((p for p in self._patches.items if _get(p.obj, p.name) is not p.new and p.slot() is None), None)
+        if replaced is None:
+            return
+        names = {id(m): name or "transformer" for name, m in self.model.named_modules()}
+        where = f"{names.get(id(replaced.obj), type(replaced.obj).__name__)}.{replaced.name}"
+        hint = ""
+        if hasattr(replaced.obj, "_hf_hook"):
+            hint = (
+                " by an accelerate hook (enable_sequential_cpu_offload or a device_map; RAS composes with "
+                "enable_model_cpu_offload only)"
+            )
+        raise RuntimeError(
+            f"{where} was replaced after apply_ras{hint}, so the model would run neither RAS nor the dense model. "
+            "Call remove() on the RAS handle (it leaves the new value in place), change the model as needed (e.g. "
+            "set_attn_processor / unfuse_qkv_projections), then apply_ras again"
+        )
 
     def patch(self, obj: object, name: str, value: object) -> None:
         """Set ``obj.name = value`` on the instance, remembering what to restore."""
-        self._undo.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        setattr(obj, name, value)
+        self._patches.set(obj, name, value)
 
     def wrap_method(self, obj: object, name: str, wrapper) -> None:
-        """Replace the bound method ``obj.name`` by ``wrapper(original, *args, **kwargs)`` on this instance."""
-        original = getattr(obj, name)
-        self.patch(obj, name, functools.wraps(original)(functools.partial(wrapper, original)))
+        """Replace the bound method ``obj.name`` by ``wrapper(original, *args, **kwargs)`` on this instance.
 
-    def remove(self) -> None:
-        """Restore every patched attribute exactly (instance attributes deleted or put back) and free caches."""
-        while self._undo:
-            obj, name, old = self._undo.pop()
-            if old is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
+        The model's own ``forward`` is wrapped beneath an accelerate offload hook when one is installed (in its
+        ``_old_forward``), and is found there or in ``forward`` as the hook is re-installed or removed.
+        """
+        slots = None
+        if obj is self.model and name == "forward":
+            slots = _FORWARD_SLOTS
+            if "_old_forward" in vars(obj):
+                name = "_old_forward"
+        self._patches.set(obj, name, _wrapped(getattr(obj, name), wrapper), slots)
+
+    def hook_pipeline(self, pipe: object) -> None:
+        """Make each call of ``pipe`` one generation: its class becomes a subclass (for this instance only) whose
+        ``__call__`` hooks the pipeline's scheduler for the call and aborts the generation if the call raises."""
+        cls = type(pipe)
+        if getattr(cls, "_ras_pipeline", False):
+            raise RuntimeError("RAS is already applied to this pipeline; call remove() on its handle first")
+
+        @functools.wraps(cls.__call__)
+        def __call__(pipe_self, *args, **kwargs):
+            return self._call_pipeline(cls.__call__, pipe_self, *args, **kwargs)
+
+        namespace = {"__call__": __call__, "_ras_pipeline": True, "__module__": cls.__module__, "__doc__": cls.__doc__}
+        subclass = type(cls.__name__, (cls,), namespace)
+        subclass.__qualname__ = cls.__qualname__
+        self._patches.set(pipe, "__class__", subclass)
+
+    def _call_pipeline(self, call, pipe, *args, **kwargs):
+        if pipe.transformer is not self.model:
+            raise RuntimeError(
+                "pipe.transformer was replaced after apply_ras; call remove() on the RAS handle and apply RAS again"
+            )
+        self.check()
+        scheduler = pipe.scheduler
+        if getattr(scheduler, "_ras_pipeline_call", None) is not None:
+            raise RuntimeError(
+                "this pipeline's scheduler object is in use by another RAS pipeline call (pipelines sharing one "
+                "scheduler cannot run inside each other); give each pipeline its own scheduler, e.g. "
+                "pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)"
+            )
+        hooks = _Patches()
+        try:
+            hooks.set(scheduler, "_ras_pipeline_call", pipe)
+            self._hook_scheduler(hooks, scheduler)
+            result = call(pipe, *args, **kwargs)
+        except BaseException:
+            if self.session.in_generation:
+                self.abort()
+            raise
+        finally:
+            hooks.undo()
+        if self.session.in_generation:  # the pipeline stopped early (e.g. its interrupt flag): end the generation
+            self.session.reset()
+        return result
+
+    def _hook_scheduler(self, hooks: _Patches, scheduler: object) -> None:
+        """Reset at ``set_timesteps`` (a new generation) and observe the guided output handed to ``step``."""
+        session = self.session
+
+        def set_timesteps(original, *args, **kwargs):
+            result = original(*args, **kwargs)
+            steps = len(scheduler.timesteps)
+            if steps != session.config.num_steps:
+                raise ValueError(
+                    f"the pipeline runs {steps} denoising steps but the RASConfig was made for "
+                    f"num_steps={session.config.num_steps}; pass num_inference_steps={session.config.num_steps} or "
+                    f"apply RAS with a config for {steps} steps (e.g. RASConfig.sd3(num_steps={steps}, ...))"
+                )
+            session.reset()
+            return result
+
+        def step(original, model_output, *args, **kwargs):
+            session.observe(model_output)
+            return original(model_output, *args, **kwargs)
+
+        hooks.set(scheduler, "set_timesteps", _wrapped(scheduler.set_timesteps, set_timesteps))
+        hooks.set(scheduler, "step", _wrapped(scheduler.step, step))
+
+    def abort(self) -> None:
+        """End the current generation after a failure: free every cache and captured graph now; the next
+        generation starts as a fresh one."""
+        self._free()
+        self.session.reset()
+
+    def _free(self) -> None:
         if self.graphs is not None:
             self.graphs.clear()
-        self.session.keep_buffers = False
         self.session.release()
+
+    def remove(self) -> None:
+        """Restore every patched attribute (instance attributes deleted or put back, the pipeline's class put back)
+        and free the caches and graphs. An attribute replaced since apply_ras keeps its new value."""
+        self._patches.undo()
+        self._free()
+        self.session.keep_buffers = False
         self.session.reset()
 
     def observe(self, guided: torch.Tensor) -> None:
@@ -74,27 +261,3 @@ class RASHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def hook_scheduler(handle: RASHandle, scheduler: object) -> None:
-    """Reset at ``set_timesteps`` (a new generation) and observe the guided output handed to ``step``."""
-    session = handle.session
-
-    def set_timesteps(original, *args, **kwargs):
-        result = original(*args, **kwargs)
-        steps = len(scheduler.timesteps)
-        if steps != session.config.num_steps:
-            raise ValueError(
-                f"the pipeline runs {steps} denoising steps but the RASConfig was made for "
-                f"num_steps={session.config.num_steps}; pass num_inference_steps={session.config.num_steps} or "
-                f"apply RAS with a config for {steps} steps (e.g. RASConfig.sd3(num_steps={steps}, ...))"
-            )
-        session.reset()
-        return result
-
-    def step(original, model_output, *args, **kwargs):
-        session.observe(model_output)
-        return original(model_output, *args, **kwargs)
-
-    handle.wrap_method(scheduler, "set_timesteps", set_timesteps)
-    handle.wrap_method(scheduler, "step", step)

@@ -18,22 +18,45 @@ N = (H / p) * (W / p) image tokens in row-major patch order; K the step's active
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from ras_kernels import cached_kv_attention, gather_tokens, scatter_tokens, select_regions
+from ras_kernels._backend import FLOAT_DTYPES, check_tensor
 
-from .config import RASConfig
+from .config import RASConfig, require_int
+
+
+def _require_size(name: str, value: object) -> None:
+    if not isinstance(value, torch.SymInt):  # a size torch.compile traces symbolically is checked where it is real
+        require_int(name, value, 1)
 
 
 class RASSession:
-    """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation."""
+    """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation.
 
-    def __init__(self, config: RASConfig, patch_size: int, *, keep_buffers: bool = False):
+    Args:
+        config: the RAS settings.
+        patch_size: p, the transformer's patch size (an int >= 1).
+        keep_buffers: keep the caches and index buffers of a generation for the next one at the same shape (CUDA
+            graphs read the buffers they were captured with); otherwise they are freed when a generation ends.
+        max_shapes: with ``keep_buffers``, the buffers of at most this many generation shapes (batch, latent height,
+            latent width, device) are held; a generation at a new shape first frees those of the least recently used
+            one.
+    """
+
+    def __init__(self, config: RASConfig, patch_size: int, *, keep_buffers: bool = False, max_shapes: int = 4):
         if not isinstance(config, RASConfig):
             raise TypeError(f"config must be a RASConfig, got {type(config).__name__}")
+        require_int("patch_size", patch_size, 1)
+        if not isinstance(keep_buffers, bool):
+            raise TypeError(f"keep_buffers must be a bool, got {type(keep_buffers).__name__}")
+        require_int("max_shapes", max_shapes, 1)
         self.config = config
         self.patch_size = patch_size
         self.keep_buffers = keep_buffers
+        self.max_shapes = max_shapes
         self.counters: torch.Tensor | None = None
         self.release()
         self.reset()
@@ -44,6 +67,7 @@ class RASSession:
         self.step = 0
         self.num_tokens: int | None = None
         self.schedule: list[int] | None = None
+        self.shape_key: tuple | None = None  # (batch, latent height, latent width, device) of this generation
         self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
         self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
         self._forward_done = False
@@ -55,9 +79,34 @@ class RASSession:
     def release(self) -> None:
         """Free every cache and index buffer."""
         self.counters = None
-        self._kv: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shapes: OrderedDict[tuple, None] = OrderedDict()  # shape keys held, least recently used first
+        # Every buffer is keyed by its generation's shape key first, so a shape's buffers are freed together.
+        self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._out: dict[tuple, torch.Tensor] = {}
-        self._index: dict[tuple[int, int], torch.Tensor] = {}
+        self._index: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def held_shapes(self) -> tuple[tuple, ...]:
+        """Shape keys (batch, latent height, latent width, device) whose buffers are held, least recently used
+        first."""
+        return tuple(self._shapes)
+
+    def _hold(self, shape_key: tuple) -> None:
+        """Mark ``shape_key`` most recently used; first free the least recently used shapes beyond max_shapes."""
+        if shape_key in self._shapes:
+            self._shapes.move_to_end(shape_key)
+            return
+        while len(self._shapes) >= self.max_shapes:
+            evicted, _ = self._shapes.popitem(last=False)
+            for buffers in (self._kv, self._out, self._index):
+                for key in [key for key in buffers if key[0] == evicted]:
+                    del buffers[key]
+        self._shapes[shape_key] = None
+
+    @property
+    def in_generation(self) -> bool:
+        """Whether a generation has run a step and not yet its last one."""
+        return self.shape_key is not None and self.step < self.config.num_steps
 
     @property
     def is_dense(self) -> bool:
@@ -68,10 +117,28 @@ class RASSession:
     def num_active(self) -> int:
         return self.batch_index.shape[1]
 
+    def _require_step(self, call: str) -> None:
+        if not self._forward_done:
+            raise RuntimeError(
+                f"{call}() outside a step: call begin_step() first (with apply_ras, the transformer's patched "
+                "forward does; if it did not run, something replaced it)"
+            )
+
     # ---- inside the transformer ----
-    def begin_step(self, batch: int, height: int, width: int, device: torch.device) -> None:
-        """Prepare the current step for a transformer batch of latents [batch, C, height, width]."""
+    def begin_step(self, batch: int, height: int, width: int, device: torch.device | str) -> None:
+        """Prepare the current step for a transformer batch of latents [batch, C, height, width] on ``device``.
+
+        Raises before changing any state, so a refused call leaves the generation as it was.
+        """
         cfg, p = self.config, self.patch_size
+        for name, value in (("batch", batch), ("height", height), ("width", width)):
+            _require_size(name, value)
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as err:
+            raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from err
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if self._forward_done:
             raise RuntimeError(
                 f"the transformer ran twice at step {self.step} without observe() between: call observe(guided) "
@@ -85,32 +152,57 @@ class RASSession:
         if height % p or width % p:
             raise ValueError(f"latent height and width ({height}, {width}) must be divisible by patch size {p}")
         n = (height // p) * (width // p)
-        if self.num_tokens is None:
-            self.num_tokens, self.schedule = n, cfg.token_schedule(n)
-        elif n != self.num_tokens:
-            raise ValueError(f"latent size changed within a generation ({self.num_tokens} -> {n} tokens)")
-        k = n if self.active is None else self.active.shape[1]
-        index = self._index.get((batch, k))
+        shape_key = (batch, height, width, device)
+        if self.shape_key is None:
+            schedule = cfg.token_schedule(n)
+        elif shape_key[1:3] != self.shape_key[1:3]:
+            raise ValueError(
+                f"latent size changed within a generation ({self.shape_key[1]}x{self.shape_key[2]} -> {height}x{width})"
+            )
+        elif shape_key != self.shape_key:
+            raise ValueError(
+                f"transformer batch or device changed within a generation ({self.shape_key[0]} on "
+                f"{self.shape_key[3]} -> {batch} on {device})"
+            )
+        k = n if self.active is None else self.active.shape[1]  # observe() checked that its P prompts divide batch
+        if self.shape_key is None:
+            self.num_tokens, self.schedule, self.shape_key = n, schedule, shape_key
+            self._hold(shape_key)
+        index = self._index.get((shape_key, k))
         if index is None:
             index = torch.arange(k, device=device).repeat(batch, 1)  # the dense rows; RAS steps overwrite it
-            self._index[(batch, k)] = index
+            self._index[(shape_key, k)] = index
         if self.active is not None:
             prompts = self.active.shape[0]
-            if batch % prompts:
-                raise ValueError(f"transformer batch {batch} is not a multiple of the {prompts} prompts observed")
             # In place: a captured step graph reads this buffer.
             index.view(batch // prompts, prompts, k).copy_(self.active.expand(batch // prompts, prompts, k))
         self.batch_index = index
         self._forward_done = True
 
+    def _check_rows(self, name: str, t: object, ndim: int, rows: int) -> None:
+        """``t`` must be a tensor [B, rows, ...] with this step's batch B."""
+        check_tensor(name, t, ndim=ndim)
+        batch = self.shape_key[0]
+        if tuple(t.shape[:2]) != (batch, rows):
+            raise ValueError(
+                f"{name} must have shape (B, {rows}, ...) with this step's batch B={batch}, got {tuple(t.shape)}"
+            )
+
     def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
         """The step's rows of ``x`` [B, N, D] plus the same rows of ``add`` [1 or B, N, D] (summed in fp32), in one
         pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result."""
+        self._require_step("gather")
+        self._check_rows("x", x, 3, self.num_tokens)
         return gather_tokens(x, self.batch_index, add=add)
 
     def gather_rows(self, table: torch.Tensor) -> torch.Tensor:
         """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. complex RoPE frequencies);
         the table itself on a dense step (it broadcasts)."""
+        self._require_step("gather_rows")
+        check_tensor("table", table)
+        batch, n = self.shape_key[0], self.num_tokens
+        if table.dim() < 2 or table.shape[0] not in (1, batch) or table.shape[1] != n:
+            raise ValueError(f"table must have shape (1 or B={batch}, N={n}, ...), got {tuple(table.shape)}")
         if self.is_dense:
             return table
         real = torch.view_as_real(table) if table.is_complex() else table
@@ -131,9 +223,11 @@ class RASSession:
     ) -> torch.Tensor:
         """Attention for layer ``key``: q [B, Lq, Hq, d] over the layer's whole-image K/V cache (refreshed with
         the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d]."""
+        self._require_step("attend")
+        self._check_rows("k", k, 4, self.num_active)
         b, _, hkv, d = k.shape
         # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
-        cache_key = (key, b, self.num_tokens, hkv, d, k.dtype)
+        cache_key = (self.shape_key, key, hkv, d, k.dtype)
         caches = self._kv.get(cache_key)
         if caches is None:
             if not self.is_dense:
@@ -151,8 +245,10 @@ class RASSession:
 
         The returned tensor is the cache itself: valid until the next step's scatter_output.
         """
+        self._require_step("scatter_output")
+        self._check_rows("out", out, 3, self.num_active)
         b, _, f = out.shape
-        out_key = (b, self.num_tokens, f, out.dtype)
+        out_key = (self.shape_key, f, out.dtype)
         cache = self._out.get(out_key)
         if cache is None:
             if not self.is_dense:
@@ -167,6 +263,20 @@ class RASSession:
         """Take the step's guided output [P, C, H, W] (inactive rows merged) and choose the next active set."""
         if not self._forward_done:
             raise RuntimeError(f"observe() at step {self.step} before the transformer ran for that step")
+        check_tensor("guided", guided, ndim=4, dtypes=FLOAT_DTYPES)
+        batch, height, width, device = self.shape_key
+        if tuple(guided.shape[2:]) != (height, width):
+            raise ValueError(
+                f"guided must have the step's latent height and width ({height}, {width}), got shape "
+                f"{tuple(guided.shape)}"
+            )
+        if guided.shape[0] < 1 or batch % guided.shape[0]:
+            raise ValueError(
+                f"guided has {guided.shape[0]} prompts, but the transformer batch {batch} is not a multiple of it "
+                "(pass the guided output [P, C, H, W], CFG already combined)"
+            )
+        if guided.device != device:
+            raise ValueError(f"guided is on {guided.device} but the step ran on {device}")
         cfg = self.config
         nxt = self.step + 1
         if nxt < cfg.num_steps and cfg.is_ras_step(nxt):

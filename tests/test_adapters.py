@@ -241,7 +241,7 @@ def _processors(transformer):
 )
 def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
     pipe = factory()
-    t, s = pipe.transformer, pipe.scheduler
+    t, s, cls = pipe.transformer, pipe.scheduler, type(pipe)
     modules = list(t.modules())
     processors = _processors(t)
     instance_attrs = {id(m): dict(vars(m)) for m in modules}
@@ -266,6 +266,7 @@ def test_remove_restores_and_generations_repeat(factory, size, torch_backend):
             if k not in ("_parameters", "_buffers", "_modules")
         )
     assert vars(s).keys() == sched_attrs.keys() and "step" not in vars(s) and "set_timesteps" not in vars(s)
+    assert type(pipe) is cls
     torch.testing.assert_close(_run(pipe, "a red cat", size, 6), dense, atol=0, rtol=0)
 
 
