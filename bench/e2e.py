@@ -1,8 +1,13 @@
-"""The main job: a full sampling loop dense and with RAS, side by side, and a comparison table.
+"""The main job: whole pipeline calls, dense and with RAS, side by side, and a comparison table.
 
-Default: an SD3-architecture transformer with random weights (a tiny one on CPU; the SD3-medium config on a CUDA
-GPU), CFG batch 2, the model family's RAS preset. Speed does not depend on weight values; the PSNR column says how
-far each RAS result lands from the dense result of the same seed (meaningful for trained weights).
+Every time is the wall clock of the call users make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on the
+model family's diffusers pipeline (published scheduler) around a transformer with random weights (a tiny one on
+CPU; the published SD3-medium / Lumina-Next-SFT layout on a CUDA GPU). Prompts are random embeddings of the
+published shapes: text encoding and VAE decoding, the same for dense and RAS, are outside the timed call. Each run:
+one warm-up call (compiles, autotunes, captures every step shape's CUDA graph), then ``--repeats`` timed calls;
+min / median / max, speedups by median against the dense pipeline in the same process. Speed does not depend on
+weight values; the PSNR column says how far each RAS result lands from the dense result of the same seed
+(meaningful for trained weights).
 
     python -m bench.e2e                               # SD3 layout, ratios 1.0 / 0.5 / 0.25 / 0.125 (+ dense
                                                       # torch.compile on a GPU)
@@ -17,85 +22,44 @@ import json
 import math
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from bench.common import resolve_dtype
-from ras_models import RASConfig, apply_ras
+from bench.pipelines import (
+    Loop,
+    build_pipeline,
+    build_transformer,
+    encode_prompt,
+    family_of,
+    num_tokens,
+    preset,
+    prompt_inputs,
+    timed_call,
+)
+from ras_models import apply_ras
 
-# Published layouts (random weights): SD3-medium and Lumina-Next-SFT.
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-SD3_TINY = dict(
-    sample_size=32,
-    patch_size=2,
-    in_channels=16,
-    num_layers=4,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    joint_attention_dim=64,
-    caption_projection_dim=128,
-    pooled_projection_dim=64,
-    out_channels=16,
-    pos_embed_max_size=96,
-)
-LUMINA_NEXT_SFT = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=2304,
-    num_layers=24,
-    num_attention_heads=32,
-    num_kv_heads=8,
-    multiple_of=256,
-    learn_sigma=True,
-    qk_norm=True,
-    cross_attention_dim=2048,
-)
-LUMINA_TINY = dict(
-    sample_size=32,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=128,
-    num_layers=4,
-    num_attention_heads=4,
-    num_kv_heads=2,
-    multiple_of=32,
-    learn_sigma=True,
-    qk_norm=True,
-    cross_attention_dim=64,
-)
-TEXT_TOKENS = {"sd3": 333, "lumina": 256}
-GUIDANCE = 5.0
+TIMED = 'whole pipe(...) calls, output_type="latent"; text encoding and VAE decoding are outside the timed call'
 
 
 @dataclass
 class Result:
     name: str
     tokens: float  # share of image tokens computed over the run
-    step_ms: list[float]
+    call_ms: list[float]  # each timed pipe(...) call, wall clock
+    step_ms: list[float]  # per denoising step, the median over the timed calls
     latents: torch.Tensor
     ras_steps: list[bool] | None = None  # which steps were RAS steps (None: all dense)
     peak_mib: float | None = None
     ratio: float | None = None  # RAS sample ratio (None: a dense run)
     schedule: str | None = None
+    loop_ms: float | None = None  # one generation of the benches' own loop (--loop)
 
     @property
     def total_ms(self) -> float:
-        return sum(self.step_ms)
+        """Median wall clock of the timed pipe(...) calls."""
+        return statistics.median(self.call_ms)
 
     @property
     def ras_step_ms(self) -> float | None:
@@ -105,125 +69,37 @@ class Result:
         return statistics.median(t for t, ras in zip(self.step_ms, self.ras_steps, strict=False) if ras)
 
 
-class Loop:
-    """A CFG sampling loop of a bare transformer (flow-matching Euler), the same for dense and RAS runs."""
-
-    def __init__(self, family: str, transformer, latent: int, device, dtype, seed: int):
-        self.family, self.transformer, self.device = family, transformer, device
-        cfg = transformer.config
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        t = TEXT_TOKENS[family]
-        self.noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
-        if family == "sd3":
-            self.kwargs = {
-                "encoder_hidden_states": torch.randn(2, t, cfg.joint_attention_dim, generator=g).to(device, dtype),
-                "pooled_projections": torch.randn(2, cfg.pooled_projection_dim, generator=g).to(device, dtype),
-            }
-        else:
-            from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-
-            mask = torch.ones(2, t, dtype=torch.bool)
-            mask[1, t // 4 :] = False  # the negative prompt is shorter: a padded caption
-            self.kwargs = {
-                "encoder_hidden_states": torch.randn(2, t, cfg.cross_attention_dim, generator=g).to(device, dtype),
-                "encoder_mask": mask.to(device),
-                "image_rotary_emb": get_2d_rotary_pos_embed_lumina(transformer.head_dim, 384, 384).to(device),
-                "cross_attention_kwargs": {"base_sequence_length": (cfg.sample_size * 8 // 16) ** 2},
-            }
-
-    def run(self, steps: int, handle=None, progress: str = "", on_step=None) -> tuple[torch.Tensor, list[float]]:
-        """One generation; ``on_step(i)``, if given, is called before step i (e.g. to start a profiler)."""
-        x = self.noise.clone()
-        times = []
-        if handle is not None:
-            handle.reset()
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        for i in range(steps):
-            if on_step is not None:
-                on_step(i)
-            sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
-            sync()
-            start = time.perf_counter()
-            with torch.no_grad():
-                t = torch.full((2,), sigma * 1000 if self.family == "sd3" else 1 - sigma, device=self.device)
-                out = self.transformer(torch.cat([x, x]), timestep=t, return_dict=False, **self.kwargs)[0]
-                out = out[:, : x.shape[1]]
-                uncond, cond = out.chunk(2)
-                guided = uncond + GUIDANCE * (cond - uncond)
-                if handle is not None:
-                    handle.observe(guided)
-                velocity = guided if self.family == "sd3" else -guided
-                x = x + (sigma_next - sigma) * velocity
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-            print(f"\r  {progress} step {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        return x.float(), times
-
-
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     mse = torch.mean((x - ref) ** 2).item()
     peak = (ref.max() - ref.min()).item()
     return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-def build_transformer(family: str, full: bool, device, dtype):
-    from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
-
-    cls, config = {
-        "sd3": (SD3Transformer2DModel, SD3_MEDIUM if full else SD3_TINY),
-        "lumina": (LuminaNextDiT2DModel, LUMINA_NEXT_SFT if full else LUMINA_TINY),
-    }[family]
-    with torch.device(device):
-        model = cls(**config)
-    if family == "lumina":
-        with torch.no_grad():
-            model.pad_token.normal_()  # created uninitialised by diffusers
-    return model.to(dtype).eval()
-
-
-def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedule: str | None = None) -> RASConfig:
-    """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
-    token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
-    base = RASConfig.sd3 if family == "sd3" else RASConfig.lumina_next
-    overrides = {} if schedule is None else {"schedule": schedule}
-    config = base(sample_ratio=ratio, **overrides)
-    if steps is not None and steps != config.num_steps:
-        resets = tuple(round(r * steps / config.num_steps) for r in config.reset_steps)
-        overrides.update(
-            num_steps=steps,
-            reset_steps=tuple(r for r in resets if r < steps),
-            warmup_steps=min(config.warmup_steps, steps - 1),
-        )
-    if config.schedule == "dynamic" and num_tokens != 4096:
-        overrides.update(
-            dynamic_step=max(1, config.dynamic_step * num_tokens // 4096),
-            dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096),
-        )
-    return base(sample_ratio=ratio, **overrides)
-
-
 COMPILED = "diffusers dense torch.compile"
 
 
 def table(results: list[Result], dense: Result) -> str:
-    """The comparison: one row per run, speedups over the dense eager run (and over the dense torch.compile run,
-    when there is one, in a last column)."""
+    """The comparison: one row per run, speedups (by median) over the dense pipeline; a column for the benches' own
+    loop when it ran, and one over the dense torch.compile run when there is one."""
     compiled = next((r for r in results if r.name == COMPILED), None)
-    extra = ("", "") if compiled is None else (" vs torch.compile |", "---|")
-    lines = [
-        "| run | steps | tokens computed | median ms/step | median RAS-step ms (vs dense step) | total ms | "
-        f"speedup | peak MiB | PSNR vs dense (dB) |{extra[0]}",
-        f"|---|---|---|---|---|---|---|---|---|{extra[1]}",
-    ]
+    loop = dense.loop_ms is not None
+    head = (
+        "| run | tokens computed | pipe(...) ms min / median / max | speedup | median ms/step | "
+        "median RAS-step ms (vs dense step) | peak MiB | PSNR vs dense (dB) |"
+    )
+    head += " own loop speedup |" * loop + " vs torch.compile |" * (compiled is not None)
+    lines = [head, "|---" * head.count(" |") + "|"]
     dense_step = statistics.median(dense.step_ms)
     for r in results:
         ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f} ({r.ras_step_ms / dense_step:.2f}x)"
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         line = (
-            f"| {r.name} | {len(r.step_ms)} | {100 * r.tokens:.1f}% | {statistics.median(r.step_ms):.2f} | {ras} | "
-            f"{r.total_ms:.1f} | {dense.total_ms / r.total_ms:.2f}x | {peak} | {psnr(r.latents, dense.latents):.1f} |"
+            f"| {r.name} | {100 * r.tokens:.1f}% | {min(r.call_ms):.1f} / {r.total_ms:.1f} / {max(r.call_ms):.1f} | "
+            f"{dense.total_ms / r.total_ms:.2f}x | {statistics.median(r.step_ms):.2f} | {ras} | {peak} | "
+            f"{psnr(r.latents, dense.latents):.1f} |"
         )
+        if loop:
+            line += " - |" if r.loop_ms is None else f" {dense.loop_ms / r.loop_ms:.2f}x |"
         if compiled is not None:
             line += f" {compiled.total_ms / r.total_ms:.2f}x |"
         lines.append(line)
@@ -244,19 +120,25 @@ def _uncompile(blocks: list) -> None:
         block._compiled_call_impl = None
 
 
-def write_json(path: str, model: str, resolution: int, results: list[Result], dense: Result) -> None:
+def write_json(path: str, model: str, resolution: int, repeats: int, results: list[Result], dense: Result) -> None:
     """The table's numbers for bench.plot_e2e: one record per run, times in ms."""
+    import diffusers
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for r in results:
         row = {k: v for k, v in asdict(r).items() if k not in ("latents", "ras_steps")}
         row.update(total_ms=r.total_ms, ras_step_ms=r.ras_step_ms, speedup=dense.total_ms / r.total_ms)
+        if r.loop_ms is not None:
+            row["loop_speedup"] = dense.loop_ms / r.loop_ms
         rows.append(row)
     record = {
         "model": model,
         "resolution": resolution,
         "device": device,
         "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "timed": f"{TIMED}; median of {repeats} after one warm-up call",
         "dense_step_ms": statistics.median(dense.step_ms),
         "runs": rows,
     }
@@ -264,55 +146,93 @@ def write_json(path: str, model: str, resolution: int, results: list[Result], de
         json.dump(record, f, indent=1)
 
 
-def _measure(loop: Loop, steps: int, handle, label: str) -> tuple[torch.Tensor, list[float], float | None]:
-    """One timed generation (after the caller's warm-up) and its peak memory in MiB (CUDA only)."""
-    cuda = loop.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    latents, times = loop.run(steps, handle, progress=label)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return latents, times, peak
+class Bench:
+    """Dense, compiled and RAS runs of one pipeline at one size, each timed through ``pipe(...)``."""
+
+    def __init__(self, pipe, inputs: dict, *, size: int, steps: int, repeats: int, seed: int, loop: Loop | None):
+        self.pipe, self.inputs, self.size, self.steps = pipe, inputs, size, steps
+        self.repeats, self.seed, self.loop = repeats, seed, loop
+        self.device = pipe._execution_device
+        self.n = num_tokens(pipe, size)
+
+    def measure(self, name: str, handle=None, config=None, *, loop: bool = True) -> Result:
+        """One warm-up call, then the timed calls (peak memory over them) and, with ``--loop`` and ``loop``, the own
+        loop."""
+
+        def call(label: str):
+            latents, wall_ms, step_ms = timed_call(
+                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed
+            )
+            print(f"  {name}: {label} {wall_ms:.1f} ms", file=sys.stderr, flush=True)
+            return latents, wall_ms, step_ms
+
+        # Every step shape of the benches' schedules occurs at least twice in a generation, so the warm-up call also
+        # captures every CUDA graph (a shape's first call runs eagerly, its second is captured).
+        call("warm-up call")
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        calls = [call(f"call {k + 1}/{self.repeats}") for k in range(self.repeats)]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        loop_ms = None
+        if self.loop is not None and loop:
+            self.loop.run(self.steps, handle, progress=f"own loop, warm-up, {name}")
+            loop_ms = sum(self.loop.run(self.steps, handle, progress=f"own loop, {name}")[1])
+        step_ms = [statistics.median(times) for times in zip(*(c[2] for c in calls), strict=True)]
+        result = Result(name, 1.0, [c[1] for c in calls], step_ms, calls[0][0].float(), peak_mib=peak, loop_ms=loop_ms)
+        if config is not None:
+            result.tokens = sum(config.token_schedule(self.n)) / (self.steps * self.n)
+            result.ras_steps = [config.is_ras_step(i) for i in range(self.steps)]
+            result.ratio, result.schedule = config.sample_ratio, config.schedule
+        return result
+
+    def run(self, configs: list, *, compile_baseline: bool, graph_modes: list[bool]) -> tuple[list[Result], Result]:
+        dense = self.measure("diffusers dense eager")
+        results = [dense]
+        if compile_baseline:
+            blocks = _compiled_blocks(self.pipe.transformer)
+            # The warm-up call compiles. No own-loop run: its inputs would make torch.compile recompile.
+            results.append(self.measure(COMPILED, loop=False))
+            _uncompile(blocks)
+        for config in configs:
+            for graphs in graph_modes:
+                label = f"RAS ratio {config.sample_ratio} ({config.schedule}{', CUDA graphs' if graphs else ', eager'})"
+                with apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
+                    results.append(self.measure(label, handle, config))
+        return results, dense
+
+
+def _report(args, bench: Bench, family: str, configs: list, description: str) -> None:
+    device = bench.device
+    compile_baseline = device.type == "cuda" if args.compile_baseline is None else args.compile_baseline
+    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
+    print(
+        f"{family}: {description}, {device}, {bench.pipe.transformer.dtype}, {bench.size}x{bench.size} ({bench.n} "
+        f"image tokens), {bench.steps} steps, CFG batch 2; timed: {TIMED}; median of {args.repeats} after one "
+        "warm-up call",
+        file=sys.stderr,
+    )
+    results, dense = bench.run(configs, compile_baseline=compile_baseline, graph_modes=graph_modes)
+    print(f"Timed: {TIMED} (the same for dense and RAS); median of {args.repeats} calls after one warm-up.\n")
+    print(table(results, dense))
+    if args.json:
+        write_json(args.json, family, bench.size, args.repeats, results, dense)
 
 
 def run_random_weights(args) -> None:
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
     dtype = resolve_dtype(args.dtype, device)
-    latent = args.resolution // 8 if args.resolution else (128 if full else 32)
+    size = args.resolution or (1024 if full else 256)
     transformer = build_transformer(args.model, full, device, dtype)
-    loop = Loop(args.model, transformer, latent, device, dtype, args.seed)
-    n = (latent // transformer.config.patch_size) ** 2
+    pipe = build_pipeline(transformer)
+    n = num_tokens(pipe, size)
     configs = [preset(args.model, args.steps, r, n, args.schedule) for r in args.ratio]
     steps = configs[0].num_steps
-    print(
-        f"{args.model}: {'published' if full else 'tiny'} config, random weights, {device}, {dtype}, "
-        f"latent {latent}x{latent} ({n} image tokens), {steps} steps, CFG batch 2",
-        file=sys.stderr,
-    )
-    loop.run(min(2, steps), progress="warm-up dense")
-    latents, times, peak = _measure(loop, steps, None, "dense")
-    dense = Result("diffusers dense eager", 1.0, times, latents, peak_mib=peak)
-    results = [dense]
-    compile_baseline = device.type == "cuda" if args.compile_baseline is None else args.compile_baseline
-    if compile_baseline:
-        blocks = _compiled_blocks(transformer)
-        loop.run(steps, progress="warm-up dense torch.compile")  # compiles
-        latents, times, peak = _measure(loop, steps, None, "dense torch.compile")
-        results.append(Result(COMPILED, 1.0, times, latents, peak_mib=peak))
-        _uncompile(blocks)
-    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
-    for config in configs:
-        for graphs in graph_modes:
-            label = f"RAS ratio {config.sample_ratio} ({config.schedule}{', CUDA graphs' if graphs else ', eager'})"
-            with apply_ras(transformer, config, cuda_graphs=graphs) as handle:
-                loop.run(steps, handle, progress=f"warm-up {label}")  # a whole generation: every shape captured
-                latents, times, peak = _measure(loop, steps, handle, label)
-            share = sum(config.token_schedule(n)) / (steps * n)
-            ras_steps = [config.is_ras_step(i) for i in range(steps)]
-            results.append(Result(label, share, times, latents, ras_steps, peak, config.sample_ratio, config.schedule))
-    print(table(results, dense))
-    if args.json:
-        write_json(args.json, args.model, latent * 8, results, dense)
+    loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed) if args.loop else None
+    inputs = prompt_inputs(transformer, 1, args.seed)
+    bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=loop)
+    _report(args, bench, args.model, configs, f"{'published' if full else 'tiny'} config, random weights")
 
 
 def run_pretrained(args) -> None:
@@ -320,38 +240,16 @@ def run_pretrained(args) -> None:
 
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype or "bf16", device)
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype, local_files_only=True).to(device)
-    family = "sd3" if type(pipe.transformer).__name__.startswith("SD3") else "lumina"
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained, dtype=dtype, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    family = family_of(pipe.transformer)
     size = args.resolution or 1024
-    n = (size // pipe.vae_scale_factor // pipe.transformer.config.patch_size) ** 2
-    steps = preset(family, args.steps, 0.5, n).num_steps
-
-    def generate():
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        return pipe(
-            args.prompt, height=size, width=size, num_inference_steps=steps, generator=generator, output_type="latent"
-        ).images
-
-    generate()  # warm-up
-    results = []
-    for ratio in [None, *args.ratio]:
-        config = None if ratio is None else preset(family, args.steps, ratio, n, args.schedule)
-        handle = None if config is None else apply_ras(pipe, config)
-        try:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            latents = generate()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            total = (time.perf_counter() - start) * 1e3
-        finally:
-            if handle is not None:
-                handle.remove()
-        share = 1.0 if config is None else sum(config.token_schedule(n)) / (steps * n)
-        name = "pipeline dense" if config is None else f"RAS ratio {ratio} ({config.schedule})"
-        results.append(Result(name, share, [total / steps] * steps, latents.float()))  # per step: the mean
-    print(table(results, results[0]))
+    n = num_tokens(pipe, size)
+    configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
+    with torch.no_grad():
+        inputs = encode_prompt(pipe, args.prompt)
+    bench = Bench(pipe, inputs, size=size, steps=configs[0].num_steps, repeats=args.repeats, seed=args.seed, loop=None)
+    _report(args, bench, family, configs, f"{args.pretrained} (prompt {args.prompt!r})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,6 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="image side in pixels, latent = resolution / 8 (default 1024 on GPU, 256 on CPU)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed pipe(...) calls per run (default 3)")
+    parser.add_argument(
+        "--loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time one generation of the benches' own sampling loop over the bare transformer per run (a "
+        "speedup column; random weights only, not the torch.compile run; default on)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
@@ -396,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "--compile-baseline",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="also time dense diffusers with its transformer blocks under torch.compile (default on a GPU; "
+        help="also time the dense pipeline with its transformer blocks under torch.compile (default on a GPU; "
         "compiling takes a minute or two)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
@@ -409,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--ratio values must be in (0, 1], got {r}")
     if args.resolution is not None and args.resolution % 16:
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.pretrained:
         run_pretrained(args)
     else:

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The GPU suite: every test (the GPU-marked ones included), the kernel table, the end-to-end tables, profiles.
-# Usage, from the repository root on a CUDA machine: bash bench/gpu_suite.sh OUTDIR [tests|e2e|e2e2048|all]
-#   tests    the test suite and the kernel table (tests.log, kernels.md)                   ~4 min on an H200
-#   e2e      1024^2: both models' tables and JSON, the profiles at ratios 0.5 / 0.25 / 0.125   ~5 min
-#   e2e2048  2048^2: both models' tables and JSON (Lumina static at 10 steps: diffusers' dense step takes ~1.9 s),
-#            then the plot of the static runs found in OUTDIR (speedup.png)                     ~6 min
-#   all      all three (default); each part fits one 10-minute device call
-# Errors go to OUTDIR/stderr.log. The tests default to RAS_ATTN_AUTOTUNE=0 (tests/conftest.py); the kernel table and
-# the e2e runs autotune as users do.
+# The GPU suite: every test (the GPU-marked ones included), the kernel table, the pipeline end-to-end tables, the
+# first-call and soak runs, profiles.
+# Usage, from the repository root on a CUDA machine: bash bench/gpu_suite.sh OUTDIR [PART]
+#   tests    the test suite and the kernel table (tests.log, kernels.md)                              ~4 min on an H200
+#   e2e      1024^2, timed through pipe(...): SD3 and Lumina static at 1.0 / 0.5 / 0.25 / 0.125 + dense torch.compile,
+#            Lumina dynamic at 0.5 (e2e.md, *.json), the plot of the static runs (speedup.png)       ~6-8 min
+#            (e2e-sd3 ~3 min and e2e-lumina ~5 min run its two halves alone)
+#   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
+#            (100 SD3 generations; soak.md, soak.csv)                                                 ~7-9 min
+#            (first-call ~6-7 min and soak ~2 min run its two halves alone)
+#   profile  bench.profile_step at ratios 0.5 / 0.25 / 0.125 for both models (profile.md)            ~2 min
+#   e2e2048-sd3     optional, SD3 at 2048^2 (2 timed calls per run, no own-loop column), appended to e2e.md  ~4 min
+#   e2e2048-lumina  optional, Lumina at 2048^2: static at 10 steps (diffusers' dense step takes ~1.9 s), dynamic
+#                   at 0.5 with 1 timed call; appended to e2e.md; then the plot of every static run found ~8 min
+#   all      tests, e2e, startup, profile (default); run each part as its own device call (10-minute limit)
+# Errors go to OUTDIR/stderr.log. The tests default to RAS_ATTN_AUTOTUNE=0 (tests/conftest.py); the benches
+# autotune as users do.
 set -uo pipefail
 out=${1:-gpu-results}
 part=${2:-all}
@@ -15,19 +23,42 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 err="$out/stderr.log"
 python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
-'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/tests.log"
+'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
+# A part runs when named, or with "all" unless it is optional (e2e2048-*) or a half of another part.
+halves=" e2e-sd3 e2e-lumina first-call soak "
+want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$1" != e2e2048* && "$halves" != *" $1 "* ]]; }; }
+plot() {
+  jsons=()
+  for run in sd3-1024 sd3-2048 lumina-1024-static lumina-2048-static; do
+    [ -f "$out/$run.json" ] && jsons+=("$out/$run.json")
+  done
+  python3 -m bench.plot_e2e "${jsons[@]}" --out "$out/speedup.png" 2>>"$err"
+}
 e2e() { echo "### bench.e2e $*"; python3 -m bench.e2e "$@" 2>>"$err"; echo; }
-if [ "$part" = tests ] || [ "$part" = all ]; then
+if want tests; then
   python3 -m pytest -q -p no:cacheprovider --maxfail=20 --durations=10 tests 2>&1 \
     | tee -a "$out/tests.log" | tail -25
   python3 -m bench.kernels --markdown "$out/kernels.md" 2>>"$err" | tail -40
 fi
-if [ "$part" = e2e ] || [ "$part" = all ]; then
+if want e2e || want e2e-sd3; then
+  e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --json "$out/sd3-1024.json" | tee -a "$out/e2e.md"
+fi
+if want e2e || want e2e-lumina; then
   {
-    e2e --model sd3 --ratio 1.0 0.5 0.25 0.125 --json "$out/sd3-1024.json"
     e2e --model lumina --schedule static --ratio 1.0 0.5 0.25 0.125 --json "$out/lumina-1024-static.json"
-    e2e --model lumina --ratio 0.5 --no-compile-baseline --json "$out/lumina-1024-dynamic.json"
-  } | tee "$out/e2e.md"
+    e2e --model lumina --ratio 0.5 --no-compile-baseline --no-loop --json "$out/lumina-1024-dynamic.json"
+  } | tee -a "$out/e2e.md"
+fi
+if want e2e || want e2e-sd3 || want e2e-lumina; then
+  plot
+fi
+if want startup || want first-call; then
+  python3 -m bench.first_call 2>>"$err" | tee "$out/first_call.md"
+fi
+if want startup || want soak; then
+  python3 -m bench.soak --csv "$out/soak.csv" 2>>"$err" | tee "$out/soak.md"
+fi
+if want profile; then
   for model in sd3 lumina; do
     for ratio in 0.5 0.25 0.125; do
       echo "# $model, ratio $ratio"
@@ -35,16 +66,15 @@ if [ "$part" = e2e ] || [ "$part" = all ]; then
     done
   done 2>>"$err" > "$out/profile.md"
 fi
-if [ "$part" = e2e2048 ] || [ "$part" = all ]; then
+if want e2e2048-sd3; then
+  e2e --model sd3 --resolution 2048 --repeats 2 --no-loop --json "$out/sd3-2048.json" | tee -a "$out/e2e.md"
+fi
+if want e2e2048-lumina; then
   {
-    e2e --model sd3 --resolution 2048 --ratio 1.0 0.5 0.25 0.125 --json "$out/sd3-2048.json"
-    e2e --model lumina --resolution 2048 --steps 10 --schedule static --ratio 1.0 0.5 0.25 0.125 \
+    e2e --model lumina --resolution 2048 --steps 10 --schedule static --repeats 2 --no-loop \
       --json "$out/lumina-2048-static.json"
-    e2e --model lumina --resolution 2048 --ratio 0.5 --no-compile-baseline --json "$out/lumina-2048-dynamic.json"
+    e2e --model lumina --resolution 2048 --ratio 0.5 --no-compile-baseline --repeats 1 --no-loop \
+      --json "$out/lumina-2048-dynamic.json"
   } | tee -a "$out/e2e.md"
-  jsons=()
-  for run in sd3-1024 sd3-2048 lumina-1024-static lumina-2048-static; do
-    [ -f "$out/$run.json" ] && jsons+=("$out/$run.json")
-  done
-  python3 -m bench.plot_e2e "${jsons[@]}" --out "$out/speedup.png" 2>>"$err"
+  plot
 fi

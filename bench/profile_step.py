@@ -2,8 +2,9 @@
 
     python -m bench.profile_step --model sd3 --ratio 0.25 [--top 25]
 
-Builds the published layout with random weights (as bench.e2e does), runs one generation to reach a RAS step, then
-profiles a few eager RAS steps and a few dense steps and prints the kernels that take the most GPU time in each.
+Builds the published layout with random weights (as bench.e2e does) and drives it with the benches' own sampling loop
+(bench.pipelines.Loop: no pipeline host work in the profile), runs one generation to reach a RAS step, then profiles
+a few eager RAS steps and a few dense steps and prints the kernels that take the most GPU time in each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.e2e import Loop, build_transformer, preset
+from bench.pipelines import Loop, build_transformer, preset
 from ras_models import apply_ras
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     transformer = build_transformer(args.model, True, device, dtype)
-    loop = Loop(args.model, transformer, 128, device, dtype, seed=0)
+    loop = Loop(transformer, 128, seed=0)
     config = preset(args.model, None, args.ratio, 4096, "static")
     profiled = 3
 

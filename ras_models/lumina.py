@@ -10,18 +10,107 @@ Self-attention: q/k after QK-norm and RoPE; the cache holds post-RoPE, GQA-compr
 proportional-attention scale ``sqrt(log_base(N)) / sqrt(d)`` uses the full image token count N. The self-attention
 mask LuminaPatchEmbed builds is all-true, so none is applied. Cross-attention: only the queries are reduced; the
 caption keys/values are full and the caption padding mask applies.
+
+RoPE table: LuminaPipeline builds a 384 x 384 x d/2 complex64 table on the host every step (42 MB at d = 72) and the
+model copies it to the device. While any handle is applied, the pipeline module's builder is memoised (same
+arguments, same tensor object; a generation uses one or two tables, before and after the scaling watershed), and the
+patched ``forward`` keeps one device copy per host table, so neither the host work nor the copy repeats per step.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_residual_norm, swiglu
 
 from .handle import RASHandle
+
+_ROPE_BUILDER = "get_2d_rotary_pos_embed_lumina"  # the name LuminaPipeline calls every step
+_ROPE_TABLES = 4  # distinct tables memoised: a generation uses one or two, so two resolutions fit
+_ROPE_ARG = 3  # position of image_rotary_emb after hidden_states in LuminaNextDiT2DModel.forward
+
+
+class _MemoisedRope:
+    """Stands in for ``get_2d_rotary_pos_embed_lumina`` in diffusers' LuminaPipeline module while any RAS handle
+    holds it: the same arguments return the same tensor, built once by the module's own function.
+
+    Reference-counted: the first hold installs it, the last release puts the module's function object back (unless
+    something replaced the stand-in since) and drops the tables, whatever order handles are removed in.
+    """
+
+    def __init__(self):
+        self.holds = 0
+        self.original = None
+        self.tables: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+
+    def __call__(self, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        table = self.tables.pop(key, None)
+        if table is None:
+            table = self.original(*args, **kwargs)
+        self.tables[key] = table  # most recently used last
+        if len(self.tables) > _ROPE_TABLES:
+            self.tables.popitem(last=False)
+        return table
+
+    def hold(self) -> None:
+        from diffusers.pipelines.lumina import pipeline_lumina
+
+        if self.holds == 0:
+            self.original = getattr(pipeline_lumina, _ROPE_BUILDER)
+            setattr(pipeline_lumina, _ROPE_BUILDER, self)
+        self.holds += 1
+
+    def release(self) -> None:
+        from diffusers.pipelines.lumina import pipeline_lumina
+
+        self.holds -= 1
+        if self.holds == 0:
+            if getattr(pipeline_lumina, _ROPE_BUILDER) is self:  # a value someone put there since stays, as patches do
+                setattr(pipeline_lumina, _ROPE_BUILDER, self.original)
+            self.original = None
+            self.tables.clear()
+
+
+_MEMOISED_ROPE = _MemoisedRope()
+
+
+class _RopeHold:
+    """One handle's hold on :data:`_MEMOISED_ROPE`, taken and given back in the handle's patch order:
+    ``handle.patch(_RopeHold(), "held", True)`` sets a new instance attribute, which takes the hold, and
+    ``handle.remove()`` deletes that attribute again (how RASHandle restores an attribute that did not exist), which
+    releases it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        _MEMOISED_ROPE.hold()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _MEMOISED_ROPE.release()
+
+
+class _DeviceTables:
+    """One device copy per host tensor, kept while that tensor lives and is unchanged (its version counter): the
+    RoPE table a pipeline hands the transformer every step is then copied to the device once per table, not once
+    per step (by the model, or before each CUDA graph replay)."""
+
+    def __init__(self):
+        self.copies = WeakIdKeyDictionary()
+
+    def __call__(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if table.device == device:
+            return table
+        version, copy = self.copies.get(table, (None, None))
+        if version != table._version:
+            version, copy = table._version, table.to(device)
+            self.copies[table] = (version, copy)
+        return copy
 
 
 def _norm_rope(x, norm, rope, d):
@@ -171,7 +260,14 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
                 )
         _check_layer(f"layers.{i}", layer)
 
+    rope_on_device = _DeviceTables()
+
     def forward(original, hidden_states, *args, **kwargs):
+        if "image_rotary_emb" in kwargs:
+            kwargs["image_rotary_emb"] = rope_on_device(kwargs["image_rotary_emb"], hidden_states.device)
+        elif len(args) > _ROPE_ARG:
+            rope = rope_on_device(args[_ROPE_ARG], hidden_states.device)
+            args = (*args[:_ROPE_ARG], rope, *args[_ROPE_ARG + 1 :])
         return handle.run_step(original, hidden_states, *args, **kwargs)
 
     def patch_embedder(original, x, freqs_cis):
@@ -189,3 +285,6 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
     handle.wrap_method(transformer.patch_embedder, "forward", patch_embedder)
     handle.wrap_method(transformer.norm_out, "forward", norm_out)
     handle.wrap_method(transformer, "forward", forward)
+    # apply_ras hands adapters the transformer only, so the builder is memoised for bare-transformer handles too; it
+    # replaces the name in LuminaPipeline's module only, and returns the same values.
+    handle.patch(_RopeHold(), "held", True)

@@ -103,3 +103,31 @@ def test_generation_without_host_sync(family):
             _generate(family, model, x, kwargs, h, 10)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_lumina_pipeline_rope_table_reaches_the_graphs_on_the_device(monkeypatch):
+    """Through LuminaPipeline with CUDA graphs: the transformer's steps (eager and captured) receive the RoPE table
+    on the device, so graph replays never copy it from the host; with the builder memoised the latents equal those
+    of the table rebuilt every step."""
+    from diffusers.pipelines.lumina import pipeline_lumina
+
+    from bench.pipelines import build_pipeline, generate, prompt_inputs
+
+    builder = pipeline_lumina.get_2d_rotary_pos_embed_lumina
+    pipe = build_pipeline(_model("lumina"))
+    devices = []
+    pipe.transformer.patch_embedder.register_forward_pre_hook(lambda module, args: devices.append(args[1].device))
+    inputs = prompt_inputs(pipe.transformer, 1, seed=0) | {"scaling_watershed": 0.5}
+
+    def run():
+        return [generate(pipe, inputs, steps=10, size=96, seed=0) for _ in range(2)]
+
+    with torch.no_grad(), apply_ras(pipe, CONFIG, cuda_graphs=True) as h:
+        with monkeypatch.context() as m:
+            m.setattr(pipeline_lumina, "get_2d_rotary_pos_embed_lumina", builder)  # rebuilt every step, on the host
+            per_step = run()
+        memoised = run()
+        assert len(h.graphs) == 2  # dense and one RAS shape: the same device-table layout in every step
+    assert devices and {d.type for d in devices} == {"cuda"}  # eager and captured steps alike
+    for out in per_step + memoised:
+        torch.testing.assert_close(out, per_step[0], atol=0, rtol=0)

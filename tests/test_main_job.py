@@ -1,4 +1,4 @@
-"""The README's main job (bench/e2e.py) on CPU: random-weight loop and the local from_pretrained path."""
+"""The README's main job (bench/e2e.py) on CPU: random-weight pipelines and the local from_pretrained path."""
 
 from __future__ import annotations
 
@@ -10,24 +10,54 @@ from bench import e2e
 
 from ._models import tiny_sd3_pipeline
 
+COLUMNS = 8  # run, tokens, pipe(...) min / median / max, speedup, ms/step, RAS-step ms, peak MiB, PSNR
 
-def _rows(text: str) -> dict[str, list[str]]:
+
+def _rows(text: str, extra: int = 0) -> dict[str, list[str]]:
+    """Table rows by run name (``extra``: columns after the fixed ones)."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and not line.startswith("| run") and len(cells) == 9:
+        if line.startswith("| ") and not line.startswith("| run") and len(cells) == COLUMNS + extra:
             rows[cells[0]] = cells[1:]
     return rows
 
 
+def _calls(text: str) -> list[float]:
+    return [float(x) for x in text.split(" / ")]
+
+
 @pytest.mark.parametrize("model", ["sd3", "lumina"])
-def test_random_weight_loop_prints_comparison(model, capsys, torch_backend):
-    e2e.main(["--model", model, "--steps", "6", "--ratio", "0.5", "0.25", "--resolution", "128", "--device", "cpu"])
-    rows = _rows(capsys.readouterr().out)
-    assert len(rows) == 3 and "diffusers dense eager" in rows
-    for name, (steps, tokens, step_ms, ras_ms, total, speedup, _, psnr) in rows.items():
-        assert steps == "6"
-        assert float(step_ms) > 0 and float(total) > 0 and speedup.endswith("x")
+def test_random_weights_time_pipeline_calls(model, capsys, monkeypatch, torch_backend):
+    """Every timed number comes from the family's diffusers pipeline call: warm-up + repeats per run."""
+    from diffusers import LuminaPipeline, StableDiffusion3Pipeline
+
+    cls = StableDiffusion3Pipeline if model == "sd3" else LuminaPipeline
+    calls = []
+    original = cls.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["output_type"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", counting)
+    e2e.main(
+        ["--model", model, "--steps", "6", "--ratio", "0.5", "0.25", "--resolution", "128", "--device", "cpu"]
+        + ["--repeats", "2"]
+    )
+    out = capsys.readouterr().out
+    assert "text encoding and VAE decoding are outside the timed call" in out
+    rows = _rows(out, extra=1)  # + the own loop's speedup
+    assert list(rows) == [
+        "diffusers dense eager",
+        f"RAS ratio 0.5 ({'static' if model == 'sd3' else 'dynamic'}, eager)",
+        f"RAS ratio 0.25 ({'static' if model == 'sd3' else 'dynamic'}, eager)",
+    ]
+    assert calls == ["latent"] * 3 * (1 + 2)
+    for name, (tokens, calls_ms, speedup, step_ms, ras_ms, peak, psnr, loop) in rows.items():
+        low, median, high = _calls(calls_ms)
+        assert 0 < low <= median <= high
+        assert float(step_ms) > 0 and speedup.endswith("x") and loop.endswith("x") and peak == "-"
         if name != "diffusers dense eager":
             assert float(ras_ms.split()[0]) > 0
             assert float(tokens.rstrip("%")) < 100
@@ -50,25 +80,35 @@ def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
             "fp32",
             "--device",
             "cpu",
+            "--repeats",
+            "1",
         ]
     )
     rows = _rows(capsys.readouterr().out)
-    assert set(rows) == {"pipeline dense", "RAS ratio 0.5 (static)"}
-    assert re.fullmatch(r"\d+\.\d%", rows["RAS ratio 0.5 (static)"][1])
+    assert set(rows) == {"diffusers dense eager", "RAS ratio 0.5 (static, eager)"}
+    assert re.fullmatch(r"\d+\.\d%", rows["RAS ratio 0.5 (static, eager)"][0])
+    assert rows["diffusers dense eager"][6] == "inf"
 
 
-def test_table_adds_the_torch_compile_column():
-    """With a dense torch.compile run in the results, every row also gets its speedup over that run."""
+def test_table_adds_loop_and_torch_compile_columns():
+    """With own-loop times, a speedup column for them; with a dense torch.compile run, every row also gets its
+    speedup over that run (by median) in a last column."""
     import torch
 
-    def run(name, ms):
-        return e2e.Result(name, 1.0, [ms] * 4, torch.zeros(1, 4, 2, 2))
+    def run(name, calls, loop_ms=None):
+        return e2e.Result(name, 1.0, calls, [calls[0] / 4] * 4, torch.zeros(1, 4, 2, 2), loop_ms=loop_ms)
 
-    dense, compiled, ours = run("diffusers dense eager", 10.0), run(e2e.COMPILED, 8.0), run("RAS", 2.0)
+    dense, compiled, ours = run("diffusers dense eager", [10.0, 9.0, 30.0]), run(e2e.COMPILED, [8.0]), run("RAS", [2.0])
     lines = e2e.table([dense, compiled, ours], dense).splitlines()
-    assert lines[0].endswith("| vs torch.compile |") and lines[1].count("---") == 10
+    assert lines[0].endswith("| PSNR vs dense (dB) | vs torch.compile |") and lines[1].count("---") == COLUMNS + 1
+    assert "| 9.0 / 10.0 / 30.0 | 1.00x |" in lines[2]
     assert lines[2].endswith("| 0.80x |") and lines[3].endswith("| 1.00x |") and lines[4].endswith("| 4.00x |")
+    assert "| 5.00x |" in lines[4]  # over the dense median, 10 ms
     assert "vs torch.compile" not in e2e.table([dense, ours], dense)
+    dense.loop_ms, ours.loop_ms = 100.0, 20.0  # the compiled run has no own-loop time
+    lines = e2e.table([dense, compiled, ours], dense).splitlines()
+    assert lines[0].endswith("| own loop speedup | vs torch.compile |")
+    assert lines[3].endswith("| - | 1.00x |") and lines[4].endswith("| 5.00x | 4.00x |")
 
 
 def test_json_and_speedup_plot(tmp_path, capsys, torch_backend):
@@ -80,14 +120,18 @@ def test_json_and_speedup_plot(tmp_path, capsys, torch_backend):
     from bench import plot_e2e
 
     record = tmp_path / "sd3.json"
-    e2e.main(["--steps", "6", "--ratio", "1.0", "0.5", "--resolution", "128", "--device", "cpu", "--json", str(record)])
+    e2e.main(
+        ["--steps", "6", "--ratio", "1.0", "0.5", "--resolution", "128", "--device", "cpu", "--json", str(record)]
+        + ["--repeats", "2", "--no-loop"]
+    )
     rows = _rows(capsys.readouterr().out)
     data = json.loads(record.read_text())
-    assert data["model"] == "sd3" and data["resolution"] == 128
+    assert data["model"] == "sd3" and data["resolution"] == 128 and "pipe(...)" in data["timed"]
     assert [r["name"] for r in data["runs"]] == list(rows)
     assert [r["ratio"] for r in data["runs"]] == [None, 1.0, 0.5]
     for run in data["runs"]:
-        assert float(rows[run["name"]][4]) == round(run["total_ms"], 1)
+        assert len(run["call_ms"]) == 2 and len(run["step_ms"]) == 6 and run["loop_ms"] is None
+        assert _calls(rows[run["name"]][1])[1] == round(run["total_ms"], 1)
     png = tmp_path / "speedup.png"
     plot_e2e.main([str(record), str(record), "--out", str(png)])
     assert Image.open(png).size == (2 * plot_e2e.W, plot_e2e.H)

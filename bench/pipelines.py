@@ -1,0 +1,312 @@
+"""What the end-to-end benches run: diffusers pipelines around random-weight transformers, and timed calls of them.
+
+Every speed number of ``bench.e2e``, ``bench.first_call`` and ``bench.soak`` is the wall-clock time of the call users
+make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on a ``StableDiffusion3Pipeline`` / ``LuminaPipeline``
+built around the transformer (published layout, random weights: speed does not depend on weight values) with the
+published scheduler and no text encoders, tokenizers or VAE. Prompts come as random embeddings of the published
+shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every timed call.
+
+``Loop`` is the benches' own CFG sampling loop over the bare transformer, for step profiles and as a cross-check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import torch
+
+from ras_models import RASConfig
+
+# Published transformer layouts (random weights): SD3-medium and Lumina-Next-SFT; tiny ones for the CPU.
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_TINY = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=128,
+    pooled_projection_dim=64,
+    out_channels=16,
+    pos_embed_max_size=96,
+)
+LUMINA_NEXT_SFT = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=2304,
+    num_layers=24,
+    num_attention_heads=32,
+    num_kv_heads=8,
+    multiple_of=256,
+    learn_sigma=True,
+    qk_norm=True,
+    cross_attention_dim=2048,
+)
+LUMINA_TINY = dict(
+    sample_size=32,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=128,
+    num_layers=4,
+    num_attention_heads=4,
+    num_kv_heads=2,
+    multiple_of=32,
+    learn_sigma=True,
+    qk_norm=True,
+    cross_attention_dim=64,
+)
+# Text tokens per prompt: SD3 77 CLIP + 256 T5 (joint dim 4096, pooled 2048); Lumina-Next 256 Gemma-2B tokens.
+TEXT_TOKENS = {"sd3": 333, "lumina": 256}
+NEGATIVE_TOKENS = 64  # Lumina's negative prompt: its caption mask keeps this many of the 256 tokens
+# The published scheduler configs: FlowMatchEulerDiscreteScheduler, shift 3.0 for SD3-medium, the default 1.0 for
+# Lumina-Next-SFT (diffusers' conversion script builds FlowMatchEulerDiscreteScheduler()).
+SCHEDULER_SHIFT = {"sd3": 3.0, "lumina": 1.0}
+GUIDANCE = 5.0
+
+
+def family_of(transformer) -> str:
+    return "sd3" if type(transformer).__name__.startswith("SD3") else "lumina"
+
+
+def build_transformer(family: str, full: bool, device, dtype):
+    """The published layout (``full``) or a tiny one, random weights."""
+    from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
+
+    cls, config = {
+        "sd3": (SD3Transformer2DModel, SD3_MEDIUM if full else SD3_TINY),
+        "lumina": (LuminaNextDiT2DModel, LUMINA_NEXT_SFT if full else LUMINA_TINY),
+    }[family]
+    with torch.device(device):
+        model = cls(**config)
+    if family == "lumina":
+        with torch.no_grad():
+            model.pad_token.normal_()  # created uninitialised by diffusers
+    return model.to(dtype).eval()
+
+
+def build_pipeline(transformer):
+    """The family's pipeline around ``transformer``: published scheduler, no text encoders, tokenizers or VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline, StableDiffusion3Pipeline
+
+    family = family_of(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT[family])
+    if family == "sd3":
+        none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3"))
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, tokenizer_3=None, **none)
+    else:
+        pipe = LuminaPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_inputs(transformer, prompts: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random prompt embeddings of the published shapes for ``prompts`` prompts, as ``pipe(**inputs)`` takes them
+    (on the transformer's device, in its dtype; Lumina's caption masks as int64, as its tokenizer returns them)."""
+    family, cfg = family_of(transformer), transformer.config
+    device, dtype = transformer.device, transformer.dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = TEXT_TOKENS[family]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    if family == "sd3":
+        return {
+            "prompt_embeds": randn(prompts, t, cfg.joint_attention_dim),
+            "negative_prompt_embeds": randn(prompts, t, cfg.joint_attention_dim),
+            "pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
+            "negative_pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
+        }
+    negative_mask = torch.zeros(prompts, t, dtype=torch.int64, device=device)
+    negative_mask[:, :NEGATIVE_TOKENS] = 1
+    return {
+        "prompt_embeds": randn(prompts, t, cfg.cross_attention_dim),
+        "prompt_attention_mask": torch.ones(prompts, t, dtype=torch.int64, device=device),
+        "negative_prompt_embeds": randn(prompts, t, cfg.cross_attention_dim),
+        "negative_prompt_attention_mask": negative_mask,
+    }
+
+
+def encode_prompt(pipe, prompt: str) -> dict[str, torch.Tensor]:
+    """``prompt`` (and an empty negative prompt) through a real pipeline's text encoders, as ``pipe(**inputs)``
+    takes them; done once, outside the timed calls."""
+    device = pipe._execution_device
+    if family_of(pipe.transformer) == "sd3":
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt, prompt, prompt, device=device, do_classifier_free_guidance=True
+        )
+        return {
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(prompt, True, device=device, clean_caption=False)
+    return {
+        "prompt_embeds": embeds,
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": negative,
+        "negative_prompt_attention_mask": negative_mask,
+    }
+
+
+def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedule: str | None = None) -> RASConfig:
+    """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
+    token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
+    base = RASConfig.sd3 if family == "sd3" else RASConfig.lumina_next
+    overrides = {} if schedule is None else {"schedule": schedule}
+    config = base(sample_ratio=ratio, **overrides)
+    if steps is not None and steps != config.num_steps:
+        resets = tuple(round(r * steps / config.num_steps) for r in config.reset_steps)
+        overrides.update(
+            num_steps=steps,
+            reset_steps=tuple(r for r in resets if r < steps),
+            warmup_steps=min(config.warmup_steps, steps - 1),
+        )
+    if config.schedule == "dynamic" and num_tokens != 4096:
+        overrides.update(
+            dynamic_step=max(1, config.dynamic_step * num_tokens // 4096),
+            dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096),
+        )
+    return base(sample_ratio=ratio, **overrides)
+
+
+def num_tokens(pipe, size: int) -> int:
+    """Image tokens of a ``size`` x ``size`` generation."""
+    return (size // pipe.vae_scale_factor // pipe.transformer.config.patch_size) ** 2
+
+
+def generate(pipe, inputs: dict, *, steps: int, size: int, seed: int, callback=None) -> torch.Tensor:
+    """One ``pipe(...)`` call at ``size`` x ``size``; the final latents."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return pipe(
+        **inputs,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+        generator=generator,
+        callback_on_step_end=callback,
+    ).images
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """Per-step times of one pipeline call from marks at its start and at each ``callback_on_step_end``: CUDA events
+    on a GPU (nothing synchronises inside the call), the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def __call__(self, pipe, step, timestep, tensors) -> dict:
+        self.mark()
+        return {}
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds of each step (the first includes the call's set-up); call after synchronising."""
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in itertools.pairwise(self.marks)]
+        return [(b - a) * 1e3 for a, b in itertools.pairwise(self.marks)]
+
+
+def timed_call(pipe, inputs: dict, *, steps: int, size: int, seed: int) -> tuple[torch.Tensor, float, list[float]]:
+    """One ``pipe(...)`` call: its latents, its wall-clock milliseconds (device synchronised before and after) and
+    its per-step milliseconds."""
+    device = pipe._execution_device
+    clock = StepClock(device)
+    synchronize(device)
+    start = time.perf_counter()
+    clock.mark()
+    latents = generate(pipe, inputs, steps=steps, size=size, seed=seed, callback=clock)
+    synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3
+    return latents, wall_ms, clock.step_ms()
+
+
+class Loop:
+    """The benches' own CFG sampling loop over a bare transformer (flow-matching Euler, batch [uncond, cond]), the
+    same for dense and RAS runs; prompts from :func:`prompt_inputs`."""
+
+    def __init__(self, transformer, latent: int, seed: int):
+        self.family, self.transformer, self.device = family_of(transformer), transformer, transformer.device
+        cfg = transformer.config
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g).to(self.device, transformer.dtype)
+        inputs = prompt_inputs(transformer, 1, seed)
+
+        def pair(name: str) -> torch.Tensor:
+            return torch.cat([inputs[f"negative_{name}"], inputs[name]])
+
+        if self.family == "sd3":
+            self.kwargs = {
+                "encoder_hidden_states": pair("prompt_embeds"),
+                "pooled_projections": pair("pooled_prompt_embeds"),
+            }
+        else:
+            from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+            self.kwargs = {
+                "encoder_hidden_states": pair("prompt_embeds"),
+                "encoder_mask": pair("prompt_attention_mask"),
+                "image_rotary_emb": get_2d_rotary_pos_embed_lumina(transformer.head_dim, 384, 384).to(self.device),
+                "cross_attention_kwargs": {"base_sequence_length": (cfg.sample_size * 8 // 16) ** 2},
+            }
+
+    def run(self, steps: int, handle=None, progress: str = "", on_step=None) -> tuple[torch.Tensor, list[float]]:
+        """One generation; ``on_step(i)``, if given, is called before step i (e.g. to start a profiler)."""
+        x = self.noise.clone()
+        times = []
+        if handle is not None:
+            handle.reset()
+        for i in range(steps):
+            if on_step is not None:
+                on_step(i)
+            sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
+            synchronize(self.device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                t = torch.full((2,), sigma * 1000 if self.family == "sd3" else 1 - sigma, device=self.device)
+                out = self.transformer(torch.cat([x, x]), timestep=t, return_dict=False, **self.kwargs)[0]
+                out = out[:, : x.shape[1]]
+                uncond, cond = out.chunk(2)
+                guided = uncond + GUIDANCE * (cond - uncond)
+                if handle is not None:
+                    handle.observe(guided)
+                velocity = guided if self.family == "sd3" else -guided
+                x = x + (sigma_next - sigma) * velocity
+            synchronize(self.device)
+            times.append((time.perf_counter() - start) * 1e3)
+            print(f"\r  {progress} step {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        return x.float(), times
