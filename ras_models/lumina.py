@@ -96,21 +96,25 @@ class _RopeHold:
 
 
 class _DeviceTables:
-    """One device copy per host tensor, kept while that tensor lives and is unchanged (its version counter): the
-    RoPE table a pipeline hands the transformer every step is then copied to the device once per table, not once
-    per step (by the model, or before each CUDA graph replay)."""
+    """One device copy per host table and image size, kept while that tensor lives and is unchanged (its version
+    counter): the RoPE table a pipeline hands the transformer every step is then copied to the device once per table,
+    not once per step (by the model, or before each CUDA graph replay). Only the rows the image uses are copied (the
+    model slices ``table[:rows, :cols]``, which leaves such a copy whole): 1.2 MB instead of 42 MB at 1024^2."""
 
     def __init__(self):
         self.copies = WeakIdKeyDictionary()
 
-    def __call__(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def __call__(self, table: torch.Tensor, device: torch.device, rows: int, cols: int) -> torch.Tensor:
         if table.device == device:
             return table
-        version, copy = self.copies.get(table, (None, None))
+        version, copies = self.copies.get(table, (None, None))
         if version != table._version:
-            version, copy = table._version, table.to(device)
-            self.copies[table] = (version, copy)
-        return copy
+            version, copies = table._version, {}
+            self.copies[table] = (version, copies)
+        key = (device, rows, cols)
+        if key not in copies:
+            copies[key] = table[:rows, :cols].to(device)
+        return copies[key]
 
 
 def _norm_rope(x, norm, rope, d):
@@ -263,10 +267,12 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
     rope_on_device = _DeviceTables()
 
     def forward(original, hidden_states, *args, **kwargs):
+        p = transformer.config.patch_size
+        size = (hidden_states.device, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         if "image_rotary_emb" in kwargs:
-            kwargs["image_rotary_emb"] = rope_on_device(kwargs["image_rotary_emb"], hidden_states.device)
+            kwargs["image_rotary_emb"] = rope_on_device(kwargs["image_rotary_emb"], *size)
         elif len(args) > _ROPE_ARG:
-            rope = rope_on_device(args[_ROPE_ARG], hidden_states.device)
+            rope = rope_on_device(args[_ROPE_ARG], *size)
             args = (*args[:_ROPE_ARG], rope, *args[_ROPE_ARG + 1 :])
         return handle.run_step(original, hidden_states, *args, **kwargs)
 

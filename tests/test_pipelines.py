@@ -142,18 +142,20 @@ def test_rope_memo_keeps_the_last_tables_only(torch_backend):
 
 
 def test_device_copy_per_host_table():
-    """One device copy per live, unchanged host tensor (meta stands in for the GPU)."""
+    """One device copy per live, unchanged host tensor and image size, holding the rows the image uses (meta stands
+    in for the GPU)."""
     from ras_models.lumina import _DeviceTables
 
     tables, meta = _DeviceTables(), torch.device("meta")
-    host = torch.randn(4, 3, dtype=torch.complex64)
-    copy = tables(host, meta)
-    assert copy.device == meta and tables(host, meta) is copy
-    assert tables(copy, meta) is copy  # already on the device
-    assert tables(host.clone(), meta) is not copy  # another host tensor
+    host = torch.randn(6, 5, 2, dtype=torch.complex64)
+    copy = tables(host, meta, 4, 3)
+    assert copy.device == meta and copy.shape == (4, 3, 2) and tables(host, meta, 4, 3) is copy
+    assert tables(host, meta, 2, 2).shape == (2, 2, 2)  # another image size: its own copy
+    assert torch.equal(tables(host, torch.device("cpu"), 4, 3), host)  # already on the device: the table itself
+    assert tables(host.clone(), meta, 4, 3) is not copy  # another host tensor
     host.mul_(2)
-    changed = tables(host, meta)
-    assert changed is not copy and tables(host, meta) is changed  # changed in place: copied again, once
+    changed = tables(host, meta, 4, 3)
+    assert changed is not copy and tables(host, meta, 4, 3) is changed  # changed in place: copied again, once
     del host
     gc.collect()
     assert len(tables.copies) == 0  # the copies live as long as their host tensors
