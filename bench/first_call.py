@@ -3,11 +3,12 @@
     python -m bench.first_call [--models sd3 lumina] [--ratios 0.5 0.25] [--steady 3] [--resolution 1024]
 
 Each measurement is a fresh Python process (``subprocess``) that builds the pipeline as bench.e2e does (published
-layout, random weights, no text encoders or VAE), applies RAS (static schedule) or not, and times its first
-``pipe(...)`` call, in which Triton compiles and autotunes the kernels and every step shape's CUDA graph is captured,
-then the median of the next ``--steady`` calls. Each RAS ratio runs twice: with an empty ``TRITON_CACHE_DIR`` (a cold
+layout, random weights, no text encoders or VAE), applies RAS (the preset's schedule unless ``--schedule``) or not,
+and times its first ``pipe(...)`` call, in which Triton compiles the kernels (and autotunes those the shipped config
+table does not cover) and step shapes run eagerly or are captured in CUDA graphs, then the second call and the
+median of the next ``--steady`` calls. Each RAS ratio runs twice: with an empty ``TRITON_CACHE_DIR`` (a cold
 machine), then with the cache that run left (what users meet after their first run). Dense diffusers runs no Triton
-kernel, so it runs once. Process start-up, imports and model building are not part of either number.
+kernel, so it runs once. Process start-up, imports and model building are not part of any number.
 """
 
 from __future__ import annotations
@@ -36,28 +37,30 @@ def measure(args) -> dict[str, float]:
     transformer = build_transformer(model, args.full, device, resolve_dtype(None, device))
     pipe = build_pipeline(transformer)
     inputs = prompt_inputs(transformer, 1, seed=0)
-    config = preset(model, args.steps, ratio or 1.0, num_tokens(pipe, args.resolution), "static")
+    config = preset(model, args.steps, ratio or 1.0, num_tokens(pipe, args.resolution), args.schedule)
     if ratio:
         apply_ras(pipe, config)
 
     def call() -> float:
         return timed_call(pipe, inputs, steps=config.num_steps, size=args.resolution, seed=0)[1]
 
-    first = call()
-    return {"first_ms": first, "steady_ms": statistics.median(call() for _ in range(args.steady))}
+    first, second = call(), call()
+    return {"first_ms": first, "second_ms": second, "steady_ms": statistics.median(call() for _ in range(args.steady))}
 
 
 def spawn(args, model: str, ratio: float, cache_dir: str) -> dict[str, float]:
     """:func:`measure` in a fresh Python process whose Triton cache is ``cache_dir``."""
     argv = [sys.executable, "-m", "bench.first_call", "--child", model, str(ratio), "--device", args.device]
     argv += ["--resolution", str(args.resolution), "--steady", str(args.steady)]
+    argv += [] if args.schedule is None else ["--schedule", args.schedule]
     argv += ["--full" if args.full else "--no-full"] + ([] if args.steps is None else ["--steps", str(args.steps)])
     env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
     start = time.perf_counter()
     out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
     record = json.loads(out.strip().splitlines()[-1])
     print(
-        f"  {model} {'dense' if not ratio else f'RAS {ratio}'}: first {record['first_ms']:.0f} ms, steady "
+        f"  {model} {'dense' if not ratio else f'RAS {ratio}'}: first {record['first_ms']:.0f} ms, second "
+        f"{record['second_ms']:.0f} ms, steady "
         f"{record['steady_ms']:.0f} ms (process {time.perf_counter() - start:.0f} s)",
         file=sys.stderr,
         flush=True,
@@ -68,16 +71,17 @@ def spawn(args, model: str, ratio: float, cache_dir: str) -> dict[str, float]:
 def table(rows: list[tuple[str, str, dict, dict | None]]) -> str:
     """Rows (model, run, cold-cache record, warm-cache record or None) in seconds."""
     lines = [
-        "| model | run | first call, empty Triton cache (s) | first call, warm cache (s) | steady call (s) | "
-        "first - steady, empty / warm cache (s) |",
-        "|---|---|---|---|---|---|",
+        "| model | run | first call, empty Triton cache (s) | first call, warm cache (s) | second call (s) | "
+        "steady call (s) | first - steady, empty / warm cache (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, run, cold, warm in rows:
         steady = (warm or cold)["steady_ms"] / 1e3
         first = [r["first_ms"] / 1e3 for r in (cold, warm) if r is not None]
         warm_first = "-" if warm is None else f"{first[1]:.2f}"
         lines.append(
-            f"| {model} | {run} | {first[0]:.2f} | {warm_first} | {steady:.2f} | "
+            f"| {model} | {run} | {first[0]:.2f} | {warm_first} | {(warm or cold)['second_ms'] / 1e3:.2f} | "
+            f"{steady:.2f} | "
             f"{' / '.join(f'{f - steady:.2f}' for f in first)} |"
         )
     return "\n".join(lines)
@@ -89,7 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25], help="RAS ratios (default 0.5 0.25)")
     parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30)")
-    parser.add_argument("--steady", type=int, default=3, help="calls after the first; their median (default 3)")
+    parser.add_argument("--steady", type=int, default=3, help="calls after the second; their median (default 3)")
+    parser.add_argument(
+        "--schedule",
+        choices=("static", "dynamic"),
+        default=None,
+        help="override the preset's schedule (SD3 static, Lumina-Next dynamic)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--full",
@@ -103,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(args)))
         return
     print(
-        f"bench.first_call: {args.resolution}x{args.resolution}, static schedules, {args.device}; one fresh process "
+        f"bench.first_call: {args.resolution}x{args.resolution}, {args.schedule or 'preset'} schedules, "
+        f"{args.device}; one fresh process "
         "per number; times are whole pipe(...) calls (text encoding and VAE decoding outside), steady = median of "
-        f"{args.steady} calls after the first\n"
+        f"{args.steady} calls after the second\n"
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="ras-first-call-") as root:
