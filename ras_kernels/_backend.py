@@ -6,6 +6,9 @@ The choice is made per call, on the host, before anything is launched:
 * ``RAS_BACKEND=torch``  always the reference;
 * ``RAS_BACKEND=triton`` always Triton (CPU tensors need ``TRITON_INTERPRET=1``); an error if Triton is missing;
 * unset or ``auto``      Triton for CUDA tensors when Triton imports, the reference otherwise.
+
+The Triton kernels have no backward pass: on that path an input that requires grad (with grad mode on) is an error,
+not a silently detached result. The references keep autograd.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import torch
 
 _BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _triton_available() -> bool:
@@ -34,8 +39,7 @@ def requested_backend() -> str:
     return value
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether an op on tensors of ``device`` runs its Triton kernels."""
+def _backend_runs_triton(device: torch.device) -> bool:
     backend = requested_backend()
     if backend == "torch":
         return False
@@ -51,11 +55,30 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_available()
 
 
-def triton_path(op, launcher, device: torch.device):
+def use_triton(op_name: str, device: torch.device, inputs: dict[str, object]) -> bool:
+    """Whether ``op_name`` on tensors of ``device`` runs its Triton kernels.
+
+    When it does, ``inputs`` (name -> tensor or None, the differentiable ones) must not need autograd: the kernels
+    have no backward, so a result that silently drops the graph would train nothing.
+    """
+    if not _backend_runs_triton(device):
+        return False
+    if torch.is_grad_enabled():
+        for name, t in inputs.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(
+                    f"{op_name}: {name} requires grad, but the Triton kernels have no backward pass; run the op under "
+                    "torch.no_grad() / torch.inference_mode(), or set RAS_BACKEND=torch for the differentiable "
+                    "PyTorch reference"
+                )
+    return True
+
+
+def triton_path(op_name: str, op, launcher, device: torch.device, inputs: dict[str, object]):
     """The Triton entry point of an op for tensors on ``device``: the plain launcher for an eager call (CUDA-graph
     capture included: no custom-op dispatch cost), the registered torch.library op while torch.compile traces (one
-    opaque node), None when the plain-PyTorch reference runs instead."""
-    if not use_triton(device):
+    opaque node), None when the plain-PyTorch reference runs instead (see :func:`use_triton` for ``inputs``)."""
+    if not use_triton(op_name, device, inputs):
         return None
     return op if torch.compiler.is_compiling() else launcher
 
@@ -89,6 +112,62 @@ def check_unit_stride(name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_no_overlap(name: str, t: torch.Tensor) -> None:
+    """An output written in place must give every element its own memory: in a broadcast (stride-0) view every
+    sample would overwrite the same rows. Sorted by stride, each dimension must step past everything the smaller
+    ones reach; a layout that fails this is refused even in the rare case where its elements happen not to collide
+    (interleaved dimensions), which no real cache or counter tensor has."""
+    if t.numel() == 0:
+        return
+    reach = 0  # the largest offset the dimensions with smaller strides span
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
+        if stride <= reach:
+            raise ValueError(
+                f"{name} is written in place, so its elements must not share memory, but sizes {tuple(t.shape)} with "
+                f"strides {tuple(t.stride())} make them overlap (a broadcast / expanded view?); pass a tensor with "
+                "its own storage, e.g. .clone() it"
+            )
+        reach += stride * (size - 1)
+
+
+def debug_checks_enabled() -> bool:
+    """``RAS_DEBUG=1``: index values of CUDA tensors are checked too (this synchronises with the host)."""
+    return os.environ.get("RAS_DEBUG", "0").strip() == "1"
+
+
+def validate_index(
+    name: str, idx: object, batch: int, num_tokens: int, device: torch.device, *, distinct: bool = False
+) -> torch.Tensor:
+    """Check ``idx`` is a [batch, K] int32/int64 tensor with 1 <= K <= num_tokens on ``device``.
+
+    Its values must lie in [0, num_tokens) and, with ``distinct`` (rows written in place), differ within a sample.
+    They are checked on the host for CPU tensors (no synchronisation; out-of-range rows would read or write outside
+    the tensor), and for CUDA tensors only with ``RAS_DEBUG=1`` (one host synchronisation, never on the hot path).
+    """
+    check_tensor(name, idx, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    if idx.shape[0] != batch:
+        raise ValueError(f"{name} has batch {idx.shape[0]}, expected {batch}")
+    if not 1 <= idx.shape[1] <= num_tokens:
+        raise ValueError(f"{name} must select between 1 and N={num_tokens} tokens, got K={idx.shape[1]}")
+    readable = idx.device.type == "cpu" or (idx.is_cuda and debug_checks_enabled())
+    if not readable or idx.numel() == 0 or torch.compiler.is_compiling():
+        return idx
+    if bool(((idx < 0) | (idx >= num_tokens)).any()):
+        raise ValueError(
+            f"{name} holds token indices outside [0, N={num_tokens}): min {int(idx.min())}, max {int(idx.max())}"
+        )
+    if distinct and idx.shape[1] > 1:
+        ordered = idx.sort(dim=1).values
+        repeats = ordered[:, 1:] == ordered[:, :-1]
+        if bool(repeats.any()):
+            sample, j = (int(v) for v in repeats.nonzero()[0])
+            raise ValueError(
+                f"{name} must hold distinct token indices within a sample (those rows are written in place); "
+                f"sample {sample} repeats token {int(ordered[sample, j])}"
+            )
+    return idx
+
+
 def row_strides(t: torch.Tensor) -> tuple[int, int]:
     """(batch stride, row stride) of a [B, N, D] tensor, 0 for a dimension of size 1 (never stepped along)."""
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
@@ -97,7 +176,3 @@ def row_strides(t: torch.Tensor) -> tuple[int, int]:
 def device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INDEX_DTYPES = (torch.int32, torch.int64)

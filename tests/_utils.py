@@ -1,4 +1,5 @@
-"""Helpers shared by the test files: device choice, Triton availability, NaN-poisoned outputs."""
+"""Helpers shared by the test files: device choice, Triton availability, NaN-poisoned outputs, and the comparisons
+that more than one file makes (attention against the fp32 reference, region selections on random data)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from ras_kernels.attention import reference as attention_reference
+from ras_kernels.select import reference as select_reference
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,3 +34,75 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
     """A tensor full of NaN, so any element a kernel fails to write shows up in the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# Attention: the error rule of tests/test_cached_kv_attention.py.
+ATTENTION_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def sdpa_baseline(q, k, v, scale, mask=None):
+    """PyTorch SDPA at the inputs' dtype on pre-concatenated keys: the error baseline."""
+    group = q.shape[2] // k.shape[2]
+    kk = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vv = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=attn_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def assert_attention_close(out, ref, base, dtype):
+    """Max error of ``out`` vs the fp32 ``ref`` <= 2 x that of the SDPA baseline ``base`` (+ floor)."""
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous()
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten or poisoned element?)"
+    err = (out.float() - ref).abs().max().item()
+    base_err = (base.float() - ref).abs().max().item()
+    assert err <= 2 * base_err + ATTENTION_FLOOR[dtype], f"error {err:.3g} vs SDPA {base_err:.3g}"
+
+
+def expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, scale, extra_mask=None):
+    """fp32 reference output/LSE, the caches after the write (in the input dtype), and the SDPA baseline."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    attention_reference.write_cache(kc, idx, k_new)
+    attention_reference.write_cache(vc, idx, v_new)
+    ke, ve = extra
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    ref, lse = attention_reference.cached_kv_attention(
+        q.float(), f(k_new), f(v_new), k_cache.float(), v_cache.float(), idx,
+        k_extra=f(ke), v_extra=f(ve), extra_mask=extra_mask, scale=scale, return_lse=True,
+    )  # fmt: skip
+    k_all, v_all, mask = kc, vc, None
+    if ke is not None:
+        k_all, v_all = torch.cat([kc, ke], 1), torch.cat([vc, ve], 1)
+        if extra_mask is not None:
+            mask = torch.cat([torch.ones(kc.shape[:2], dtype=torch.bool, device=kc.device), extra_mask], 1)
+    base = sdpa_baseline(q, k_all, v_all, scale if scale is not None else q.shape[-1] ** -0.5, mask)
+    return ref, lse, kc, vc, base
+
+
+# Region selection on random data (see tests/test_select_regions.py).
+def check_index_shape(out, b, k, n):
+    """A selection: [B, K] int64, every index in [0, N), strictly ascending per sample."""
+    assert out.dtype == torch.int64 and tuple(out.shape) == (b, k)
+    assert bool(((out >= 0) & (out < n)).all()), "index out of range (unwritten slot?)"
+    if k > 1:
+        assert bool((out[:, 1:] > out[:, :-1]).all()), "indices not strictly ascending"
+
+
+def assert_same_selection_values(signal, k, counters, ours, ours_c, ref, ref_c, **kw):
+    """Random data: selected priorities equal as multisets; counters equal except on boundary swaps."""
+    p, metric = kw.get("patch_size", 2), kw.get("metric", "std")
+    scale, mode = kw.get("starvation_scale", 0.1), kw.get("mode", "reference")
+    prio = select_reference.priorities(select_reference.region_scores(signal, p, metric), counters, scale, mode)
+    b, n = prio.shape
+    check_index_shape(ours, b, k, n)
+    torch.testing.assert_close(
+        prio.gather(1, ours).sort(dim=1).values, prio.gather(1, ref).sort(dim=1).values, rtol=2e-6, atol=1e-30
+    )
+    if counters is not None:
+        in_ours = torch.zeros(b, n, dtype=torch.bool, device=prio.device).scatter_(1, ours, True)
+        in_ref = torch.zeros(b, n, dtype=torch.bool, device=prio.device).scatter_(1, ref, True)
+        swapped = in_ours ^ in_ref
+        assert int(swapped.sum()) <= max(2, b * n // 100), "more than a few boundary swaps"
+        assert torch.equal(ours_c[~swapped], ref_c[~swapped])
+        assert torch.equal(ours_c[swapped], counters[swapped] + (~in_ours[swapped]).to(counters.dtype))

@@ -1,43 +1,30 @@
 """cached_kv_attention / attention: Triton kernels against the fp32 reference.
 
 Error rule (flash-attention's): the kernel's max error against the fp32 reference may be at most about twice the
-error of PyTorch's own SDPA at the same input dtype (plus a tiny floor for fp32). CPU runs use fp16/fp32 inputs
-under TRITON_INTERPRET=1 (bf16 dots are wrong in the interpreter); the GPU sweep adds bf16 and full sizes.
+error of PyTorch's own SDPA at the same input dtype (plus a tiny floor for fp32). CPU runs use small shapes under
+TRITON_INTERPRET=1 (bf16 inputs included: the launcher runs the interpreter's kernel on fp32 copies, its bf16 dots
+being wrong); the GPU sweep adds full sizes.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ras_kernels.attention import ops, reference
 
-from ._utils import DEVICE, requires_cuda, requires_triton
-
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def _sdpa(q, k, v, scale, mask=None):
-    """PyTorch SDPA at the inputs' dtype on pre-concatenated keys: the error baseline."""
-    group = q.shape[2] // k.shape[2]
-    kk = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vv = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=attn_mask, scale=scale)
-    return out.transpose(1, 2)
-
-
-def _check_close(out, ref, base, dtype):
-    """Max error of ``out`` vs the fp32 ``ref`` <= 2 x that of the SDPA baseline ``base`` (+ floor)."""
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert out.is_contiguous()
-    assert torch.isfinite(out).all(), "non-finite output (an unwritten or poisoned element?)"
-    err = (out.float() - ref).abs().max().item()
-    base_err = (base.float() - ref).abs().max().item()
-    assert err <= 2 * base_err + FLOOR[dtype], f"error {err:.3g} vs SDPA {base_err:.3g}"
+from ._utils import (
+    DEVICE,
+    TRITON_RUNNABLE,
+    assert_attention_close,
+    expected_cached_attention,
+    requires_cuda,
+    requires_triton,
+    sdpa_baseline,
+)
 
 
 def _randperm_rows(b, n, k, dtype, device):
@@ -56,26 +43,6 @@ def _case(b, n, kk, t, hq, hkv, d, dtype, *, lq=None, device=DEVICE, idx_dtype=t
     return q, k_new, v_new, k_cache, v_cache, idx, extra
 
 
-def _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, scale, extra_mask=None):
-    """fp32 reference output/LSE, the caches after the write (in the input dtype), and the SDPA baseline."""
-    kc, vc = k_cache.clone(), v_cache.clone()
-    reference.write_cache(kc, idx, k_new)
-    reference.write_cache(vc, idx, v_new)
-    ke, ve = extra
-    f = lambda x: None if x is None else x.float()  # noqa: E731
-    ref, lse = reference.cached_kv_attention(
-        q.float(), f(k_new), f(v_new), k_cache.float(), v_cache.float(), idx,
-        k_extra=f(ke), v_extra=f(ve), extra_mask=extra_mask, scale=scale, return_lse=True,
-    )  # fmt: skip
-    k_all, v_all, mask = kc, vc, None
-    if ke is not None:
-        k_all, v_all = torch.cat([kc, ke], 1), torch.cat([vc, ve], 1)
-        if extra_mask is not None:
-            mask = torch.cat([torch.ones(kc.shape[:2], dtype=torch.bool, device=kc.device), extra_mask], 1)
-    base = _sdpa(q, k_all, v_all, scale if scale is not None else q.shape[-1] ** -0.5, mask)
-    return ref, lse, kc, vc, base
-
-
 CPU_CASES = [
     # (B, N, K, T, Hq, Hkv, d, dtype)
     pytest.param(1, 1, 1, 0, 2, 2, 64, torch.float32, id="N1-K1"),
@@ -86,6 +53,8 @@ CPU_CASES = [
     pytest.param(1, 70, 9, 3, 2, 1, 40, torch.float16, id="d40-split-32+8"),
     pytest.param(1, 40, 40, 0, 2, 2, 96, torch.float16, id="d96-split-64+32"),
     pytest.param(1, 33, 5, 0, 2, 2, 128, torch.float32, id="d128"),
+    pytest.param(2, 63, 1, 5, 4, 2, 72, torch.bfloat16, id="bf16-N63-K1-T5-gqa-d72"),
+    pytest.param(1, 70, 30, 3, 2, 1, 64, torch.bfloat16, id="bf16-N70-K30-T3"),
 ]
 
 
@@ -93,11 +62,11 @@ CPU_CASES = [
 @pytest.mark.parametrize("b, n, kk, t, hq, hkv, d, dtype", CPU_CASES)
 def test_matches_reference_and_updates_cache(triton_backend, b, n, kk, t, hq, hkv, d, dtype):
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype)
-    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
     out, lse = ops.cached_kv_attention(
         q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], return_lse=True
     )
-    _check_close(out, ref, base, dtype)
+    assert_attention_close(out, ref, base, dtype)
     # Cache rows at idx hold k_new/v_new exactly; every other row is untouched.
     assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
@@ -110,12 +79,12 @@ def test_extra_mask(triton_backend, dtype):
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, idx_dtype=torch.int32)
     mask = torch.rand(b, t, device=DEVICE) < 0.5
     mask[1] = False  # a sample whose text keys are all padding: only the cache is visible
-    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, 0.3, mask)
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, 0.3, mask)
     out, lse = ops.cached_kv_attention(
         q, k_new, v_new, k_cache, v_cache, idx,
         k_extra=extra[0], v_extra=extra[1], extra_mask=mask, scale=0.3, return_lse=True,
     )  # fmt: skip
-    _check_close(out, ref, base, dtype)
+    assert_attention_close(out, ref, base, dtype)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
     assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
 
@@ -135,9 +104,9 @@ def test_strided_views(triton_backend):
     ke, ve = ext[..., 0, :], ext[..., 1, :]
     idx = _randperm_rows(b, n, kk, torch.int64, DEVICE).repeat_interleave(2, dim=1)[:, ::2]  # strided idx
     assert not (q.is_contiguous() or k_cache.is_contiguous() or ke.is_contiguous() or idx.is_contiguous())
-    ref, _, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
+    ref, _, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
     out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=ke, v_extra=ve)
-    _check_close(out, ref, base, dtype)
+    assert_attention_close(out, ref, base, dtype)
     assert torch.equal(kv[:, :, 0], kc) and torch.equal(kv[:, :, 1], vc)
 
 
@@ -152,14 +121,14 @@ def test_misaligned_views(triton_backend):
     k_new, v_new = torch.randn(b, kk, hkv, d, **g), torch.randn(b, kk, hkv, d, **g)
     ke, ve = torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)
     idx = _randperm_rows(b, n, kk, torch.int64, DEVICE)
-    ref, _, kc, _, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
+    ref, _, kc, _, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, (ke, ve), None)
     out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=ke, v_extra=ve)
-    _check_close(out, ref, base, dtype)
+    assert_attention_close(out, ref, base, dtype)
     assert torch.equal(wide[..., :d], kc)  # the cache write still lands in the caller's (misaligned) view
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_plain_attention(triton_backend, dtype):
     b, lq, lk, hq, hkv, d = 2, 33, 70, 4, 2, 72
     g = dict(dtype=dtype, device=DEVICE)
@@ -167,7 +136,7 @@ def test_plain_attention(triton_backend, dtype):
     scale = math.sqrt(math.log(4096) / math.log(1024)) / math.sqrt(d)  # Lumina-style explicit scale
     ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), scale, return_lse=True)
     out, lse = ops.flash_attention(q, k, v, scale=scale, return_lse=True)
-    _check_close(out, ref, _sdpa(q, k, v, scale), dtype)
+    assert_attention_close(out, ref, sdpa_baseline(q, k, v, scale), dtype)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
 
 
@@ -184,7 +153,7 @@ def test_plain_attention_key_mask(triton_backend):
     mask[2] = False
     ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), d**-0.5, mask, return_lse=True)
     out, lse = ops.flash_attention(q, k, v, key_mask=mask, return_lse=True)
-    _check_close(out[:2], ref[:2], _sdpa(q[:2], k[:2], v[:2], d**-0.5, mask[:2]), dtype)
+    assert_attention_close(out[:2], ref[:2], sdpa_baseline(q[:2], k[:2], v[:2], d**-0.5, mask[:2]), dtype)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert torch.isneginf(lse[2]).all()
     torch.testing.assert_close(lse[:2], ref_lse[:2], atol=2e-3, rtol=1e-4)
@@ -227,7 +196,21 @@ def _call(args, **kw):
         (lambda a: a.update(q=a["q"][:, :, :3]), {}, ValueError, "multiple of kv heads"),
         (lambda a: a.update(k_new=a["k_new"][:, :2]), {}, ValueError, "k_new must have shape"),
         (lambda a: a.update(idx=a["idx"].float()), {}, TypeError, "idx must have dtype"),
-        (lambda a: a.update(q=a["q"].transpose(1, 3).contiguous().transpose(1, 3)), {}, ValueError, "unit last"),
+        (lambda a: a.update(q=a["q"].mT.contiguous().mT), {}, ValueError, "q must have unit stride in its last"),
+        (lambda a: a.update(q=a["q"][..., :0]), {}, ValueError, "head dim d .* must be >= 1"),
+        # Caches are written in place: an expanded (stride-0) or self-overlapping cache would mix samples / rows.
+        (lambda a: a.update(k_cache=a["k_cache"][:1].expand(2, -1, -1, -1)), {}, ValueError, "k_cache must have"),
+        (lambda a: a.update(k_cache=a["k_cache"][:, :1].expand(-1, 8, -1, -1)), {}, ValueError, "k_cache is written"),
+        (
+            lambda a: a.update(v_cache=a["v_cache"].as_strided((1, 8, 2, 64), (64, 64, 64, 1))),
+            {},
+            ValueError,
+            "v_cache is written in place",
+        ),
+        # Index values are checked on the host for CPU tensors: in range, distinct (rows written in place).
+        (lambda a: a["idx"].__setitem__((0, 1), 8), {}, ValueError, r"idx holds token indices outside \[0, N=8\)"),
+        (lambda a: a["idx"].__setitem__((0, 1), -1), {}, ValueError, "idx holds token indices outside"),
+        (lambda a: a["idx"].__setitem__((0, 2), a["idx"][0, 0]), {}, ValueError, "idx must hold distinct"),
         (lambda a: None, {"scale": -1.0}, ValueError, "scale must be"),
         (lambda a: None, {"scale": float("nan")}, ValueError, "scale must be"),
         (lambda a: None, {"return_lse": 1}, TypeError, "return_lse must be a bool"),
@@ -257,11 +240,36 @@ def test_extra_mask_errors(mask, exc, match):
         _call(args, k_extra=ke, v_extra=ve, extra_mask=mask)
 
 
-@pytest.mark.parametrize("d", [8, 65, 88, 264])
-def test_head_dim_errors(d):
-    args, _, _ = _good(d=d)
-    with pytest.raises(ValueError, match="head dim d must be one of 16, 24"):
-        _call(args)
+@pytest.mark.parametrize("d", [8, 12, 100, 264])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_any_head_dim(monkeypatch, backend, d):
+    """Head dims the kernel has no variant for: the reference takes them; the Triton path zero-pads d <= 256 to the
+    next kernel head dim and runs the reference past 256, with one warning per head dim."""
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    dtype = torch.float16
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 37, 9, 4, 4, 2, d, dtype)
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    ops._warn_head_dim.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out, lse = ops.cached_kv_attention(
+                q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], return_lse=True
+            )
+            plain = ops.flash_attention(q, kc, vc, return_lse=False)
+    assert_attention_close(out, ref, base, dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    plain_ref = reference.attention(q.float(), kc.float(), vc.float(), d**-0.5)
+    assert_attention_close(plain, plain_ref, sdpa_baseline(q, kc, vc, d**-0.5), dtype)
+    messages = [str(w.message) for w in caught if f"head dim {d}" in str(w.message)]
+    if backend == "torch":
+        assert messages == []
+    else:
+        assert len(messages) == 1, messages
+        assert ("zero-padded" if d <= 256 else "reference (fp32) runs instead") in messages[0]
 
 
 def test_plain_attention_errors():
@@ -301,11 +309,11 @@ GPU_CASES = [
 def test_gpu_full_size(triton_backend, b, n, kk, t, hq, hkv, d, dtype):
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, device="cuda")
     scale = None if d != 72 else math.sqrt(math.log(n) / math.log(1024)) / math.sqrt(d)
-    ref, ref_lse, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, scale)
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, scale)
     out, lse = ops.cached_kv_attention(
         q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], scale=scale, return_lse=True
     )
-    _check_close(out, ref, base, dtype)
+    assert_attention_close(out, ref, base, dtype)
     assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
@@ -318,22 +326,23 @@ def test_gpu_lumina_dense_and_caption_mask(triton_backend, dtype):
     g = dict(dtype=dtype, device="cuda")
     b, n, hq, hkv, d, t = 2, 4096, 32, 8, 72, 256
     q, k, v = torch.randn(b, n, hq, d, **g), torch.randn(b, n, hkv, d, **g), torch.randn(b, n, hkv, d, **g)
-    _check_close(ops.flash_attention(q, k, v), reference.attention(q.float(), k.float(), v.float(), d**-0.5),
-                 _sdpa(q, k, v, d**-0.5), dtype)  # fmt: skip
+    assert_attention_close(ops.flash_attention(q, k, v), reference.attention(q.float(), k.float(), v.float(), d**-0.5),
+                 sdpa_baseline(q, k, v, d**-0.5), dtype)  # fmt: skip
     kt, vt = torch.randn(b, t, hkv, d, **g), torch.randn(b, t, hkv, d, **g)
     lengths = torch.tensor([100, 256], device="cuda")
     mask = torch.arange(t, device="cuda")[None, :] < lengths[:, None]
     ref = reference.attention(q.float(), kt.float(), vt.float(), d**-0.5, mask)
-    _check_close(ops.flash_attention(q, kt, vt, key_mask=mask), ref, _sdpa(q, kt, vt, d**-0.5, mask), dtype)
+    out = ops.flash_attention(q, kt, vt, key_mask=mask)
+    assert_attention_close(out, ref, sdpa_baseline(q, kt, vt, d**-0.5, mask), dtype)
 
 
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_fp32(triton_backend):
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 1000, 300, 33, 8, 4, 72, torch.float32, device="cuda")
-    ref, _, kc, vc, base = _expected(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    ref, _, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
     out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
-    _check_close(out, ref, base, torch.float32)
+    assert_attention_close(out, ref, base, torch.float32)
     assert torch.equal(k_cache, kc)
 
 
@@ -352,7 +361,7 @@ def _tail_case(d, dtype, masked):
     k_all, v_all = torch.cat([k, ke], 1), torch.cat([v, ve], 1)
     full_mask = None if mask is None else torch.cat([torch.ones(b, n, dtype=torch.bool, device="cuda"), mask], 1)
     ref, ref_lse = reference.attention(q.float(), k_all.float(), v_all.float(), d**-0.5, full_mask, return_lse=True)
-    base = _sdpa(q, k_all, v_all, d**-0.5, full_mask)
+    base = sdpa_baseline(q, k_all, v_all, d**-0.5, full_mask)
     return (q, k, v, ke, ve, mask), ref, ref_lse, base
 
 
@@ -368,7 +377,7 @@ def test_gpu_every_config(d):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
         out, lse = ops._launch_attention(q, k, v, ke, ve, mask, d**-0.5, True, lambda f: f, cfg)
         torch.cuda.synchronize()
-        _check_close(out, ref, base, torch.bfloat16)
+        assert_attention_close(out, ref, base, torch.bfloat16)
         torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 
@@ -380,7 +389,7 @@ def test_gpu_every_head_dim(d):
     (q, k, v, ke, ve, mask), ref, ref_lse, base = _tail_case(d, torch.float16, masked=True)
     out, lse = ops._launch_attention(q, k, v, ke, ve, mask, d**-0.5, True, lambda f: f, ops._default_config(d))
     torch.cuda.synchronize()
-    _check_close(out, ref, base, torch.float16)
+    assert_attention_close(out, ref, base, torch.float16)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 

@@ -258,7 +258,8 @@ def test_gather_rejects_bad_input(over, exc, match):
 
 
 def _scatter_args(**over):
-    args = dict(dst=torch.randn(2, 10, 8), idx=torch.zeros(2, 3, dtype=torch.int32), src=torch.randn(2, 3, 8))
+    idx = torch.tensor([[0, 1, 2], [9, 5, 3]], dtype=torch.int32)
+    args = dict(dst=torch.randn(2, 10, 8), idx=idx, src=torch.randn(2, 3, 8))
     args.update(over)
     return args
 
@@ -272,7 +273,12 @@ def _scatter_args(**over):
         (dict(src=torch.randn(2, 4, 8)), ValueError, r"src must have shape \(B, K, D\) = \(2, 3, 8\)"),
         (dict(dst=torch.randn(2, 8, 10).transpose(1, 2)), ValueError, "dst must have unit stride"),
         (dict(src=torch.randn(2, 8, 3).transpose(1, 2)), ValueError, "src must have unit stride"),
-        (dict(dst=torch.randn(1, 10, 8).expand(2, 10, 8)), ValueError, "dst must not be a broadcast"),
+        # dst is written in place: a broadcast or otherwise self-overlapping view would mix samples / rows.
+        (dict(dst=torch.randn(1, 10, 8).expand(2, 10, 8)), ValueError, "dst is written in place"),
+        (dict(dst=torch.randn(2, 1, 8).expand(2, 10, 8)), ValueError, "dst is written in place"),
+        (dict(dst=torch.randn(2, 10, 8).as_strided((2, 10, 8), (40, 4, 1))), ValueError, "dst is written in place"),
+        (dict(idx=torch.tensor([[0, 1, 2], [3, 10, 4]])), ValueError, r"idx holds token indices outside \[0, N=10\)"),
+        (dict(idx=torch.tensor([[0, 1, 0], [3, 5, 4]])), ValueError, "idx must hold distinct token indices"),
     ],
 )
 def test_scatter_rejects_bad_input(over, exc, match):
@@ -281,16 +287,30 @@ def test_scatter_rejects_bad_input(over, exc, match):
         scatter_tokens(args["dst"], args["idx"], args["src"])
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])],
+)
 @pytest.mark.parametrize("bad", [-1, 10], ids=["negative", "N"])
-def test_debug_flag_checks_index_range(monkeypatch, bad):
-    x, dst, src = torch.randn(2, 10, 8), torch.randn(2, 10, 8), torch.randn(2, 3, 8)
-    idx = torch.tensor([[0, 1, 2], [3, bad, 4]])
-    monkeypatch.setenv("RAS_DEBUG", "1")
-    with pytest.raises(ValueError, match=r"idx holds token indices outside \[0, N=10\)"):
-        gather_tokens(x, idx)
-    with pytest.raises(ValueError, match=r"idx holds token indices outside \[0, N=10\)"):
-        scatter_tokens(dst, idx, src)
-    ok = torch.tensor([[0, 1, 9], [3, 5, 4]])
+def test_index_values_checked(monkeypatch, device, bad):
+    """CPU indices are always range-checked on the host (an out-of-range row would read or write outside the
+    tensor); CUDA indices only with RAS_DEBUG=1, since reading them needs a host sync. Scatter also needs them
+    distinct. Both backends, both ops."""
+    x, dst, src = (torch.randn(*shape, device=device) for shape in ((2, 10, 8), (2, 10, 8), (2, 3, 8)))
+    idx = torch.tensor([[0, 1, 2], [3, bad, 4]], device=device)
+    repeated = torch.tensor([[0, 1, 2], [3, 4, 3]], device=device)
+    if device == "cuda":
+        monkeypatch.setenv("RAS_DEBUG", "1")
+    for backend in ("torch", "triton") if TRITON_RUNNABLE else ("torch",):
+        monkeypatch.setenv("RAS_BACKEND", backend)
+        with pytest.raises(ValueError, match=r"idx holds token indices outside \[0, N=10\)"):
+            gather_tokens(x, idx)
+        with pytest.raises(ValueError, match=r"idx holds token indices outside \[0, N=10\)"):
+            scatter_tokens(dst, idx, src)
+        with pytest.raises(ValueError, match="idx must hold distinct token indices"):
+            scatter_tokens(dst, repeated, src)
+        _assert_same(gather_tokens(x, repeated), reference.gather_tokens(x, repeated))  # repeats are fine to read
+    ok = torch.tensor([[0, 1, 9], [3, 5, 4]], device=device)
     _assert_same(gather_tokens(x, ok), reference.gather_tokens(x, ok))
 
 

@@ -177,6 +177,7 @@ def test_adaptive_norm_errors(kwargs, error, match):
         ({"branch_weight": torch.randn(7)}, ValueError, "branch_weight must have shape"),
         ({"branch_eps": -1.0}, ValueError, "branch_eps must be > 0"),
         ({"norm": None}, ValueError, "norm must be one of"),
+        ({"gate": torch.randn(2, 8), "tanh_gate": "yes"}, TypeError, "tanh_gate must be a bool"),
     ],
 )
 def test_gated_residual_norm_errors(kwargs, error, match):

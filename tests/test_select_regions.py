@@ -20,7 +20,7 @@ from ras_kernels import select_regions
 from ras_kernels.select import reference
 from ras_kernels.select.ops import MAX_TRITON_TOKENS, validate_select_args
 
-from ._utils import DEVICE, requires_cuda
+from ._utils import DEVICE, TRITON_RUNNABLE, assert_same_selection_values, check_index_shape, requires_cuda
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -55,32 +55,6 @@ def run_both(signal, k, counters=None, **kw):
     ours = select_regions(signal, k, counters=ours_c, **kw)
     ref = reference.select_regions(signal, k, counters=ref_c, **kw)
     return ours, ours_c, ref, ref_c
-
-
-def check_index_shape(out, b, k, n):
-    assert out.dtype == torch.int64 and tuple(out.shape) == (b, k)
-    assert bool(((out >= 0) & (out < n)).all()), "index out of range (unwritten slot?)"
-    if k > 1:
-        assert bool((out[:, 1:] > out[:, :-1]).all()), "indices not strictly ascending"
-
-
-def assert_same_selection_values(signal, k, counters, ours, ours_c, ref, ref_c, **kw):
-    """Random data: selected priorities equal as multisets; counters equal except on boundary swaps."""
-    p, metric = kw.get("patch_size", 2), kw.get("metric", "std")
-    scale, mode = kw.get("starvation_scale", 0.1), kw.get("mode", "reference")
-    prio = reference.priorities(reference.region_scores(signal, p, metric), counters, scale, mode)
-    b, n = prio.shape
-    check_index_shape(ours, b, k, n)
-    torch.testing.assert_close(
-        prio.gather(1, ours).sort(dim=1).values, prio.gather(1, ref).sort(dim=1).values, rtol=2e-6, atol=1e-30
-    )
-    if counters is not None:
-        in_ours = torch.zeros(b, n, dtype=torch.bool, device=prio.device).scatter_(1, ours, True)
-        in_ref = torch.zeros(b, n, dtype=torch.bool, device=prio.device).scatter_(1, ref, True)
-        swapped = in_ours ^ in_ref
-        assert int(swapped.sum()) <= max(2, b * n // 100), "more than a few boundary swaps"
-        assert torch.equal(ours_c[~swapped], ref_c[~swapped])
-        assert torch.equal(ours_c[swapped], counters[swapped] + (~in_ours[swapped]).to(counters.dtype))
 
 
 # ------------------------------------------------------------------------------------ tie-free: exact match
@@ -321,9 +295,18 @@ BAD_ARGS = [
         1,
         {"counters": torch.zeros(1, 16, dtype=torch.int64).expand(2, 16)},
         ValueError,
-        "expanded view",
+        "counters is written in place",
         id="c-expanded",
     ),
+    pytest.param(
+        _sig(2, 4, 8, 8),
+        1,
+        {"counters": torch.zeros(24, dtype=torch.int64).as_strided((2, 16), (8, 1))},
+        ValueError,
+        "counters is written in place",
+        id="c-overlapping-rows",
+    ),
+    pytest.param(_sig(1, 0, 8, 8), 1, {"metric": "l2"}, ValueError, "at least one channel", id="no-channels"),
 ]
 
 
@@ -331,6 +314,16 @@ BAD_ARGS = [
 def test_bad_arguments_raise(signal, num_active, kwargs, exc, match, torch_backend):
     with pytest.raises(exc, match=match):
         select_regions(signal, num_active, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend, monkeypatch):
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    counters = torch.zeros(0, 16, dtype=torch.int32, device=DEVICE)
+    out = select_regions(torch.randn(0, 4, 8, 8, device=DEVICE), 5, counters=counters)
+    assert out.shape == (0, 5) and out.dtype == torch.int64
 
 
 def test_validate_returns_token_count():

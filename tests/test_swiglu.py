@@ -26,7 +26,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(1,), (3, 1), (2, 5, 96), (4, 1500), (2, 3, 2049)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1,), (3, 1), (2, 5, 96), (4, 1500), (2, 3, 2049), (0, 8), (3, 0), (2, 0, 5)], ids=str
+)
 def test_swiglu_matches_reference(triton_backend, shape, dtype):
     gate = (4 * torch.randn(shape, device=DEVICE)).to(dtype)
     up = torch.randn(shape, device=DEVICE).to(dtype)

@@ -5,23 +5,54 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from .._backend import FLOAT_DTYPES, check_tensor, use_triton
-from ..gather.ops import validate_index
+from .._backend import (
+    FLOAT_DTYPES,
+    check_no_overlap,
+    check_tensor,
+    check_unit_stride,
+    device_of,
+    use_triton,
+    validate_index,
+)
 from . import reference
 
-# d = 2^a or 2^a + 2^b with 2^b >= 8, 16 <= d <= 256: the kernel splits d into two power-of-two pieces.
+# The kernel's head dims: d = 2^a or 2^a + 2^b with 2^b >= 8, 16 <= d <= 256 (it splits d into two power-of-two
+# pieces). Other head dims are zero-padded to the next one, or run the reference past 256 (see _kernel_head_dim).
 HEAD_DIMS = (16, 24, 32, 40, 48, 64, 72, 80, 96, 128, 136, 144, 160, 192, 256)
 
 
 def _check_head_dim(d: int) -> None:
-    if d not in HEAD_DIMS:
-        raise ValueError(
-            f"head dim d must be one of {', '.join(map(str, HEAD_DIMS))} (tuned for 64, 72 and 128), got {d}"
-        )
+    if d < 1:
+        raise ValueError(f"head dim d (the last dimension of q) must be >= 1, got {d}")
+
+
+def _kernel_head_dim(d: int) -> int | None:
+    """The head dim the Triton kernel runs a head dim ``d`` at: d itself when it is one of HEAD_DIMS, else the next
+    one (q, k and v zero-padded: the extra columns add 0 to every score and give output columns that are sliced
+    off, so the result is the same), or None past 256 (the reference runs instead). Warns once per such d (in eager
+    calls: torch.compile cannot trace a warning)."""
+    width = next((w for w in HEAD_DIMS if w >= d), None)
+    if width != d and not torch.compiler.is_compiling():
+        _warn_head_dim(d, width)
+    return width
+
+
+@functools.cache
+def _warn_head_dim(d: int, width: int | None) -> None:
+    if width is None:
+        how = f"d > {HEAD_DIMS[-1]}: the plain-PyTorch reference (fp32) runs instead"
+    else:
+        how = f"q, k and v are zero-padded to {width} on every call (same result, plus padded copies of the K/V cache)"
+    kernel_dims = ", ".join(map(str, HEAD_DIMS))
+    warnings.warn(
+        f"ras_kernels attention: head dim {d} is not a Triton kernel head dim ({kernel_dims}); {how}", stacklevel=4
+    )
 
 
 def _check_scale(scale) -> None:
@@ -29,11 +60,6 @@ def _check_scale(scale) -> None:
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0
     ):
         raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
-
-
-def _check_unit_last_stride(name: str, t: torch.Tensor) -> None:
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a unit last (head-dim) stride, got strides {tuple(t.stride())}")
 
 
 def _check_key_mask(name: str, mask, b: int, t: int, device: torch.device) -> None:
@@ -58,7 +84,9 @@ def validate_attention_args(
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
-    validate_index("idx", idx, b, n, q.device)
+    check_no_overlap("k_cache", k_cache)
+    check_no_overlap("v_cache", v_cache)
+    validate_index("idx", idx, b, n, q.device, distinct=True)
     kk = idx.shape[1]
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device)
@@ -82,10 +110,10 @@ def validate_attention_args(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_unit_last_stride(name, t)
+        check_unit_stride(name, t)
     if k_extra is not None:
-        _check_unit_last_stride("k_extra", k_extra)
-        _check_unit_last_stride("v_extra", v_extra)
+        check_unit_stride("k_extra", k_extra)
+        check_unit_stride("v_extra", v_extra)
 
 
 def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
@@ -110,7 +138,7 @@ def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_unit_last_stride(name, t)
+        check_unit_stride(name, t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,6 +157,11 @@ def _split_head_dim(d: int) -> tuple[int, int]:
 def _lq_bucket(lq: int) -> int:
     """The autotuner's key for the query length: the next power of two, so K changing per step does not retune."""
     return min(max(64, 1 << max(lq - 1, 1).bit_length()), 1 << 16)
+
+
+def tuned_config_key(d: int, lq_bucket: int, has_extra: bool, has_mask: bool) -> str:
+    """The key of the shipped config table (tuned_configs.json): the autotuner's key, 16-bit dtypes alike."""
+    return f"d{d}-lq{lq_bucket}-{'extra' if has_extra else 'noextra'}-{'mask' if has_mask else 'nomask'}"
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on the GPU; the autotuner picks per key.
@@ -252,20 +285,28 @@ def _launch_attention(
     """Run the attention kernel; ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner."""
     from . import kernels
 
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret and q.dtype == torch.bfloat16:
+        # The interpreter's bf16 tl.dot returns garbage (its fp32 and fp16 dots are right): run the fp32 kernel on
+        # fp32 copies and round the output once, as the reference does.
+        up = [None if t is None else t.float() for t in (q, k, v, k_extra, v_extra)]
+        out, lse = _launch_attention(*up, extra_mask, scale, return_lse, wrap, config)
+        return out.to(torch.bfloat16), lse
     out, lse, args, consts, grid = _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
     if out.numel() == 0:
         return out, lse
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret:
         # The interpreter cannot autotune (no driver): one small fixed config.
         config = _INTERPRET_CONFIG
     elif q.dtype == torch.float32:
         config = _FP32_CONFIG
     elif config is None and os.environ.get("RAS_ATTN_AUTOTUNE", "1") == "0":
         config = _default_config(q.shape[-1])
-    if config is None:
-        wrap(_tuned_attn_kernel())[grid](*args, **consts)
-    else:
-        wrap(kernels.attn_fwd_kernel)[grid](*args, **consts, **config)
+    with device_of(q):  # Triton launches on the current device, not necessarily the tensors' one
+        if config is None:
+            wrap(_tuned_attn_kernel())[grid](*args, **consts)
+        else:
+            wrap(kernels.attn_fwd_kernel)[grid](*args, **consts, **config)
     return out, lse
 
 
@@ -279,16 +320,17 @@ def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new, wrap) -> None:
         return
     block_k = 64
     grid = (triton.cdiv(kk, block_k), hkv, b)
-    wrap(kernels.cache_write_kernel)[grid](
-        k_new, v_new, k_cache, v_cache, idx,
-        k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        idx.stride(0), idx.stride(1),
-        kk, k_cache.shape[1],
-        HEAD_DIM=d, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d),
-    )  # fmt: skip
+    with device_of(k_cache):
+        wrap(kernels.cache_write_kernel)[grid](
+            k_new, v_new, k_cache, v_cache, idx,
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            idx.stride(0), idx.stride(1),
+            kk, k_cache.shape[1],
+            HEAD_DIM=d, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
 
 
 # The two registered ops: torch.compile and CUDA graph capture see the Triton kernels through them; the cache
@@ -312,6 +354,20 @@ def _flash_attention(
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, wrap_triton)
+
+
+def _attend(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int):
+    """The registered attention op at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended
+    to q, k and v add nothing to any score, and the output's extra columns (zero) are sliced off."""
+    d = q.shape[-1]
+    if width != d:
+        q, k, v, k_extra, v_extra = (
+            None if t is None else F.pad(t, (0, width - d)) for t in (q, k, v, k_extra, v_extra)
+        )
+    out, lse = _flash_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    if width != d:
+        out = out[..., :d].contiguous()
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,7 +396,10 @@ def cached_kv_attention(
     keys/values [cache rows 0..N-1, then ``k_extra``/``v_extra`` [B, T, Hkv, d] rows], shape [B, Lq, Hq, d]
     (contiguous). Hq must be a multiple of Hkv (query head h reads kv head h // (Hq / Hkv)). ``scale`` defaults
     to 1 / sqrt(d). All tensors share one float dtype (fp16/bf16; fp32 too) and may be strided views with a unit
-    last stride. Head dims: see ``HEAD_DIMS`` (tuned for 64, 72 and 128).
+    last stride; the caches must not overlap themselves (no broadcast view). Any head dim d >= 1: the Triton
+    kernel runs ``HEAD_DIMS`` (tuned for 64, 72 and 128), zero-pads other d <= 256 to the next one and leaves
+    d > 256 to the reference, warning once per such d. Indices are checked on the host for CPU tensors (and with
+    ``RAS_DEBUG=1`` for CUDA ones). The Triton path has no backward (see ``RAS_BACKEND``).
 
     ``extra_mask``: optional [B, T] bool, False hides that extra key from every query (applied in the kernel).
     ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Lq] fp32 (natural log).
@@ -348,11 +407,14 @@ def cached_kv_attention(
     validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if use_triton(q.device):
-        # Stream order makes the attention launch wait for the cache write.
-        _write_kv_cache(k_cache, v_cache, idx, k_new, v_new)
-        out, lse = _flash_attention(q, k_cache, v_cache, k_extra, v_extra, extra_mask, float(scale), return_lse)
-        return (out, lse) if return_lse else out
+    inputs = {"q": q, "k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache}
+    inputs.update(k_extra=k_extra, v_extra=v_extra)
+    if use_triton("cached_kv_attention", q.device, inputs):
+        width = _kernel_head_dim(q.shape[-1])
+        if width is not None:
+            # The write kernel takes any head dim; stream order makes the attention launch wait for it.
+            _write_kv_cache(k_cache, v_cache, idx, k_new, v_new)
+            return _attend(q, k_cache, v_cache, k_extra, v_extra, extra_mask, float(scale), return_lse, width)
     return reference.cached_kv_attention(
         q,
         k_new,
@@ -381,16 +443,17 @@ def flash_attention(
 
     q [B, Lq, Hq, d]; k/v [B, L, Hkv, d] (L >= 1); result [B, Lq, Hq, d] contiguous. ``key_mask``: optional [B, L]
     bool, False hides that key from every query; a query that sees no key at all gets zeros (and lse -inf).
-    ``scale`` defaults to 1 / sqrt(d); ``return_lse`` also returns [B, Hq, Lq] fp32 (natural log).
+    ``scale`` defaults to 1 / sqrt(d); ``return_lse`` also returns [B, Hq, Lq] fp32 (natural log). Head dims and
+    backends as for :func:`cached_kv_attention`.
     """
     validate_plain_attention_args(q, k, v, key_mask, scale, return_lse)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if use_triton(q.device):
-        if key_mask is None:
-            out, lse = _flash_attention(q, k, v, None, None, None, float(scale), return_lse)
-        else:
+    if use_triton("flash_attention", q.device, {"q": q, "k": k, "v": v}):
+        width = _kernel_head_dim(q.shape[-1])
+        if width is not None:
+            if key_mask is None:
+                return _attend(q, k, v, None, None, None, float(scale), return_lse, width)
             # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
-            out, lse = _flash_attention(q, k[:, :0], v[:, :0], k, v, key_mask, float(scale), return_lse)
-        return (out, lse) if return_lse else out
+            return _attend(q, k[:, :0], v[:, :0], k, v, key_mask, float(scale), return_lse, width)
     return reference.attention(q, k, v, scale, key_mask, return_lse=return_lse)

@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .._backend import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_no_overlap,
     check_tensor,
     check_unit_stride,
     device_of,
     row_strides,
     triton_path,
+    validate_index,
 )
 from . import reference
-
-
-def debug_checks_enabled() -> bool:
-    """``RAS_DEBUG=1``: the ops also check index ranges on the device (this synchronises with the host)."""
-    return os.environ.get("RAS_DEBUG", "0").strip() == "1"
-
-
-def validate_index(name: str, idx: object, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Check ``idx`` is a [batch, K] int32/int64 tensor with 1 <= K <= num_tokens on ``device``.
-
-    With ``RAS_DEBUG=1`` also check every index lies in [0, num_tokens) (one host synchronisation).
-    """
-    check_tensor(name, idx, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    if idx.shape[0] != batch:
-        raise ValueError(f"{name} has batch {idx.shape[0]}, expected {batch}")
-    if not 1 <= idx.shape[1] <= num_tokens:
-        raise ValueError(f"{name} must select between 1 and N={num_tokens} tokens, got K={idx.shape[1]}")
-    if debug_checks_enabled() and idx.numel() and bool(((idx < 0) | (idx >= num_tokens)).any()):
-        raise ValueError(
-            f"{name} holds token indices outside [0, N={num_tokens}): min {int(idx.min())}, max {int(idx.max())} "
-            "(RAS_DEBUG=1 check)"
-        )
-    return idx
 
 
 def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
@@ -197,8 +175,9 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
     ``out[b, j] = x[b, idx[b, j]] (+ add[b, idx[b, j]], summed in fp32 and rounded to x's dtype)``.
     Inputs may be strided views as long as the last dimension is contiguous.
 
-    Indices are not range-checked on the device unless ``RAS_DEBUG=1`` (the check needs a host sync);
-    out-of-range indices are undefined behaviour, as in ``torch.gather`` on CUDA.
+    Indices must lie in [0, N) (repeats are fine). They are checked on the host for CPU tensors; for CUDA tensors
+    only with ``RAS_DEBUG=1`` (the check needs a host sync), otherwise out-of-range indices are undefined
+    behaviour, as in ``torch.gather`` on CUDA. The Triton path has no backward (see ``RAS_BACKEND``).
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("idx", idx, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
@@ -214,7 +193,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
             )
         check_unit_stride("add", add)
     validate_index("idx", idx, batch, x.shape[1], x.device)
-    triton_fn = triton_path(_gather_op, _gather_triton, x.device)
+    triton_fn = triton_path("gather_tokens", _gather_op, _gather_triton, x.device, {"x": x, "add": add})
     if triton_fn is not None:
         return triton_fn(x, idx, add)
     return reference.gather_tokens(x, idx, add=add)
@@ -224,22 +203,20 @@ def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
     """Write src [B, K, D] into rows ``idx`` [B, K] of dst [B, N, D] in place; returns ``dst``.
 
     dst and src may be strided views with a contiguous last dimension; rows of dst not in ``idx`` are untouched.
-    Indices within a sample must be distinct (as :func:`select_regions` returns them); with repeats, which write
-    lands is unspecified. Index range as for :func:`gather_tokens` (checked only with ``RAS_DEBUG=1``).
+    dst must not overlap itself (no broadcast view). Indices must lie in [0, N) and be distinct within a sample (as
+    :func:`select_regions` returns them), checked as for :func:`gather_tokens` (CPU tensors always, CUDA tensors
+    with ``RAS_DEBUG=1``); unchecked repeats on CUDA leave unspecified which write lands.
     """
     check_tensor("dst", dst, ndim=3, dtypes=FLOAT_DTYPES)
-    validate_index("idx", idx, dst.shape[0], dst.shape[1], dst.device)
+    validate_index("idx", idx, dst.shape[0], dst.shape[1], dst.device, distinct=True)
     check_tensor("src", src, ndim=3, dtypes=(dst.dtype,), device=dst.device)
     expected = (dst.shape[0], idx.shape[1], dst.shape[2])
     if tuple(src.shape) != expected:
         raise ValueError(f"src must have shape (B, K, D) = {expected}, got {tuple(src.shape)}")
     check_unit_stride("dst", dst)
     check_unit_stride("src", src)
-    if any(size > 1 and stride == 0 for size, stride in zip(dst.shape, dst.stride(), strict=True)):
-        raise ValueError(
-            f"dst must not be a broadcast (expanded) view: rows would alias; strides {tuple(dst.stride())}"
-        )
-    triton_fn = triton_path(_scatter_op, _scatter_launch, dst.device)
+    check_no_overlap("dst", dst)
+    triton_fn = triton_path("scatter_tokens", _scatter_op, _scatter_launch, dst.device, {"dst": dst, "src": src})
     if triton_fn is not None:
         triton_fn(dst, idx, src)
         return dst

@@ -235,11 +235,13 @@ def _check_norm_args(b, d, device, norm, scale, shift, weight, bias, eps) -> flo
     return _check_eps("eps", eps)
 
 
-def _check_residual_args(residual, branch, gate, branch_weight, branch_eps) -> float:
+def _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps) -> float:
     _check_x("residual", residual)
     b, n, d = residual.shape
     _check_rows("branch", branch, b, n, d, residual.device)
     _check_per_sample("gate", gate, b, d, residual.device)
+    if not isinstance(tanh_gate, bool):
+        raise TypeError(f"tanh_gate must be a bool, got {type(tanh_gate).__name__}")
     _check_vector("branch_weight", branch_weight, d, residual.device)
     return _check_eps("branch_eps", branch_eps)
 
@@ -266,7 +268,8 @@ def adaptive_norm(
     _check_x("x", x)
     eps = _check_norm_args(x.shape[0], x.shape[2], x.device, norm, scale, shift, weight, bias, eps)
     _check_rope(rope, x)
-    triton_fn = triton_path(_adaptive_norm_op, _adaptive_norm_triton, x.device)
+    inputs = {"x": x, "scale": scale, "shift": shift, "weight": weight, "bias": bias, "rope": rope}
+    triton_fn = triton_path("adaptive_norm", _adaptive_norm_op, _adaptive_norm_triton, x.device, inputs)
     if triton_fn is not None:
         return triton_fn(x, scale, shift, norm, weight, bias, eps, rope)
     return reference.adaptive_norm(x, scale, shift, norm=norm, weight=weight, bias=bias, eps=eps, rope=rope)
@@ -287,8 +290,9 @@ def gated_residual(
     (a post-norm, as Lumina-Next's ``norm2`` / ``ffn_norm2``). residual and branch [B, L, D]; returns [B, L, D]
     contiguous in residual's dtype, computed in fp32.
     """
-    branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
-    triton_fn = triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    branch_eps = _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps)
+    inputs = {"residual": residual, "branch": branch, "gate": gate, "branch_weight": branch_weight}
+    triton_fn = triton_path("gated_residual", _residual_norm_op, _residual_norm_triton, residual.device, inputs)
     if triton_fn is not None:
         args = (residual, branch, gate, tanh_gate, branch_weight, branch_eps, None, None, None, None, None, 1e-6)
         return triton_fn(*args)[0]
@@ -318,10 +322,12 @@ def gated_residual_norm(
     next sub-layer". Returns (h, y), both [B, L, D] contiguous in residual's dtype; y is computed from h as stored
     (rounded to its dtype), as the unfused code would.
     """
-    branch_eps = _check_residual_args(residual, branch, gate, branch_weight, branch_eps)
+    branch_eps = _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps)
     b, _, d = residual.shape
     eps = _check_norm_args(b, d, residual.device, norm, scale, shift, weight, bias, eps)
-    triton_fn = triton_path(_residual_norm_op, _residual_norm_triton, residual.device)
+    inputs = {"residual": residual, "branch": branch, "gate": gate, "branch_weight": branch_weight}
+    inputs.update(scale=scale, shift=shift, weight=weight, bias=bias)
+    triton_fn = triton_path("gated_residual_norm", _residual_norm_op, _residual_norm_triton, residual.device, inputs)
     if triton_fn is not None:
         h, y = triton_fn(
             residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps

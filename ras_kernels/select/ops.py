@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, use_triton
+from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_no_overlap, check_tensor, device_of, use_triton
 from . import reference
 
 try:
@@ -36,6 +36,8 @@ def validate_select_args(signal, num_active, patch_size, metric, counters, starv
     """Check every argument of :func:`select_regions`; return the token count N."""
     check_tensor("signal", signal, ndim=4, dtypes=FLOAT_DTYPES)
     b, c, h, w = signal.shape
+    if c < 1:
+        raise ValueError(f"signal must have at least one channel, got shape {tuple(signal.shape)}")
     _check_int("patch_size", patch_size, 1)
     if h % patch_size or w % patch_size:
         raise ValueError(f"signal height and width ({h}, {w}) must be divisible by patch_size={patch_size}")
@@ -62,8 +64,7 @@ def validate_select_args(signal, num_active, patch_size, metric, counters, starv
         check_tensor("counters", counters, ndim=2, dtypes=INDEX_DTYPES, device=signal.device)
         if tuple(counters.shape) != (b, n):
             raise ValueError(f"counters must have shape (B, N) = ({b}, {n}), got {tuple(counters.shape)}")
-        if any(st == 0 and sz > 1 for st, sz in zip(counters.stride(), counters.shape, strict=True)):
-            raise ValueError("counters is updated in place and must not be an expanded view (a stride is 0)")
+        check_no_overlap("counters", counters)
     return n
 
 
@@ -118,63 +119,64 @@ def launch_select(
     cnt = counters if counters is not None else keys  # a dummy pointer when HAS_COUNTERS is off
     cnt_strides = (counters.stride(0), counters.stride(1)) if counters is not None else (0, 0)
 
-    p2 = _next_pow2(p * p)
-    # 256 pixels per program (2 per thread), all channels of a pixel in one thread.
-    block_t = max(1, min(256 // p2, _next_pow2(n)))
-    wrap(kernels.region_keys_kernel)[(triton.cdiv(n, block_t), b)](
-        signal,
-        cnt,
-        keys,
-        signal.stride(0),
-        signal.stride(1),
-        signal.stride(2),
-        signal.stride(3),
-        cnt_strides[0],
-        cnt_strides[1],
-        keys.stride(0),
-        c,
-        n,
-        wt,
-        signed_scale,
-        P=p,
-        P2=p2,
-        BLOCK_T=block_t,
-        L2=use_l2,
-        C_BLOCK=min(c, 16),
-        HAS_COUNTERS=counters is not None,
-        num_warps=4,
-    )
+    with device_of(signal):  # Triton launches on the current device, not necessarily the tensors' one
+        p2 = _next_pow2(p * p)
+        # 256 pixels per program (2 per thread), all channels of a pixel in one thread.
+        block_t = max(1, min(256 // p2, _next_pow2(n)))
+        wrap(kernels.region_keys_kernel)[(triton.cdiv(n, block_t), b)](
+            signal,
+            cnt,
+            keys,
+            signal.stride(0),
+            signal.stride(1),
+            signal.stride(2),
+            signal.stride(3),
+            cnt_strides[0],
+            cnt_strides[1],
+            keys.stride(0),
+            c,
+            n,
+            wt,
+            signed_scale,
+            P=p,
+            P2=p2,
+            BLOCK_T=block_t,
+            L2=use_l2,
+            C_BLOCK=min(c, 16),
+            HAS_COUNTERS=counters is not None,
+            num_warps=4,
+        )
 
-    cfg = select_tuning(n)
-    cfg.update(tuning or {})
-    wrap(kernels.band_bounds_kernel)[(b,)](
-        keys,
-        state,
-        keys.stride(0),
-        state.stride(0),
-        n,
-        rank_lo,
-        rank_lo + num_active - 1,
-        CHUNK=cfg["chunk"],
-        NUM_CHUNKS=triton.cdiv(n, cfg["chunk"]),
-        BITS=cfg["bits"],
-        num_warps=cfg["warps"],
-    )
-    wrap(kernels.band_compact_kernel)[(triton.cdiv(n, cfg["out_block"]), b)](
-        keys,
-        state,
-        cnt,
-        out,
-        keys.stride(0),
-        state.stride(0),
-        cnt_strides[0],
-        cnt_strides[1],
-        out.stride(0),
-        n,
-        HAS_COUNTERS=counters is not None,
-        BLOCK=cfg["out_block"],
-        num_warps=cfg["out_warps"],
-    )
+        cfg = select_tuning(n)
+        cfg.update(tuning or {})
+        wrap(kernels.band_bounds_kernel)[(b,)](
+            keys,
+            state,
+            keys.stride(0),
+            state.stride(0),
+            n,
+            rank_lo,
+            rank_lo + num_active - 1,
+            CHUNK=cfg["chunk"],
+            NUM_CHUNKS=triton.cdiv(n, cfg["chunk"]),
+            BITS=cfg["bits"],
+            num_warps=cfg["warps"],
+        )
+        wrap(kernels.band_compact_kernel)[(triton.cdiv(n, cfg["out_block"]), b)](
+            keys,
+            state,
+            cnt,
+            out,
+            keys.stride(0),
+            state.stride(0),
+            cnt_strides[0],
+            cnt_strides[1],
+            out.stride(0),
+            n,
+            HAS_COUNTERS=counters is not None,
+            BLOCK=cfg["out_block"],
+            num_warps=cfg["out_warps"],
+        )
     return out
 
 
@@ -222,10 +224,14 @@ def select_regions(
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
     The Triton path (CUDA tensors) is three launches without host synchronisation, so it can be captured in a
-    CUDA graph; it supports N <= 65536.
+    CUDA graph; it supports N <= 65536. The selection is not differentiable on either path (integer indices), so a
+    ``signal`` that requires grad is fine.
     """
     n = validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio)
-    if use_triton(signal.device):
+    if signal.shape[0] == 0:
+        return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
+    # No autograd inputs: the indices have no gradient on either path.
+    if use_triton("select_regions", signal.device, {}):
         if n > MAX_TRITON_TOKENS:
             raise ValueError(
                 f"the Triton select_regions supports N <= {MAX_TRITON_TOKENS} tokens, got N={n}; "

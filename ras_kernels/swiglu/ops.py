@@ -12,6 +12,8 @@ def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
     """t [..., F] as [R, F] rows without a copy (any row stride, unit column stride)."""
     f = t.shape[-1]
     check_unit_stride(name, t)
+    if t.numel() == 0:  # no row to read (and view(-1, 0) would be ambiguous)
+        return t.new_empty((0, f))
     try:
         return t.view(-1, f)
     except RuntimeError:
@@ -24,10 +26,10 @@ def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from . import kernels
 
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    g2, u2 = _rows("gate", gate), _rows("up", up)
-    rows, f = g2.shape
     if out.numel() == 0:
         return out
+    g2, u2 = _rows("gate", gate), _rows("up", up)
+    rows, f = g2.shape
     block_f = min(1024, 1 << (f - 1).bit_length())
     block_r = max(1, 2048 // block_f)
     grid = (-(-rows // block_r) * -(-f // block_f),)
@@ -54,6 +56,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
     gate, up [..., F] of the same shape (float32/bfloat16/float16, up's dtype may differ); rows may be strided,
     the last dimension contiguous. Returns a contiguous tensor of gate's shape and dtype, computed in fp32.
+    The Triton path has no backward (see ``RAS_BACKEND``).
     """
     check_tensor("gate", gate, dtypes=FLOAT_DTYPES)
     check_tensor("up", up, dtypes=FLOAT_DTYPES, device=gate.device)
@@ -64,7 +67,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         )
     _rows("gate", gate)
     _rows("up", up)
-    triton_fn = triton_path(_swiglu_op, _launch, gate.device)
+    triton_fn = triton_path("swiglu", _swiglu_op, _launch, gate.device, {"gate": gate, "up": up})
     if triton_fn is not None:
         return triton_fn(gate, up)
     return reference.swiglu(gate, up)
