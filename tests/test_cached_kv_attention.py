@@ -8,8 +8,10 @@ being wrong); the GPU sweep adds full sizes.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -420,8 +422,9 @@ def test_gpu_new_k_reuses_the_kernel(triton_backend):
 @requires_cuda
 def test_gpu_cuda_graph_and_compile(triton_backend, monkeypatch):
     """The ops replay inside a CUDA graph (bit-identical) and run under torch.compile (fullgraph; Inductor passes
-    the float scale as fp64, which the kernel casts to fp32); the autotuner runs, as for users."""
-    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "1")
+    the float scale as fp64, which the kernel casts to fp32); the autotuner runs (as on cards the shipped table
+    does not cover)."""
+    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "tune")
     q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 4096, 1024, 333, 24, 24, 64, torch.bfloat16, device="cuda")
 
     def step(q, k_new, v_new, k_cache, v_cache, idx, ke, ve):
@@ -446,3 +449,39 @@ def test_gpu_cuda_graph_and_compile(triton_backend, monkeypatch):
     # order) than the eager autotuner: equal up to bf16 rounding, not bit for bit.
     torch.testing.assert_close(got_c, want)
     assert torch.equal(k_cache, kc_want) and torch.equal(v_cache, vc_want)
+
+
+def test_shipped_configs(monkeypatch):
+    """The shipped table holds kernel configs the autotuner could pick, covers every attention call of the SD3 and
+    Lumina-Next presets at 1024^2 and 2048^2, and applies only on the architecture it was tuned on."""
+    from ras_models import RASConfig
+
+    record = json.loads((Path(ops.__file__).parent / "tuned_configs.json").read_text())
+    table = ops._shipped_configs(record["arch"])
+    assert table and all(tuple(cfg) in ops.GPU_CONFIGS for cfg in table.values())
+    assert ops._shipped_configs("sm00") == {}
+    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "1")  # what users run (the test suite defaults to 0)
+    monkeypatch.setattr(ops, "_arch", lambda device: record["arch"])
+    for n in (4096, 16384):
+        for ratio in (1.0, 0.5, 0.25, 0.125):
+            ks = {n, *RASConfig.sd3(sample_ratio=ratio).token_schedule(n)}
+            ks |= set(RASConfig.lumina_next(sample_ratio=ratio, schedule="static").token_schedule(n))
+            if ratio == 0.5 and n == 4096:  # the dynamic schedule (Lumina-Next's preset) is tuned for N = 4096
+                ks |= set(RASConfig.lumina_next(sample_ratio=ratio).token_schedule(n))
+            for kk in ks:
+                calls = [(64, kk + 333, True, False), (72, kk, False, False), (72, kk, True, True)]
+                for d, lq, extra, mask in calls:  # SD3 joint; Lumina-Next self and (masked) cross attention
+                    config = ops._chosen_config(None, d, ops._lq_bucket(lq), extra, mask)
+                    assert config is not None, (d, lq, extra, mask)
+                    key = ops.tuned_config_key(d, ops._lq_bucket(lq), extra, mask)
+                    assert [config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")] == table[key]
+    monkeypatch.setattr(ops, "_arch", lambda device: "sm00")  # another card: the autotuner
+    assert ops._chosen_config(None, 64, 1024, True, False) is None
+    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "0")
+    assert ops._chosen_config(None, 64, 1024, True, False) == ops._default_config(64)
+    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "tune")
+    monkeypatch.setattr(ops, "_arch", lambda device: record["arch"])
+    assert ops._chosen_config(None, 64, 1024, True, False) is None
+    monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="RAS_ATTN_AUTOTUNE"):
+        ops._chosen_config(None, 64, 1024, True, False)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +195,40 @@ def _default_config(d: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
+_AUTOTUNE_MODES = ("1", "0", "tune")
+
+
+def _chosen_config(device: torch.device, d: int, lq_bucket: int, has_extra: bool, has_mask: bool) -> dict | None:
+    """The launch config from ``RAS_ATTN_AUTOTUNE``: unset or ``1``, the shipped table's entry for this card's
+    architecture (tuned_configs.json, written by ``python -m bench.bench_attention --tune``), else None (the
+    autotuner, whose results Triton caches on disk); ``0``, one fixed config per head dim; ``tune``, always None."""
+    mode = os.environ.get("RAS_ATTN_AUTOTUNE", "1").strip()
+    if mode not in _AUTOTUNE_MODES:
+        raise ValueError(f"RAS_ATTN_AUTOTUNE must be one of {', '.join(_AUTOTUNE_MODES)}; got {mode!r}")
+    if mode == "0":
+        return _default_config(d)
+    if mode == "tune":
+        return None
+    entry = _shipped_configs(_arch(device)).get(tuned_config_key(d, lq_bucket, has_extra, has_mask))
+    if entry is None:
+        return None
+    bm, bn, warps, stages = entry
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+@functools.cache
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@functools.cache
+def _shipped_configs(arch: str) -> dict[str, list[int]]:
+    """The shipped table's configs when it was tuned on ``arch`` (H100 and H200 share sm90), else none."""
+    record = json.loads(Path(__file__).with_name("tuned_configs.json").read_text())
+    return record["configs"] if record["arch"] == arch else {}
+
+
 @functools.cache
 def _tuned_attn_kernel():
     import triton
@@ -212,6 +248,7 @@ def _tuned_attn_kernel():
         ],
         key=["lq_bucket", "HEAD_DIM", "HAS_EXTRA", "HAS_MASK"],
         prune_configs_by={"early_config_prune": prune},
+        cache_results=True,  # on disk, in Triton's cache: a new process does not re-tune
     )(kernels.attn_fwd_kernel)
 
 
@@ -300,8 +337,10 @@ def _launch_attention(
         config = _INTERPRET_CONFIG
     elif q.dtype == torch.float32:
         config = _FP32_CONFIG
-    elif config is None and os.environ.get("RAS_ATTN_AUTOTUNE", "1") == "0":
-        config = _default_config(q.shape[-1])
+    elif config is None:
+        config = _chosen_config(
+            q.device, consts["HEAD_DIM"], _lq_bucket(q.shape[1]), consts["HAS_EXTRA"], consts["HAS_MASK"]
+        )
     with device_of(q):  # Triton launches on the current device, not necessarily the tensors' one
         if config is None:
             wrap(_tuned_attn_kernel())[grid](*args, **consts)
