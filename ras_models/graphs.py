@@ -4,7 +4,9 @@ At low ratios an eager RAS step is bound by kernel launches and host work, not b
 count of a generation is known before sampling starts, so each distinct shape (dense, and each K) is captured once
 and then replayed: the step's tensor inputs are copied into the graph's static buffers, the graph runs, and the
 output is cloned out (so callers may keep it, as multistep solvers do). The first call of a shape runs eagerly
-(which also warms up cuBLAS, cuDNN and Triton's autotuner) and the capture follows.
+(which also warms up cuBLAS, cuDNN and Triton: a graph cannot capture a kernel's compilation or autotuning) and is
+captured right after, so every later call of that shape replays: a schedule whose active count changes every step
+(Lumina-Next's dynamic one) runs its first generation eagerly and every later one from graphs.
 
 Everything a step reads that changes between steps must be a tensor input or live in a buffer the caller refills
 in place (the active indices, the caches); non-tensor arguments are part of the graph's key.
@@ -69,7 +71,6 @@ class _Group:
 
     def __init__(self):
         self.graphs: dict[object, _Graph] = {}
-        self.seen: set[object] = set()
         self.pool = None
 
 
@@ -100,24 +101,22 @@ class StepGraphs:
         graph = entry.graphs.get(full_key)
         if graph is not None:
             return graph.replay(args, kwargs)
-        if full_key not in entry.seen:
-            # First time: run eagerly (warms up libraries and autotuners; the result is the step's result).
-            entry.seen.add(full_key)
-            return fn(*args, **kwargs)
+        # First time: run eagerly (it warms up libraries and autotuners; its result is the step's result), then
+        # capture; the capture records the step without running it.
+        result = fn(*args, **kwargs)
         if entry.pool is None:
             entry.pool = torch.cuda.graph_pool_handle()
         try:
-            graph = _Graph(fn, args, kwargs, entry.pool)
+            entry.graphs[full_key] = _Graph(fn, args, kwargs, entry.pool)
         except RuntimeError as err:
             raise RuntimeError(
                 "capturing the transformer step in a CUDA graph failed (something in the step synchronises with "
                 "the host or changes shape); apply RAS with cuda_graphs=False to run eagerly"
             ) from err
-        entry.graphs[full_key] = graph
-        return graph.replay(args, kwargs)
+        return result
 
     def groups(self) -> tuple[object, ...]:
-        """The groups holding graphs or eager first runs."""
+        """The groups holding graphs."""
         return tuple(self._groups)
 
     def keep_only(self, groups) -> None:

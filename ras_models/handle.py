@@ -86,7 +86,7 @@ class RASHandle:
         """One transformer call: begin the step, then run ``forward`` eagerly or through its CUDA graph.
 
         Graphs are used for CUDA inputs under ``torch.no_grad()`` (pipelines sample that way); a step shape's first
-        call runs eagerly, its second is captured, later ones replay. An exception in the step aborts the generation
+        call runs eagerly and is captured right after, later ones replay. An exception in the step aborts the generation
         (:meth:`abort`).
         """
         self.check()
