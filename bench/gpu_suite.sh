@@ -7,7 +7,7 @@
 #            Lumina dynamic at 0.5 (e2e.md, *.json), the plot of the static runs (speedup.png)       ~6-8 min
 #            (e2e-sd3 ~3 min and e2e-lumina ~5 min run its two halves alone)
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
-#            (100 SD3 generations; soak.md, soak.csv)                                                 ~7-9 min
+#            (100 SD3 generations over 6 shapes; soak.md, soak.csv)                                                 ~7-9 min
 #            (first-call ~6-7 min and soak ~2 min run its two halves alone)
 #   profile  bench.profile_step at ratios 0.5 / 0.25 / 0.125 for both models (profile.md)            ~2 min
 #   e2e2048-sd3     optional, SD3 at 2048^2 (2 timed calls per run, no own-loop column), appended to e2e.md  ~4 min
@@ -56,7 +56,8 @@ if want startup || want first-call; then
   python3 -m bench.first_call 2>>"$err" | tee "$out/first_call.md"
 fi
 if want startup || want soak; then
-  python3 -m bench.soak --csv "$out/soak.csv" 2>>"$err" | tee "$out/soak.md"
+  # 3 resolutions x 2 batches = 6 shapes against apply_ras's default cap of 4: the LRU evicts as it cycles.
+  python3 -m bench.soak --resolutions 512 768 1024 --csv "$out/soak.csv" 2>>"$err" | tee "$out/soak.md"
 fi
 if want profile; then
   for model in sd3 lumina; do
