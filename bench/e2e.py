@@ -10,7 +10,8 @@ weight values; the PSNR column says how far each RAS result lands from the dense
 (meaningful for trained weights).
 
     python -m bench.e2e                               # SD3 layout, ratios 1.0 / 0.5 / 0.25 / 0.125 (+ dense
-                                                      # torch.compile on a GPU)
+                                                      # torch.compile on a GPU); on a CPU: bench.demo_cpu, the
+                                                      # shipped trained model dense and with RAS, and a PNG grid
     python -m bench.e2e --model lumina --ratio 0.25   # Lumina-Next layout
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bench import demo_cpu
 from bench.common import resolve_dtype
 from bench.pipelines import (
     Loop,
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
     parser.add_argument("--seed", type=int, default=0)
+    demo_cpu.add_arguments(parser)
     args = parser.parse_args(argv)
     for r in args.ratio:
         if not 0 < r <= 1:
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.pretrained:
         run_pretrained(args)
+    elif demo_cpu.applies(args):
+        demo_cpu.run(args)
     else:
         run_random_weights(args)
 

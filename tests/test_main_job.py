@@ -1,12 +1,14 @@
-"""The README's main job (bench/e2e.py) on CPU: random-weight pipelines and the local from_pretrained path."""
+"""The README's main job (bench/e2e.py) on CPU: random-weight pipelines, the local from_pretrained path and the CPU
+demo on the trained quality model (bench/demo_cpu.py)."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
 
-from bench import e2e
+from bench import demo_cpu, e2e
 
 from ._models import tiny_sd3_pipeline
 
@@ -135,3 +137,51 @@ def test_json_and_speedup_plot(tmp_path, capsys, torch_backend):
     png = tmp_path / "speedup.png"
     plot_e2e.main([str(record), str(record), "--out", str(png)])
     assert Image.open(png).size == (2 * plot_e2e.W, plot_e2e.H)
+
+
+def _demo_args(**overrides) -> argparse.Namespace:
+    """bench.e2e's arguments as the CPU demo sees them (defaults of a plain ``make demo`` on a CPU)."""
+    args = dict(device="cpu", model="sd3", full=None, resolution=None, pretrained=None, steps=None, seed=0)
+    args.update(ratio=[1.0, 0.5, 0.25, 0.125], scenes=3, out="demo-cpu.png")
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def test_cpu_demo_runs_only_when_nothing_else_is_asked():
+    assert demo_cpu.applies(_demo_args())
+    for other in (dict(full=False), dict(resolution=128), dict(model="lumina"), dict(pretrained="p")):
+        assert not demo_cpu.applies(_demo_args(**other)), other
+    assert not demo_cpu.applies(_demo_args(device="cuda"))
+
+
+def test_cpu_demo_trained_model_table_and_grid(tmp_path, capsys, torch_backend):
+    """The CPU demo at its smallest: the notice first, a row per run, a grid of scenes x runs; RAS at ratio 1.0
+    (every token through the RAS path) reproduces dense, a lower ratio changes the images but not into noise."""
+    from PIL import Image
+
+    png = tmp_path / "grid.png"
+    runs = demo_cpu.run(_demo_args(steps=6, ratio=[1.0, 0.25], scenes=2, out=str(png)))
+    out = capsys.readouterr().out
+    assert out.startswith(demo_cpu.NOTICE) and "docs/benchmarks.md" in demo_cpu.NOTICE
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [row.split("|")[1].strip() for row in rows] == ["dense", "RAS 1.0", "RAS 0.25"]
+    assert f"Image grid: {png.resolve()}" in out
+    tile = 2 * runs[0].images.shape[-1]  # make_grid: scale 2, gap 4
+    assert Image.open(png).size == (3 * tile + 4 * 4, 2 * tile + 3 * 4)
+    dense, full, low = runs
+    assert [len(r.step_ms) for r in runs] == [6, 6, 6] and full.tokens == 1.0 and low.tokens < 1.0
+    assert full.metrics["psnr"] > 80 and full.metrics["ssim"] > 0.9999
+    assert (full.images - dense.images).abs().max() < 1e-3
+    assert 20 < low.metrics["psnr"] < 60
+
+
+def test_cpu_default_reaches_the_demo(monkeypatch):
+    """``make demo`` on a CPU (no --full / --resolution / --pretrained) runs the trained-model demo; asking for the
+    random-weight benchmark does not."""
+    from bench import demo_cpu
+
+    calls = []
+    monkeypatch.setattr(demo_cpu, "run", lambda args: calls.append(args))
+    monkeypatch.setattr(e2e, "run_random_weights", lambda args: calls.append("random weights"))
+    e2e.main(["--device", "cpu"])
+    e2e.main(["--device", "cpu", "--no-full"])
+    assert len(calls) == 2 and calls[0] != "random weights" and calls[1] == "random weights"

@@ -136,13 +136,14 @@ class Sampler:
             return self.dense_graphs.run("dense", transformer, x_in, **kwargs)[0]
         return transformer(x_in, **kwargs)[0]
 
-    def _generate_chunk(self, chunk, steps: int, handle, noise_gen) -> torch.Tensor:
+    def _generate_chunk(self, chunk, steps: int, handle, noise_gen, step_ms: list[float] | None) -> torch.Tensor:
         x, states, pooled = chunk
         x = x.clone()
         p = x.shape[0]
         if handle is not None:
             handle.reset()
         for i in range(steps):
+            start = time.perf_counter()
             sigma, sigma_next = 1 - i / steps, 1 - (i + 1) / steps
             t = torch.full((2 * p,), sigma * 1000, device=self.device)
             out = self._forward(handle, torch.cat([x, x]).to(self.dtype), t, states, pooled).float()
@@ -154,6 +155,9 @@ class Sampler:
                 else:
                     handle.observe(guided)
             x = x + (sigma_next - sigma) * guided
+            if step_ms is not None:
+                self._sync()
+                step_ms.append((time.perf_counter() - start) * 1e3)
         return x
 
     def _sync(self) -> None:
@@ -161,11 +165,14 @@ class Sampler:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def generate(self, steps: int, handle=None, random_seed: int | None = None) -> tuple[torch.Tensor, float]:
+    def generate(
+        self, steps: int, handle=None, random_seed: int | None = None, step_ms: list[float] | None = None
+    ) -> tuple[torch.Tensor, float]:
         """All prompts' images [N, 3, S, S] (CPU float32) and the seconds the timed pass took.
 
         On CUDA an untimed pass over the first chunk comes first (autotuning, graph capture); every pass of a
-        ``random`` run draws the same noise signals (generator re-seeded)."""
+        ``random`` run draws the same noise signals (generator re-seeded). ``step_ms``, if given, receives the
+        milliseconds of every step of the timed pass (one entry per step and chunk; each step synchronised)."""
 
         def noise_gen():
             if random_seed is None:
@@ -173,14 +180,14 @@ class Sampler:
             return torch.Generator(self.device).manual_seed(random_seed)
 
         if self.device.type == "cuda" and (handle is not None or not self._dense_warm):
-            self._generate_chunk(self.chunks[0], steps, handle, noise_gen())
+            self._generate_chunk(self.chunks[0], steps, handle, noise_gen(), None)
             self._dense_warm = self._dense_warm or handle is None
         gen = noise_gen()
         outputs = []
         self._sync()
         start = time.perf_counter()
         for chunk in self.chunks:
-            outputs.append(self._generate_chunk(chunk, steps, handle, gen))
+            outputs.append(self._generate_chunk(chunk, steps, handle, gen, step_ms))
         self._sync()
         seconds = time.perf_counter() - start
         return torch.cat(outputs).cpu(), seconds

@@ -8,6 +8,7 @@ Shapes: ``q`` [B, Lq, Hq, d]; ``k_new``/``v_new`` [B, K, Hkv, d]; ``k_cache``/``
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_cache(cache: torch.Tensor, idx: torch.Tensor, new: torch.Tensor) -> None:
@@ -32,19 +33,22 @@ def attention(
     log; -inf where no key is visible).
     """
     group = q.shape[2] // k.shape[2]
-    qf = q.float().transpose(1, 2)
-    kf = k.float().transpose(1, 2).repeat_interleave(group, dim=1)
-    vf = v.float().transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = qf @ kf.transpose(-1, -2) * scale
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    # fp32 in, fp32 accumulation: torch's fused attention gives softmax(q k^T * scale) v without materialising the
+    # [Lq, Lk] scores (the CPU path of every RAS step runs this reference).
+    keys = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=keys, scale=scale, enable_gqa=group > 1)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        # A query that sees no key gets zeros (the fused softmax of an all-masked row is NaN).
+        out = torch.where(mask.any(dim=1)[:, None, None, None], out, 0.0)
+    out = out.transpose(1, 2).to(q.dtype)
+    if not return_lse:
+        return out
+    scores = qf @ kf.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~keys, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        # softmax of an all -inf row is NaN: such a query sees nothing and gets zeros.
-        probs = torch.where(torch.isneginf(lse)[..., None], 0.0, probs)
-    out = (probs @ vf).transpose(1, 2).to(q.dtype)
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def cached_kv_attention(

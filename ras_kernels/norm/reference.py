@@ -10,14 +10,21 @@ normalised, as the unfused model code normalises the stored stream.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NORMS = ("layer", "rms")
 
 
-def _normalize(v: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+def _normalize(
+    v: torch.Tensor, norm: str, eps: float, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``norm(v) * weight + bias`` of fp32 rows: LayerNorm (biased variance) or RMSNorm, one fused torch op each."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
     if norm == "layer":
-        v = v - v.mean(-1, keepdim=True)
-    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+        return F.layer_norm(v, v.shape[-1:], w, b, eps)
+    y = F.rms_norm(v, v.shape[-1:], w, eps)
+    return y if b is None else y + b
 
 
 def _per_sample(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -44,14 +51,12 @@ def adaptive_norm(
     rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``rope(norm(x) * weight + bias) * (1 + scale) + shift``, each factor optional; see the module docstring."""
-    y = _normalize(x.float(), norm, eps)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    if scale is not None:
+    y = _normalize(x.float(), norm, eps, weight, bias)
+    if scale is not None and shift is not None:
+        y = torch.addcmul(_per_sample(shift), y, 1 + _per_sample(scale))
+    elif scale is not None:
         y = y * (1 + _per_sample(scale))
-    if shift is not None:
+    elif shift is not None:
         y = y + _per_sample(shift)
     if rope is not None:
         y = _rotate(y, rope)
@@ -71,11 +76,11 @@ def gated_residual(
     ``b = rms_norm(branch) * branch_weight`` when ``branch_weight`` is given; in residual's dtype."""
     v = branch.float()
     if branch_weight is not None:
-        v = _normalize(v, "rms", branch_eps) * branch_weight.float()
-    if gate is not None:
-        g = _per_sample(gate)
-        v = v * (torch.tanh(g) if tanh_gate else g)
-    return (residual.float() + v).to(residual.dtype)
+        v = _normalize(v, "rms", branch_eps, branch_weight)
+    if gate is None:
+        return (residual.float() + v).to(residual.dtype)
+    g = _per_sample(gate)
+    return torch.addcmul(residual.float(), v, torch.tanh(g) if tanh_gate else g).to(residual.dtype)
 
 
 def gated_residual_norm(
