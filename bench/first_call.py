@@ -25,6 +25,7 @@ import time
 import torch
 
 from bench.common import resolve_dtype
+from bench.pipelines import add_device_arguments
 
 
 def measure(args) -> dict[str, float]:
@@ -100,13 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="override the preset's schedule (SD3 static, Lumina-Next dynamic)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--full",
-        action=argparse.BooleanOptionalAction,
-        default=torch.cuda.is_available(),
-        help="published model config (default on a GPU) or a tiny one (default on the CPU)",
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--cache-dir",
         default=None,

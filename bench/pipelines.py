@@ -11,6 +11,7 @@ shapes, so text encoding and VAE decoding, the same for dense and RAS, are outsi
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import time
@@ -310,3 +311,14 @@ class Loop:
             print(f"\r  {progress} step {i + 1}/{steps}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         return x.float(), times
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--full`` as the GPU benches take them: the published layout on a GPU, a tiny one on a CPU."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=torch.cuda.is_available(),
+        help="published model config (default on a GPU) or a tiny one (default on the CPU)",
+    )

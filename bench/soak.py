@@ -23,7 +23,15 @@ import sys
 import torch
 
 from bench.common import resolve_dtype
-from bench.pipelines import build_pipeline, build_transformer, num_tokens, preset, prompt_inputs, timed_call
+from bench.pipelines import (
+    add_device_arguments,
+    build_pipeline,
+    build_transformer,
+    num_tokens,
+    preset,
+    prompt_inputs,
+    timed_call,
+)
 from ras_models import apply_ras
 
 FIELDS = ("generation", "ratio", "resolution", "batch", "ms", "allocated_mib", "peak_mib", "cache_mib", "graphs")
@@ -99,13 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         help="apply_ras's max_shapes: generation shapes whose graphs and caches are held (default: apply_ras's)",
     )
     parser.add_argument("--csv", default="soak.csv", help="per-generation log (default soak.csv)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--full",
-        action=argparse.BooleanOptionalAction,
-        default=torch.cuda.is_available(),
-        help="published model config (default on a GPU) or a tiny one (default on the CPU)",
-    )
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     for size in args.resolutions:
         if size % 16:
