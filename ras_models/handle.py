@@ -80,6 +80,7 @@ class RASHandle:
         self.model = model
         self.graphs = StepGraphs() if cuda_graphs else None
         self._patches = _Patches()
+        self._on_remove: list = []  # callbacks remove() runs, last registered first
         self._weights: tuple[int, ...] | None = None  # parameter/buffer addresses the graphs were captured with
 
     def run_step(self, forward, hidden_states: torch.Tensor, *args, **kwargs):
@@ -161,6 +162,11 @@ class RASHandle:
             if "_old_forward" in vars(obj):
                 name = "_old_forward"
         self._patches.set(obj, name, _wrapped(getattr(obj, name), wrapper), slots)
+
+    def on_remove(self, callback) -> None:
+        """Call ``callback()`` when the handle is removed (after the patches are undone), e.g. to give back a
+        process-wide resource an adapter took."""
+        self._on_remove.append(callback)
 
     def hook_pipeline(self, pipe: object) -> None:
         """Make each call of ``pipe`` one generation: its class becomes a subclass (for this instance only) whose
@@ -244,6 +250,8 @@ class RASHandle:
         """Restore every patched attribute (instance attributes deleted or put back, the pipeline's class put back)
         and free the caches and graphs. An attribute replaced since apply_ras keeps its new value."""
         self._patches.undo()
+        while self._on_remove:
+            self._on_remove.pop()()
         self._free()
         self.session.keep_buffers = False
         self.session.reset()

@@ -80,21 +80,6 @@ class _MemoisedRope:
 _MEMOISED_ROPE = _MemoisedRope()
 
 
-class _RopeHold:
-    """One handle's hold on :data:`_MEMOISED_ROPE`, taken and given back in the handle's patch order:
-    ``handle.patch(_RopeHold(), "held", True)`` sets a new instance attribute, which takes the hold, and
-    ``handle.remove()`` deletes that attribute again (how RASHandle restores an attribute that did not exist), which
-    releases it."""
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        _MEMOISED_ROPE.hold()
-
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        _MEMOISED_ROPE.release()
-
-
 class _DeviceTables:
     """One device copy per host table and image size, kept while that tensor lives and is unchanged (its version
     counter): the RoPE table a pipeline hands the transformer every step is then copied to the device once per table,
@@ -293,4 +278,5 @@ def patch_lumina(handle: RASHandle, transformer) -> None:
     handle.wrap_method(transformer, "forward", forward)
     # apply_ras hands adapters the transformer only, so the builder is memoised for bare-transformer handles too; it
     # replaces the name in LuminaPipeline's module only, and returns the same values.
-    handle.patch(_RopeHold(), "held", True)
+    _MEMOISED_ROPE.hold()
+    handle.on_remove(_MEMOISED_ROPE.release)
