@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ras_kernels.select.ops import METRICS, MODES  # select_regions owns the rule's choices
+
 SCHEDULES = ("static", "dynamic")
-METRICS = ("std", "l2")
-MODES = ("reference", "paper")
 
 
 def require_int(name: str, value: object, low: int, high: int | None = None) -> None:
