@@ -15,8 +15,9 @@ __all__ = ["RASConfig", "RASHandle", "RASSession", "apply_ras", "supported_model
 
 def _adapters():
     try:
-        from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
+        from diffusers import FluxTransformer2DModel, LuminaNextDiT2DModel, SD3Transformer2DModel
 
+        from .flux import TOKEN_PATCH, patch_flux
         from .lumina import patch_lumina
         from .sd3 import patch_sd3
     except ImportError as err:
@@ -24,10 +25,14 @@ def _adapters():
             "apply_ras needs diffusers and einops: pip install 'ras-kernels[models]' (ras_kernels alone needs neither)"
         ) from err
 
-    # transformer class -> (patch function, default config)
+    def model_patch(transformer) -> int:
+        return transformer.config.patch_size
+
+    # transformer class -> (patch function, default config, token size in latent pixels)
     return {
-        SD3Transformer2DModel: (patch_sd3, RASConfig.sd3),
-        LuminaNextDiT2DModel: (patch_lumina, RASConfig.lumina_next),
+        SD3Transformer2DModel: (patch_sd3, RASConfig.sd3, model_patch),
+        LuminaNextDiT2DModel: (patch_lumina, RASConfig.lumina_next, model_patch),
+        FluxTransformer2DModel: (patch_flux, RASConfig.flux, lambda transformer: TOKEN_PATCH),
     }
 
 
@@ -52,9 +57,10 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
     attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise.
 
     Args:
-        target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel`` or ``LuminaPipeline``/``LuminaNextDiT2DModel``
-            (any pipeline whose ``transformer`` is one of these).
-        config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()``).
+        target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``
+            or ``FluxPipeline``/``FluxTransformer2DModel`` (any pipeline whose ``transformer`` is one of these).
+        config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()`` /
+            ``RASConfig.flux()``).
         cuda_graphs: capture each distinct step shape of a CUDA, no-grad run in a CUDA graph and replay it (removes
             the launch and host overhead that dominates low-ratio steps); the caches are then reused across
             generations and freed by ``remove()``. ``False`` runs every step eagerly and frees the caches when each
@@ -73,7 +79,7 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
             f"apply_ras does not support {type(target).__name__}; supported transformers: "
             f"{', '.join(supported_models())}, or a diffusers pipeline holding one as .transformer"
         )
-    patch, preset = entry
+    patch, preset, token_patch = entry
     if config is None:
         config = preset()
     if getattr(transformer, "_ras_handle", None) is not None:
@@ -86,7 +92,7 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
             f"transformer.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), which RAS "
             "does not support; use pipe.enable_model_cpu_offload() or no offloading"
         )
-    session = RASSession(config, patch_size=transformer.config.patch_size, max_shapes=max_shapes)
+    session = RASSession(config, patch_size=token_patch(transformer), max_shapes=max_shapes)
     handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs)
     try:
         patch(handle, transformer)

@@ -95,6 +95,13 @@ class RASConfig:
         return replace(base, **overrides)
 
     @classmethod
+    def flux(cls, **overrides) -> RASConfig:
+        """Flux.1: 28 steps, 4 warm-up, resets at 12 and 20, static sample_ratio 0.25 (SD3's reference schedule; no
+        Flux quality study yet)."""
+        base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20))
+        return replace(base, **overrides)
+
+    @classmethod
     def lumina_next(cls, **overrides) -> RASConfig:
         """Lumina-Next example: 30 steps, 4 warm-up, resets at 12 and 22, dynamic 256 tokens per 4 steps."""
         base = cls(num_steps=30, warmup_steps=4, reset_steps=(12, 22), schedule="dynamic", high_ratio=1.0)

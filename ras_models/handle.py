@@ -82,10 +82,15 @@ class RASHandle:
         self._patches = _Patches()
         self._on_remove: list = []  # callbacks remove() runs, last registered first
         self._weights: tuple[int, ...] | None = None  # parameter/buffer addresses the graphs were captured with
+        # Adapters of models whose output is packed tokens (Flux) set this: it maps the output handed to
+        # scheduler.step (or to observe) to the latents [P, C, H, W] that select the next step's tokens.
+        self.to_latents = None
 
-    def run_step(self, forward, hidden_states: torch.Tensor, *args, **kwargs):
+    def run_step(self, forward, hidden_states: torch.Tensor, *args, latent_size=None, call=None, **kwargs):
         """One transformer call: begin the step, then run ``forward`` eagerly or through its CUDA graph.
 
+        ``hidden_states`` are latents [B, C, H, W], or with ``latent_size=(H, W)`` packed tokens [B, L, C'] of such a
+        latent. ``call`` names the call within the step (see ``RASSession.begin_step``). Neither is passed on.
         Graphs are used for CUDA inputs under ``torch.no_grad()`` (pipelines sample that way); a step shape's first
         call runs eagerly and is captured right after, later ones replay. An exception in the step aborts the generation
         (:meth:`abort`).
@@ -93,20 +98,22 @@ class RASHandle:
         self.check()
         if not isinstance(hidden_states, torch.Tensor):
             raise TypeError(f"hidden_states must be a torch.Tensor [B, C, H, W], got {type(hidden_states).__name__}")
-        if hidden_states.dim() != 4:
+        if latent_size is None and hidden_states.dim() != 4:
             raise ValueError(f"hidden_states must be latents [B, C, H, W], got shape {tuple(hidden_states.shape)}")
         graphed = self._use_graphs(hidden_states)
         if graphed:
             self.session.keep_buffers = True  # graphs read the buffers they were captured with: reuse them
-        b, _, h, w = hidden_states.shape
-        self.session.begin_step(b, h, w, hidden_states.device)  # raises before changing any state
+        b = hidden_states.shape[0]
+        h, w = hidden_states.shape[2:] if latent_size is None else latent_size
+        self.session.begin_step(b, h, w, hidden_states.device, call)  # raises before changing any state
         try:
             if self.graphs is not None and self.session.step == 0:
                 self._drop_stale_graphs()
             if not graphed:
                 return forward(hidden_states, *args, **kwargs)
             self.graphs.use_group(self.session.shape_key)
-            return self.graphs.run(tuple(self.session.batch_index.shape), forward, hidden_states, *args, **kwargs)
+            key = (call, tuple(self.session.batch_index.shape))  # each call reads its own caches
+            return self.graphs.run(key, forward, hidden_states, *args, **kwargs)
         except BaseException:
             self.abort()
             raise
@@ -229,7 +236,7 @@ class RASHandle:
             return result
 
         def step(original, model_output, *args, **kwargs):
-            session.observe(model_output)
+            self.observe(model_output)
             return original(model_output, *args, **kwargs)
 
         hooks.set(scheduler, "set_timesteps", _wrapped(scheduler.set_timesteps, set_timesteps))
@@ -257,8 +264,9 @@ class RASHandle:
         self.session.reset()
 
     def observe(self, guided: torch.Tensor) -> None:
-        """Hand the step's guided output [P, C, H, W] to the controller (pipelines do this through the scheduler)."""
-        self.session.observe(guided)
+        """Hand the step's guided output [P, C, H, W] (for Flux: packed [P, L, C'] as the transformer returns it) to
+        the controller (pipelines do this through the scheduler)."""
+        self.session.observe(guided if self.to_latents is None else self.to_latents(guided))
 
     def reset(self) -> None:
         """Start a new generation."""

@@ -70,7 +70,8 @@ class RASSession:
         self.shape_key: tuple | None = None  # (batch, latent height, latent width, device) of this generation
         self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
         self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
-        self._forward_done = False
+        self.call: object = None  # the transformer call now running (begin_step's ``call``)
+        self._calls: set = set()  # the calls begun in the current step
         if self.counters is not None:
             self.counters.zero_()
         if not self.keep_buffers:
@@ -118,17 +119,20 @@ class RASSession:
         return self.batch_index.shape[1]
 
     def _require_step(self, call: str) -> None:
-        if not self._forward_done:
+        if not self._calls:
             raise RuntimeError(
                 f"{call}() outside a step: call begin_step() first (with apply_ras, the transformer's patched "
                 "forward does; if it did not run, something replaced it)"
             )
 
     # ---- inside the transformer ----
-    def begin_step(self, batch: int, height: int, width: int, device: torch.device | str) -> None:
+    def begin_step(self, batch: int, height: int, width: int, device: torch.device | str, call: object = None) -> None:
         """Prepare the current step for a transformer batch of latents [batch, C, height, width] on ``device``.
 
-        Raises before changing any state, so a refused call leaves the generation as it was.
+        ``call`` (hashable) names one of several transformer calls a step makes, e.g. diffusers' cache context
+        ``"cond"`` / ``"uncond"`` when a pipeline runs CFG as separate calls: each call has its own K/V and output
+        caches, and all of them compute the step's one active set. Raises before changing any state, so a refused
+        call leaves the generation as it was.
         """
         cfg, p = self.config, self.patch_size
         for name, value in (("batch", batch), ("height", height), ("width", width)):
@@ -139,10 +143,10 @@ class RASSession:
             raise TypeError(f"device must be a torch.device or a device string, got {device!r}") from err
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if self._forward_done:
+        if call in self._calls:
             raise RuntimeError(
-                f"the transformer ran twice at step {self.step} without observe() between: call observe(guided) "
-                "after each step (apply_ras on a pipeline does this through its scheduler)"
+                f"the transformer ran twice at step {self.step} (call {call!r}) without observe() between: call "
+                "observe(guided) after each step (apply_ras on a pipeline does this through its scheduler)"
             )
         if self.step >= cfg.num_steps:
             raise RuntimeError(
@@ -177,7 +181,8 @@ class RASSession:
             # In place: a captured step graph reads this buffer.
             index.view(batch // prompts, prompts, k).copy_(self.active.expand(batch // prompts, prompts, k))
         self.batch_index = index
-        self._forward_done = True
+        self.call = call
+        self._calls.add(call)
 
     def _check_rows(self, name: str, t: object, ndim: int, rows: int) -> None:
         """``t`` must be a tensor [B, rows, ...] with this step's batch B."""
@@ -227,7 +232,7 @@ class RASSession:
         self._check_rows("k", k, 4, self.num_active)
         b, _, hkv, d = k.shape
         # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
-        cache_key = (self.shape_key, key, hkv, d, k.dtype)
+        cache_key = (self.shape_key, self.call, key, hkv, d, k.dtype)
         caches = self._kv.get(cache_key)
         if caches is None:
             if not self.is_dense:
@@ -248,7 +253,7 @@ class RASSession:
         self._require_step("scatter_output")
         self._check_rows("out", out, 3, self.num_active)
         b, _, f = out.shape
-        out_key = (self.shape_key, f, out.dtype)
+        out_key = (self.shape_key, self.call, f, out.dtype)
         cache = self._out.get(out_key)
         if cache is None:
             if not self.is_dense:
@@ -261,7 +266,7 @@ class RASSession:
     # ---- after the step ----
     def observe(self, guided: torch.Tensor) -> None:
         """Take the step's guided output [P, C, H, W] (inactive rows merged) and choose the next active set."""
-        if not self._forward_done:
+        if not self._calls:
             raise RuntimeError(f"observe() at step {self.step} before the transformer ran for that step")
         check_tensor("guided", guided, ndim=4, dtypes=FLOAT_DTYPES)
         batch, height, width, device = self.shape_key
@@ -296,7 +301,7 @@ class RASSession:
         else:
             self.active = None
         self.step = nxt
-        self._forward_done = False
+        self._calls.clear()
         if nxt == cfg.num_steps and not self.keep_buffers:
             self.release()  # the generation is over: free the caches rather than keep them allocated
 

@@ -171,3 +171,38 @@ def tiny_lumina_pipeline(*, patch_size: int = 2):
         text_encoder=gemma,
         tokenizer=word_tokenizer(32),
     )
+
+
+def tiny_flux_transformer(*, guidance_embeds: bool = False):
+    """Flux.1 layout: 2 double- and 2 single-stream blocks, QK RMS-norm, 3-axis RoPE over text and image ids, patch 1
+    on FluxPipeline's packed 64-channel tokens (2x2 patches of a 16-channel latent)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_flux_pipeline(*, guidance_embeds: bool = False):
+    """FluxPipeline without text encoders or VAE (pass prompt_embeds/pooled_prompt_embeds and output_type="latent";
+    the pipeline's default vae factor 8 makes a 128x128 image a 16x16 latent, 8x8 tokens)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
+    )
