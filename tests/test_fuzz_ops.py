@@ -416,18 +416,22 @@ def _norm_shape(dr: Draw) -> tuple[int, int, int]:
     return dr.size(1, 3, 4), dr.size(1, 20, 4096), dr.choice("D", [1, 8, 72, dr.size(1, 300, 3072)])
 
 
-def draw_adaptive_norm(dr: Draw) -> Case:
-    b, length, d = _norm_shape(dr)
-    x = dr.randn("x", (b, length, d), dr.dtype("x"), 3.0)
-    kw = dict(
+def _norm_kwargs(dr: Draw, b: int, d: int) -> dict:
+    """The adaLN modulation and the norm's own arguments, shared by adaptive_norm and gated_residual_norm."""
+    return dict(
         scale=_modulation(dr, "scale", b, d),
         shift=_modulation(dr, "shift", b, d),
         norm=dr.choice("norm", ["layer", "rms"]),
         weight=_affine(dr, "weight", d, 1.0),
         bias=_affine(dr, "bias", d, 0.0),
         eps=dr.choice("eps", [1e-6, 1e-5]),
-        rope=_rope(dr, b, length, d),
     )
+
+
+def draw_adaptive_norm(dr: Draw) -> Case:
+    b, length, d = _norm_shape(dr)
+    x = dr.randn("x", (b, length, d), dr.dtype("x"), 3.0)
+    kw = dict(_norm_kwargs(dr, b, d), rope=_rope(dr, b, length, d))
     expected = norm_ref.adaptive_norm(x, **kw)
     args = {"x": x, **kw}
     bad = _norm_bad(dr, "adaptive_norm", args, "x", ("x",))
@@ -472,14 +476,7 @@ def draw_gated_residual(dr: Draw) -> Case:
 def draw_gated_residual_norm(dr: Draw) -> Case:
     args = _residual_args(dr)
     b, _, d = args["residual"].shape
-    args.update(
-        scale=_modulation(dr, "scale", b, d),
-        shift=_modulation(dr, "shift", b, d),
-        norm=dr.choice("norm", ["layer", "rms"]),
-        weight=_affine(dr, "weight", d, 1.0),
-        bias=_affine(dr, "bias", d, 0.0),
-        eps=dr.choice("eps", [1e-6, 1e-5]),
-    )
+    args.update(_norm_kwargs(dr, b, d))
     h_ref, y_ref = norm_ref.gated_residual_norm(**args)
 
     def check(a, out):
