@@ -2,7 +2,7 @@
 
 Every time is the wall clock of the call users make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on the
 model family's diffusers pipeline (published scheduler) around a transformer with random weights (a tiny one on
-CPU; the published SD3-medium / Lumina-Next-SFT layout on a CUDA GPU). Prompts are random embeddings of the
+CPU; the published SD3-medium / Lumina-Next-SFT / Flux.1-dev layout on a CUDA GPU). Prompts are random embeddings of the
 published shapes: text encoding and VAE decoding, the same for dense and RAS, are outside the timed call. Each run:
 one warm-up call (compiles, autotunes, captures every step shape's CUDA graph), then ``--repeats`` timed calls;
 min / median / max, speedups by median against the dense pipeline in the same process. Speed does not depend on
@@ -13,6 +13,7 @@ weight values; the PSNR column says how far each RAS result lands from the dense
                                                       # torch.compile on a GPU); on a CPU: bench.demo_cpu, the
                                                       # shipped trained model dense and with RAS, and a PNG grid
     python -m bench.e2e --model lumina --ratio 0.25   # Lumina-Next layout
+    python -m bench.e2e --model flux --ratio 0.25 0.125 --taylorseer 3 5   # Flux.1-dev layout, diffusers' TaylorSeer
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
 
@@ -78,6 +79,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 COMPILED = "diffusers dense torch.compile"
+TAYLORSEER = "diffusers TaylorSeer, interval {}"
 
 
 def table(results: list[Result], dense: Result) -> str:
@@ -111,7 +113,8 @@ def table(results: list[Result], dense: Result) -> str:
 def _compiled_blocks(transformer) -> list:
     """Regional torch.compile of the transformer blocks (the repeated part, compiled once and reused by every block,
     as diffusers' ``compile_repeated_blocks`` does); returns the blocks to undo it with :func:`_uncompile`."""
-    blocks = list(getattr(transformer, "transformer_blocks", None) or transformer.layers)
+    names = ("transformer_blocks", "single_transformer_blocks", "layers")
+    blocks = [block for name in names for block in getattr(transformer, name, ())]
     for block in blocks:
         block.compile()
     return blocks
@@ -188,7 +191,9 @@ class Bench:
             result.ratio, result.schedule = config.sample_ratio, config.schedule
         return result
 
-    def run(self, configs: list, *, compile_baseline: bool, graph_modes: list[bool]) -> tuple[list[Result], Result]:
+    def run(
+        self, configs: list, *, compile_baseline: bool, graph_modes: list[bool], taylorseer: list[int]
+    ) -> tuple[list[Result], Result]:
         dense = self.measure("diffusers dense eager")
         results = [dense]
         if compile_baseline:
@@ -196,6 +201,15 @@ class Bench:
             # The warm-up call compiles. No own-loop run: its inputs would make torch.compile recompile.
             results.append(self.measure(COMPILED, loop=False))
             _uncompile(blocks)
+        for interval in taylorseer:
+            from diffusers import TaylorSeerCacheConfig
+
+            # diffusers' defaults otherwise: 3 full steps first, first-order Taylor prediction in between.
+            self.pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=interval))
+            try:
+                results.append(self.measure(TAYLORSEER.format(interval), loop=False))
+            finally:
+                self.pipe.transformer.disable_cache()
         for config in configs:
             for graphs in graph_modes:
                 label = f"RAS ratio {config.sample_ratio} ({config.schedule}{', CUDA graphs' if graphs else ', eager'})"
@@ -208,13 +222,16 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
     device = bench.device
     compile_baseline = device.type == "cuda" if args.compile_baseline is None else args.compile_baseline
     graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
+    batch = "batch 1 (distilled guidance)" if family == "flux" else "CFG batch 2"
     print(
         f"{family}: {description}, {device}, {bench.pipe.transformer.dtype}, {bench.size}x{bench.size} ({bench.n} "
-        f"image tokens), {bench.steps} steps, CFG batch 2; timed: {TIMED}; median of {args.repeats} after one "
+        f"image tokens), {bench.steps} steps, {batch}; timed: {TIMED}; median of {args.repeats} after one "
         "warm-up call",
         file=sys.stderr,
     )
-    results, dense = bench.run(configs, compile_baseline=compile_baseline, graph_modes=graph_modes)
+    results, dense = bench.run(
+        configs, compile_baseline=compile_baseline, graph_modes=graph_modes, taylorseer=args.taylorseer
+    )
     print(f"Timed: {TIMED} (the same for dense and RAS); median of {args.repeats} calls after one warm-up.\n")
     print(table(results, dense))
     if args.json:
@@ -231,7 +248,7 @@ def run_random_weights(args) -> None:
     n = num_tokens(pipe, size)
     configs = [preset(args.model, args.steps, r, n, args.schedule) for r in args.ratio]
     steps = configs[0].num_steps
-    loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed) if args.loop else None
+    loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed) if args.loop and args.model != "flux" else None
     inputs = prompt_inputs(transformer, 1, args.seed)
     bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=loop)
     _report(args, bench, args.model, configs, f"{'published' if full else 'tiny'} config, random weights")
@@ -256,7 +273,9 @@ def run_pretrained(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("sd3", "lumina"), default="sd3", help="model family (default sd3)")
+    parser.add_argument(
+        "--model", choices=("sd3", "lumina", "flux"), default="sd3", help="model family (default sd3)"
+    )
     parser.add_argument(
         "--ratio",
         type=float,
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time one generation of the benches' own sampling loop over the bare transformer per run (a "
-        "speedup column; random weights only, not the torch.compile run; default on)",
+        "speedup column; SD3 and Lumina-Next with random weights only, not the baselines; default on)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
@@ -306,6 +325,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="also time the dense pipeline with its transformer blocks under torch.compile (default on a GPU; "
         "compiling takes a minute or two)",
+    )
+    parser.add_argument(
+        "--taylorseer",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="INTERVAL",
+        help="also time the dense pipeline under diffusers' TaylorSeer cache at these cache intervals (e.g. 3 5)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

@@ -1,12 +1,13 @@
 """What the end-to-end benches run: diffusers pipelines around random-weight transformers, and timed calls of them.
 
 Every speed number of ``bench.e2e``, ``bench.first_call`` and ``bench.soak`` is the wall-clock time of the call users
-make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on a ``StableDiffusion3Pipeline`` / ``LuminaPipeline``
-built around the transformer (published layout, random weights: speed does not depend on weight values) with the
+make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on a ``StableDiffusion3Pipeline`` / ``LuminaPipeline`` /
+``FluxPipeline`` built around the transformer (published layout, random weights: speed does not depend on weight values) with the
 published scheduler and no text encoders, tokenizers or VAE. Prompts come as random embeddings of the published
 shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every timed call.
 
-``Loop`` is the benches' own CFG sampling loop over the bare transformer, for step profiles and as a cross-check.
+``Loop`` is the benches' own CFG sampling loop over the bare transformer, for step profiles and as a cross-check
+(SD3 and Lumina-Next).
 """
 
 from __future__ import annotations
@@ -73,26 +74,63 @@ LUMINA_TINY = dict(
     qk_norm=True,
     cross_attention_dim=64,
 )
-# Text tokens per prompt: SD3 77 CLIP + 256 T5 (joint dim 4096, pooled 2048); Lumina-Next 256 Gemma-2B tokens.
-TEXT_TOKENS = {"sd3": 333, "lumina": 256}
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_TINY = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+)
+# Text tokens per prompt: SD3 77 CLIP + 256 T5 (joint dim 4096, pooled 2048); Lumina-Next 256 Gemma-2B tokens;
+# Flux.1-dev 512 T5 tokens (pooled CLIP 768).
+TEXT_TOKENS = {"sd3": 333, "lumina": 256, "flux": 512}
 NEGATIVE_TOKENS = 64  # Lumina's negative prompt: its caption mask keeps this many of the 256 tokens
-# The published scheduler configs: FlowMatchEulerDiscreteScheduler, shift 3.0 for SD3-medium, the default 1.0 for
-# Lumina-Next-SFT (diffusers' conversion script builds FlowMatchEulerDiscreteScheduler()).
-SCHEDULER_SHIFT = {"sd3": 3.0, "lumina": 1.0}
-GUIDANCE = 5.0
+# The published scheduler configs (FlowMatchEulerDiscreteScheduler): shift 3.0 for SD3-medium, the default for
+# Lumina-Next-SFT (diffusers' conversion script builds FlowMatchEulerDiscreteScheduler()), resolution-dependent shift
+# for Flux.1-dev.
+SCHEDULERS = {
+    "sd3": dict(shift=3.0),
+    "lumina": dict(),
+    "flux": dict(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+}  # fmt: skip
+# guidance_scale: classifier-free guidance for SD3 and Lumina (batch [uncond, cond]); Flux.1-dev's distilled guidance
+# (one call per step, batch = prompts).
+GUIDANCE = {"sd3": 5.0, "lumina": 5.0, "flux": 3.5}
+FAMILIES = {"SD3Transformer2DModel": "sd3", "LuminaNextDiT2DModel": "lumina", "FluxTransformer2DModel": "flux"}
 
 
 def family_of(transformer) -> str:
-    return "sd3" if type(transformer).__name__.startswith("SD3") else "lumina"
+    return FAMILIES[type(transformer).__name__]
 
 
 def build_transformer(family: str, full: bool, device, dtype):
     """The published layout (``full``) or a tiny one, random weights."""
-    from diffusers import LuminaNextDiT2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, LuminaNextDiT2DModel, SD3Transformer2DModel
 
     cls, config = {
         "sd3": (SD3Transformer2DModel, SD3_MEDIUM if full else SD3_TINY),
         "lumina": (LuminaNextDiT2DModel, LUMINA_NEXT_SFT if full else LUMINA_TINY),
+        "flux": (FluxTransformer2DModel, FLUX_DEV if full else FLUX_TINY),
     }[family]
     with torch.device(device):
         model = cls(**config)
@@ -104,13 +142,17 @@ def build_transformer(family: str, full: bool, device, dtype):
 
 def build_pipeline(transformer):
     """The family's pipeline around ``transformer``: published scheduler, no text encoders, tokenizers or VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, LuminaPipeline, StableDiffusion3Pipeline
 
     family = family_of(transformer)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT[family])
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[family])
+    none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
     if family == "sd3":
-        none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3"))
-        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, tokenizer_3=None, **none)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, text_encoder_3=None, tokenizer_3=None, **none
+        )
+    elif family == "flux":
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **none)
     else:
         pipe = LuminaPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
@@ -119,7 +161,8 @@ def build_pipeline(transformer):
 
 def prompt_inputs(transformer, prompts: int, seed: int) -> dict[str, torch.Tensor]:
     """Random prompt embeddings of the published shapes for ``prompts`` prompts, as ``pipe(**inputs)`` takes them
-    (on the transformer's device, in its dtype; Lumina's caption masks as int64, as its tokenizer returns them)."""
+    (on the transformer's device, in its dtype; Lumina's caption masks as int64, as its tokenizer returns them;
+    Flux.1-dev, guidance-distilled, takes no negative prompt)."""
     family, cfg = family_of(transformer), transformer.config
     device, dtype = transformer.device, transformer.dtype
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -135,6 +178,11 @@ def prompt_inputs(transformer, prompts: int, seed: int) -> dict[str, torch.Tenso
             "pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
             "negative_pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
         }
+    if family == "flux":
+        return {
+            "prompt_embeds": randn(prompts, t, cfg.joint_attention_dim),
+            "pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
+        }
     negative_mask = torch.zeros(prompts, t, dtype=torch.int64, device=device)
     negative_mask[:, :NEGATIVE_TOKENS] = 1
     return {
@@ -149,7 +197,11 @@ def encode_prompt(pipe, prompt: str) -> dict[str, torch.Tensor]:
     """``prompt`` (and an empty negative prompt) through a real pipeline's text encoders, as ``pipe(**inputs)``
     takes them; done once, outside the timed calls."""
     device = pipe._execution_device
-    if family_of(pipe.transformer) == "sd3":
+    family = family_of(pipe.transformer)
+    if family == "flux":
+        embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, device=device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if family == "sd3":
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt, prompt, prompt, device=device, do_classifier_free_guidance=True
         )
@@ -171,7 +223,7 @@ def encode_prompt(pipe, prompt: str) -> dict[str, torch.Tensor]:
 def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedule: str | None = None) -> RASConfig:
     """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
     token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
-    base = RASConfig.sd3 if family == "sd3" else RASConfig.lumina_next
+    base = {"sd3": RASConfig.sd3, "lumina": RASConfig.lumina_next, "flux": RASConfig.flux}[family]
     overrides = {} if schedule is None else {"schedule": schedule}
     config = base(sample_ratio=ratio, **overrides)
     if steps is not None and steps != config.num_steps:
@@ -190,8 +242,9 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedu
 
 
 def num_tokens(pipe, size: int) -> int:
-    """Image tokens of a ``size`` x ``size`` generation."""
-    return (size // pipe.vae_scale_factor // pipe.transformer.config.patch_size) ** 2
+    """Image tokens of a ``size`` x ``size`` generation (FluxPipeline packs 2x2 latent patches into a token)."""
+    patch = 2 if family_of(pipe.transformer) == "flux" else pipe.transformer.config.patch_size
+    return (size // pipe.vae_scale_factor // patch) ** 2
 
 
 def generate(pipe, inputs: dict, *, steps: int, size: int, seed: int, callback=None) -> torch.Tensor:
@@ -202,7 +255,7 @@ def generate(pipe, inputs: dict, *, steps: int, size: int, seed: int, callback=N
         num_inference_steps=steps,
         height=size,
         width=size,
-        guidance_scale=GUIDANCE,
+        guidance_scale=GUIDANCE[family_of(pipe.transformer)],
         output_type="latent",
         generator=generator,
         callback_on_step_end=callback,
@@ -261,6 +314,8 @@ class Loop:
 
     def __init__(self, transformer, latent: int, seed: int):
         self.family, self.transformer, self.device = family_of(transformer), transformer, transformer.device
+        if self.family == "flux":
+            raise ValueError("the own loop covers SD3 and Lumina-Next; time Flux through pipe(...) alone")
         cfg = transformer.config
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g).to(self.device, transformer.dtype)
@@ -301,7 +356,7 @@ class Loop:
                 out = self.transformer(torch.cat([x, x]), timestep=t, return_dict=False, **self.kwargs)[0]
                 out = out[:, : x.shape[1]]
                 uncond, cond = out.chunk(2)
-                guided = uncond + GUIDANCE * (cond - uncond)
+                guided = uncond + GUIDANCE[self.family] * (cond - uncond)
                 if handle is not None:
                     handle.observe(guided)
                 velocity = guided if self.family == "sd3" else -guided

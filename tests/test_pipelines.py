@@ -12,7 +12,13 @@ import torch
 from bench import pipelines, soak
 from ras_models import RASConfig, apply_ras
 
-from ._models import tiny_lumina_pipeline, tiny_lumina_transformer, tiny_sd3_pipeline, tiny_sd3_transformer
+from ._models import (
+    tiny_flux_transformer,
+    tiny_lumina_pipeline,
+    tiny_lumina_transformer,
+    tiny_sd3_pipeline,
+    tiny_sd3_transformer,
+)
 
 BUILDER = "get_2d_rotary_pos_embed_lumina"
 
@@ -24,18 +30,24 @@ def _lumina_pipeline():
     return pipelines.build_pipeline(transformer)
 
 
-@pytest.mark.parametrize("family", ["sd3", "lumina"])
+TINY = {"sd3": tiny_sd3_transformer, "lumina": tiny_lumina_transformer, "flux": tiny_flux_transformer}
+
+
+@pytest.mark.parametrize("family", ["sd3", "lumina", "flux"])
 def test_pipeline_without_encoders_runs_on_prompt_embeddings(family, torch_backend):
-    transformer = tiny_sd3_transformer() if family == "sd3" else tiny_lumina_transformer()
+    transformer = TINY[family]()
     pipe = pipelines.build_pipeline(transformer)
-    assert pipe.scheduler.config.shift == pipelines.SCHEDULER_SHIFT[family]
+    for key, value in pipelines.SCHEDULERS[family].items():
+        assert pipe.scheduler.config[key] == value
     assert pipe.vae is None and pipe.text_encoder is None and pipe.tokenizer is None
     inputs = pipelines.prompt_inputs(transformer, 2, seed=0)
     assert inputs["prompt_embeds"].shape[:2] == (2, pipelines.TEXT_TOKENS[family])
     if family == "lumina":
         assert inputs["negative_prompt_attention_mask"].sum(1).tolist() == [pipelines.NEGATIVE_TOKENS] * 2
     latents, wall_ms, step_ms = pipelines.timed_call(pipe, inputs, steps=3, size=64, seed=0)
-    assert latents.shape == (2, transformer.config.in_channels, 8, 8)
+    # FluxPipeline returns its packed latents: one token of 64 channels per 2x2 patch of the 8x8 latent.
+    shape = (2, 16, 64) if family == "flux" else (2, transformer.config.in_channels, 8, 8)
+    assert latents.shape == shape and pipelines.num_tokens(pipe, 64) == 16  # 8x8 latent, 2x2 patches
     assert len(step_ms) == 3 and all(t > 0 for t in step_ms) and sum(step_ms) <= wall_ms
     again = pipelines.generate(pipe, inputs, steps=3, size=64, seed=0)
     torch.testing.assert_close(again, latents, atol=0, rtol=0)
@@ -53,7 +65,7 @@ def test_encoded_prompt_gives_the_prompt_call_result(factory, torch_backend):
         num_inference_steps=2,
         height=64,
         width=64,
-        guidance_scale=pipelines.GUIDANCE,
+        guidance_scale=pipelines.GUIDANCE[pipelines.family_of(pipe.transformer)],
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
     ).images
