@@ -1,10 +1,11 @@
 """Where a RAS step spends its GPU time: torch.profiler over eager steps, kernels grouped by name (CUDA only).
 
-    python -m bench.profile_step --model sd3 --ratio 0.25 [--top 25]
+    python -m bench.profile_step --model flux --ratio 0.25 [--top 25]
 
-Builds the published layout with random weights (as bench.e2e does) and drives it with the benches' own sampling loop
-(bench.pipelines.Loop: no pipeline host work in the profile), runs one generation to reach a RAS step, then profiles
-a few eager RAS steps and a few dense steps and prints the kernels that take the most GPU time in each.
+Builds the published layout with random weights and its pipeline (as bench.e2e does), runs ``pipe(...)`` at 1024^2
+and profiles a few of its steps through ``callback_on_step_end``: dense steps of the plain pipeline, then eager RAS
+steps (after one unprofiled generation, in which Triton's autotuner benchmarks its configs), and prints the kernels
+that take the most GPU time in each.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.pipelines import Loop, build_transformer, preset
+from bench.pipelines import build_pipeline, build_transformer, generate, num_tokens, preset, prompt_inputs
 from ras_models import apply_ras
+
+SIZE = 1024
 
 
 def _top(prof, top: int, steps: int) -> str:
@@ -37,37 +40,36 @@ def _top(prof, top: int, steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("sd3", "lumina"), default="sd3")
+    parser.add_argument("--model", choices=("sd3", "lumina", "flux"), default="sd3")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    transformer = build_transformer(args.model, True, device, dtype)
-    loop = Loop(transformer, 128, seed=0)
-    config = preset(args.model, None, args.ratio, 4096, "static")
+    pipe = build_pipeline(build_transformer(args.model, True, torch.device("cuda"), torch.bfloat16))
+    inputs = prompt_inputs(pipe.transformer, 1, seed=0)
+    config = preset(args.model, None, args.ratio, num_tokens(pipe, SIZE), "static")
     profiled = 3
 
-    def window(prof, first: int):
-        """Start ``prof`` before step ``first`` and stop it after ``profiled`` steps."""
+    def run(first: int):
+        """One generation, profiling steps ``first`` .. ``first + profiled - 1`` (``first`` >= 1)."""
+        prof = profile(activities=[ProfilerActivity.CUDA])
 
-        def on_step(i):
-            if i == first:
+        def on_step(pipe, i, timestep, tensors):
+            if i == first - 1:
                 prof.start()
-            elif i == first + profiled:
+            elif i == first + profiled - 1:
                 torch.cuda.synchronize()
                 prof.stop()
+            return {}
 
-        return on_step
+        generate(pipe, inputs, steps=config.num_steps, size=SIZE, seed=0, callback=on_step)
+        return prof
 
     with torch.no_grad():
-        dense = profile(activities=[ProfilerActivity.CUDA])
-        loop.run(profiled + 2, on_step=window(dense, 1))
+        dense = run(1)
         print(f"## {args.model} dense step (diffusers, eager)\n{_top(dense, args.top, profiled)}\n")
-        with apply_ras(transformer, config, cuda_graphs=False) as handle:
-            first = config.warmup_steps  # steps warmup .. warmup+2 are RAS steps in the presets
-            loop.run(first + profiled + 1, handle)  # Triton's autotuner benchmarks its configs here, unprofiled
-            ras = profile(activities=[ProfilerActivity.CUDA])
-            loop.run(first + profiled + 1, handle, on_step=window(ras, first))
+        with apply_ras(pipe, config, cuda_graphs=False):
+            generate(pipe, inputs, steps=config.num_steps, size=SIZE, seed=0)  # autotunes, unprofiled
+            ras = run(config.warmup_steps)  # steps warmup .. warmup + 2 are RAS steps in the presets
         print(f"## {args.model} RAS step, ratio {args.ratio} (eager)\n{_top(ras, args.top, profiled)}")
 
 

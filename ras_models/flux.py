@@ -5,39 +5,49 @@ row-major over the (H/2, W/2) grid that ``img_ids`` lists. The session works on 
 grid is read from ``img_ids`` once per generation (one host sync), and the packed guided output handed to
 ``scheduler.step`` is unpacked to [P, 16, H, W] for the selection.
 
-Patched on the instance only: ``x_embedder`` (gather the active image rows), ``pos_embed`` (the text RoPE rows as
-they are, the image rows of the active tokens), every attention processor (double-stream: text and active image
-queries over the text keys and the layer's whole-image K/V cache; single-stream: the same for the block's
-concatenated [text; active image] rows), ``proj_out`` (merge the active rows into the per-token output cache),
-``cache_context`` (names the call: with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their
-own caches and compute the step's one active set) and ``forward`` (begins the step, refuses what RAS cannot honour).
-The K/V caches hold image keys after QK-norm and RoPE. The blocks run unchanged: their per-token work sees fewer rows.
+Patched on the instance only: ``x_embedder`` (gather the active image rows), ``pos_embed`` (the RoPE frequencies of
+the text rows and of the active image rows, one row per head for the fused QK-norm + RoPE), every attention processor
+(double-stream: text and active image queries over the text keys and the layer's whole-image K/V cache; single-stream:
+the same for the block's concatenated [text; active image] rows), every block's ``forward`` (the same maths with the
+elementwise work fused: LayerNorm + modulation, gate + residual + LayerNorm + modulation, QK RMS-norm + RoPE; the
+single-stream output projection without the [attention, MLP] concatenation), ``proj_out`` (merge the active rows into
+the per-token output cache), ``cache_context`` (names the call: with ``true_cfg_scale > 1`` the pipeline's "cond" and
+"uncond" calls keep their own caches and compute the step's one active set) and ``forward`` (begins the step, refuses
+what RAS cannot honour).
+The K/V caches hold image keys after QK-norm and RoPE. The blocks' per-token work sees fewer rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
+
+from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
 from .handle import RASHandle
 
 TOKEN_PATCH = 2  # one token is a 2x2 patch of the unpacked latent
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' Flux rotary embedding (interleaved pairs, fp32) of x [B, L, H, d] with row tables [1 or B, L, d]."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (x.float() * cos[:, :, None] + rotated.float() * sin[:, :, None]).to(x.dtype)
+def _norm_rope(x: torch.Tensor, norm, rope: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-head QK RMS-norm and RoPE of x [B, L, H * d] in one pass; rope [1 or B, L * H, d / 2] complex holds each
+    head row's frequencies. Returns [B, L, H, d]."""
+    b, length, _ = x.shape
+    rows = x.view(b, -1, head_dim)  # one row per (token, head): the norm acts on each head's d channels
+    out = adaptive_norm(rows, norm="rms", weight=norm.weight, eps=norm.eps, rope=rope)
+    return out.view(b, length, -1, head_dim)
 
 
 class FluxRASAttnProcessor:
     """Joint attention of the text and active image rows over the text keys and the layer's whole-image K/V cache.
 
-    ``image_rotary_emb`` is what the patched ``pos_embed`` returns: ((text cos, text sin), (image cos, image sin)).
+    ``image_rotary_emb`` is what the patched ``pos_embed`` returns: the complex RoPE frequencies [1 or B, (T + K) * H,
+    d / 2] of the [text; active image] rows, repeated per head.
     """
 
     def __init__(self, handle: RASHandle, key: str):
@@ -47,25 +57,96 @@ class FluxRASAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise ValueError("RAS Flux attention takes no attention_mask (FluxPipeline passes none)")
-        (text_cos, text_sin), (image_cos, image_sin) = image_rotary_emb
-        q, k, v = (proj(hidden_states).unflatten(-1, (-1, attn.head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
+        rope, d = image_rotary_emb, attn.head_dim
         if encoder_hidden_states is None:  # single-stream block: rows are [text; active image]
             text = hidden_states.shape[1] - self.session.num_active
-            (tq, q), (tk, k), (tv, v) = (t.split([text, t.shape[1] - text], dim=1) for t in (q, k, v))
-        else:
-            text = encoder_hidden_states.shape[1]
-            tq, tk, tv = (
-                proj(encoder_hidden_states).unflatten(-1, (-1, attn.head_dim))
-                for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            tq, tk = attn.norm_added_q(tq), attn.norm_added_k(tk)
-        tq, tk = _rope(tq, text_cos, text_sin), _rope(tk, text_cos, text_sin)
-        q, k = _rope(q, image_cos, image_sin), _rope(k, image_cos, image_sin)
+            q = _norm_rope(attn.to_q(hidden_states), attn.norm_q, rope, d)
+            k = _norm_rope(attn.to_k(hidden_states), attn.norm_k, rope, d)
+            v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
+            out = self.session.attend(self.key, q, k[:, text:], v[:, text:], k_extra=k[:, :text], v_extra=v[:, :text])
+            return out.flatten(2)
+        text = encoder_hidden_states.shape[1]
+        text_rope, image_rope = rope.split([text * attn.heads, rope.shape[1] - text * attn.heads], dim=1)
+        q = _norm_rope(attn.to_q(hidden_states), attn.norm_q, image_rope, d)
+        k = _norm_rope(attn.to_k(hidden_states), attn.norm_k, image_rope, d)
+        v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
+        tq = _norm_rope(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q, text_rope, d)
+        tk = _norm_rope(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k, text_rope, d)
+        tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d))
         out = self.session.attend(self.key, torch.cat([tq, q], dim=1), k, v, k_extra=tk, v_extra=tv).flatten(2)
-        if encoder_hidden_states is None:
-            return out
         return attn.to_out[1](attn.to_out[0](out[:, text:])), attn.to_add_out(out[:, :text])
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    """diffusers' Flux blocks clip fp16 streams to the finite range."""
+    return x.clip_(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _double_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                          joint_attention_kwargs=None):  # fmt: skip
+    """diffusers' ``FluxTransformerBlock.forward`` with its elementwise work fused: per stream one LayerNorm +
+    modulation, one gate + residual + LayerNorm + modulation, one gate + residual."""
+    kwargs = joint_attention_kwargs or {}
+    norm1, norm1_context = block.norm1, block.norm1_context
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = norm1.linear(norm1.silu(temb)).chunk(6, dim=1)
+    mods = norm1_context.linear(norm1_context.silu(temb)).chunk(6, dim=1)
+    c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = mods
+    x = adaptive_norm(hidden_states, scale, shift, eps=norm1.norm.eps)
+    context = adaptive_norm(encoder_hidden_states, c_scale, c_shift, eps=norm1_context.norm.eps)
+    attn_output, context_attn_output = block.attn(
+        hidden_states=x, encoder_hidden_states=context, image_rotary_emb=image_rotary_emb, **kwargs
+    )
+    hidden_states, x = gated_residual_norm(hidden_states, attn_output, gate, scale_mlp, shift_mlp, eps=block.norm2.eps)
+    hidden_states = gated_residual(hidden_states, block.ff(x), gate_mlp)
+    encoder_hidden_states, context = gated_residual_norm(
+        encoder_hidden_states, context_attn_output, c_gate, c_scale_mlp, c_shift_mlp, eps=block.norm2_context.eps
+    )
+    encoder_hidden_states = gated_residual(encoder_hidden_states, block.ff_context(context), c_gate_mlp)
+    return _clip_fp16(encoder_hidden_states), hidden_states
+
+
+def _single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                          joint_attention_kwargs=None):  # fmt: skip
+    """diffusers' ``FluxSingleTransformerBlock.forward`` with one LayerNorm + modulation pass, the output projection
+    of [attention, MLP] as two GEMMs into one result (no concatenated copy) and one gate + residual pass."""
+    text = encoder_hidden_states.shape[1]
+    residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    norm = block.norm
+    shift, scale, gate = norm.linear(norm.silu(temb)).chunk(3, dim=1)
+    x = adaptive_norm(residual, scale, shift, eps=norm.norm.eps)
+    mlp = block.act_mlp(block.proj_mlp(x))
+    attn_output = block.attn(hidden_states=x, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
+    weight, dim = block.proj_out.weight, attn_output.shape[-1]
+    out = F.linear(mlp, weight[:, dim:], block.proj_out.bias)
+    out = torch.addmm(out.flatten(0, 1), attn_output.flatten(0, 1), weight[:, :dim].t()).view_as(out)
+    hidden_states = _clip_fp16(gated_residual(residual, out, gate))
+    return hidden_states[:, :text], hidden_states[:, text:]
+
+
+def _check_blocks(transformer) -> None:
+    """The fused block forwards and attention reproduce diffusers' for these norm layouts only."""
+    from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    def plain_layer_norm(norm) -> bool:
+        return type(norm) is torch.nn.LayerNorm and not norm.elementwise_affine
+
+    for kind in ("transformer_blocks", "single_transformer_blocks"):
+        for i, block in enumerate(getattr(transformer, kind)):
+            attn = block.attn
+            if kind == "transformer_blocks":
+                ada = (block.norm1, block.norm1_context)
+                norms = (block.norm2, block.norm2_context)
+                qk = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+                known = all(type(n) is AdaLayerNormZero and n.emb is None for n in ada)
+            else:
+                ada, norms, qk = (block.norm,), (), (attn.norm_q, attn.norm_k)
+                known = type(block.norm) is AdaLayerNormZeroSingle
+            known = known and all(plain_layer_norm(n.norm) for n in ada) and all(plain_layer_norm(n) for n in norms)
+            if not known or any(type(n) is not torch.nn.RMSNorm or n.eps is None for n in qk):
+                raise ValueError(
+                    f"{kind}.{i} has a norm layout RAS does not know (Flux.1 FluxTransformerBlock / "
+                    "FluxSingleTransformerBlock expected)"
+                )
 
 
 def _latent_size(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
@@ -137,11 +218,15 @@ def patch_flux(handle: RASHandle, transformer) -> None:
     def x_embedder(original, x):
         return original(session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
 
+    heads = transformer.config.num_attention_heads
+
     def pos_embed(original, ids):
-        cos, sin = original(ids)
+        cos, sin = original(ids)  # [T + N, d] each, every pair's angle twice
+        freqs = torch.complex(cos[:, ::2], sin[:, ::2])
         text = ids.shape[0] - session.num_tokens
-        image = session.gather_rows(torch.cat((cos[text:], sin[text:]), dim=-1)[None])
-        return (cos[None, :text], sin[None, :text]), image.chunk(2, dim=-1)
+        image = session.gather_rows(freqs[None, text:])  # [1 or B, K, d / 2]
+        rows = torch.cat([freqs[None, :text].expand(image.shape[0], -1, -1), image], dim=1)
+        return rows[:, :, None].expand(-1, -1, heads, -1).flatten(1, 2)  # one row per (token, head)
 
     def proj_out(original, x):
         return session.scatter_output(original(x))
@@ -156,8 +241,13 @@ def patch_flux(handle: RASHandle, transformer) -> None:
         width = session.shape_key[2] // TOKEN_PATCH
         return rearrange(guided, "b (y x) (c p q) -> b c (y p) (x q)", x=width, p=TOKEN_PATCH, q=TOKEN_PATCH)
 
+    _check_blocks(transformer)
     for name, module in modules:
         handle.patch(module, "processor", FluxRASAttnProcessor(handle, name))
+    for block in transformer.transformer_blocks:
+        handle.patch(block, "forward", functools.partial(_double_block_forward, block))
+    for block in transformer.single_transformer_blocks:
+        handle.patch(block, "forward", functools.partial(_single_block_forward, block))
     handle.wrap_method(transformer.x_embedder, "forward", x_embedder)
     handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
     handle.wrap_method(transformer.proj_out, "forward", proj_out)

@@ -20,7 +20,7 @@ from ras_kernels.select.reference import select_regions as reference_select
 from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_flux_pipeline
-from ._utils import TRITON_RUNNABLE
+from ._utils import DEVICE, TRITON_RUNNABLE
 
 ATOL = 1e-4  # the same computation in another order (fp32)
 TEXT, JOINT, POOLED = 6, 24, 16  # text tokens, prompt embedding width, pooled width of tiny_flux_transformer
@@ -79,7 +79,7 @@ class FluxOracle:
         state = self.state.setdefault(self.calls, {"kv": {}})  # the step's first call is "cond", the second "uncond"
         self.calls += 1
         b, n, _ = hidden_states.shape
-        rows = torch.arange(n).repeat(b, 1) if self.active is None else self.active.repeat(b // len(self.active), 1)
+        rows = torch.arange(n, device=hidden_states.device).repeat(b, 1) if self.active is None else self.active.repeat(b // len(self.active), 1)
         x = torch.take_along_dim(t.x_embedder(hidden_states), rows[..., None], dim=1)
         if guidance is None:
             temb = t.time_text_embed(timestep * 1000, pooled_projections)
@@ -100,7 +100,7 @@ class FluxOracle:
             )
             tq, tk = _rotate(norm_tq(tq), text_freqs), _rotate(norm_tk(tk), text_freqs)
             if self.active is None:  # a dense step (re)creates the caches
-                state["kv"][layer] = tuple(torch.full((b, n, *k.shape[2:]), float("nan")) for _ in "kv")
+                state["kv"][layer] = tuple(k.new_full((b, n, *k.shape[2:]), float("nan")) for _ in "kv")
             k_cache, v_cache = state["kv"][layer]
             for i in range(b):
                 k_cache[i, rows[i]], v_cache[i, rows[i]] = k[i], v[i]
@@ -131,7 +131,7 @@ class FluxOracle:
             c, x = h[:, :text], h[:, text:]
         out = t.proj_out(t.norm_out(x, temb))
         if self.active is None:
-            state["out"] = torch.full((b, n, out.shape[2]), float("nan"))
+            state["out"] = out.new_full((b, n, out.shape[2]), float("nan"))
         for i in range(b):
             state["out"][i, rows[i]] = out[i]
         return (state["out"].clone(),)
@@ -145,7 +145,7 @@ class FluxOracle:
             self.active = None
         else:
             if self.counters is None:
-                self.counters = torch.zeros(latents.shape[0], n, dtype=torch.int64)
+                self.counters = torch.zeros(latents.shape[0], n, dtype=torch.int64, device=latents.device)
             self.active = reference_select(
                 latents,
                 count,
@@ -202,8 +202,9 @@ def _backend_cases():
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     guidance_embeds, count, true_cfg, size, cfg = CASES[case]
-    pipe = tiny_flux_pipeline(guidance_embeds=guidance_embeds)
-    prompts = _prompts(count, negative=true_cfg)
+    device = DEVICE if backend == "triton" else "cpu"
+    pipe = tiny_flux_pipeline(guidance_embeds=guidance_embeds).to(device)
+    prompts = {k: v.to(device) for k, v in _prompts(count, negative=true_cfg).items()}
     extra = {"true_cfg_scale": 3.0} if true_cfg else {}
     dense = _run(pipe, prompts, size, cfg["steps"], **extra)
     with apply_ras(pipe, _config(cfg), cuda_graphs=False) as handle:
