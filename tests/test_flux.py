@@ -79,7 +79,10 @@ class FluxOracle:
         state = self.state.setdefault(self.calls, {"kv": {}})  # the step's first call is "cond", the second "uncond"
         self.calls += 1
         b, n, _ = hidden_states.shape
-        rows = torch.arange(n, device=hidden_states.device).repeat(b, 1) if self.active is None else self.active.repeat(b // len(self.active), 1)
+        if self.active is None:
+            rows = torch.arange(n, device=hidden_states.device).repeat(b, 1)
+        else:
+            rows = self.active.repeat(b // len(self.active), 1)
         x = torch.take_along_dim(t.x_embedder(hidden_states), rows[..., None], dim=1)
         if guidance is None:
             temb = t.time_text_embed(timestep * 1000, pooled_projections)
