@@ -53,7 +53,9 @@ class _Graph:
         self.static_inputs = [t.to(device, copy=True) if t.device.type == "cpu" else t.clone() for t in inputs]
         static_args, static_kwargs = _rebuild((args, kwargs), iter(self.static_inputs))
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # torch.cuda.graph's default capture stream is made once, on the device current then: with models on two
+        # devices it would capture this one's work on another device's stream. A stream on the inputs' device.
+        with torch.cuda.graph(self.graph, pool=pool, stream=torch.cuda.Stream(device)):
             self.static_output = fn(*static_args, **static_kwargs)
 
     def replay(self, args: tuple, kwargs: dict):

@@ -113,7 +113,8 @@ class RASHandle:
                 return forward(hidden_states, *args, **kwargs)
             self.graphs.use_group(self.session.shape_key)
             key = (call, tuple(self.session.batch_index.shape))  # each call reads its own caches
-            return self.graphs.run(key, forward, hidden_states, *args, **kwargs)
+            with torch.cuda.device(hidden_states.device):  # capture on the model's device, whichever is current
+                return self.graphs.run(key, forward, hidden_states, *args, **kwargs)
         except BaseException:
             self.abort()
             raise

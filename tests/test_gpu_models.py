@@ -197,3 +197,42 @@ def test_flux_pipeline_graphs_match_eager_and_triton_matches_torch(true_cfg_scal
     assert (eager.float() - reference.float()).abs().max() < 0.05 * reference.float().abs().max()
     for out in graphed:
         torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("family", ["sd3", "lumina", "flux"])
+def test_model_on_a_second_device(family):
+    """The model on cuda:1 while cuda:0 is current: eager steps and CUDA graph capture and replay run on the model's
+    device, and give what the same model gives on cuda:0."""
+    torch.cuda.set_device(0)
+    if family == "flux":
+        pipe = _flux_pipeline()
+        g = torch.Generator().manual_seed(0)
+        prompts = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+
+        def run(device):
+            pipe.to(device)
+            inputs = {k: v.to(device, torch.float16) for k, v in prompts.items()}
+            generator = torch.Generator().manual_seed(1)
+            return pipe(**inputs, height=256, width=256, num_inference_steps=10, generator=generator,
+                        output_type="latent").images  # fmt: skip
+    else:
+        model = _model(family)
+        x, kwargs = _inputs(family, model, 32)
+
+        def run(device):
+            model.to(device)
+            args = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+            args = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in args.items()}
+            return _generate(family, model, x.to(device).half(), args, handle, 10)
+
+    outs = {}
+    with torch.no_grad():
+        for device in ("cuda:0", "cuda:1"):
+            with apply_ras(pipe if family == "flux" else model, CONFIG, cuda_graphs=True) as handle:
+                outs[device] = [run(device) for _ in range(2)]  # eager + capture, then replay
+                assert len(handle.graphs) == 2
+    assert torch.cuda.current_device() == 0
+    assert all(out.device == torch.device("cuda:1") for out in outs["cuda:1"])
+    for out in outs["cuda:1"]:
+        torch.testing.assert_close(out.cpu(), outs["cuda:0"][0].cpu(), atol=1e-3, rtol=1e-3)
