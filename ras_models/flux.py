@@ -5,24 +5,26 @@ row-major over the (H/2, W/2) grid that ``img_ids`` lists. The session works on 
 grid is read from ``img_ids`` once per generation (one host sync), and the packed guided output handed to
 ``scheduler.step`` is unpacked to [P, 16, H, W] for the selection.
 
-Patched on the instance only: ``x_embedder`` (gather the active image rows), ``pos_embed`` (the text RoPE rows as
-they are, the image rows of the active tokens), every attention processor (double-stream: text and active image
-queries over the text keys and the layer's whole-image K/V cache; single-stream: the same for the block's
-concatenated [text; active image] rows), ``proj_out`` (merge the active rows into the per-token output cache),
-``cache_context`` (names the call: with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their
-own caches and compute the step's one active set) and ``forward`` (begins the step, refuses what RAS cannot honour).
-The K/V caches hold image keys after QK-norm and RoPE. The blocks run unchanged: their per-token work sees fewer rows.
+Declared on the adapter layer (``ras_models.adapter``): the gather point ``x_embedder`` (its inputs' active rows:
+the embedding is per token), the rotary source ``pos_embed`` (the text RoPE rows as they are, the image rows of the
+active tokens), every joint attention (double-stream: text and active image queries over the text keys and the
+layer's whole-image K/V cache; single-stream: the same for the block's concatenated [text; active image] rows), the
+scatter point ``proj_out``, and ``cache_context`` (names the call: with ``true_cfg_scale > 1`` the pipeline's "cond"
+and "uncond" calls keep their own caches and compute the step's one active set). The K/V caches hold image keys after
+QK-norm and RoPE. The blocks run unchanged: their per-token work sees fewer rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from einops import rearrange
 
-from .handle import RASHandle
+from .adapter import Attention, ModelAdapter, RASProcessor
+from .config import RASConfig
 
 TOKEN_PATCH = 2  # one token is a 2x2 patch of the unpacked latent
 
@@ -34,15 +36,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (x.float() * cos[:, :, None] + rotated.float() * sin[:, :, None]).to(x.dtype)
 
 
-class FluxRASAttnProcessor:
+class FluxRASAttnProcessor(RASProcessor):
     """Joint attention of the text and active image rows over the text keys and the layer's whole-image K/V cache.
 
     ``image_rotary_emb`` is what the patched ``pos_embed`` returns: ((text cos, text sin), (image cos, image sin)).
     """
-
-    def __init__(self, handle: RASHandle, key: str):
-        self.session = handle.session
-        self.key = key
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
@@ -86,67 +84,68 @@ def _latent_size(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
     return TOKEN_PATCH * rows, TOKEN_PATCH * cols
 
 
-def patch_flux(handle: RASHandle, transformer) -> None:
-    """Patch one ``FluxTransformer2DModel`` instance for RAS (see the module docstring)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+class FluxAdapter(ModelAdapter):
+    transformer_class = FluxTransformer2DModel
+    family = "Flux"
+    preset = RASConfig.flux
+    token_patch = TOKEN_PATCH
+    gather_at = "x_embedder"
+    rope_at = "pos_embed"
+    attention = (
+        Attention("transformer_blocks.*.attn", "joint", FluxAttnProcessor),
+        Attention("single_transformer_blocks.*.attn", "joint", FluxAttnProcessor),
+    )
+    processors = {"joint": FluxRASAttnProcessor}
+    processor_hint = " (IP-Adapter is not supported; reset with transformer.set_default_attn_processor())"
+    scatter_at = "proj_out"
+    unsupported = dict.fromkeys(
+        ("controlnet_block_samples", "controlnet_single_block_samples"), "ControlNet residuals cover every image token"
+    )
 
-    session = handle.session
-    if transformer.config.patch_size != 1:
-        raise ValueError(
-            "RAS supports Flux with patch_size 1 on FluxPipeline's packed 2x2 tokens, got "
-            f"{transformer.config.patch_size}"
-        )
-    modules = [
-        (f"{blocks}.{i}.attn", block.attn)
-        for blocks in ("transformer_blocks", "single_transformer_blocks")
-        for i, block in enumerate(getattr(transformer, blocks))
-    ]
-    for name, module in modules:
-        if type(module.processor) is not FluxAttnProcessor:
+    def __init__(self, handle, transformer):
+        super().__init__(handle, transformer)
+        self.call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
+
+    def check(self) -> None:
+        if self.transformer.config.patch_size != 1:
             raise ValueError(
-                f"{name} uses {type(module.processor).__name__}; RAS supports Flux attention with diffusers' "
-                "FluxAttnProcessor only (IP-Adapter is not supported; reset with "
-                "transformer.set_default_attn_processor())"
+                "RAS supports Flux with patch_size 1 on FluxPipeline's packed 2x2 tokens, got "
+                f"{self.transformer.config.patch_size}"
             )
-    signature = inspect.signature(transformer.forward)
-    call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
 
-    def cache_context(original, name, *args, **kwargs):
-        nonlocal call
-        with original(name, *args, **kwargs):
-            outer, call = call, name
-            try:
-                yield
-            finally:
-                call = outer
+    def gather(self, original, x):
+        return original(self.session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
 
-    def forward(original, hidden_states, *args, **kwargs):
-        arguments = signature.bind(hidden_states, *args, **kwargs).arguments
-        for unsupported in ("controlnet_block_samples", "controlnet_single_block_samples"):
-            if arguments.get(unsupported) is not None:
-                raise ValueError(f"RAS does not support {unsupported} (ControlNet residuals cover every image token)")
-        if transformer.is_cache_enabled:
+    def rope(self, original, ids):
+        cos, sin = original(ids)
+        text = ids.shape[0] - self.session.num_tokens
+        image = self.session.gather_rows(torch.cat((cos[text:], sin[text:]), dim=-1)[None])
+        return (cos[None, :text], sin[None, :text]), image.chunk(2, dim=-1)
+
+    def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
+        if self.transformer.is_cache_enabled:
             raise ValueError("RAS does not compose with diffusers' caches; call transformer.disable_cache() first")
-        tokens = hidden_states.shape[1]
+        session, tokens = self.session, arguments["hidden_states"].shape[1]
         if session.shape_key is None or tokens != session.num_tokens:  # once per generation
             size = _latent_size(arguments.get("img_ids"), tokens)
         else:
             size = session.shape_key[1:3]
-        return handle.run_step(original, hidden_states, *args, latent_size=size, call=call, **kwargs)
+        return {"latent_size": size, "call": self.call}
 
-    def x_embedder(original, x):
-        return original(session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
+    def patch_more(self) -> None:
+        self.handle.wrap_method(self.transformer, "cache_context", contextlib.contextmanager(self._cache_context))
 
-    def pos_embed(original, ids):
-        cos, sin = original(ids)
-        text = ids.shape[0] - session.num_tokens
-        image = session.gather_rows(torch.cat((cos[text:], sin[text:]), dim=-1)[None])
-        return (cos[None, :text], sin[None, :text]), image.chunk(2, dim=-1)
+    def _cache_context(self, original, name, *args, **kwargs):
+        with original(name, *args, **kwargs):
+            outer, self.call = self.call, name
+            try:
+                yield
+            finally:
+                self.call = outer
 
-    def proj_out(original, x):
-        return session.scatter_output(original(x))
-
-    def to_latents(guided):
+    def to_latents(self, guided: torch.Tensor) -> torch.Tensor:
+        """The packed guided output [P, N, C * 4] as latents [P, C, H, W]."""
+        session = self.session
         if session.num_tokens is None:  # before any step: observe() refuses it
             return guided
         if guided.dim() != 3 or guided.shape[1] != session.num_tokens:
@@ -155,12 +154,3 @@ def patch_flux(handle: RASHandle, transformer) -> None:
             )
         width = session.shape_key[2] // TOKEN_PATCH
         return rearrange(guided, "b (y x) (c p q) -> b c (y p) (x q)", x=width, p=TOKEN_PATCH, q=TOKEN_PATCH)
-
-    for name, module in modules:
-        handle.patch(module, "processor", FluxRASAttnProcessor(handle, name))
-    handle.wrap_method(transformer.x_embedder, "forward", x_embedder)
-    handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
-    handle.wrap_method(transformer.proj_out, "forward", proj_out)
-    handle.wrap_method(transformer, "cache_context", contextlib.contextmanager(cache_context))
-    handle.wrap_method(transformer, "forward", forward)
-    handle.to_latents = to_latents
