@@ -273,9 +273,7 @@ def run_pretrained(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", choices=("sd3", "lumina", "flux"), default="sd3", help="model family (default sd3)"
-    )
+    parser.add_argument("--model", choices=("sd3", "lumina", "flux"), default="sd3", help="model family (default sd3)")
     parser.add_argument(
         "--ratio",
         type=float,

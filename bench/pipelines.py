@@ -2,9 +2,9 @@
 
 Every speed number of ``bench.e2e``, ``bench.first_call`` and ``bench.soak`` is the wall-clock time of the call users
 make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on a ``StableDiffusion3Pipeline`` / ``LuminaPipeline`` /
-``FluxPipeline`` built around the transformer (published layout, random weights: speed does not depend on weight values) with the
-published scheduler and no text encoders, tokenizers or VAE. Prompts come as random embeddings of the published
-shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every timed call.
+``FluxPipeline`` built around the transformer (published layout, random weights: speed does not depend on weight
+values) with the published scheduler and no text encoders, tokenizers or VAE. Prompts come as random embeddings of
+the published shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every timed call.
 
 ``Loop`` is the benches' own CFG sampling loop over the bare transformer, for step profiles and as a cross-check
 (SD3 and Lumina-Next).
