@@ -112,8 +112,9 @@ class ModelAdapter:
         """Refuse (ValueError) a model this adapter cannot run, before anything is patched."""
 
     def gather(self, original, *args, **kwargs):
-        """The gather point's forward: its output [B, N, D] cut to the step's rows [B, K, D]."""
-        return self.session.gather(original(*args, **kwargs))
+        """The gather point's forward: its output [B, N, D] cut to the step's rows [B, K, D]. The output is made
+        contiguous first (a no-op if it is): patch embeddings often return a transposed view (diffusers' PatchEmbed)."""
+        return self.session.gather(original(*args, **kwargs).contiguous())
 
     def rope(self, original, *args, **kwargs):
         """The rotary source's forward: its table [1 or B, N, ...] (or tuple of tables) cut to the active rows."""

@@ -25,6 +25,7 @@ from einops import rearrange
 
 from .adapter import Attention, ModelAdapter, RASProcessor
 from .config import RASConfig
+from .handle import RASHandle
 
 TOKEN_PATCH = 2  # one token is a 2x2 patch of the unpacked latent
 
@@ -102,7 +103,7 @@ class FluxAdapter(ModelAdapter):
         ("controlnet_block_samples", "controlnet_single_block_samples"), "ControlNet residuals cover every image token"
     )
 
-    def __init__(self, handle, transformer):
+    def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
         super().__init__(handle, transformer)
         self.call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
 

@@ -35,6 +35,7 @@ from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_re
 
 from .adapter import Attention, ModelAdapter, RASProcessor
 from .config import RASConfig
+from .handle import RASHandle
 
 _ROPE_BUILDER = "get_2d_rotary_pos_embed_lumina"  # the name LuminaPipeline calls every step
 _ROPE_TABLES = 4  # distinct tables memoised: a generation uses one or two, so two resolutions fit
@@ -244,7 +245,7 @@ class LuminaAdapter(ModelAdapter):
     fused_forward = staticmethod(_layer_forward)
     check_fused = staticmethod(_check_layer)
 
-    def __init__(self, handle, transformer):
+    def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
         super().__init__(handle, transformer)
         self.rope_on_device = _DeviceTables()
 

@@ -139,8 +139,7 @@ class SD3Adapter(ModelAdapter):
     def gather(self, original, latent):
         embed = self.transformer.pos_embed
         if not (embed.pos_embed is not None and embed.pos_embed_max_size and embed.flatten and not embed.layer_norm):
-            # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we.
-            return self.session.gather(original(latent).contiguous())
+            return super().gather(original, latent)
         # The stride-p patch convolution is a per-patch linear map; its rows and the cropped sin-cos table's rows
         # are then gathered and summed in one pass (no full-N add, no transpose copy).
         p = embed.patch_size
