@@ -1,44 +1,35 @@
 """Region-Adaptive Sampling for diffusers pipelines and custom DiTs.
 
 ``apply_ras(pipe_or_transformer, config)`` patches one model instance (and its pipeline) and returns a handle
-whose ``remove()`` restores it; ``RASSession`` is the model-agnostic controller behind it.
+whose ``remove()`` restores it; ``RASSession`` is the model-agnostic controller behind it. A model family is a
+``ModelAdapter`` declaring where RAS touches the model (``ras_models.adapter``); ``register_adapter`` adds one.
 """
 
 from __future__ import annotations
 
+import torch
+
+from .adapter import Attention, ModelAdapter, RASProcessor, find_adapter, install, register_adapter, registry
 from .config import RASConfig
 from .handle import RASHandle
 from .session import RASSession
 
-__all__ = ["RASConfig", "RASHandle", "RASSession", "apply_ras", "supported_models"]
-
-
-def _adapters():
-    try:
-        from diffusers import FluxTransformer2DModel, LuminaNextDiT2DModel, SD3Transformer2DModel
-
-        from .flux import TOKEN_PATCH, patch_flux
-        from .lumina import patch_lumina
-        from .sd3 import patch_sd3
-    except ImportError as err:
-        raise ImportError(
-            "apply_ras needs diffusers and einops: pip install 'ras-kernels[models]' (ras_kernels alone needs neither)"
-        ) from err
-
-    def model_patch(transformer) -> int:
-        return transformer.config.patch_size
-
-    # transformer class -> (patch function, default config, token size in latent pixels)
-    return {
-        SD3Transformer2DModel: (patch_sd3, RASConfig.sd3, model_patch),
-        LuminaNextDiT2DModel: (patch_lumina, RASConfig.lumina_next, model_patch),
-        FluxTransformer2DModel: (patch_flux, RASConfig.flux, lambda transformer: TOKEN_PATCH),
-    }
+__all__ = [
+    "Attention",
+    "ModelAdapter",
+    "RASConfig",
+    "RASHandle",
+    "RASProcessor",
+    "RASSession",
+    "apply_ras",
+    "register_adapter",
+    "supported_models",
+]
 
 
 def supported_models() -> list[str]:
     """Names of the transformer classes ``apply_ras`` accepts (directly or inside a pipeline)."""
-    return [cls.__name__ for cls in _adapters()]
+    return [cls.__name__ for cls in registry()]
 
 
 def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = True, max_shapes: int = 4) -> RASHandle:
@@ -58,9 +49,10 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
 
     Args:
         target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``
-            or ``FluxPipeline``/``FluxTransformer2DModel`` (any pipeline whose ``transformer`` is one of these).
+            or ``FluxPipeline``/``FluxTransformer2DModel`` (any pipeline whose ``transformer`` is one of these), or a
+            transformer class registered with :func:`register_adapter` (or a pipeline holding one).
         config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()`` /
-            ``RASConfig.flux()``).
+            ``RASConfig.flux()``; a registered adapter's ``preset``).
         cuda_graphs: capture each distinct step shape of a CUDA, no-grad run in a CUDA graph and replay it (removes
             the launch and host overhead that dominates low-ratio steps); the caches are then reused across
             generations and freed by ``remove()``. ``False`` runs every step eagerly and frees the caches when each
@@ -72,16 +64,21 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
         A :class:`RASHandle`; ``handle.remove()`` (or leaving ``with``) restores the exact original objects.
     """
     transformer = getattr(target, "transformer", target)
-    adapters = _adapters()
-    entry = adapters.get(type(transformer))
-    if entry is None:
+    if isinstance(transformer, torch.nn.Module) and hasattr(transformer, "_orig_mod"):
+        raise TypeError(
+            f"apply_ras got a torch.compile wrapper ({type(transformer).__name__}); apply RAS to the module itself "
+            "(pipe.transformer = pipe.transformer._orig_mod) and compile it in place with transformer.compile(), "
+            "before or after apply_ras"
+        )
+    adapter = find_adapter(transformer)
+    if adapter is None:
         raise TypeError(
             f"apply_ras does not support {type(target).__name__}; supported transformers: "
-            f"{', '.join(supported_models())}, or a diffusers pipeline holding one as .transformer"
+            f"{', '.join(supported_models())}, or a diffusers pipeline holding one as .transformer "
+            "(other families: ras_models.register_adapter)"
         )
-    patch, preset, token_patch = entry
     if config is None:
-        config = preset()
+        config = adapter.preset()
     if getattr(transformer, "_ras_handle", None) is not None:
         raise RuntimeError("RAS is already applied to this transformer; call remove() on its handle first")
     if transformer is not target and not hasattr(target, "scheduler"):
@@ -92,10 +89,10 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
             f"transformer.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), which RAS "
             "does not support; use pipe.enable_model_cpu_offload() or no offloading"
         )
-    session = RASSession(config, patch_size=token_patch(transformer), max_shapes=max_shapes)
+    session = RASSession(config, patch_size=adapter.patch_size(transformer), max_shapes=max_shapes)
     handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs)
     try:
-        patch(handle, transformer)
+        install(adapter(handle, transformer))
         if transformer is not target:
             handle.hook_pipeline(target)
         handle.patch(transformer, "_ras_handle", handle)

@@ -5,30 +5,31 @@ row-major over the (H/2, W/2) grid that ``img_ids`` lists. The session works on 
 grid is read from ``img_ids`` once per generation (one host sync), and the packed guided output handed to
 ``scheduler.step`` is unpacked to [P, 16, H, W] for the selection.
 
-Patched on the instance only: ``x_embedder`` (gather the active image rows), ``pos_embed`` (the RoPE frequencies of
-the text rows and of the active image rows, one row per head for the fused QK-norm + RoPE), every attention processor
-(double-stream: text and active image queries over the text keys and the layer's whole-image K/V cache; single-stream:
-the same for the block's concatenated [text; active image] rows), every block's ``forward`` (the same maths with the
+Declared on the adapter layer (``ras_models.adapter``): the gather point ``x_embedder`` (its inputs' active rows:
+the embedding is per token), the rotary source ``pos_embed`` (the frequencies of the text rows and of the active
+image rows, one row per head for the fused QK-norm + RoPE), every joint attention (double-stream: text and active
+image queries over the text keys and the layer's whole-image K/V cache; single-stream: the same for the block's
+concatenated [text; active image] rows), the scatter point ``proj_out``, fused block forwards (the same maths with the
 elementwise work fused: LayerNorm + modulation, gate + residual + LayerNorm + modulation, QK RMS-norm + RoPE; the
-single-stream output projection without the [attention, MLP] concatenation), ``proj_out`` (merge the active rows into
-the per-token output cache), ``cache_context`` (names the call: with ``true_cfg_scale > 1`` the pipeline's "cond" and
-"uncond" calls keep their own caches and compute the step's one active set) and ``forward`` (begins the step, refuses
-what RAS cannot honour).
-The K/V caches hold image keys after QK-norm and RoPE. The blocks' per-token work sees fewer rows.
+single-stream output projection without the [attention, MLP] concatenation), and ``cache_context`` (names the call:
+with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their own caches and compute the step's one
+active set). The K/V caches hold image keys after QK-norm and RoPE.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
 from einops import rearrange
 
 from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
+from .adapter import Attention, ModelAdapter, RASProcessor
+from .config import RASConfig
 from .handle import RASHandle
 
 TOKEN_PATCH = 2  # one token is a 2x2 patch of the unpacked latent
@@ -43,16 +44,12 @@ def _norm_rope(x: torch.Tensor, norm, rope: torch.Tensor, head_dim: int) -> torc
     return out.view(b, length, -1, head_dim)
 
 
-class FluxRASAttnProcessor:
+class FluxRASAttnProcessor(RASProcessor):
     """Joint attention of the text and active image rows over the text keys and the layer's whole-image K/V cache.
 
     ``image_rotary_emb`` is what the patched ``pos_embed`` returns: the complex RoPE frequencies [1 or B, (T + K) * H,
     d / 2] of the [text; active image] rows, repeated per head.
     """
-
-    def __init__(self, handle: RASHandle, key: str):
-        self.session = handle.session
-        self.key = key
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
@@ -108,7 +105,8 @@ def _double_block_forward(block, hidden_states, encoder_hidden_states, temb, ima
 def _single_block_forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                           joint_attention_kwargs=None):  # fmt: skip
     """diffusers' ``FluxSingleTransformerBlock.forward`` with one LayerNorm + modulation pass, the output projection
-    of [attention, MLP] as two GEMMs into one result (no concatenated copy) and one gate + residual pass."""
+    of [attention, MLP] as two GEMMs into one result (no concatenated copy; a plain ``nn.Linear`` only) and one gate +
+    residual pass."""
     text = encoder_hidden_states.shape[1]
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     norm = block.norm
@@ -116,37 +114,38 @@ def _single_block_forward(block, hidden_states, encoder_hidden_states, temb, ima
     x = adaptive_norm(residual, scale, shift, eps=norm.norm.eps)
     mlp = block.act_mlp(block.proj_mlp(x))
     attn_output = block.attn(hidden_states=x, image_rotary_emb=image_rotary_emb, **(joint_attention_kwargs or {}))
-    weight, dim = block.proj_out.weight, attn_output.shape[-1]
-    out = F.linear(mlp, weight[:, dim:], block.proj_out.bias)
-    out = torch.addmm(out.flatten(0, 1), attn_output.flatten(0, 1), weight[:, :dim].t()).view_as(out)
+    proj = block.proj_out
+    if type(proj) is torch.nn.Linear:
+        weight, dim = proj.weight, attn_output.shape[-1]
+        out = F.linear(mlp, weight[:, dim:], proj.bias)
+        out = torch.addmm(out.flatten(0, 1), attn_output.flatten(0, 1), weight[:, :dim].t()).view_as(out)
+    else:  # e.g. a LoRA layer wrapping it: its own forward, on the concatenation
+        out = proj(torch.cat([attn_output, mlp], dim=2))
     hidden_states = _clip_fp16(gated_residual(residual, out, gate))
     return hidden_states[:, :text], hidden_states[:, text:]
 
 
-def _check_blocks(transformer) -> None:
+def _check_block(name: str, block) -> None:
     """The fused block forwards and attention reproduce diffusers' for these norm layouts only."""
     from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 
     def plain_layer_norm(norm) -> bool:
         return type(norm) is torch.nn.LayerNorm and not norm.elementwise_affine
 
-    for kind in ("transformer_blocks", "single_transformer_blocks"):
-        for i, block in enumerate(getattr(transformer, kind)):
-            attn = block.attn
-            if kind == "transformer_blocks":
-                ada = (block.norm1, block.norm1_context)
-                norms = (block.norm2, block.norm2_context)
-                qk = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
-                known = all(type(n) is AdaLayerNormZero and n.emb is None for n in ada)
-            else:
-                ada, norms, qk = (block.norm,), (), (attn.norm_q, attn.norm_k)
-                known = type(block.norm) is AdaLayerNormZeroSingle
-            known = known and all(plain_layer_norm(n.norm) for n in ada) and all(plain_layer_norm(n) for n in norms)
-            if not known or any(type(n) is not torch.nn.RMSNorm or n.eps is None for n in qk):
-                raise ValueError(
-                    f"{kind}.{i} has a norm layout RAS does not know (Flux.1 FluxTransformerBlock / "
-                    "FluxSingleTransformerBlock expected)"
-                )
+    attn = block.attn
+    if isinstance(block, FluxSingleTransformerBlock):
+        ada, norms, qk = (block.norm,), (), (attn.norm_q, attn.norm_k)
+        known = type(block.norm) is AdaLayerNormZeroSingle
+    else:
+        ada, norms = (block.norm1, block.norm1_context), (block.norm2, block.norm2_context)
+        qk = (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k)
+        known = all(type(n) is AdaLayerNormZero and n.emb is None for n in ada)
+    known = known and all(plain_layer_norm(n.norm) for n in ada) and all(plain_layer_norm(n) for n in norms)
+    if not known or any(type(n) is not torch.nn.RMSNorm or n.eps is None for n in qk):
+        raise ValueError(
+            f"{name} has a norm layout RAS does not know (Flux.1 FluxTransformerBlock / FluxSingleTransformerBlock "
+            "expected)"
+        )
 
 
 def _latent_size(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
@@ -167,71 +166,79 @@ def _latent_size(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
     return TOKEN_PATCH * rows, TOKEN_PATCH * cols
 
 
-def patch_flux(handle: RASHandle, transformer) -> None:
-    """Patch one ``FluxTransformer2DModel`` instance for RAS (see the module docstring)."""
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+class FluxAdapter(ModelAdapter):
+    transformer_class = FluxTransformer2DModel
+    family = "Flux"
+    preset = RASConfig.flux
+    token_patch = TOKEN_PATCH
+    gather_at = "x_embedder"
+    rope_at = "pos_embed"
+    attention = (
+        Attention("transformer_blocks.*.attn", "joint", FluxAttnProcessor),
+        Attention("single_transformer_blocks.*.attn", "joint", FluxAttnProcessor),
+    )
+    processors = {"joint": FluxRASAttnProcessor}
+    processor_hint = " (IP-Adapter is not supported; reset with transformer.set_default_attn_processor())"
+    scatter_at = "proj_out"
+    fused_blocks = {"transformer_blocks.*": _double_block_forward, "single_transformer_blocks.*": _single_block_forward}
+    check_fused = staticmethod(_check_block)
+    unsupported = dict.fromkeys(
+        ("controlnet_block_samples", "controlnet_single_block_samples"), "ControlNet residuals cover every image token"
+    )
 
-    session = handle.session
-    if transformer.config.patch_size != 1:
-        raise ValueError(
-            "RAS supports Flux with patch_size 1 on FluxPipeline's packed 2x2 tokens, got "
-            f"{transformer.config.patch_size}"
-        )
-    modules = [
-        (f"{blocks}.{i}.attn", block.attn)
-        for blocks in ("transformer_blocks", "single_transformer_blocks")
-        for i, block in enumerate(getattr(transformer, blocks))
-    ]
-    for name, module in modules:
-        if type(module.processor) is not FluxAttnProcessor:
+    def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
+        super().__init__(handle, transformer)
+        self.call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
+
+    def check(self) -> None:
+        if self.transformer.config.patch_size != 1:
             raise ValueError(
-                f"{name} uses {type(module.processor).__name__}; RAS supports Flux attention with diffusers' "
-                "FluxAttnProcessor only (IP-Adapter is not supported; reset with "
-                "transformer.set_default_attn_processor())"
+                "RAS supports Flux with patch_size 1 on FluxPipeline's packed 2x2 tokens, got "
+                f"{self.transformer.config.patch_size}"
             )
-    signature = inspect.signature(transformer.forward)
-    call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
+        self._check_no_cache()
 
-    def cache_context(original, name, *args, **kwargs):
-        nonlocal call
-        with original(name, *args, **kwargs):
-            outer, call = call, name
-            try:
-                yield
-            finally:
-                call = outer
-
-    def forward(original, hidden_states, *args, **kwargs):
-        arguments = signature.bind(hidden_states, *args, **kwargs).arguments
-        for unsupported in ("controlnet_block_samples", "controlnet_single_block_samples"):
-            if arguments.get(unsupported) is not None:
-                raise ValueError(f"RAS does not support {unsupported} (ControlNet residuals cover every image token)")
-        if transformer.is_cache_enabled:
+    def _check_no_cache(self) -> None:
+        if self.transformer.is_cache_enabled:
             raise ValueError("RAS does not compose with diffusers' caches; call transformer.disable_cache() first")
-        tokens = hidden_states.shape[1]
+
+    def gather(self, original, x):
+        return original(self.session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
+
+    def rope(self, original, ids):
+        """The RoPE frequencies of the [text; active image] rows, one row per (token, head) for the fused QK-norm +
+        RoPE: [1 or B, (T + K) * H, d / 2] complex."""
+        cos, sin = original(ids)  # [T + N, d] each, every pair's angle twice
+        freqs = torch.complex(cos[:, ::2], sin[:, ::2])
+        text = ids.shape[0] - self.session.num_tokens
+        image = self.session.gather_rows(freqs[None, text:])  # [1 or B, K, d / 2]
+        rows = torch.cat([freqs[None, :text].expand(image.shape[0], -1, -1), image], dim=1)
+        heads = self.transformer.config.num_attention_heads
+        return rows[:, :, None].expand(-1, -1, heads, -1).flatten(1, 2)
+
+    def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
+        self._check_no_cache()
+        session, tokens = self.session, arguments["hidden_states"].shape[1]
         if session.shape_key is None or tokens != session.num_tokens:  # once per generation
             size = _latent_size(arguments.get("img_ids"), tokens)
         else:
             size = session.shape_key[1:3]
-        return handle.run_step(original, hidden_states, *args, latent_size=size, call=call, **kwargs)
+        return {"latent_size": size, "call": self.call}
 
-    def x_embedder(original, x):
-        return original(session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
+    def patch_more(self) -> None:
+        self.handle.wrap_method(self.transformer, "cache_context", contextlib.contextmanager(self._cache_context))
 
-    heads = transformer.config.num_attention_heads
+    def _cache_context(self, original, name, *args, **kwargs):
+        with original(name, *args, **kwargs):
+            outer, self.call = self.call, name
+            try:
+                yield
+            finally:
+                self.call = outer
 
-    def pos_embed(original, ids):
-        cos, sin = original(ids)  # [T + N, d] each, every pair's angle twice
-        freqs = torch.complex(cos[:, ::2], sin[:, ::2])
-        text = ids.shape[0] - session.num_tokens
-        image = session.gather_rows(freqs[None, text:])  # [1 or B, K, d / 2]
-        rows = torch.cat([freqs[None, :text].expand(image.shape[0], -1, -1), image], dim=1)
-        return rows[:, :, None].expand(-1, -1, heads, -1).flatten(1, 2)  # one row per (token, head)
-
-    def proj_out(original, x):
-        return session.scatter_output(original(x))
-
-    def to_latents(guided):
+    def to_latents(self, guided: torch.Tensor) -> torch.Tensor:
+        """The packed guided output [P, N, C * 4] as latents [P, C, H, W]."""
+        session = self.session
         if session.num_tokens is None:  # before any step: observe() refuses it
             return guided
         if guided.dim() != 3 or guided.shape[1] != session.num_tokens:
@@ -240,17 +247,3 @@ def patch_flux(handle: RASHandle, transformer) -> None:
             )
         width = session.shape_key[2] // TOKEN_PATCH
         return rearrange(guided, "b (y x) (c p q) -> b c (y p) (x q)", x=width, p=TOKEN_PATCH, q=TOKEN_PATCH)
-
-    _check_blocks(transformer)
-    for name, module in modules:
-        handle.patch(module, "processor", FluxRASAttnProcessor(handle, name))
-    for block in transformer.transformer_blocks:
-        handle.patch(block, "forward", functools.partial(_double_block_forward, block))
-    for block in transformer.single_transformer_blocks:
-        handle.patch(block, "forward", functools.partial(_single_block_forward, block))
-    handle.wrap_method(transformer.x_embedder, "forward", x_embedder)
-    handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
-    handle.wrap_method(transformer.proj_out, "forward", proj_out)
-    handle.wrap_method(transformer, "cache_context", contextlib.contextmanager(cache_context))
-    handle.wrap_method(transformer, "forward", forward)
-    handle.to_latents = to_latents

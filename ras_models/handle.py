@@ -81,6 +81,7 @@ class RASHandle:
         self.graphs = StepGraphs() if cuda_graphs else None
         self._patches = _Patches()
         self._on_remove: list = []  # callbacks remove() runs, last registered first
+        self._watched: list[tuple] = []  # (path, parent, attribute, module) that check() requires in place
         self._weights: tuple[int, ...] | None = None  # parameter/buffer addresses the graphs were captured with
         # Adapters of models whose output is packed tokens (Flux) set this: it maps the output handed to
         # scheduler.step (or to observe) to the latents [P, C, H, W] that select the next step's tokens.
@@ -137,6 +138,13 @@ class RASHandle:
         """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
         ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense."""
         # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
+        for path, parent, attr, module in self._watched:
+            if getattr(parent, attr, None) is not module:
+                raise RuntimeError(
+                    f"transformer.{path} was replaced after apply_ras (e.g. a LoRA loaded onto it or unloaded from "
+                    "it), so RAS would no longer see its tokens. Call remove() on the RAS handle, then apply_ras again "
+                    "(a LoRA loaded before apply_ras composes)"
+                )
         replaced = next((p for p in self._patches.items if _get(p.obj, p.name) is not p.new and p.slot() is None), None)
         if replaced is None:
             return
@@ -170,6 +178,15 @@ class RASHandle:
             if "_old_forward" in vars(obj):
                 name = "_old_forward"
         self._patches.set(obj, name, _wrapped(getattr(obj, name), wrapper), slots)
+
+    def watch(self, path: str) -> torch.nn.Module:
+        """The model's submodule at ``path``; :meth:`check` raises if it is later replaced there (a module whose
+        ``forward`` the handle wraps: a replacement would run without it)."""
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        module = getattr(parent, attr)
+        self._watched.append((path, parent, attr, module))
+        return module
 
     def on_remove(self, callback) -> None:
         """Call ``callback()`` when the handle is removed (after the patches are undone), e.g. to give back a

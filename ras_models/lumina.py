@@ -1,10 +1,9 @@
 """RAS adapter for diffusers' ``LuminaNextDiT2DModel`` (Lumina-Next-SFT).
 
-Patched on the instance only: ``patch_embedder`` (gather the active token rows and their RoPE rows),
-``norm_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), the self- and
-cross-attention processors of every layer, every layer's ``forward`` (the same maths with the elementwise work
-fused: RMSNorm + modulation, tanh gates + post-norm + residual + the next RMSNorm, QK LayerNorm + RoPE, SwiGLU) and
-``forward`` (begins the step).
+Declared on the adapter layer (``ras_models.adapter``): the gather point ``patch_embedder`` (the active token rows and
+their RoPE rows), the scatter point ``norm_out``, the self- and cross-attention of every layer, and every layer's
+fused ``forward`` (the same maths with the elementwise work fused: RMSNorm + modulation, tanh gates + post-norm +
+residual + the next RMSNorm, QK LayerNorm + RoPE, SwiGLU).
 
 Self-attention: q/k after QK-norm and RoPE; the cache holds post-RoPE, GQA-compressed k/v [B, N, Hkv, d]. The
 proportional-attention scale ``sqrt(log_base(N)) / sqrt(d)`` uses the full image token count N. The self-attention
@@ -14,25 +13,32 @@ caption keys/values are full and the caption padding mask applies.
 RoPE table: LuminaPipeline builds a 384 x 384 x d/2 complex64 table on the host every step (42 MB at d = 72) and the
 model copies it to the device. While any handle is applied, the pipeline module's builder is memoised (same
 arguments, same tensor object; a generation uses one or two tables, before and after the scaling watershed), and the
-patched ``forward`` keeps one device copy per host table, so neither the host work nor the copy repeats per step.
+adapter keeps one device copy per host table (swapped in before each step), so neither the host work nor the copy
+repeats per step.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import math
 
 import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.activations import FP32SiLU
+from diffusers.models.attention import LuminaFeedForward
+from diffusers.models.attention_processor import LuminaAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ras_kernels import adaptive_norm, flash_attention, gated_residual, gated_residual_norm, swiglu
 
+from .adapter import Attention, ModelAdapter, RASProcessor
+from .config import RASConfig
 from .handle import RASHandle
 
 _ROPE_BUILDER = "get_2d_rotary_pos_embed_lumina"  # the name LuminaPipeline calls every step
 _ROPE_TABLES = 4  # distinct tables memoised: a generation uses one or two, so two resolutions fit
-_ROPE_ARG = 3  # position of image_rotary_emb after hidden_states in LuminaNextDiT2DModel.forward
 
 
 class _MemoisedRope:
@@ -59,7 +65,7 @@ class _MemoisedRope:
         return table
 
     def hold(self) -> None:
-        from diffusers.pipelines.lumina import pipeline_lumina
+        from diffusers.pipelines.lumina import pipeline_lumina  # needs transformers: imported when a Lumina is patched
 
         if self.holds == 0:
             self.original = getattr(pipeline_lumina, _ROPE_BUILDER)
@@ -108,8 +114,6 @@ def _norm_rope(x, norm, rope, d):
     if norm is not None:
         x = adaptive_norm(x, norm="layer", weight=norm.weight, bias=norm.bias, eps=norm.eps, rope=rope)
     elif rope is not None:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         return apply_rotary_emb(x.view(b, -1, x.shape[-1] // d, d), rope, use_real=False).to(x.dtype)
     return x.view(b, -1, x.shape[-1] // d, d)
 
@@ -125,17 +129,13 @@ def _project(attn, hidden_states, context, query_rope, key_rope):
     return q, k, v.view(*v.shape[:2], -1, d)
 
 
-class LuminaRASAttnProcessor:
+class LuminaRASAttnProcessor(RASProcessor):
     """Lumina-Next attention on the active tokens.
 
     With a layer ``key``: self-attention over that layer's whole-image K/V cache, with the proportional scale of
     the full N. Without one: cross-attention of the active tokens (with their RoPE rows) over the full, padded
     caption.
     """
-
-    def __init__(self, handle: RASHandle, key: str | None = None):
-        self.session = handle.session
-        self.key = key
 
     def __call__(
         self,
@@ -213,10 +213,6 @@ def _layer_forward(
 
 def _check_layer(name: str, layer) -> None:
     """The fused layer forward reproduces diffusers' for this norm layout only."""
-    from diffusers.models.activations import FP32SiLU
-    from diffusers.models.attention import LuminaFeedForward
-    from diffusers.models.normalization import LuminaRMSNormZero, RMSNorm
-
     post_norms = (layer.norm2, layer.ffn_norm2)
     if (
         type(layer.norm1) is not LuminaRMSNormZero
@@ -234,49 +230,37 @@ def _check_layer(name: str, layer) -> None:
         raise ValueError(f"{name} has a norm layout RAS does not know (Lumina-Next LuminaNextDiTBlock expected)")
 
 
-def patch_lumina(handle: RASHandle, transformer) -> None:
-    """Patch one ``LuminaNextDiT2DModel`` instance for RAS (see the module docstring)."""
-    from diffusers.models.attention_processor import LuminaAttnProcessor2_0
+class LuminaAdapter(ModelAdapter):
+    transformer_class = LuminaNextDiT2DModel
+    family = "Lumina-Next"
+    preset = RASConfig.lumina_next
+    gather_at = "patch_embedder"
+    attention = (
+        Attention("layers.*.attn1", "self", LuminaAttnProcessor2_0),
+        Attention("layers.*.attn2", "cross", LuminaAttnProcessor2_0),
+    )
+    processors = {"self": LuminaRASAttnProcessor, "cross": LuminaRASAttnProcessor}
+    scatter_at = "norm_out"
+    fused_blocks = {"layers.*": _layer_forward}
+    check_fused = staticmethod(_check_layer)
 
-    session = handle.session
-    for i, layer in enumerate(transformer.layers):
-        for name in ("attn1", "attn2"):
-            processor = getattr(layer, name).processor
-            if type(processor) is not LuminaAttnProcessor2_0:
-                raise ValueError(
-                    f"layers.{i}.{name} uses {type(processor).__name__}; RAS supports Lumina-Next attention with "
-                    "diffusers' LuminaAttnProcessor2_0 only"
-                )
-        _check_layer(f"layers.{i}", layer)
+    def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
+        super().__init__(handle, transformer)
+        self.rope_on_device = _DeviceTables()
 
-    rope_on_device = _DeviceTables()
-
-    def forward(original, hidden_states, *args, **kwargs):
-        p = transformer.config.patch_size
-        size = (hidden_states.device, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
-        if "image_rotary_emb" in kwargs:
-            kwargs["image_rotary_emb"] = rope_on_device(kwargs["image_rotary_emb"], *size)
-        elif len(args) > _ROPE_ARG:
-            rope = rope_on_device(args[_ROPE_ARG], *size)
-            args = (*args[:_ROPE_ARG], rope, *args[_ROPE_ARG + 1 :])
-        return handle.run_step(original, hidden_states, *args, **kwargs)
-
-    def patch_embedder(original, x, freqs_cis):
+    def gather(self, original, x, freqs_cis):
         tokens, mask, sizes, rope = original(x, freqs_cis)
-        return session.gather(tokens), mask, sizes, session.gather_rows(rope)
+        return self.session.gather(tokens), mask, sizes, self.session.gather_rows(rope)
 
-    def norm_out(original, x, *args, **kwargs):
-        return session.scatter_output(original(x, *args, **kwargs))
+    def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
+        if "image_rotary_emb" in arguments:
+            latent, p = arguments["hidden_states"], self.transformer.config.patch_size
+            size = (latent.device, latent.shape[-2] // p, latent.shape[-1] // p)
+            arguments["image_rotary_emb"] = self.rope_on_device(arguments["image_rotary_emb"], *size)
+        return {}
 
-    cross = LuminaRASAttnProcessor(handle)
-    for i, layer in enumerate(transformer.layers):
-        handle.patch(layer.attn1, "processor", LuminaRASAttnProcessor(handle, f"layers.{i}.attn1"))
-        handle.patch(layer.attn2, "processor", cross)
-        handle.patch(layer, "forward", functools.partial(_layer_forward, layer))
-    handle.wrap_method(transformer.patch_embedder, "forward", patch_embedder)
-    handle.wrap_method(transformer.norm_out, "forward", norm_out)
-    handle.wrap_method(transformer, "forward", forward)
-    # apply_ras hands adapters the transformer only, so the builder is memoised for bare-transformer handles too; it
-    # replaces the name in LuminaPipeline's module only, and returns the same values.
-    _MEMOISED_ROPE.hold()
-    handle.on_remove(_MEMOISED_ROPE.release)
+    def patch_more(self) -> None:
+        # apply_ras hands adapters the transformer only, so the builder is memoised for bare-transformer handles
+        # too; it replaces the name in LuminaPipeline's module only, and returns the same values.
+        _MEMOISED_ROPE.hold()
+        self.handle.on_remove(_MEMOISED_ROPE.release)

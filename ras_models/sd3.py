@@ -1,31 +1,29 @@
 """RAS adapter for diffusers' ``SD3Transformer2DModel`` (SD3-medium; SD3.5 with QK-norm and dual attention).
 
-Patched on the instance only: ``pos_embed`` (gather the active rows after patch + position embedding),
-``proj_out`` (merge the active rows into the per-token output cache so unpatchify sees all N), every joint
-attention processor (K/V cache, text keys as extra rows), every block's ``forward`` (the same maths with the
-per-token elementwise work fused: adaLN LayerNorm + modulation, gate + residual + the next LayerNorm) and
-``forward`` (begins the step, rejects what RAS cannot honour).
+Declared on the adapter layer (``ras_models.adapter``): the gather point ``pos_embed`` (the active rows after patch +
+position embedding, fused into one pass), the scatter point ``proj_out``, every joint attention (K/V cache, text keys
+as extra rows; SD3.5's ``attn2`` is image self-attention with its own cache), every block's fused ``forward`` (the
+same maths with the per-token elementwise work fused: adaLN LayerNorm + modulation, gate + residual + the next
+LayerNorm), and the forward arguments RAS refuses.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 from einops import rearrange
 
 from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
-from .handle import RASHandle
+from .adapter import Attention, ModelAdapter, RASProcessor
+from .config import RASConfig
 
 
-class SD3RASAttnProcessor:
+class SD3RASAttnProcessor(RASProcessor):
     """Joint attention of the active image tokens (+ text tokens) over the layer's whole-image K/V cache."""
-
-    def __init__(self, handle: RASHandle, key: str):
-        self.session = handle.session
-        self.key = key
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
@@ -105,8 +103,6 @@ def _block_forward(block, hidden_states, encoder_hidden_states, temb, joint_atte
 
 def _check_block(name: str, block) -> None:
     """The fused block forward reproduces diffusers' for these norm layouts only."""
-    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
-
     norm1 = SD35AdaLayerNormZeroX if block.use_dual_attention else AdaLayerNormZero
     context = AdaLayerNormContinuous if block.context_pre_only else AdaLayerNormZero
     layer_norms = [getattr(block.norm1, "norm", None), getattr(block.norm1_context, "norm", None), block.norm2]
@@ -121,60 +117,31 @@ def _check_block(name: str, block) -> None:
         raise ValueError(f"{name} has a norm layout RAS does not know (SD3 / SD3.5 JointTransformerBlock expected)")
 
 
-def _attention_modules(transformer) -> list[tuple[str, object]]:
-    found = []
-    for i, block in enumerate(transformer.transformer_blocks):
-        for name in ("attn", "attn2"):
-            module = getattr(block, name, None)
-            if module is not None:
-                found.append((f"transformer_blocks.{i}.{name}", module))
-    return found
+class SD3Adapter(ModelAdapter):
+    transformer_class = SD3Transformer2DModel
+    family = "SD3"
+    preset = RASConfig.sd3
+    gather_at = "pos_embed"
+    attention = (
+        Attention("transformer_blocks.*.attn", "joint", JointAttnProcessor2_0),
+        Attention("transformer_blocks.*.attn2", "self", JointAttnProcessor2_0),  # SD3.5 dual attention
+    )
+    processors = {"joint": SD3RASAttnProcessor, "self": SD3RASAttnProcessor}
+    processor_hint = " (reset with transformer.set_default_attn_processor() or unfuse QKV)"
+    scatter_at = "proj_out"
+    fused_blocks = {"transformer_blocks.*": _block_forward}
+    check_fused = staticmethod(_check_block)
+    unsupported = dict.fromkeys(
+        ("block_controlnet_hidden_states", "skip_layers"), "the active token count differs per step"
+    )
 
-
-def patch_sd3(handle: RASHandle, transformer) -> None:
-    """Patch one ``SD3Transformer2DModel`` instance for RAS (see the module docstring)."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    session = handle.session
-    modules = _attention_modules(transformer)
-    for name, module in modules:
-        if type(module.processor) is not JointAttnProcessor2_0:
-            raise ValueError(
-                f"{name} uses {type(module.processor).__name__}; RAS supports SD3 attention with diffusers' "
-                "JointAttnProcessor2_0 only (reset with transformer.set_default_attn_processor() or unfuse QKV)"
-            )
-
-    def forward(original, hidden_states, *args, **kwargs):
-        for unsupported in ("block_controlnet_hidden_states", "skip_layers"):
-            if kwargs.get(unsupported) is not None:
-                raise ValueError(f"RAS does not support {unsupported} (the active token count differs per step)")
-        if len(args) > 3 and args[3] is not None:
-            raise ValueError("RAS does not support block_controlnet_hidden_states")
-        return handle.run_step(original, hidden_states, *args, **kwargs)
-
-    embed = transformer.pos_embed
-    fusable = embed.pos_embed is not None and embed.pos_embed_max_size and embed.flatten and not embed.layer_norm
-
-    def pos_embed(original, latent):
-        if not fusable:
-            # PatchEmbed returns a transposed view; diffusers makes it contiguous right after, so do we.
-            return session.gather(original(latent).contiguous())
+    def gather(self, original, latent):
+        embed = self.transformer.pos_embed
+        if not (embed.pos_embed is not None and embed.pos_embed_max_size and embed.flatten and not embed.layer_norm):
+            return super().gather(original, latent)
         # The stride-p patch convolution is a per-patch linear map; its rows and the cropped sin-cos table's rows
         # are then gathered and summed in one pass (no full-N add, no transpose copy).
         p = embed.patch_size
         patches = rearrange(latent, "b c (y p) (x q) -> b (y x) (c p q)", p=p, q=p)
         tokens = F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
-        return session.gather(tokens, add=embed.cropped_pos_embed(*latent.shape[-2:]))
-
-    def proj_out(original, x):
-        return session.scatter_output(original(x))
-
-    for i, block in enumerate(transformer.transformer_blocks):
-        _check_block(f"transformer_blocks.{i}", block)
-    for name, module in modules:
-        handle.patch(module, "processor", SD3RASAttnProcessor(handle, name))
-    for block in transformer.transformer_blocks:
-        handle.patch(block, "forward", functools.partial(_block_forward, block))
-    handle.wrap_method(transformer.pos_embed, "forward", pos_embed)
-    handle.wrap_method(transformer.proj_out, "forward", proj_out)
-    handle.wrap_method(transformer, "forward", forward)
+        return self.session.gather(tokens, add=embed.cropped_pos_embed(*latent.shape[-2:]))

@@ -37,7 +37,8 @@ def _pipe():
 
 def _prompts() -> dict:
     g = torch.Generator().manual_seed(3)
-    return {"prompt_embeds": torch.randn(2, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    embeds, pooled = torch.randn(2, 6, 24, generator=g), torch.randn(2, 16, generator=g)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 def _run(pipe, prompts, **kwargs) -> torch.Tensor:

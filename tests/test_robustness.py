@@ -7,6 +7,8 @@ CPU tests use tiny random-weight pipelines on the plain-PyTorch path and compare
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -369,6 +371,7 @@ def test_graphs_follow_the_session_lru(monkeypatch, torch_backend):
     monkeypatch.setattr(graphs_module, "_Graph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # captures on the CPU
     monkeypatch.setattr(
         RASHandle, "_use_graphs", lambda self, hidden_states: self.graphs is not None and not torch.is_grad_enabled()
     )
