@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ras_kernels._backend import device_of
 from ras_kernels.attention import reference as attention_reference
 from ras_kernels.select import reference as select_reference
 
@@ -48,7 +49,8 @@ def sdpa_baseline(q, k, v, scale, mask=None):
     kk = k.transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     vv = v.transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).contiguous(), kk, vv, attn_mask=attn_mask, scale=scale)
+    with device_of(q):  # SDPA's memory-efficient kernel picks its variant by the current device's properties
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).contiguous(), kk, vv, attn_mask=attn_mask, scale=scale)
     return out.transpose(1, 2)
 
 

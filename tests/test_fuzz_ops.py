@@ -55,7 +55,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX = (torch.int32, torch.int64)
 # Elementwise ops: fp32 exact up to rounding, half precisions 2 ulps of the output dtype (the interpreter
 # truncates fp32 -> bf16), as in tests/test_norm.py (swiglu's own tolerances are tighter; these cover both).
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+# fp32: the kernels fuse multiply-adds, so a residual add that cancels (h = r + g * v near 0) keeps a few more ulps of
+# the operands than torch's two roundings; normalising a short row (D = 1) then carries that error to the output.
+TOL = {torch.float32: (5e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
 LSE_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # Head dims: kernel ones (split and not) and ones the Triton path zero-pads (8, 12, 33, 100).
 HEAD_DIMS = (8, 12, 16, 33, 40, 64, 72, 100)

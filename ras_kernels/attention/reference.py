@@ -41,7 +41,7 @@ def attention(
     if mask is not None:
         # A query that sees no key gets zeros (the fused softmax of an all-masked row is NaN).
         out = torch.where(mask.any(dim=1)[:, None, None, None], out, 0.0)
-    out = out.transpose(1, 2).to(q.dtype)
+    out = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)  # [B, Lq, Hq, d], as the kernel
     if not return_lse:
         return out
     scores = qf @ kf.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
