@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._backend import device_of
+
 
 def write_cache(cache: torch.Tensor, idx: torch.Tensor, new: torch.Tensor) -> None:
     """``cache[b, idx[b, j]] = new[b, j]`` for every head, in place."""
@@ -33,22 +35,25 @@ def attention(
     log; -inf where no key is visible).
     """
     group = q.shape[2] // k.shape[2]
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    # Contiguous fp32 copies: torch's memory-efficient kernel finds no variant for some strided fp32 inputs.
+    qf, kf, vf = (t.float().transpose(1, 2).contiguous() for t in (q, k, v))
     # fp32 in, fp32 accumulation: torch's fused attention gives softmax(q k^T * scale) v without materialising the
     # [Lq, Lk] scores (the CPU path of every RAS step runs this reference).
     keys = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=keys, scale=scale, enable_gqa=group > 1)
+    with device_of(q):  # the fused kernels pick their variant by the current device's properties
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=keys, scale=scale, enable_gqa=group > 1)
     if mask is not None:
         # A query that sees no key gets zeros (the fused softmax of an all-masked row is NaN).
         out = torch.where(mask.any(dim=1)[:, None, None, None], out, 0.0)
-    out = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)  # [B, Lq, Hq, d], as the kernel
+    result = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)  # [B, Lq, Hq, d], as the kernel
+    result.copy_(out.transpose(1, 2))
     if not return_lse:
-        return out
+        return result
     scores = qf @ kf.repeat_interleave(group, dim=1).transpose(-1, -2) * scale
     if mask is not None:
         scores = scores.masked_fill(~keys, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return out, lse
+    return result, lse
 
 
 def cached_kv_attention(
