@@ -2,8 +2,9 @@
 
 Every time is the wall clock of the call users make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on the
 model family's diffusers pipeline (published scheduler) around a transformer with random weights (a tiny one on
-CPU; the published SD3-medium / Lumina-Next-SFT / Flux.1-dev layout on a CUDA GPU). Prompts are random embeddings of the
-published shapes: text encoding and VAE decoding, the same for dense and RAS, are outside the timed call. Each run:
+CPU; the published SD3-medium / Lumina-Next-SFT / Flux.1-dev / Wan 2.1 T2V 1.3B or 14B layout on a CUDA GPU). Prompts
+are random embeddings of the published shapes: text encoding and VAE decoding, the same for dense and RAS, are outside
+the timed call. Each run:
 one warm-up call (compiles, autotunes, captures every step shape's CUDA graph), then ``--repeats`` timed calls;
 min / median / max, speedups by median against the dense pipeline in the same process. Speed does not depend on
 weight values; the PSNR column says how far each RAS result lands from the dense result of the same seed
@@ -14,6 +15,8 @@ weight values; the PSNR column says how far each RAS result lands from the dense
                                                       # shipped trained model dense and with RAS, and a PNG grid
     python -m bench.e2e --model lumina --ratio 0.25   # Lumina-Next layout
     python -m bench.e2e --model flux --ratio 0.25 0.125 --taylorseer 3 5   # Flux.1-dev layout, diffusers' TaylorSeer
+    python -m bench.e2e --model wan --frames 81       # Wan 2.1 T2V 1.3B layout, 480x832, 81 frames, 50 steps
+    python -m bench.e2e --model wan-14b --frames 81 --resolution 720x1280   # Wan 2.1 T2V 14B layout
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
 
@@ -31,11 +34,13 @@ import torch
 from bench import demo_cpu
 from bench.common import resolve_dtype
 from bench.pipelines import (
+    LAYOUTS,
     Loop,
     build_pipeline,
     build_transformer,
     encode_prompt,
     family_of,
+    height_width,
     num_tokens,
     preset,
     prompt_inputs,
@@ -113,7 +118,7 @@ def table(results: list[Result], dense: Result) -> str:
 def _compiled_blocks(transformer) -> list:
     """Regional torch.compile of the transformer blocks (the repeated part, compiled once and reused by every block,
     as diffusers' ``compile_repeated_blocks`` does); returns the blocks to undo it with :func:`_uncompile`."""
-    names = ("transformer_blocks", "single_transformer_blocks", "layers")
+    names = ("transformer_blocks", "single_transformer_blocks", "layers", "blocks")
     blocks = [block for name in names for block in getattr(transformer, name, ())]
     for block in blocks:
         block.compile()
@@ -125,7 +130,7 @@ def _uncompile(blocks: list) -> None:
         block._compiled_call_impl = None
 
 
-def write_json(path: str, model: str, resolution: int, repeats: int, results: list[Result], dense: Result) -> None:
+def write_json(path: str, model: str, resolution, repeats: int, results: list[Result], dense: Result) -> None:
     """The table's numbers for bench.plot_e2e: one record per run, times in ms."""
     import diffusers
 
@@ -154,11 +159,18 @@ def write_json(path: str, model: str, resolution: int, repeats: int, results: li
 class Bench:
     """Dense, compiled and RAS runs of one pipeline at one size, each timed through ``pipe(...)``."""
 
-    def __init__(self, pipe, inputs: dict, *, size: int, steps: int, repeats: int, seed: int, loop: Loop | None):
-        self.pipe, self.inputs, self.size, self.steps = pipe, inputs, size, steps
+    def __init__(self, pipe, inputs: dict, *, size, steps: int, repeats: int, seed: int, loop: Loop | None,
+                 frames: int | None = None):  # fmt: skip
+        self.pipe, self.inputs, self.size, self.steps, self.frames = pipe, inputs, size, steps, frames
         self.repeats, self.seed, self.loop = repeats, seed, loop
         self.device = pipe._execution_device
-        self.n = num_tokens(pipe, size)
+        self.n = num_tokens(pipe, size, frames)
+
+    @property
+    def label(self) -> str:
+        """The generation's size, e.g. "1024x1024" or "480x832, 81 frames"."""
+        height, width = height_width(self.size)
+        return f"{height}x{width}" + (f", {self.frames} frames" if self.frames is not None else "")
 
     def measure(self, name: str, handle=None, config=None, *, loop: bool = True) -> Result:
         """One warm-up call, then the timed calls (peak memory over them) and, with ``--loop`` and ``loop``, the own
@@ -166,7 +178,7 @@ class Bench:
 
         def call(label: str):
             latents, wall_ms, step_ms = timed_call(
-                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed
+                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames
             )
             print(f"  {name}: {label} {wall_ms:.1f} ms", file=sys.stderr, flush=True)
             return latents, wall_ms, step_ms
@@ -222,11 +234,10 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
     device = bench.device
     compile_baseline = device.type == "cuda" if args.compile_baseline is None else args.compile_baseline
     graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.graphs if device.type == "cuda" else "off"]
-    batch = "batch 1 (distilled guidance)" if family == "flux" else "CFG batch 2"
+    batch = {"flux": "batch 1 (distilled guidance)", "wan": "CFG as two calls per step"}.get(family, "CFG batch 2")
     print(
-        f"{family}: {description}, {device}, {bench.pipe.transformer.dtype}, {bench.size}x{bench.size} ({bench.n} "
-        f"image tokens), {bench.steps} steps, {batch}; timed: {TIMED}; median of {args.repeats} after one "
-        "warm-up call",
+        f"{family}: {description}, {device}, {bench.pipe.transformer.dtype}, {bench.label} ({bench.n} image "
+        f"tokens), {bench.steps} steps, {batch}; timed: {TIMED}; median of {args.repeats} after one warm-up call",
         file=sys.stderr,
     )
     results, dense = bench.run(
@@ -238,20 +249,32 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
         write_json(args.json, family, bench.size, args.repeats, results, dense)
 
 
+def _video(family: str, args, full: bool) -> tuple[object, int | None]:
+    """The generation's size and frame count: images ``--resolution`` (default 1024 published, 256 tiny); Wan
+    ``--resolution`` (default 480x832 published, WanPipeline's default, 64x96 tiny) and ``--frames`` (default 81
+    published, 9 tiny)."""
+    if family != "wan":
+        return args.resolution or (1024 if full else 256), None
+    return args.resolution or ((480, 832) if full else (64, 96)), args.frames or (81 if full else 9)
+
+
 def run_random_weights(args) -> None:
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
     dtype = resolve_dtype(args.dtype, device)
-    size = args.resolution or (1024 if full else 256)
+    family = LAYOUTS[args.model][0]
+    size, frames = _video(family, args, full)
     transformer = build_transformer(args.model, full, device, dtype)
     pipe = build_pipeline(transformer)
-    n = num_tokens(pipe, size)
-    configs = [preset(args.model, args.steps, r, n, args.schedule) for r in args.ratio]
+    n = num_tokens(pipe, size, frames)
+    configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
     steps = configs[0].num_steps
-    loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed) if args.loop and args.model != "flux" else None
+    loop = None
+    if args.loop and family in ("sd3", "lumina"):  # Flux and Wan: pipe(...) only
+        loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed)
     inputs = prompt_inputs(transformer, 1, args.seed)
-    bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=loop)
-    _report(args, bench, args.model, configs, f"{'published' if full else 'tiny'} config, random weights")
+    bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=loop, frames=frames)
+    _report(args, bench, family, configs, f"{args.model}, {'published' if full else 'tiny'} config, random weights")
 
 
 def run_pretrained(args) -> None:
@@ -262,18 +285,32 @@ def run_pretrained(args) -> None:
     pipe = DiffusionPipeline.from_pretrained(args.pretrained, dtype=dtype, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe.transformer)
-    size = args.resolution or 1024
-    n = num_tokens(pipe, size)
+    size, frames = _video(family, args, True)
+    n = num_tokens(pipe, size, frames)
     configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
     with torch.no_grad():
         inputs = encode_prompt(pipe, args.prompt)
-    bench = Bench(pipe, inputs, size=size, steps=configs[0].num_steps, repeats=args.repeats, seed=args.seed, loop=None)
+    steps = configs[0].num_steps
+    bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=None, frames=frames)
     _report(args, bench, family, configs, f"{args.pretrained} (prompt {args.prompt!r})")
+
+
+def _resolution(text: str) -> int | tuple[int, int]:
+    """``--resolution``: a side ("1024") or HEIGHTxWIDTH ("480x832")."""
+    sides = [int(side) for side in text.lower().split("x")]
+    if len(sides) > 2 or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"expected a side or HEIGHTxWIDTH, got {text!r}")
+    return sides[0] if len(sides) == 1 else tuple(sides)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("sd3", "lumina", "flux"), default="sd3", help="model family (default sd3)")
+    parser.add_argument(
+        "--model",
+        choices=tuple(LAYOUTS),
+        default="sd3",
+        help="model layout (default sd3; wan: Wan 2.1 T2V 1.3B, wan-14b: 14B, the layout of each Wan 2.2 A14B expert)",
+    )
     parser.add_argument(
         "--ratio",
         type=float,
@@ -282,12 +319,18 @@ def main(argv: list[str] | None = None) -> None:
         help="RAS sample ratios to compare with dense (default 1.0 0.5 0.25 0.125; 1.0 runs every token through "
         "the RAS path)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the preset's 28 / 30 / 50 for Wan)"
+    )
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=_resolution,
         default=None,
-        help="image side in pixels, latent = resolution / 8 (default 1024 on GPU, 256 on CPU)",
+        help="image side in pixels, or HEIGHTxWIDTH; latent = resolution / 8 (default 1024 on GPU, 256 on CPU; Wan "
+        "480x832 on GPU, 64x96 on CPU)",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=None, help="Wan: frames per video, 4k + 1 (default 81 on GPU, 9 on CPU)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed pipe(...) calls per run (default 3)")
     parser.add_argument(
@@ -341,8 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in args.ratio:
         if not 0 < r <= 1:
             parser.error(f"--ratio values must be in (0, 1], got {r}")
-    if args.resolution is not None and args.resolution % 16:
+    if args.resolution is not None and any(side % 16 for side in height_width(args.resolution)):
         parser.error(f"--resolution must be a multiple of 16, got {args.resolution}")
+    if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1 or LAYOUTS[args.model][0] != "wan"):
+        parser.error(f"--frames (Wan only) must be 4k + 1, got {args.frames}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.pretrained:

@@ -2,9 +2,11 @@
 
 Every speed number of ``bench.e2e``, ``bench.first_call`` and ``bench.soak`` is the wall-clock time of the call users
 make, ``pipe(prompt_embeds=..., ..., output_type="latent")``, on a ``StableDiffusion3Pipeline`` / ``LuminaPipeline``
-/ ``FluxPipeline`` built around the transformer (published layout, random weights: speed does not depend on weight
-values) with the published scheduler and no text encoders, tokenizers or VAE. Prompts come as random embeddings of
-the published shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every timed call.
+/ ``FluxPipeline`` / ``WanPipeline`` built around the transformer (published layout, random weights: speed does not
+depend on weight values) with the published scheduler and no text encoders, tokenizers or VAE. Prompts come as random
+embeddings of the published shapes, so text encoding and VAE decoding, the same for dense and RAS, are outside every
+timed call. A generation's ``size`` is the image side (``height = width``) or ``(height, width)``; Wan takes
+``frames`` too (WanPipeline without a VAE uses the Wan VAE's factors: 4 in time, 8 in space).
 
 ``Loop`` is the benches' own CFG sampling loop over the bare transformer, for step profiles and as a cross-check
 (SD3 and Lumina-Next).
@@ -98,13 +100,41 @@ FLUX_TINY = dict(
     guidance_embeds=True,
     axes_dims_rope=(8, 12, 12),
 )
+# Wan 2.1 T2V 1.3B and 14B (diffusers' convert_wan_to_diffusers.py configs); Wan 2.2 A14B's two experts each have the
+# 14B layout.
+WAN_2_1_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+WAN_2_1_14B = dict(WAN_2_1_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+WAN_TINY = dict(WAN_2_1_1_3B, num_attention_heads=4, attention_head_dim=32, text_dim=64, freq_dim=64, ffn_dim=256,
+                num_layers=4)  # fmt: skip
+# bench model name -> (family, published layout, tiny layout)
+LAYOUTS = {
+    "sd3": ("sd3", SD3_MEDIUM, SD3_TINY),
+    "lumina": ("lumina", LUMINA_NEXT_SFT, LUMINA_TINY),
+    "flux": ("flux", FLUX_DEV, FLUX_TINY),
+    "wan": ("wan", WAN_2_1_1_3B, WAN_TINY),
+    "wan-14b": ("wan", WAN_2_1_14B, WAN_TINY),
+}
 # Text tokens per prompt: SD3 77 CLIP + 256 T5 (joint dim 4096, pooled 2048); Lumina-Next 256 Gemma-2B tokens;
-# Flux.1-dev 512 T5 tokens (pooled CLIP 768).
-TEXT_TOKENS = {"sd3": 333, "lumina": 256, "flux": 512}
+# Flux.1-dev 512 T5 tokens (pooled CLIP 768); Wan 512 umT5 tokens.
+TEXT_TOKENS = {"sd3": 333, "lumina": 256, "flux": 512, "wan": 512}
 NEGATIVE_TOKENS = 64  # Lumina's negative prompt: its caption mask keeps this many of the 256 tokens
-# The published scheduler configs (FlowMatchEulerDiscreteScheduler): shift 3.0 for SD3-medium, the default for
+# The published scheduler configs: FlowMatchEulerDiscreteScheduler with shift 3.0 for SD3-medium, the default for
 # Lumina-Next-SFT (diffusers' conversion script builds FlowMatchEulerDiscreteScheduler()), resolution-dependent shift
-# for Flux.1-dev.
+# for Flux.1-dev; UniPCMultistepScheduler with flow prediction and shift 3.0 for Wan 2.1 T2V (diffusers' conversion
+# script; 5.0 is the recommendation for 720p).
 SCHEDULERS = {
     "sd3": dict(shift=3.0),
     "lumina": dict(),
@@ -112,40 +142,56 @@ SCHEDULERS = {
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
     ),
+    "wan": dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0),
 }  # fmt: skip
-# guidance_scale: classifier-free guidance for SD3 and Lumina (batch [uncond, cond]); Flux.1-dev's distilled guidance
-# (one call per step, batch = prompts).
-GUIDANCE = {"sd3": 5.0, "lumina": 5.0, "flux": 3.5}
-FAMILIES = {"SD3Transformer2DModel": "sd3", "LuminaNextDiT2DModel": "lumina", "FluxTransformer2DModel": "flux"}
+# guidance_scale: classifier-free guidance for SD3 and Lumina (batch [uncond, cond]) and Wan (two calls per step);
+# Flux.1-dev's distilled guidance (one call per step, batch = prompts).
+GUIDANCE = {"sd3": 5.0, "lumina": 5.0, "flux": 3.5, "wan": 5.0}
+FAMILIES = {
+    "SD3Transformer2DModel": "sd3",
+    "LuminaNextDiT2DModel": "lumina",
+    "FluxTransformer2DModel": "flux",
+    "WanTransformer3DModel": "wan",
+}
 
 
 def family_of(transformer) -> str:
     return FAMILIES[type(transformer).__name__]
 
 
-def build_transformer(family: str, full: bool, device, dtype):
-    """The published layout (``full``) or a tiny one, random weights."""
-    from diffusers import FluxTransformer2DModel, LuminaNextDiT2DModel, SD3Transformer2DModel
+def build_transformer(model: str, full: bool, device, dtype):
+    """The published layout (``full``) or a tiny one of a bench model (a key of ``LAYOUTS``), random weights."""
+    import diffusers
 
-    cls, config = {
-        "sd3": (SD3Transformer2DModel, SD3_MEDIUM if full else SD3_TINY),
-        "lumina": (LuminaNextDiT2DModel, LUMINA_NEXT_SFT if full else LUMINA_TINY),
-        "flux": (FluxTransformer2DModel, FLUX_DEV if full else FLUX_TINY),
-    }[family]
+    family, published, tiny = LAYOUTS[model]
+    cls = getattr(diffusers, next(name for name, f in FAMILIES.items() if f == family))
     with torch.device(device):
-        model = cls(**config)
+        transformer = cls(**(published if full else tiny))
     if family == "lumina":
         with torch.no_grad():
-            model.pad_token.normal_()  # created uninitialised by diffusers
-    return model.to(dtype).eval()
+            transformer.pad_token.normal_()  # created uninitialised by diffusers
+    # The model's fp32 modules (Wan: RoPE, time embedder, modulation tables, norms) stay fp32, as from_pretrained with
+    # a torch_dtype keeps them.
+    keep = set(transformer._keep_in_fp32_modules or ())
+    for name, tensor in itertools.chain(transformer.named_parameters(), transformer.named_buffers()):
+        tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    return transformer.eval()
 
 
 def build_pipeline(transformer):
     """The family's pipeline around ``transformer``: published scheduler, no text encoders, tokenizers or VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, LuminaPipeline, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        LuminaPipeline,
+        StableDiffusion3Pipeline,
+        UniPCMultistepScheduler,
+        WanPipeline,
+    )
 
     family = family_of(transformer)
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULERS[family])
+    scheduler_class = UniPCMultistepScheduler if family == "wan" else FlowMatchEulerDiscreteScheduler
+    scheduler = scheduler_class(**SCHEDULERS[family])
     none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
     if family == "sd3":
         pipe = StableDiffusion3Pipeline(
@@ -153,6 +199,8 @@ def build_pipeline(transformer):
         )
     elif family == "flux":
         pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **none)
+    elif family == "wan":
+        pipe = WanPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
     else:
         pipe = LuminaPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
@@ -183,6 +231,11 @@ def prompt_inputs(transformer, prompts: int, seed: int) -> dict[str, torch.Tenso
             "prompt_embeds": randn(prompts, t, cfg.joint_attention_dim),
             "pooled_prompt_embeds": randn(prompts, cfg.pooled_projection_dim),
         }
+    if family == "wan":
+        return {
+            "prompt_embeds": randn(prompts, t, cfg.text_dim),
+            "negative_prompt_embeds": randn(prompts, t, cfg.text_dim),
+        }
     negative_mask = torch.zeros(prompts, t, dtype=torch.int64, device=device)
     negative_mask[:, :NEGATIVE_TOKENS] = 1
     return {
@@ -201,6 +254,9 @@ def encode_prompt(pipe, prompt: str) -> dict[str, torch.Tensor]:
     if family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, device=device)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if family == "wan":
+        embeds, negative = pipe.encode_prompt(prompt, "", do_classifier_free_guidance=True, device=device)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
     if family == "sd3":
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt, prompt, prompt, device=device, do_classifier_free_guidance=True
@@ -223,7 +279,7 @@ def encode_prompt(pipe, prompt: str) -> dict[str, torch.Tensor]:
 def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedule: str | None = None) -> RASConfig:
     """The family's preset; other step counts move the resets proportionally, and the dynamic schedule's
     token steps (tuned for N = 4096) scale with N so the active share still falls from ~69% to ~31%."""
-    base = {"sd3": RASConfig.sd3, "lumina": RASConfig.lumina_next, "flux": RASConfig.flux}[family]
+    base = {"sd3": RASConfig.sd3, "lumina": RASConfig.lumina_next, "flux": RASConfig.flux, "wan": RASConfig.wan}[family]
     overrides = {} if schedule is None else {"schedule": schedule}
     config = base(sample_ratio=ratio, **overrides)
     if steps is not None and steps != config.num_steps:
@@ -241,25 +297,43 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedu
     return base(sample_ratio=ratio, **overrides)
 
 
-def num_tokens(pipe, size: int) -> int:
-    """Image tokens of a ``size`` x ``size`` generation (FluxPipeline packs 2x2 latent patches into a token)."""
-    patch = 2 if family_of(pipe.transformer) == "flux" else pipe.transformer.config.patch_size
-    return (size // pipe.vae_scale_factor // patch) ** 2
+def height_width(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a generation ``size``: an image side or (height, width)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def generate(pipe, inputs: dict, *, steps: int, size: int, seed: int, callback=None) -> torch.Tensor:
-    """One ``pipe(...)`` call at ``size`` x ``size``; the final latents."""
+def num_tokens(pipe, size: int | tuple[int, int], frames: int | None = None) -> int:
+    """Image tokens of a generation at ``size`` (FluxPipeline packs 2x2 latent patches into a token; Wan: the tokens
+    of all ``frames`` // 4 + 1 latent frames, one per 1x2x2 latent patch)."""
+    height, width = height_width(size)
+    family = family_of(pipe.transformer)
+    if family == "wan":
+        _, ph, pw = pipe.transformer.config.patch_size
+        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+        spatial = pipe.vae_scale_factor_spatial
+        return latent_frames * (height // spatial // ph) * (width // spatial // pw)
+    patch = 2 if family == "flux" else pipe.transformer.config.patch_size
+    return (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+
+
+def generate(pipe, inputs: dict, *, steps: int, size, seed: int, callback=None, frames: int | None = None):
+    """One ``pipe(...)`` call at ``size`` (Wan: of ``frames`` frames); the final latents."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(
+    family = family_of(pipe.transformer)
+    height, width = height_width(size)
+    video = {"num_frames": frames} if family == "wan" else {}
+    out = pipe(
         **inputs,
+        **video,
         num_inference_steps=steps,
-        height=size,
-        width=size,
-        guidance_scale=GUIDANCE[family_of(pipe.transformer)],
+        height=height,
+        width=width,
+        guidance_scale=GUIDANCE[family],
         output_type="latent",
         generator=generator,
         callback_on_step_end=callback,
-    ).images
+    )
+    return out.frames if family == "wan" else out.images
 
 
 def synchronize(device: torch.device) -> None:
@@ -294,7 +368,7 @@ class StepClock:
         return [(b - a) * 1e3 for a, b in itertools.pairwise(self.marks)]
 
 
-def timed_call(pipe, inputs: dict, *, steps: int, size: int, seed: int) -> tuple[torch.Tensor, float, list[float]]:
+def timed_call(pipe, inputs: dict, *, steps: int, size, seed: int, frames: int | None = None):
     """One ``pipe(...)`` call: its latents, its wall-clock milliseconds (device synchronised before and after) and
     its per-step milliseconds."""
     device = pipe._execution_device
@@ -302,7 +376,7 @@ def timed_call(pipe, inputs: dict, *, steps: int, size: int, seed: int) -> tuple
     synchronize(device)
     start = time.perf_counter()
     clock.mark()
-    latents = generate(pipe, inputs, steps=steps, size=size, seed=seed, callback=clock)
+    latents = generate(pipe, inputs, steps=steps, size=size, seed=seed, callback=clock, frames=frames)
     synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3
     return latents, wall_ms, clock.step_ms()
@@ -314,8 +388,8 @@ class Loop:
 
     def __init__(self, transformer, latent: int, seed: int):
         self.family, self.transformer, self.device = family_of(transformer), transformer, transformer.device
-        if self.family == "flux":
-            raise ValueError("the own loop covers SD3 and Lumina-Next; time Flux through pipe(...) alone")
+        if self.family in ("flux", "wan"):
+            raise ValueError(f"the own loop covers SD3 and Lumina-Next; time {self.family} through pipe(...) alone")
         cfg = transformer.config
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.noise = torch.randn(1, cfg.in_channels, latent, latent, generator=g).to(self.device, transformer.dtype)

@@ -48,11 +48,13 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
     attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise.
 
     Args:
-        target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``
-            or ``FluxPipeline``/``FluxTransformer2DModel`` (any pipeline whose ``transformer`` is one of these), or a
-            transformer class registered with :func:`register_adapter` (or a pipeline holding one).
+        target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``,
+            ``FluxPipeline``/``FluxTransformer2DModel`` or ``WanPipeline``/``WanImageToVideoPipeline``/
+            ``WanTransformer3DModel`` (any pipeline whose ``transformer`` is one of these; a Wan 2.2 pipeline's
+            ``transformer_2`` is patched too, and restored by the same ``remove()``), or a transformer class
+            registered with :func:`register_adapter` (or a pipeline holding one).
         config: the settings; default: the model family's preset (``RASConfig.sd3()`` / ``RASConfig.lumina_next()`` /
-            ``RASConfig.flux()``; a registered adapter's ``preset``).
+            ``RASConfig.flux()`` / ``RASConfig.wan()``; a registered adapter's ``preset``).
         cuda_graphs: capture each distinct step shape of a CUDA, no-grad run in a CUDA graph and replay it (removes
             the launch and host overhead that dominates low-ratio steps); the caches are then reused across
             generations and freed by ``remove()``. ``False`` runs every step eagerly and frees the caches when each

@@ -12,16 +12,20 @@ A :class:`ModelAdapter` subclass names, for one transformer class:
   output cache so that the model sees all N rows [B, N, F] after it;
 - optionally fused block forwards (``fused_blocks``: block path -> forward, and ``check_fused``): the same maths
   with the per-token work in fused kernels, a speed layer over the points above;
-- the forward arguments RAS refuses (``unsupported``) and a per-call hook (``begin_call``).
+- the forward arguments RAS refuses (``unsupported``) and a per-call hook (``begin_call``);
+- whether the pipelines name each transformer call with diffusers' ``cache_context`` (``cache_context_calls``: CFG as
+  two calls per step, "cond" and "uncond", each with its own caches), and a hook for the pipeline
+  (``patch_pipeline``, e.g. Wan 2.2's second expert).
 
 Every family runs the same RAS semantics, held by :class:`~ras_models.session.RASSession`: gather, cached-K/V
 attention (``session.attend``), scatter, and the selection of the next step's tokens. ``install`` patches one
 instance through the handle (reversibly), in this order: checks, processors, fused block forwards, gather / rope /
-scatter points, the adapter's own extra patches, the model's ``forward``.
+scatter points, the adapter's own extra patches (and ``cache_context``), the model's ``forward``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -97,11 +101,17 @@ class ModelAdapter:
     unsupported: ClassVar[dict[str, str]] = {}  # forward argument -> why RAS refuses it when it is not None
     # For models whose output is packed tokens: maps the guided output to latents [P, C, H, W] (see RASHandle).
     to_latents: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The pipelines run the transformer under ``transformer.cache_context(name)`` (diffusers' CacheMixin; "cond" /
+    # "uncond" when CFG is two calls per step): install keeps the running call's name in ``self.context`` (for
+    # ``begin_call`` to pass as ``call``: each call its own caches) and refuses diffusers' caches, which skip blocks
+    # on their own schedule (at apply time and at every call).
+    cache_context_calls: ClassVar[bool] = False
 
     def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
         self.handle = handle
         self.session = handle.session
         self.transformer = transformer
+        self.context = None  # the cache context the transformer runs under now (with cache_context_calls)
 
     @classmethod
     def patch_size(cls, transformer: torch.nn.Module) -> int:
@@ -140,6 +150,23 @@ class ModelAdapter:
     def patch_more(self) -> None:
         """Further patches through ``self.handle`` (made after the declared points, before the model's forward)."""
 
+    def patch_pipeline(self, pipe: object) -> None:
+        """With a pipeline: called with it once the transformer is patched, before the pipeline is hooked; patch
+        more of it here (through handles whose ``remove`` ``self.handle.on_remove`` runs). Nothing by default."""
+
+    def _check_no_cache(self) -> None:
+        if self.transformer.is_cache_enabled:
+            raise ValueError("RAS does not compose with diffusers' caches; call transformer.disable_cache() first")
+
+    def _cache_context(self, original, name, *args, **kwargs):
+        """``transformer.cache_context(name, ...)`` that also keeps ``name`` in ``self.context`` while it runs."""
+        with original(name, *args, **kwargs):
+            outer, self.context = self.context, name
+            try:
+                yield
+            finally:
+                self.context = outer
+
 
 def _pattern(path: str) -> re.Pattern:
     """A module path with ``*`` for any one component, as a regex."""
@@ -165,6 +192,8 @@ def install(adapter: ModelAdapter) -> None:
     """
     handle, transformer, session = adapter.handle, adapter.transformer, adapter.session
     adapter.check()
+    if adapter.cache_context_calls:
+        adapter._check_no_cache()
     specs = adapter.attention
     modules = _modules(transformer, [spec.path for spec in specs])
     if not modules:
@@ -192,7 +221,10 @@ def install(adapter: ModelAdapter) -> None:
         handle.wrap_method(handle.watch(adapter.rope_at), "forward", adapter.rope)
     handle.wrap_method(handle.watch(adapter.scatter_at), "forward", adapter.scatter)
     adapter.patch_more()
+    if adapter.cache_context_calls:
+        handle.wrap_method(transformer, "cache_context", contextlib.contextmanager(adapter._cache_context))
     handle.to_latents = adapter.to_latents
+    handle.on_pipeline = adapter.patch_pipeline
 
     signature = inspect.signature(transformer.forward)
 
@@ -201,6 +233,8 @@ def install(adapter: ModelAdapter) -> None:
         for name, reason in adapter.unsupported.items():
             if bound.arguments.get(name) is not None:
                 raise ValueError(f"RAS does not support {name} ({reason})")
+        if adapter.cache_context_calls:
+            adapter._check_no_cache()
         extra = adapter.begin_call(bound.arguments)
         return handle.run_step(original, *bound.args, **bound.kwargs, **extra)
 
@@ -243,11 +277,12 @@ def _builtin() -> tuple[type[ModelAdapter], ...]:
         from .flux import FluxAdapter
         from .lumina import LuminaAdapter
         from .sd3 import SD3Adapter
+        from .wan import WanAdapter
     except ImportError as err:
         raise ImportError(
             "apply_ras needs diffusers and einops: pip install 'ras-kernels[models]' (ras_kernels alone needs neither)"
         ) from err
-    return SD3Adapter, LuminaAdapter, FluxAdapter
+    return SD3Adapter, LuminaAdapter, FluxAdapter, WanAdapter
 
 
 def registry() -> dict[type, type[ModelAdapter]]:

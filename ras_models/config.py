@@ -102,6 +102,18 @@ class RASConfig:
         return replace(base, **overrides)
 
     @classmethod
+    def wan(cls, **overrides) -> RASConfig:
+        """Wan 2.1 / 2.2 video: 50 steps (WanPipeline's default), 7 warm-up, resets at 21 and 36, static
+        sample_ratio 0.25. This is the reference schedule (4 warm-up steps, resets at 12 and 20 of 28) moved to 50
+        steps in proportion: a flow-matching sampler's steps split the same trajectory into more, smaller pieces, so
+        the dense steps stay at the same points of it (warm-up over its first 1/7, the resets after 3/7 and 5/7) and
+        the error that RAS steps accumulate between two resets spans the same stretch of it (the proportional
+        values are 7.1, 21.4 and 35.7, rounded). Dense steps are then 9 of 50 (18%, the reference 6 of 28: 21%); on
+        Wan 2.2 A14B the second expert's first step is dense too. No Wan quality study has tuned it yet."""
+        base = cls(sample_ratio=0.25, num_steps=50, warmup_steps=7, reset_steps=(21, 36))
+        return replace(base, **overrides)
+
+    @classmethod
     def lumina_next(cls, **overrides) -> RASConfig:
         """Lumina-Next example: 30 steps, 4 warm-up, resets at 12 and 22, dynamic 256 tokens per 4 steps."""
         base = cls(num_steps=30, warmup_steps=4, reset_steps=(12, 22), schedule="dynamic", high_ratio=1.0)

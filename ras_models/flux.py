@@ -11,14 +11,12 @@ image rows, one row per head for the fused QK-norm + RoPE), every joint attentio
 image queries over the text keys and the layer's whole-image K/V cache; single-stream: the same for the block's
 concatenated [text; active image] rows), the scatter point ``proj_out``, fused block forwards (the same maths with the
 elementwise work fused: LayerNorm + modulation, gate + residual + LayerNorm + modulation, QK RMS-norm + RoPE; the
-single-stream output projection without the [attention, MLP] concatenation), and ``cache_context`` (names the call:
-with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their own caches and compute the step's one
-active set). The K/V caches hold image keys after QK-norm and RoPE.
+single-stream output projection without the [attention, MLP] concatenation), and ``cache_context_calls`` (the call
+names: with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their own caches and compute the
+step's one active set). The K/V caches hold image keys after QK-norm and RoPE.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,6 @@ from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
 from .adapter import Attention, ModelAdapter, RASProcessor
 from .config import RASConfig
-from .handle import RASHandle
 
 TOKEN_PATCH = 2  # one token is a 2x2 patch of the unpacked latent
 
@@ -185,10 +182,7 @@ class FluxAdapter(ModelAdapter):
     unsupported = dict.fromkeys(
         ("controlnet_block_samples", "controlnet_single_block_samples"), "ControlNet residuals cover every image token"
     )
-
-    def __init__(self, handle: RASHandle, transformer: torch.nn.Module):
-        super().__init__(handle, transformer)
-        self.call = None  # the cache context ("cond" / "uncond") the pipeline runs the transformer under
+    cache_context_calls = True
 
     def check(self) -> None:
         if self.transformer.config.patch_size != 1:
@@ -196,11 +190,6 @@ class FluxAdapter(ModelAdapter):
                 "RAS supports Flux with patch_size 1 on FluxPipeline's packed 2x2 tokens, got "
                 f"{self.transformer.config.patch_size}"
             )
-        self._check_no_cache()
-
-    def _check_no_cache(self) -> None:
-        if self.transformer.is_cache_enabled:
-            raise ValueError("RAS does not compose with diffusers' caches; call transformer.disable_cache() first")
 
     def gather(self, original, x):
         return original(self.session.gather(x))  # the embedding is per token: gather its inputs, the narrower rows
@@ -217,24 +206,12 @@ class FluxAdapter(ModelAdapter):
         return rows[:, :, None].expand(-1, -1, heads, -1).flatten(1, 2)
 
     def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
-        self._check_no_cache()
         session, tokens = self.session, arguments["hidden_states"].shape[1]
         if session.shape_key is None or tokens != session.num_tokens:  # once per generation
             size = _latent_size(arguments.get("img_ids"), tokens)
         else:
             size = session.shape_key[1:3]
-        return {"latent_size": size, "call": self.call}
-
-    def patch_more(self) -> None:
-        self.handle.wrap_method(self.transformer, "cache_context", contextlib.contextmanager(self._cache_context))
-
-    def _cache_context(self, original, name, *args, **kwargs):
-        with original(name, *args, **kwargs):
-            outer, self.call = self.call, name
-            try:
-                yield
-            finally:
-                self.call = outer
+        return {"latent_size": size, "call": self.context}
 
     def to_latents(self, guided: torch.Tensor) -> torch.Tensor:
         """The packed guided output [P, N, C * 4] as latents [P, C, H, W]."""

@@ -82,10 +82,15 @@ class RASHandle:
         self._patches = _Patches()
         self._on_remove: list = []  # callbacks remove() runs, last registered first
         self._watched: list[tuple] = []  # (path, parent, attribute, module) that check() requires in place
-        self._weights: tuple[int, ...] | None = None  # parameter/buffer addresses the graphs were captured with
+        # Parameter/buffer addresses the graphs were captured with (none yet: those of now, so that a second handle
+        # sharing one set of graphs, Wan 2.2's second expert, does not drop the first's at its first step).
+        self._weights = self._weight_addresses()
         # Adapters of models whose output is packed tokens (Flux) set this: it maps the output handed to
         # scheduler.step (or to observe) to the latents [P, C, H, W] that select the next step's tokens.
         self.to_latents = None
+        # Adapters that patch more of a pipeline than its transformer (Wan 2.2's second expert) set this:
+        # hook_pipeline calls it with the pipeline first.
+        self.on_pipeline = None
 
     def run_step(self, forward, hidden_states: torch.Tensor, *args, latent_size=None, call=None, **kwargs):
         """One transformer call: begin the step, then run ``forward`` eagerly or through its CUDA graph.
@@ -108,7 +113,7 @@ class RASHandle:
         h, w = hidden_states.shape[2:] if latent_size is None else latent_size
         self.session.begin_step(b, h, w, hidden_states.device, call)  # raises before changing any state
         try:
-            if self.graphs is not None and self.session.step == 0:
+            if self.graphs is not None and self.session.new_call:  # a call's first step in the generation
                 self._drop_stale_graphs()
             if not graphed:
                 return forward(hidden_states, *args, **kwargs)
@@ -124,15 +129,18 @@ class RASHandle:
         return self.graphs is not None and hidden_states.is_cuda and not torch.is_grad_enabled()
 
     def _drop_stale_graphs(self) -> None:
-        """At a generation's start: drop the graphs of shapes whose buffers the session freed (least recently used
-        beyond ``max_shapes``), and every graph if the weights moved since capture (a captured graph reads them by
-        address: ``enable_model_cpu_offload`` or ``pipe.to(...)`` moves them between calls)."""
-        model = self.model
-        weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        """At a call's first step in a generation (for one model: step 0; Wan 2.2's second expert: its first step):
+        drop the graphs of shapes whose buffers the session freed (least recently used beyond ``max_shapes``), and
+        every graph if the weights moved since capture (a captured graph reads them by address:
+        ``enable_model_cpu_offload`` or ``pipe.to(...)`` moves them between calls)."""
+        weights = self._weight_addresses()
         if weights != self._weights:
             self.graphs.clear()
             self._weights = weights
         self.graphs.keep_only(self.session.held_shapes)
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers()))
 
     def check(self) -> None:
         """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
@@ -199,6 +207,8 @@ class RASHandle:
         cls = type(pipe)
         if getattr(cls, "_ras_pipeline", False):
             raise RuntimeError("RAS is already applied to this pipeline; call remove() on its handle first")
+        if self.on_pipeline is not None:
+            self.on_pipeline(pipe)
 
         @functools.wraps(cls.__call__)
         def __call__(pipe_self, *args, **kwargs):

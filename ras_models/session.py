@@ -71,7 +71,9 @@ class RASSession:
         self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
         self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
         self.call: object = None  # the transformer call now running (begin_step's ``call``)
+        self.new_call = False  # whether that call runs for the first time in this generation
         self._calls: set = set()  # the calls begun in the current step
+        self._seen: set = set()  # the calls begun in this generation
         if self.counters is not None:
             self.counters.zero_()
         if not self.keep_buffers:
@@ -131,7 +133,11 @@ class RASSession:
 
         ``call`` (hashable) names one of several transformer calls a step makes, e.g. diffusers' cache context
         ``"cond"`` / ``"uncond"`` when a pipeline runs CFG as separate calls: each call has its own K/V and output
-        caches, and all of them compute the step's one active set. Raises before changing any state, so a refused
+        caches, and all of them compute the step's one active set. A call that first runs at a RAS step (e.g. the
+        second expert of Wan 2.2, named by the adapter in its calls) has no caches to reuse yet, so that step
+        computes every token: the active set chosen for it is dropped and the starvation counters are put back as
+        they were before that choice (no token was dropped), so the next step's set is chosen by the same rule as
+        after any dense step. Such a call must be its step's first. Raises before changing any state, so a refused
         call leaves the generation as it was.
         """
         cfg, p = self.config, self.patch_size
@@ -147,6 +153,12 @@ class RASSession:
             raise RuntimeError(
                 f"the transformer ran twice at step {self.step} (call {call!r}) without observe() between: call "
                 "observe(guided) after each step (apply_ras on a pipeline does this through its scheduler)"
+            )
+        first_run = call not in self._seen
+        if first_run and self._calls and self.active is not None:
+            raise RuntimeError(
+                f"call {call!r} first runs at RAS step {self.step}, after another call of that step: it has no "
+                "caches to reuse, and the step's calls must share one active set (a new call must begin its step)"
             )
         if self.step >= cfg.num_steps:
             raise RuntimeError(
@@ -168,6 +180,8 @@ class RASSession:
                 f"transformer batch or device changed within a generation ({self.shape_key[0]} on "
                 f"{self.shape_key[3]} -> {batch} on {device})"
             )
+        if first_run and self.active is not None:
+            self._drop_selection()
         k = n if self.active is None else self.active.shape[1]  # observe() checked that its P prompts divide batch
         if self.shape_key is None:
             self.num_tokens, self.schedule, self.shape_key = n, schedule, shape_key
@@ -181,8 +195,15 @@ class RASSession:
             # In place: a captured step graph reads this buffer.
             index.view(batch // prompts, prompts, k).copy_(self.active.expand(batch // prompts, prompts, k))
         self.batch_index = index
-        self.call = call
+        self.call, self.new_call = call, first_run
         self._calls.add(call)
+        self._seen.add(call)
+
+    def _drop_selection(self) -> None:
+        """Make the current step dense and undo its selection's counter update (+1 for every token it dropped)."""
+        dropped = torch.ones_like(self.counters, dtype=torch.bool).scatter_(1, self.active, False)
+        self.counters -= dropped.to(self.counters.dtype)
+        self.active = None
 
     def _check_rows(self, name: str, t: object, ndim: int, rows: int) -> None:
         """``t`` must be a tensor [B, rows, ...] with this step's batch B."""

@@ -206,3 +206,69 @@ def tiny_flux_pipeline(*, guidance_embeds: bool = False):
         tokenizer_2=None,
         transformer=tiny_flux_transformer(guidance_embeds=guidance_embeds),
     )
+
+
+def tiny_wan_transformer(*, in_channels: int = 4, image_dim: int | None = None, num_layers: int = 2):
+    """Wan 2.1 layout: 2 heads x 16 (3-axis RoPE over frames, rows, columns: 8 + 4 + 4 channels), QK RMS-norm across
+    heads, cross-attention norm, patch (1, 2, 2). With ``image_dim``, the I2V layout: image-embedding keys in every
+    cross-attention (``in_channels`` then counts the condition channels WanImageToVideoPipeline concatenates)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=in_channels,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        image_dim=image_dim,
+        added_kv_proj_dim=32 if image_dim is not None else None,
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def _wan_scheduler():
+    """Wan's published scheduler (UniPC, flow prediction, shift 3)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def tiny_wan_pipeline(*, experts: int = 1, boundary_ratio: float = 0.875):
+    """WanPipeline without text encoder, tokenizer or VAE (pass prompt_embeds [P, L, 16] and, with CFG,
+    negative_prompt_embeds; output_type="latent": the default vae factors 4 / 8 make 9 frames of 64 x 96 a latent of
+    3 x 8 x 12, 3 x 4 x 6 tokens). ``experts=2``: the Wan 2.2 A14B layout, ``transformer_2`` after the boundary."""
+    from diffusers import WanPipeline
+
+    second = {"transformer_2": tiny_wan_transformer(), "boundary_ratio": boundary_ratio} if experts == 2 else {}
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, scheduler=_wan_scheduler(), transformer=tiny_wan_transformer(),
+        **second,
+    )  # fmt: skip
+
+
+def tiny_wan_i2v_pipeline():
+    """WanImageToVideoPipeline (Wan 2.1 I2V layout) with a tiny Wan VAE (4 latent channels), a tiny CLIP vision
+    encoder (5 image tokens of width 8) and no text encoder: pass prompt_embeds [P, 512, 16] (the I2V attention
+    splits the image keys off at 512 text tokens) and an image."""
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4, latents_std=[1.0] * 4
+    ).eval()
+    vision = CLIPVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    return WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=_wan_scheduler(),
+        image_encoder=CLIPVisionModel(vision).eval(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        transformer=tiny_wan_transformer(in_channels=4 + 4 + 4, image_dim=8),  # latents, frame mask, condition
+    )

@@ -280,7 +280,12 @@ def test_step_count_mismatch_raises(torch_backend):
 def test_unsupported_model_raises():
     with pytest.raises(TypeError, match="SD3Transformer2DModel"):
         apply_ras(torch.nn.Linear(2, 2))
-    assert set(supported_models()) == {"SD3Transformer2DModel", "LuminaNextDiT2DModel", "FluxTransformer2DModel"}
+    assert set(supported_models()) == {
+        "SD3Transformer2DModel",
+        "LuminaNextDiT2DModel",
+        "FluxTransformer2DModel",
+        "WanTransformer3DModel",
+    }
 
 
 def test_apply_twice_raises(torch_backend):

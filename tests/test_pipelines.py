@@ -9,7 +9,7 @@ import gc
 import pytest
 import torch
 
-from bench import pipelines, soak
+from bench import e2e, pipelines, soak
 from ras_models import RASConfig, apply_ras
 
 from ._models import (
@@ -18,6 +18,7 @@ from ._models import (
     tiny_lumina_transformer,
     tiny_sd3_pipeline,
     tiny_sd3_transformer,
+    tiny_wan_transformer,
 )
 
 BUILDER = "get_2d_rotary_pos_embed_lumina"
@@ -51,6 +52,45 @@ def test_pipeline_without_encoders_runs_on_prompt_embeddings(family, torch_backe
     assert len(step_ms) == 3 and all(t > 0 for t in step_ms) and sum(step_ms) <= wall_ms
     again = pipelines.generate(pipe, inputs, steps=3, size=64, seed=0)
     torch.testing.assert_close(again, latents, atol=0, rtol=0)
+
+
+def test_wan_pipeline_without_encoders_runs_on_prompt_embeddings(torch_backend):
+    """WanPipeline without a VAE: the Wan VAE's factors (4 in time, 8 in space) give the latent video's shape."""
+    transformer = tiny_wan_transformer()
+    pipe = pipelines.build_pipeline(transformer)
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert all(pipe.scheduler.config[key] == value for key, value in pipelines.SCHEDULERS["wan"].items())
+    inputs = pipelines.prompt_inputs(transformer, 2, seed=0)
+    assert inputs["prompt_embeds"].shape == inputs["negative_prompt_embeds"].shape == (2, 512, 16)
+    latents, wall_ms, step_ms = pipelines.timed_call(pipe, inputs, steps=3, size=(64, 96), seed=0, frames=5)
+    assert latents.shape == (2, 4, 2, 8, 12) and pipelines.num_tokens(pipe, (64, 96), frames=5) == 2 * 4 * 6
+    assert len(step_ms) == 3 and sum(step_ms) <= wall_ms
+    again = pipelines.generate(pipe, inputs, steps=3, size=(64, 96), seed=0, frames=5)
+    torch.testing.assert_close(again, latents, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["wan", "wan-14b"])
+def test_wan_layouts(model):
+    """The published layouts: Wan 2.1 T2V 1.3B and 14B (the layout of each Wan 2.2 A14B expert)."""
+    family, published, tiny = pipelines.LAYOUTS[model]
+    heads, ffn, layers = (12, 8960, 30) if model == "wan" else (40, 13824, 40)
+    assert family == "wan" and published["attention_head_dim"] == 128 and published["text_dim"] == 4096
+    assert (published["num_attention_heads"], published["ffn_dim"], published["num_layers"]) == (heads, ffn, layers)
+    assert published["patch_size"] == tiny["patch_size"] == (1, 2, 2) and published["in_channels"] == 16
+
+
+def test_wan_through_bench_e2e(capsys, torch_backend):
+    """bench.e2e --model wan times pipe(...) calls (no own loop) of the tiny layout: dense and RAS rows."""
+    e2e.main(
+        ["--model", "wan", "--steps", "10", "--ratio", "0.5", "--frames", "5", "--resolution", "32x48"]
+        + ["--device", "cpu", "--repeats", "1"]
+    )
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [row.split("|")[1].strip() for row in rows] == ["diffusers dense eager", "RAS ratio 0.5 (static, eager)"]
+    tokens = float(rows[1].split("|")[2].strip().rstrip("%"))
+    # 50-step preset at 10 steps: 7 warm-up, resets 4 and 7: 8 dense steps of 12 tokens, 2 RAS steps of 6.
+    assert tokens == pytest.approx(100 * (8 * 12 + 2 * 6) / (10 * 12), abs=0.05)
 
 
 @pytest.mark.parametrize("factory", [tiny_sd3_pipeline, tiny_lumina_pipeline], ids=["sd3", "lumina"])

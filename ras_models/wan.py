@@ -1,0 +1,179 @@
+"""RAS adapter for diffusers' ``WanTransformer3DModel`` (Wan 2.1 / 2.2 video) under ``WanPipeline`` and
+``WanImageToVideoPipeline``.
+
+Tokens: one token per (1, 2, 2) patch of the latent video [B, C, T, H, W]; the Conv3d patch embedding's output is
+flattened (t, h, w) row-major. That is the row-major 2x2-patch order of the same latent folded to [B, C, T * H, W]
+(H is even, so no patch straddles two frames), so the session runs with patch size 2 on the fold: ``begin_call``
+gives ``latent_size=(T * H, W)`` and ``to_latents`` folds the guided output [P, C, T, H, W] that the pipeline hands
+to ``scheduler.step``. A token's score is then the spec's: the mean over its 2x2 latent pixels of the channel std.
+
+Declared on the adapter layer (``ras_models.adapter``): the gather point ``patch_embedding`` (the active rows of its
+output, shaped so that the model's own ``flatten(2).transpose(1, 2)`` yields [B, K, D]), the rotary source ``rope``
+(the rows of its (cos, sin) tables [1, N, 1, d] for the active tokens), every block's self-attention ``attn1`` (QK
+RMS-norm across heads and RoPE as diffusers' ``WanAttnProcessor`` applies them, then the layer's K/V cache: keys
+after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers' processor (the K active queries over the
+whole text, and for I2V over the image-embedding keys too), the scatter point ``proj_out`` (all N rows before the
+unpatchify), and ``cache_context_calls``: the pipelines run CFG as two calls per step, "cond" and "uncond", each with
+its own caches, both computing the step's one active set.
+
+Two experts (Wan 2.2 A14B: ``transformer`` for the high-noise steps, ``transformer_2`` after the pipeline's
+boundary): ``apply_ras(pipe)`` patches both, through a second handle that shares the first's session and CUDA
+graphs and is removed with it. Calls are named (expert, cache context), so each expert keeps its own caches, and an
+expert's first step in a generation is dense (the session's rule for a call that has not run yet); the next step's
+set is chosen by the usual rule.
+
+Refused: patch sizes other than (1, 2, 2), per-token timesteps (Wan 2.2 TI2V's ``expand_timesteps``), attention
+processors other than ``WanAttnProcessor``, diffusers' caches.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from .adapter import Attention, ModelAdapter, RASProcessor, install
+from .config import RASConfig
+from .handle import RASHandle
+
+PATCH = (1, 2, 2)  # the only patch size the fold maps to the session's 2-D patches
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [B, L, H, d] as diffusers' ``WanAttnProcessor`` applies it: cos/sin [1 or B, L, 1, d] hold each
+    channel pair's angle twice; the products are taken in the tables' dtype, the result in x's."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+class WanRASAttnProcessor(RASProcessor):
+    """Self-attention of the active tokens over the layer's whole-video K/V cache (post-norm, post-RoPE keys)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(
+                "RAS Wan self-attention takes no encoder_hidden_states or attention_mask (WanTransformerBlock passes "
+                "neither)"
+            )
+        if attn.fused_projections:  # transformer.fuse_qkv_projections()
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)  # RMS-norm across heads
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = self.session.attend(self.key, query, key, value).flatten(2).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class WanAdapter(ModelAdapter):
+    """Wan 2.1 / 2.2 (see the module docstring). ``expert`` names the transformer's calls (its attribute on the
+    pipeline); ``leader`` is the first expert's adapter, which holds the generation's latent grid for both."""
+
+    transformer_class = WanTransformer3DModel
+    family = "Wan"
+    preset = RASConfig.wan
+    token_patch = PATCH[1]  # on the folded latent [B, C, T * H, W]
+    gather_at = "patch_embedding"
+    rope_at = "rope"
+    attention = (
+        Attention("blocks.*.attn1", "self", WanAttnProcessor),
+        Attention("blocks.*.attn2", "cross", WanAttnProcessor),
+    )
+    processors = {"self": WanRASAttnProcessor}  # attn2 keeps diffusers' processor: K queries over the full text
+    processor_hint = " (reset with transformer.set_attn_processor(WanAttnProcessor()))"
+    scatter_at = "proj_out"
+    cache_context_calls = True
+
+    def __init__(self, handle: RASHandle, transformer: torch.nn.Module, expert: str = "transformer", leader=None):
+        super().__init__(handle, transformer)
+        self.expert = expert
+        self.leader = leader if leader is not None else self
+        self.grid: tuple[int, int, int] | None = None  # (T, H, W) of the latent now sampled (on the leader)
+        self.pipe = None  # weak reference to the pipeline, with patch_pipeline
+        self.second: torch.nn.Module | None = None  # the patched transformer_2
+
+    def check(self) -> None:
+        if tuple(self.transformer.config.patch_size) != PATCH:
+            raise ValueError(
+                f"RAS supports Wan with patch_size {PATCH} (one token per 1x2x2 latent patch), got "
+                f"{tuple(self.transformer.config.patch_size)}"
+            )
+
+    def gather(self, original, x):
+        tokens = original(x).flatten(2).transpose(1, 2)  # [B, N, D], as the model flattens it
+        rows = self.session.gather(tokens.contiguous())  # [B, K, D]
+        return rows.transpose(1, 2)[..., None, None]  # the model's flatten(2).transpose(1, 2) gives [B, K, D] back
+
+    def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
+        latents, timestep = arguments["hidden_states"], arguments["timestep"]
+        if isinstance(timestep, torch.Tensor) and timestep.dim() > 1:
+            raise ValueError(
+                f"RAS does not support per-token timesteps (timestep of shape {tuple(timestep.shape)}: Wan 2.2 TI2V's "
+                "expand_timesteps); every active-token step needs one timestep per sample"
+            )
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError(
+                f"hidden_states must be latents [B, C, T, H, W], got {getattr(latents, 'shape', type(latents))}"
+            )
+        frames, height, width = latents.shape[2:]
+        if height % PATCH[1] or width % PATCH[2]:
+            raise ValueError(f"latent height and width ({height}, {width}) must be divisible by the patch size 2")
+        self._check_second()
+        self.leader.grid = (frames, height, width)
+        return {"latent_size": (frames * height, width), "call": (self.expert, self.context)}
+
+    def to_latents(self, guided: torch.Tensor) -> torch.Tensor:
+        """The guided output [P, C, T, H, W] folded to [P, C, T * H, W] (the session's latent)."""
+        grid = self.leader.grid
+        if self.session.num_tokens is None or grid is None:  # before any step: observe() refuses it
+            return guided
+        if not isinstance(guided, torch.Tensor) or tuple(guided.shape[2:]) != grid or guided.dim() != 5:
+            raise ValueError(
+                f"guided must be the output [P, C, {', '.join(map(str, grid))}] of this step, got "
+                f"{getattr(guided, 'shape', type(guided))}"
+            )
+        return guided.flatten(2, 3)
+
+    # ---- Wan 2.2: the second expert ----
+    def patch_pipeline(self, pipe: object) -> None:
+        """Patch ``pipe.transformer_2`` too, if there is one: a second handle on the same session and graphs."""
+        self.pipe = weakref.ref(pipe)
+        second = getattr(pipe, "transformer_2", None)
+        if second is None:
+            return
+        if second is self.transformer:
+            raise ValueError("pipe.transformer_2 is pipe.transformer; RAS needs two expert objects (or none)")
+        if type(second) is not type(self.transformer):
+            raise TypeError(
+                f"pipe.transformer_2 must be a {type(self.transformer).__name__} like pipe.transformer, got "
+                f"{type(second).__name__}"
+            )
+        if getattr(second, "_ras_handle", None) is not None:
+            raise RuntimeError("RAS is already applied to pipe.transformer_2; call remove() on its handle first")
+        hooked = next((name for name, m in second.named_modules() if name and hasattr(m, "_hf_hook")), None)
+        if hooked is not None:
+            raise ValueError(
+                f"transformer_2.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), "
+                "which RAS does not support; use pipe.enable_model_cpu_offload() or no offloading"
+            )
+        handle = RASHandle(self.session, second, cuda_graphs=self.handle.graphs is not None)
+        handle.graphs = self.handle.graphs  # one set: graph keys name the expert, and abort() clears them all
+        self.handle.on_remove(handle.remove)  # first: a failure below is undone by apply_ras's remove()
+        install(type(self)(handle, second, expert="transformer_2", leader=self))
+        handle.patch(second, "_ras_handle", self.handle)
+        self.second = second
+
+    def _check_second(self) -> None:
+        pipe = self.pipe() if self.pipe is not None else None
+        if pipe is not None and getattr(pipe, "transformer_2", None) is not self.second:
+            raise RuntimeError(
+                "pipe.transformer_2 was replaced after apply_ras; call remove() on the RAS handle and apply RAS again"
+            )

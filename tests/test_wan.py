@@ -1,0 +1,495 @@
+"""Wan 2.1 / 2.2 adapter on tiny random-weight WanPipeline / WanImageToVideoPipeline (CPU, fp32).
+
+The oracle shares no code with the adapter: it replaces each expert's forward by a plain-PyTorch re-implementation of
+one RAS call, written from the spec and diffusers' Wan blocks. Tokens are the (frame, row, column) cells of the
+(1, 2, 2) patch grid in the model's flattening order. Per call it keeps, per layer, a K/V cache of keys after QK-norm
+and RoPE (complex-number rotation), writes the active rows, attends the active queries over the whole cache, runs
+diffusers' cross-attention on the active rows, and merges the active rows into its output cache. Calls are keyed by
+(expert, order within the step), so "cond" and "uncond" and the two experts of Wan 2.2 keep separate state. The
+next step's tokens come from the guided 5-D output handed to ``scheduler.step``: per voxel the channel std, averaged
+over each token's 2x2 voxels of its frame, then the priority, a stable sort and the band. Dense steps: the schedule's,
+and the first step of each expert (which expert runs each step follows from the pipeline's boundary rule).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ras_models import RASConfig, apply_ras, supported_models
+
+from ._models import tiny_wan_i2v_pipeline, tiny_wan_pipeline, tiny_wan_transformer
+from ._utils import DEVICE, TRITON_RUNNABLE
+from .test_flux import _config, _recording, _spec_count  # the spec settings as a dict, its RASConfig and schedule
+
+ATOL = 1e-4  # the same computation in another order (fp32)
+TEXT, WIDTH = 8, 16  # text tokens, text embedding width of tiny_wan_transformer (I2V: 512 text tokens)
+EXPERTS = ("transformer", "transformer_2")
+VIDEO = {"num_frames": 9, "height": 64, "width": 96}  # a latent of 3 x 8 x 12: 3 frames of 4 x 6 tokens
+
+
+def _prompts(count: int, negative: bool, text: int = TEXT) -> dict:
+    embeds = {"prompt_embeds": torch.randn(count, text, WIDTH)}
+    if negative:
+        embeds["negative_prompt_embeds"] = torch.randn(count, text, WIDTH)
+    return embeds
+
+
+def _run(pipe, inputs: dict, size: dict, steps: int, guidance: float, **kwargs):
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        out = pipe(
+            **inputs, **size, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+            output_type="latent", **kwargs,
+        )  # fmt: skip
+    return out.frames
+
+
+def _rotate(x, cos, sin):
+    """RoPE as a complex rotation of consecutive channel pairs: x [B, L, H, d]; cos/sin [B, L, 1, d] hold each pair's
+    angle twice."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * torch.complex(cos[..., ::2], sin[..., ::2])).flatten(-2).to(x.dtype)
+
+
+def _experts(pipe, timesteps) -> list[str]:
+    """Which expert runs each step: WanPipeline's rule (``transformer`` while t >= boundary_ratio * T_train)."""
+    ratio = pipe.config.boundary_ratio
+    if ratio is None:
+        return [EXPERTS[0]] * len(timesteps)
+    boundary = ratio * pipe.scheduler.config.num_train_timesteps
+    return [EXPERTS[0] if t >= boundary else EXPERTS[1] for t in timesteps]
+
+
+def _select(guided, count: int, counters, cfg: dict):
+    """The spec's selection: per voxel the unbiased channel std, its mean over each token's 2x2 voxels -> R [P, N];
+    priority R * exp(+-0.1 D); stable ascending sort; the K tokens after int(skip * (1 - high_ratio)) lowest, sorted;
+    D += 1 for the dropped ones."""
+    per_voxel = guided.float().std(dim=1)  # [P, T, H, W]
+    scores = rearrange(per_voxel, "b t (y p) (x q) -> b (t y x) (p q)", p=2, q=2).mean(-1)
+    sign = 1.0 if cfg["mode"] == "reference" else -1.0
+    priority = scores * torch.exp(sign * 0.1 * counters.float())
+    order = torch.sort(priority, dim=1, stable=True).indices
+    n = scores.shape[1]
+    start = int((n - count) * (1 - cfg["high_ratio"]))
+    active = order[:, start : start + count].sort(dim=1).values
+    dropped = torch.ones_like(counters, dtype=torch.bool).scatter_(1, active, False)
+    counters += dropped.to(counters.dtype)
+    return active
+
+
+class WanOracle:
+    """A Wan pipeline whose experts run RAS literally (see the module docstring)."""
+
+    def __init__(self, pipe, cfg: dict):
+        self.pipe, self.cfg = pipe, cfg
+        self.experts = {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None}
+        for name, t in self.experts.items():
+            t.forward = functools.partial(self._forward, name, t)
+        self.step_fn, self.set_timesteps = pipe.scheduler.step, pipe.scheduler.set_timesteps
+        pipe.scheduler.step = self._step
+        pipe.scheduler.set_timesteps = functools.wraps(self.set_timesteps)(functools.partial(self._set_timesteps))
+
+    def close(self):
+        for t in self.experts.values():
+            del t.forward
+        del self.pipe.scheduler.step, self.pipe.scheduler.set_timesteps
+
+    def _set_timesteps(self, *args, **kwargs):
+        result = self.set_timesteps(*args, **kwargs)
+        self.order = _experts(self.pipe, self.pipe.scheduler.timesteps)
+        # An expert's first step is dense: it has no caches yet.
+        self.first = {i for i in range(1, len(self.order)) if self.order[i] != self.order[i - 1]}
+        self.step, self.calls, self.active, self.counters, self.state, self.ran = 0, 0, None, None, {}, []
+        return result
+
+    def _forward(self, name, t, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                 return_dict=True, attention_kwargs=None):  # fmt: skip
+        assert name == self.order[self.step], "the expert that runs must be the one the boundary rule names"
+        self.ran.append(name)
+        state = self.state.setdefault((name, self.calls), {"kv": {}})  # the step's first call is "cond"
+        self.calls += 1
+        b, _, frames, height, width = hidden_states.shape
+        rows_, cols = height // 2, width // 2
+        n = frames * rows_ * cols
+        if self.active is None:
+            rows = torch.arange(n, device=hidden_states.device).repeat(b, 1)
+        else:
+            rows = self.active.repeat(b // len(self.active), 1)
+        x = t.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # [B, N, D], (t, h, w) row-major
+        x = torch.take_along_dim(x, rows[..., None], dim=1)
+        cos, sin = (table[0][rows] for table in t.rope(hidden_states))  # [B, K, 1, d]
+        temb, proj, text, image = t.condition_embedder(timestep, encoder_hidden_states, encoder_hidden_states_image)
+        proj = proj.unflatten(1, (6, -1))
+        if image is not None:
+            text = torch.cat([image, text], dim=1)
+        for i, block in enumerate(t.blocks):
+            shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + proj.float()).chunk(6, dim=1)
+            a = block.attn1
+            nx = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+            q, k, v = a.norm_q(a.to_q(nx)), a.norm_k(a.to_k(nx)), a.to_v(nx)
+            q, k, v = (z.unflatten(2, (a.heads, -1)) for z in (q, k, v))
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if self.active is None:  # a dense step (re)creates the caches
+                state["kv"][i] = tuple(k.new_full((b, n, *k.shape[2:]), float("nan")) for _ in "kv")
+            k_cache, v_cache = state["kv"][i]
+            for j in range(b):
+                k_cache[j, rows[j]], v_cache[j, rows[j]] = k[j], v[j]
+            out = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k_cache, v_cache))).transpose(1, 2)
+            x = (x.float() + a.to_out[0](out.flatten(2)) * gate).type_as(x)
+            x = x + block.attn2(block.norm2(x.float()).type_as(x), text)  # diffusers' cross-attention, K queries
+            nx = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+            x = (x.float() + block.ffn(nx).float() * c_gate).type_as(x)
+        shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        out = t.proj_out((t.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
+        if self.active is None:
+            state["out"] = out.new_full((b, n, out.shape[2]), float("nan"))
+        for j in range(b):
+            state["out"][j, rows[j]] = out[j]
+        video = rearrange(state["out"], "b (f y x) (p q c) -> b c f (y p) (x q)", f=frames, y=rows_, p=2, q=2)
+        return (video,)
+
+    def _step(self, model_output, *args, **kwargs):
+        _, _, frames, height, width = model_output.shape
+        n = frames * (height // 2) * (width // 2)
+        nxt = self.step + 1
+        count = None if nxt in self.first else _spec_count(self.cfg, nxt, n)
+        if count is None:
+            self.active = None
+        else:
+            if self.counters is None:
+                self.counters = torch.zeros(model_output.shape[0], n, dtype=torch.int64, device=model_output.device)
+            self.active = _select(model_output, count, self.counters, self.cfg)
+        self.step += 1
+        self.calls = 0
+        return self.step_fn(model_output, *args, **kwargs)
+
+
+CASES = {
+    # name: (experts, prompts, guidance, frames x height x width, spec settings)
+    "2.1-cfg": (
+        1, 2, 5.0, {"num_frames": 9, "height": 64, "width": 96},
+        {"steps": 8, "warmup": 2, "resets": (5,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"},
+    ),
+    "2.1-nocfg-paper": (
+        1, 1, 1.0, {"num_frames": 5, "height": 96, "width": 64},
+        {"steps": 7, "warmup": 2, "resets": (4,), "ratio": 0.25, "high_ratio": 1.0, "mode": "paper", "end": 5},
+    ),
+    "2.2-experts-cfg-paper": (
+        2, 2, 4.0, {"num_frames": 9, "height": 64, "width": 96},
+        {"steps": 9, "warmup": 2, "resets": (6,), "ratio": 0.5, "high_ratio": 0.3, "mode": "paper"},
+    ),
+    "2.2-experts-reference": (
+        2, 1, 3.0, {"num_frames": 5, "height": 64, "width": 64},
+        {"steps": 8, "warmup": 1, "resets": (), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference"},
+    ),
+}  # fmt: skip
+
+
+def _backend_cases():
+    cases = [pytest.param(case, "torch", id=f"{case}-torch") for case in CASES]
+    marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+    triton = ("2.1-cfg", "2.2-experts-cfg-paper")  # both modes, CFG, the switch; the interpreter is slow
+    cases += [pytest.param(case, "triton", id=f"{case}-triton", marks=marks) for case in triton]
+    return cases
+
+
+def _generations(pipe, run, cfg: dict):
+    """The dense pipeline's result, RAS's (and the calls it began), the oracle's (and the oracle)."""
+    dense = run()
+    with apply_ras(pipe, _config(cfg), cuda_graphs=False) as handle:
+        calls = []
+        handle.session.begin_step = _recording(handle.session.begin_step, calls)
+        ras = run()
+    oracle = WanOracle(pipe, cfg)
+    try:
+        expected = run()
+    finally:
+        oracle.close()
+    assert (expected - dense).abs().max() > 1e-3, "the schedule never dropped a token: the test would prove nothing"
+    return ras, calls, expected, oracle
+
+
+@pytest.mark.parametrize("case,backend", _backend_cases())
+def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    experts, count, guidance, size, cfg = CASES[case]
+    device = DEVICE if backend == "triton" else "cpu"
+    pipe = tiny_wan_pipeline(experts=experts).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = {k: v.to(device) for k, v in _prompts(count, negative=guidance > 1).items()}
+    ras, calls, expected, oracle = _generations(
+        pipe, functools.partial(_run, pipe, inputs, size, cfg["steps"], guidance), cfg
+    )
+    contexts = ["cond", "uncond"] if guidance > 1 else ["cond"]
+    assert calls == [(expert, context) for expert in oracle.order for context in contexts]
+    assert oracle.ran == [call[0] for call in calls]
+    if experts == 2:
+        switch = oracle.order.index(EXPERTS[1])
+        assert switch > cfg["warmup"] and _config(cfg).is_ras_step(switch), "the switch must fall on a RAS step"
+    torch.testing.assert_close(ras, expected, atol=ATOL, rtol=0)
+
+
+def test_image_to_video_matches_spec_oracle(torch_backend):
+    """Wan 2.1 I2V: condition channels concatenated to the latents, image-embedding keys in every cross-attention."""
+    pipe = tiny_wan_i2v_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cfg = {"steps": 7, "warmup": 2, "resets": (4,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"}
+    inputs = _prompts(2, negative=True, text=512) | {"image": torch.rand(1, 3, 64, 96)}
+    ras, calls, expected, _ = _generations(pipe, functools.partial(_run, pipe, inputs, VIDEO, cfg["steps"], 5.0), cfg)
+    assert calls == [("transformer", context) for _ in range(cfg["steps"]) for context in ("cond", "uncond")]
+    torch.testing.assert_close(ras, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("experts", [1, 2], ids=["2.1", "2.2-experts"])
+def test_ratio_one_reproduces_unpatched_pipeline(experts, torch_backend):
+    pipe = tiny_wan_pipeline(experts=experts)
+    pipe.set_progress_bar_config(disable=True)
+    run = functools.partial(_run, pipe, _prompts(2, negative=True), VIDEO, 6, 5.0)
+    dense = run()
+    with apply_ras(pipe, RASConfig.wan(num_steps=6, warmup_steps=1, reset_steps=(), sample_ratio=1.0)):
+        ras = run()
+    torch.testing.assert_close(ras, dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_model_cpu_offload_composes_with_two_experts(when, torch_backend):
+    """accelerate's offload hooks wrap both experts' forwards (and are removed and re-installed every call)."""
+    pipe = tiny_wan_pipeline(experts=2)
+    pipe.set_progress_bar_config(disable=True)
+    config = RASConfig.wan(num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.5)
+    run = functools.partial(_run, pipe, _prompts(1, negative=True), VIDEO, 6, 5.0)
+    with apply_ras(pipe, config):
+        expected = run()
+    if when == "before":
+        pipe.enable_model_cpu_offload(device="cpu")
+    with apply_ras(pipe, config):
+        if when == "after":
+            pipe.enable_model_cpu_offload(device="cpu")
+        assert all("_hf_hook" in vars(t) for t in (pipe.transformer, pipe.transformer_2)), "offload hooks expected"
+        got = [run() for _ in range(2)]
+    for out in got:
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_fused_qkv_projections_give_the_same_result(torch_backend):
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    config = RASConfig.wan(num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.5)
+    run = functools.partial(_run, pipe, _prompts(1, negative=True), VIDEO, 6, 5.0)
+    with apply_ras(pipe, config):
+        unfused = run()
+        pipe.transformer.fuse_qkv_projections()  # after apply_ras: the processors stay, and read the fused layers
+        assert pipe.transformer.blocks[0].attn1.fused_projections
+        fused = run()
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=0)
+
+
+def test_step_graphs_of_two_experts(monkeypatch, torch_backend):
+    """CUDA graph bookkeeping on the CPU (a fake capture that runs the step eagerly on every replay): one set of
+    graphs for both experts, keyed by (expert, call); the second generation replays every one of them (the second
+    expert's first step does not drop the first's); moved weights and an aborted generation drop them all."""
+    import contextlib
+
+    from ras_models import RASHandle, graphs
+
+    captures = []
+
+    class FakeGraph:
+        def __init__(self, fn, args, kwargs, pool):
+            self.fn = fn
+            captures.append(fn)
+
+        def replay(self, args, kwargs):
+            return self.fn(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "_Graph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # captures on the CPU
+    monkeypatch.setattr(
+        RASHandle, "_use_graphs", lambda self, hidden_states: self.graphs is not None and not torch.is_grad_enabled()
+    )
+    pipe = tiny_wan_pipeline(experts=2)
+    pipe.set_progress_bar_config(disable=True)
+    config = RASConfig.wan(num_steps=8, warmup_steps=2, reset_steps=(), sample_ratio=0.5)
+    run = functools.partial(_run, pipe, _prompts(1, negative=True), VIDEO, 8, 5.0)
+    with apply_ras(pipe, config, cuda_graphs=False):
+        expected = run()
+    with apply_ras(pipe, config) as handle:
+        torch.testing.assert_close(run(), expected, atol=0, rtol=0)
+        keys = {key[0][0] for group in handle.graphs._groups.values() for key in group.graphs}
+        assert keys == {(expert, context) for expert in EXPERTS for context in ("cond", "uncond")}
+        captured = len(captures)
+        assert len(handle.graphs) == captured == 8  # per expert and call: the dense and the RAS shape
+        torch.testing.assert_close(run(), expected, atol=0, rtol=0)
+        assert len(captures) == captured, "every step replays in the second generation"
+        pipe.transformer_2.to(torch.float64).to(torch.float32)  # moved weights, as offloading does
+        torch.testing.assert_close(run(), expected, atol=0, rtol=0)
+        assert len(captures) > captured
+
+        def stop(pipe, step, timestep, tensors):
+            if step == 5:  # the second expert has run
+                raise ValueError("stop")
+            return {}
+
+        with pytest.raises(ValueError, match="stop"):
+            run(callback_on_step_end=stop)
+        assert len(handle.graphs) == 0 and handle.session.memory_bytes() == 0
+
+
+def _transformer_inputs(batch: int, grid: tuple[int, int, int]) -> dict:
+    return {
+        "hidden_states": torch.randn(batch, 4, *grid),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, TEXT, WIDTH),
+    }
+
+
+def _snapshot(module) -> tuple:
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    attrs = {id(m): dict(vars(m)) for m in module.modules()}
+    return state, attrs, dict(module.attn_processors)
+
+
+def _assert_restored(module, snapshot) -> None:
+    state, attrs, processors = snapshot
+    assert module.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())
+    assert all(p is processors[name] for name, p in module.attn_processors.items())
+    for m in module.modules():
+        assert vars(m).keys() == attrs[id(m)].keys(), type(m).__name__
+        assert all(vars(m)[k] is v for k, v in attrs[id(m)].items() if k not in ("_parameters", "_buffers", "_modules"))
+
+
+def test_remove_restores_both_experts_bit_exactly(torch_backend):
+    pipe = tiny_wan_pipeline(experts=2)
+    pipe.set_progress_bar_config(disable=True)
+    experts, scheduler, cls = [pipe.transformer, pipe.transformer_2], pipe.scheduler, type(pipe)
+    inputs = _transformer_inputs(2, (3, 4, 6))
+    with torch.no_grad():
+        before = [t(**inputs).sample for t in experts]
+    run = functools.partial(_run, pipe, _prompts(1, negative=True), VIDEO, 6, 5.0)
+    dense = run()
+    snapshots = [_snapshot(t) for t in experts]
+    scheduler_attrs = dict(vars(scheduler))
+
+    handle = apply_ras(pipe, RASConfig.wan(num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.5))
+    assert pipe.transformer_2._ras_handle is handle
+    first = run()
+    assert torch.equal(first, run()), "generations must repeat"
+    assert (first - dense).abs().max() > 1e-3
+    assert handle.session.memory_bytes() == 0, "caches must be released when a generation ends"
+    handle.remove()
+
+    for t, snapshot in zip(experts, snapshots, strict=True):
+        _assert_restored(t, snapshot)
+    assert vars(scheduler).keys() == scheduler_attrs.keys() and type(pipe) is cls
+    with torch.no_grad():
+        assert all(torch.equal(t(**inputs).sample, out) for t, out in zip(experts, before, strict=True))
+    assert torch.equal(run(), dense)
+
+
+def test_bare_transformer_observes_video_output(torch_backend):
+    t = tiny_wan_transformer()
+    inputs = _transformer_inputs(2, (3, 4, 6))  # 3 frames of 2 x 3 tokens
+    with apply_ras(t, RASConfig.wan(num_steps=4, warmup_steps=1, reset_steps=())) as handle, torch.no_grad():
+        out = t(**inputs).sample
+        assert handle.session.shape_key[1:3] == (12, 6) and handle.session.num_tokens == 18
+        with pytest.raises(RuntimeError, match="observe"):
+            t(**inputs)
+        with pytest.raises(ValueError, match=r"guided must be the output \[P, C, 3, 4, 6\]"):
+            handle.observe(out.flatten(2, 3))
+        handle.observe(out)
+        ras = t(**inputs).sample
+        assert handle.session.num_active == 18 - int(0.75 * 18)
+    assert ras.shape == out.shape == inputs["hidden_states"].shape
+
+
+def test_unsupported_uses_raise(torch_backend):
+    from diffusers import FirstBlockCacheConfig, WanPipeline
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    assert "WanTransformer3DModel" in supported_models()
+    config = RASConfig.wan(num_steps=4, warmup_steps=1, reset_steps=())
+    coarse = tiny_wan_transformer()
+    coarse.register_to_config(patch_size=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"patch_size \(1, 2, 2\)"):
+        apply_ras(coarse)
+
+    pipe = tiny_wan_pipeline(experts=2)
+    attn = pipe.transformer_2.blocks[1].attn1
+
+    class OtherProcessor(WanAttnProcessor):
+        pass
+
+    attn.set_processor(OtherProcessor())
+    with pytest.raises(ValueError, match="OtherProcessor"):
+        apply_ras(pipe, config)
+    assert "forward" not in vars(pipe.transformer) and "forward" not in vars(pipe.transformer_2), "left unpatched"
+    assert not hasattr(pipe.transformer, "_ras_handle")
+    attn.set_processor(WanAttnProcessor())
+
+    t = pipe.transformer
+    with apply_ras(pipe, config), torch.no_grad():
+        inputs = _transformer_inputs(1, (3, 4, 4))
+        with pytest.raises(ValueError, match="per-token timesteps"):
+            t(**{**inputs, "timestep": torch.full((1, 3 * 2 * 2), 500.0)})
+        same = WanPipeline(None, None, None, pipe.scheduler, tiny_wan_transformer(), None, 0.875)
+        same.transformer_2 = same.transformer
+        with pytest.raises(ValueError, match="two expert objects"):
+            apply_ras(same)
+        sharing = WanPipeline(None, None, None, pipe.scheduler, tiny_wan_transformer(), pipe.transformer_2, 0.875)
+        with pytest.raises(RuntimeError, match="already applied to pipe.transformer_2"):
+            apply_ras(sharing)
+        assert "forward" not in vars(sharing.transformer), "a refused apply_ras must leave the model unpatched"
+        t.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+        with pytest.raises(ValueError, match="disable_cache"):
+            t(**inputs)
+        t.disable_cache()
+        with pytest.raises(ValueError, match="num_steps=4"):
+            _run(pipe, _prompts(1, negative=True), {"num_frames": 5, "height": 64, "width": 64}, 5, 5.0)
+        second = pipe.transformer_2
+        pipe.transformer_2 = tiny_wan_transformer()
+        with pytest.raises(RuntimeError, match="transformer_2 was replaced"):
+            _run(pipe, _prompts(1, negative=True), {"num_frames": 5, "height": 64, "width": 64}, 4, 5.0)
+        pipe.transformer_2 = second
+
+
+def test_wan_preset_is_the_default(torch_backend):
+    config = RASConfig.wan()
+    assert (config.num_steps, config.warmup_steps, config.reset_steps) == (50, 7, (21, 36))
+    assert (config.sample_ratio, config.schedule) == (0.25, "static")
+    # The reference schedule (4 warm-up, resets 12 and 20 of 28) moved to 50 steps in proportion.
+    assert (round(4 * 50 / 28), tuple(round(r * 50 / 28) for r in (12, 20))) == (7, (21, 36))
+    with apply_ras(tiny_wan_pipeline()) as handle:
+        assert handle.session.config == config and handle.session.patch_size == 2
+
+
+def test_a_new_call_runs_its_first_step_dense(torch_backend):
+    """The session's rule behind an expert's dense first step: a call that has not run in the generation computes
+    every token, its step's selection is dropped and the counters are put back; it must begin its step."""
+    from ras_models import RASSession
+
+    session = RASSession(RASConfig(num_steps=4, warmup_steps=1, reset_steps=(), sample_ratio=0.5), patch_size=2)
+    guided = torch.randn(1, 4, 8, 8)
+    session.begin_step(1, 8, 8, "cpu", "a")
+    assert session.new_call and session.is_dense
+    session.observe(guided)  # selects step 1's 8 of 16 tokens: 8 counters at 1
+    assert not session.is_dense and int(session.counters.sum()) == 8
+    session.begin_step(1, 8, 8, "cpu", "a")
+    assert not session.new_call and session.num_active == 8
+    with pytest.raises(RuntimeError, match="must begin its step"):
+        session.begin_step(1, 8, 8, "cpu", "b")
+    session.observe(guided)  # step 2's selection: 8 more increments
+    counters = session.counters.clone()
+    session.begin_step(1, 8, 8, "cpu", "b")
+    assert session.new_call and session.is_dense and session.num_active == 16
+    assert int((counters - session.counters).sum()) == 8  # the dropped selection's increments, undone
+    session.observe(guided)
+    session.begin_step(1, 8, 8, "cpu", "b")
+    assert not session.new_call and session.num_active == 8
