@@ -14,6 +14,7 @@ autograd, and (GPU, 2 devices) every op runs on its tensors' device, not the cur
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable
@@ -246,14 +247,21 @@ def draw_scatter_tokens(dr: Draw) -> Case:
 
 
 def draw_select_regions(dr: Draw) -> Case:
-    b, p = dr.size(1, 3, 4), dr.choice("p", [1, 2, 3])
-    ht, wt = dr.size(1, 8, 64), dr.size(1, 8, 64)
-    h, w, n = ht * p, wt * p, ht * wt
+    b = dr.size(1, 3, 4)
+    if dr.rng.random() < 0.4:  # a video [B, C, T, H, W], (pt, ph, pw) patches
+        p = dr.choice("p", [(1, 2, 2), (2, 1, 1), (2, 2, 2), (3, 1, 2), (1, 1, 3)])
+        grid = (dr.size(1, 3, 21), dr.size(1, 6, 45), dr.size(1, 6, 80))
+    else:  # an image [B, C, H, W], p x p patches
+        p = dr.choice("p", [1, 2, 3])
+        grid = (dr.size(1, 8, 64), dr.size(1, 8, 64))
+    patch = (p, p) if isinstance(p, int) else p
+    size, n = [g * q for g, q in zip(grid, patch, strict=True)], math.prod(grid)
     metric = dr.choice("metric", ["std", "l2"])
     c = dr.size(2 if metric == "std" else 1, 8, 16)
-    signal = dr.randn("signal", (b, c, h, w), dr.dtype("signal"))
+    signal = dr.randn("signal", (b, c, *size), dr.dtype("signal"))
     if dr.rng.random() < 0.25:  # H and W swapped in memory: no unit last stride, which select accepts
-        signal = torch.empty(b, c, w, h, dtype=signal.dtype, device=signal.device).transpose(2, 3).copy_(signal)
+        swapped = torch.empty(b, c, *size[:-2], size[-1], size[-2], dtype=signal.dtype, device=signal.device)
+        signal = swapped.transpose(-2, -1).copy_(signal)
         dr.notes.append("signal:hw-transposed")
     counters = None
     if dr.rng.random() < 0.7:
@@ -279,7 +287,7 @@ def draw_select_regions(dr: Draw) -> Case:
         ("K > N", {"k": n + 1}, ValueError, "num_active must be in"),
         ("W = 0", {"signal": signal[..., :0]}, ValueError, "no tokens"),
     ]
-    if p > 1:
+    if patch[-1] > 1:
         bad.append(("p does not divide W", {"signal": signal[..., 1:]}, ValueError, "divisible by patch_size"))
     if counters is not None:
         if (overlap := _overlapping(counters)) is not None:

@@ -13,12 +13,14 @@ CPU runs execute the kernels under TRITON_INTERPRET=1 on small shapes; ``gpu`` t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from ras_kernels import select_regions
-from ras_kernels.select import reference
-from ras_kernels.select.ops import MAX_TRITON_TOKENS, validate_select_args
+from ras_kernels.select import ops, reference
+from ras_kernels.select.ops import validate_select_args
 
 from ._utils import DEVICE, TRITON_RUNNABLE, assert_same_selection_values, check_index_shape, requires_cuda
 
@@ -26,26 +28,32 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def tie_free_signal(b, c, h, w, p, scale, metric, device=DEVICE):
-    """A [B, C, H, W] fp32 signal whose token scores are exp(scale * (perm_t + 0.5) / N) (a random permutation).
+def tie_free_video(b, c, grid, patch, scale, metric, device=DEVICE):
+    """A [B, C, *size] fp32 signal, size = grid * patch per dimension (2 entries: an image [B, C, H, W]; 3: a
+    video [B, C, T, H, W]), whose token scores are exp(scale * (perm_t + 0.5) / N) (a random permutation).
 
     Every pixel of token t is ``a_t * z + offset``: z has zero mean and unbiased std 1 (metric std; the offset
     is a random per-pixel shift the std ignores) or unit L2 norm (metric l2, no offset), so R_t = a_t.
     """
-    ht, wt = h // p, w // p
-    n = ht * wt
+    n = math.prod(grid)
     perm = torch.stack([torch.randperm(n) for _ in range(b)]).double()
-    a = torch.exp(scale * (perm + 0.5) / n)
-    a_img = a.reshape(b, ht, wt).repeat_interleave(p, 1).repeat_interleave(p, 2)  # [B, H, W]
+    a = torch.exp(scale * (perm + 0.5) / n).reshape(b, *grid)
+    for dim, p in enumerate(patch, start=1):
+        a = a.repeat_interleave(p, dim)  # [B, *size]: each pixel's a
     z = torch.randn(c, dtype=torch.float64)
     if metric == "std":
         z = (z - z.mean()) / z.std()
-        offset = 0.5 * torch.randn(b, 1, h, w, dtype=torch.float64)
+        offset = 0.5 * torch.randn(b, 1, *a.shape[1:], dtype=torch.float64)
     else:
         z = z / z.norm()
         offset = 0.0
-    x = a_img[:, None] * z[None, :, None, None] + offset
+    x = a[:, None] * z.reshape(1, c, *[1] * len(grid)) + offset
     return x.float().to(device)
+
+
+def tie_free_signal(b, c, h, w, p, scale, metric, device=DEVICE):
+    """An image [B, C, H, W] with p x p patches: :func:`tie_free_video` on the (H / p, W / p) token grid."""
+    return tie_free_video(b, c, (h // p, w // p), (p, p), scale, metric, device)
 
 
 def run_both(signal, k, counters=None, **kw):
@@ -129,7 +137,7 @@ def test_registered_op_matches_public_function(triton_backend):
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
     band = reference.band_start(16, 6, 0.3)
-    got = torch.ops.ras_kernels.select_regions(x, op_c, 6, band, 2, True, -0.5)
+    got = torch.ops.ras_kernels.select_regions(x, op_c, 6, band, [2, 2], True, -0.5)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -142,6 +150,104 @@ def test_channel_chunks(triton_backend):
     counters = torch.randint(0, 3, (2, n), device=DEVICE)
     ours, ours_c, ref, ref_c = run_both(x, 5, counters, patch_size=2, starvation_scale=0.5)
     assert torch.equal(ours, ref) and torch.equal(ours_c, ref_c)
+
+
+# --------------------------------------------------------------------------------- video [B, C, T, H, W]
+VIDEO_SHAPES = [
+    # (B, C, token grid (T/pt, H/ph, W/pw), patch (pt, ph, pw), K): odd grids, pt = 1 and pt > 1, rectangular
+    pytest.param(2, 4, (3, 5, 7), (1, 2, 2), 40, id="wan-patch"),
+    pytest.param(1, 3, (3, 5, 7), (2, 1, 1), 1, id="pt2-K1"),
+    pytest.param(3, 16, (5, 3, 3), (3, 2, 1), 45, id="pt3-K=N"),
+    pytest.param(2, 5, (1, 7, 9), (2, 3, 2), 62, id="T1-token-pt2"),
+    pytest.param(1, 20, (7, 1, 1), (1, 1, 3), 3, id="C20-grid7x1x1"),
+    pytest.param(1, 2, (1, 1, 1), (2, 2, 2), 1, id="N1"),
+]
+
+
+@pytest.mark.parametrize("b,c,grid,patch,k", VIDEO_SHAPES)
+@pytest.mark.parametrize("metric,mode,high_ratio", [("std", "reference", 0.3), ("l2", "paper", 1.0)])
+def test_video_tie_free_matches_reference(b, c, grid, patch, k, metric, mode, high_ratio, triton_backend):
+    n = math.prod(grid)
+    counters = torch.randint(0, 4, (b, n), dtype=torch.int32, device=DEVICE)
+    ref_c = counters.clone()
+    kw = dict(patch_size=patch, metric=metric, starvation_scale=0.5, mode=mode, high_ratio=high_ratio)
+    for kk in (k, max(1, k // 2)):  # two steps, the counters carried over
+        x = tie_free_video(b, c, grid, patch, 0.5, metric)
+        ours = select_regions(x, kk, counters=counters, **kw)
+        ref = reference.select_regions(x, kk, counters=ref_c, **kw)
+        check_index_shape(ours, b, kk, n)
+        assert torch.equal(ours, ref)
+        assert torch.equal(counters, ref_c)
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (1, 1, 3)])
+def test_video_with_pt1_is_the_image_of_stacked_frames(patch, triton_backend):
+    """pt = 1: the tokens of [B, C, T, H, W] are those of the image [B, C, T*H, W] with (ph, pw) patches, in the same
+    order. Random data: both go through the same per-token arithmetic, so even near-ties must come out equal."""
+    b, c, t, h, w = 2, 4, 3, 10, 6
+    x = torch.randn(b, c, t, h, w, device=DEVICE)
+    n = t * (h // patch[1]) * (w // patch[2])
+    counters = torch.randint(0, 4, (b, n), device=DEVICE)
+    image_c = counters.clone()
+    kw = dict(metric="std", starvation_scale=0.1, high_ratio=0.3)
+    video = select_regions(x, n // 3, patch_size=patch, counters=counters, **kw)
+    image = select_regions(x.reshape(b, c, t * h, w), n // 3, patch_size=patch[1:], counters=image_c, **kw)
+    assert torch.equal(video, image) and torch.equal(counters, image_c)
+
+
+def test_video_non_contiguous_inputs(triton_backend):
+    """Every other frame of a channels-last video (no unit stride anywhere in [B, C, T, H, W]) and strided
+    counters; the kernels read the view in place."""
+    b, c, grid, patch = 2, 3, (3, 3, 5), (2, 2, 1)
+    n = math.prod(grid)
+    video = tie_free_video(b, c, grid, patch, 0.5, "std")  # [B, C, 6, 6, 5]
+    store = torch.randn(b, 2 * video.shape[2], *video.shape[3:], c, device=DEVICE)  # [B, 2T, H, W, C]
+    x = store.movedim(-1, 1)[:, :, ::2]
+    x.copy_(video)
+    assert x.stride(1) == 1 and x.stride(-1) == c and not x.is_contiguous()
+    cstore = torch.randint(0, 5, (b, 3 * n), dtype=torch.int32, device=DEVICE)
+    counters = cstore[:, ::3]
+    ref_c = counters.clone()
+    untouched = cstore[:, 1::3].clone()
+    ours = select_regions(x, 20, patch_size=patch, counters=counters, starvation_scale=0.5, mode="paper")
+    ref = reference.select_regions(x, 20, patch_size=patch, counters=ref_c, starvation_scale=0.5, mode="paper")
+    assert torch.equal(ours, ref) and torch.equal(counters, ref_c)
+    assert torch.equal(cstore[:, 1::3], untouched)
+
+
+def test_registered_op_takes_a_video(triton_backend):
+    x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
+    counters = torch.randint(0, 3, (2, 45), device=DEVICE)
+    op_c = counters.clone()
+    got = torch.ops.ras_kernels.select_regions(x, op_c, 11, reference.band_start(45, 11, 0.3), [2, 1, 2], False, 0.5)
+    ref_c = counters.clone()
+    ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
+    assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
+
+
+# ---------------------------------------------------------------------------------- the largest rows, keys given
+@pytest.mark.parametrize("n", [75600, 131072], ids=["wan720p", "max"])
+def test_band_stage_at_the_largest_rows(n, triton_backend):
+    """The selection stage (radix select + compaction) alone on N = 75,600 (Wan 720p, 21 x 45 x 80 tokens) and
+    N = 2**17 keys: several 16384-key chunks per pass and up to 16 compaction programs, the configurations only the
+    GPU reaches end to end. Keys are drawn from a small pool (large tie groups across both band boundaries) plus
+    distinct ones; the expectation is a stable sort of the keys as unsigned numbers. Fast under the interpreter,
+    unlike the score stage at this size."""
+    b = 2
+    pool = torch.cat([torch.tensor([0, 2**32 - 1]), torch.randint(0, 2**32, (5,))])  # with the extreme keys
+    keys64 = torch.where(torch.rand(b, n) < 0.8, pool[torch.randint(0, 7, (b, n))], torch.randint(0, 2**32, (b, n)))
+    keys = torch.where(keys64 >= 2**31, keys64 - 2**32, keys64).to(torch.int32).to(DEVICE)  # uint32 bit patterns
+    counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
+    before = counters.clone()
+    order = torch.sort(keys64, dim=1, stable=True).indices
+    for k, high_ratio in ((n // 2, 0.3), (1, 1.0), (n - 1, 0.0)):
+        start = reference.band_start(n, k, high_ratio)
+        expected = order[:, start : start + k].sort(dim=1).values
+        got = ops.launch_band(keys, counters, k, start, traceable=False)
+        assert torch.equal(got.cpu(), expected)
+        dropped = torch.ones(b, n, dtype=torch.int32).scatter_(1, expected, 0)
+        assert torch.equal(counters.cpu(), before.cpu() + dropped)
+        before = counters.clone()
 
 
 # ---------------------------------------------------------------------------------------------- exact ties
@@ -307,6 +413,41 @@ BAD_ARGS = [
         id="c-overlapping-rows",
     ),
     pytest.param(_sig(1, 0, 8, 8), 1, {"metric": "l2"}, ValueError, "at least one channel", id="no-channels"),
+    # patch tuples and videos [B, C, T, H, W]
+    pytest.param(_sig(4, 8), 1, {}, ValueError, r"4 dimensions \[B, C, H, W\] or 5", id="signal-2d"),
+    pytest.param(_sig(1, 2, 2, 2, 2, 2), 1, {}, ValueError, r"or 5 \[B, C, T, H, W\]", id="signal-6d"),
+    pytest.param(_sig(1, 4, 8, 8), 1, {"patch_size": (2, 2, 2)}, ValueError, r"2 entries \(ph, pw\)", id="p-len"),
+    pytest.param(_sig(1, 4, 8, 8), 1, {"patch_size": (2, 0)}, ValueError, r"patch_size\[1\] must be in", id="p0"),
+    pytest.param(_sig(1, 4, 8, 8), 1, {"patch_size": (2.0, 2)}, TypeError, r"patch_size\[0\] must be an int", id="pf"),
+    pytest.param(_sig(1, 4, 8, 8), 1, {"patch_size": (True, 2)}, TypeError, r"patch_size\[0\] must be an", id="pb"),
+    pytest.param(_sig(1, 4, 8, 8), 1, {"patch_size": "2"}, TypeError, r"an int or a \(ph, pw\) tuple", id="p-str"),
+    pytest.param(_sig(1, 4, 8, 6), 1, {"patch_size": (2, 4)}, ValueError, r"\(8, 6\) must be divisible", id="p-rect"),
+    pytest.param(
+        _sig(1, 4, 2, 8, 8), 1, {}, TypeError, r"a \(pt, ph, pw\) tuple of ints for a 5-D signal", id="v-int-p"
+    ),
+    pytest.param(_sig(1, 4, 2, 8, 8), 1, {"patch_size": (2, 2)}, ValueError, "3 entries", id="v-p-len"),
+    pytest.param(_sig(1, 4, 2, 8, 8), 1, {"patch_size": (1, 2, -1)}, ValueError, r"patch_size\[2\]", id="v-p-neg"),
+    pytest.param(
+        _sig(1, 4, 3, 8, 8),
+        1,
+        {"patch_size": (2, 2, 2)},
+        ValueError,
+        r"signal size \(T, H, W\) = \(3, 8, 8\) must be divisible by patch_size \(2, 2, 2\)",
+        id="v-t-divides",
+    ),
+    pytest.param(_sig(1, 4, 0, 8, 8), 1, {"patch_size": (1, 2, 2)}, ValueError, "no tokens", id="v-no-frames"),
+    pytest.param(
+        _sig(1, 4, 2, 4, 4), 9, {"patch_size": [1, 2, 2]}, ValueError, r"num_active must be in \[1, 8\]", id="v-k"
+    ),
+    pytest.param(_sig(1, 1, 2, 4, 4), 1, {"patch_size": (1, 2, 2)}, ValueError, "at least 2 channels", id="v-std-c1"),
+    pytest.param(
+        _sig(2, 4, 3, 4, 6),
+        1,
+        {"patch_size": (1, 2, 2), "counters": torch.zeros(2, 16, dtype=torch.int32)},
+        ValueError,
+        r"counters must have shape \(B, N\) = \(2, 18\)",
+        id="v-counters",
+    ),
 ]
 
 
@@ -328,36 +469,42 @@ def test_empty_batch(backend, monkeypatch):
 
 def test_validate_returns_token_count():
     assert validate_select_args(_sig(1, 4, 8, 12), 3, 2, "std", None, 0.1, "reference", 0.5) == 24
+    assert validate_select_args(_sig(1, 4, 8, 12), 3, (4, 1), "std", None, 0.1, "reference", 0.5) == 24
+    assert validate_select_args(_sig(1, 4, 6, 10, 14), 3, [2, 2, 2], "l2", None, 0.1, "paper", 0.5) == 105
 
 
 def test_triton_path_rejects_too_many_tokens(triton_backend):
-    x = torch.zeros(1, 2, 257, 256, device=DEVICE)  # N = 65792 > 65536 with p = 1
-    with pytest.raises(ValueError, match=f"N <= {MAX_TRITON_TOKENS}"):
-        select_regions(x, 5, patch_size=1)
+    x = torch.zeros(1, 2, 2, 256, 257, device=DEVICE)  # N = 131584 > 2**17 with (1, 1, 1) patches
+    with pytest.raises(ValueError, match="N <= 131072"):
+        select_regions(x, 5, patch_size=(1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------ GPU, full size
 GPU_SIZES = [
-    pytest.param(2, 128, 2, id="B2-N4096"),
-    pytest.param(8, 128, 2, id="B8-N4096"),
-    pytest.param(2, 256, 2, id="B2-N16384"),
-    pytest.param(8, 256, 2, id="B8-N16384"),
-    pytest.param(2, 256, 1, id="B2-N65536"),
+    # (B, token grid, patch): images (2 entries), videos (3)
+    pytest.param(2, (64, 64), (2, 2), id="B2-N4096"),
+    pytest.param(8, (64, 64), (2, 2), id="B8-N4096"),
+    pytest.param(2, (128, 128), (2, 2), id="B2-N16384"),
+    pytest.param(8, (128, 128), (2, 2), id="B8-N16384"),
+    pytest.param(2, (256, 256), (1, 1), id="B2-N65536"),
+    pytest.param(1, (21, 45, 80), (1, 2, 2), id="B1-wan720p-N75600"),
+    pytest.param(2, (21, 45, 80), (1, 2, 2), id="B2-wan720p-N75600"),
+    pytest.param(2, (4, 128, 256), (2, 1, 1), id="B2-video-pt2-N131072"),
 ]
 
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("b,side,p", GPU_SIZES)
-def test_gpu_full_size(b, side, p, triton_backend):
-    n = (side // p) ** 2
-    # Tie-free, several steps: exact indices and counters (k = 0.5: log-gap 0.5 / N >= 7.6e-6, ~60 ulp).
+@pytest.mark.parametrize("b,grid,patch", GPU_SIZES)
+def test_gpu_full_size(b, grid, patch, triton_backend):
+    n = math.prod(grid)
+    # Tie-free, several steps: exact indices and counters (k = 0.5: log-gap 0.5 / N >= 3.8e-6, ~30 ulp).
     counters = torch.zeros(b, n, dtype=torch.int32, device="cuda")
     ref_c = counters.clone()
     for ratio, high_ratio, mode in ((0.5, 0.3, "reference"), (0.25, 1.0, "paper"), (0.125, 0.0, "reference")):
         k = n - int((1 - ratio) * n)
-        x = tie_free_signal(b, 16, side, side, p, 0.5, "std", device="cuda")
-        kw = dict(patch_size=p, mode=mode, high_ratio=high_ratio, starvation_scale=0.5)
+        x = tie_free_video(b, 16, grid, patch, 0.5, "std", device="cuda")
+        kw = dict(patch_size=patch, mode=mode, high_ratio=high_ratio, starvation_scale=0.5)
         torch.empty(b * k, dtype=torch.int64, device="cuda").fill_(-1)  # dirty the allocator: unwritten = -1
         ours = select_regions(x, k, counters=counters, **kw)
         ref = reference.select_regions(x, k, counters=ref_c, **kw)
@@ -365,10 +512,11 @@ def test_gpu_full_size(b, side, p, triton_backend):
         assert torch.equal(ours, ref)
         assert torch.equal(counters, ref_c)
     # Random bf16 data with counters: values as multisets.
-    x = torch.randn(b, 16, side, side, device="cuda", dtype=torch.bfloat16)
+    size = [g * p for g, p in zip(grid, patch, strict=True)]
+    x = torch.randn(b, 16, *size, device="cuda", dtype=torch.bfloat16)
     counters = torch.randint(0, 6, (b, n), device="cuda")
     for metric in ("std", "l2"):
-        kw = dict(patch_size=p, metric=metric, high_ratio=0.3)
+        kw = dict(patch_size=patch, metric=metric, high_ratio=0.3)
         ours, ours_c, ref, ref_c = run_both(x, n // 4, counters, **kw)
         assert_same_selection_values(x, n // 4, counters, ours, ours_c, ref, ref_c, **kw)
 
@@ -428,7 +576,7 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     ref_c = counters.clone()
     band = reference.band_start(n, 300, 1.0)
     op = torch.ops.ras_kernels.select_regions
-    fn = torch.compile(lambda s, c: op(s, c, 300, band, 2, False, 0.1), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(lambda s, c: op(s, c, 300, band, [2, 2], False, 0.1), backend="aot_eager", fullgraph=True)
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)
     assert_same_selection_values(x, 300, torch.zeros_like(ref_c), ours, counters, ref, ref_c)

@@ -16,6 +16,7 @@ def region_keys_kernel(
     key_ptr,
     stride_xb,
     stride_xc,
+    stride_xt,
     stride_xh,
     stride_xw,
     stride_cb,
@@ -23,10 +24,13 @@ def region_keys_kernel(
     stride_kb,
     C,
     N,
+    HT,
     WT,
     signed_scale,
-    P: tl.constexpr,
-    P2: tl.constexpr,
+    PT: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PV2: tl.constexpr,
     BLOCK_T: tl.constexpr,
     L2: tl.constexpr,
     C_BLOCK: tl.constexpr,
@@ -34,29 +38,39 @@ def region_keys_kernel(
 ):
     """Order-preserving uint32 sort keys of the token priorities.
 
-    x: [B, C, H, W] (fp32/bf16/fp16, any strides); cnt: [B, N] int32/int64 starvation counts D (read only);
-    key: [B, N] int32 holding uint32 bit patterns. Token t = (t // WT, t % WT) covers pixels
-    [p*th, p*th + p) x [p*tw, p*tw + p). Per pixel s = unbiased channel std (fp32, two-pass) or, with L2, the
-    channel L2 norm; R = mean of s over the patch; priority = R * exp(signed_scale * D) with
-    signed_scale = +k (``reference`` mode) or -k (``paper``), or R alone without counters.
+    x: [B, C, T, H, W] (fp32/bf16/fp16, any strides; an image is a view with T = 1); cnt: [B, N] int32/int64
+    starvation counts D (read only); key: [B, N] int32 holding uint32 bit patterns. Tokens are (PT, PH, PW)
+    patches in row-major (t, h, w) order over a (N / (HT * WT), HT, WT) token grid: token
+    n = (tt * HT + th) * WT + tw covers voxels [PT*tt, PT*tt + PT) x [PH*th, PH*th + PH) x [PW*tw, PW*tw + PW).
+    Per voxel s = unbiased channel std (fp32, two-pass) or, with L2, the channel L2 norm; R = mean of s over
+    the patch; priority = R * exp(signed_scale * D) with signed_scale = +k (``reference`` mode) or -k
+    (``paper``), or R alone without counters.
     key = bits(priority) | 0x80000000 for priority >= 0 and ~bits otherwise (ascending keys = ascending
     priorities); -0 is folded into +0 and every NaN maps to 0xFFFFFFFF, so NaNs rank last as in torch.sort.
-    Grid: (cdiv(N, BLOCK_T), B); P2 = next_pow2(P * P) sub-pixel slots per token; C_BLOCK channels unrolled.
+    Grid: (cdiv(N, BLOCK_T), B); PV2 = next_pow2(PT * PH * PW) voxel slots per token; C_BLOCK channels unrolled.
     """
     b = tl.program_id(1).to(tl.int64)
-    # Token and pixel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
+    # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
+    # The divisions by the grid sizes are per token; the per-voxel ones are by constants.
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = tok < N
-    sub = tl.arange(0, P2)
-    h = (tok // WT)[:, None] * P + (sub // P)[None, :]
-    w = (tok % WT)[:, None] * P + (sub % P)[None, :]
-    pix_ok = tok_ok[:, None] & (sub < P * P)[None, :]
-    pix_ptr = x_ptr + b * stride_xb + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+    row = tok // WT  # tt * HT + th
+    tt = row // HT
+    th = row - tt * HT
+    tw = tok - row * WT
+    sub = tl.arange(0, PV2)
+    t = tt[:, None] * PT + (sub // (PH * PW))[None, :]
+    h = th[:, None] * PH + ((sub // PW) % PH)[None, :]
+    w = tw[:, None] * PW + (sub % PW)[None, :]
+    pix_ok = tok_ok[:, None] & (sub < PT * PH * PW)[None, :]
+    pix_ptr = (
+        x_ptr + b * stride_xb + t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+    )
 
     # Channels run in registers: C_BLOCK unrolled loads per pixel are in flight together and the channel sums
     # need no cross-thread reduction. std is two-pass (mean, then squared deviations; the second pass re-reads
     # from L1), as accurate as torch's.
-    acc = tl.zeros((BLOCK_T, P2), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_T, PV2), dtype=tl.float32)
     zero = tl.zeros((), dtype=tl.int32)  # keeps the channel number a tensor (the interpreter needs one)
     for c0 in range(0, C, C_BLOCK):
         for j in tl.static_range(C_BLOCK):
@@ -67,8 +81,8 @@ def region_keys_kernel(
     if L2:
         s = tl.sqrt_rn(acc)
     else:
-        mean = tl.div_rn(acc, tl.full((BLOCK_T, P2), 0, tl.float32) + C.to(tl.float32))
-        m2 = tl.zeros((BLOCK_T, P2), dtype=tl.float32)
+        mean = tl.div_rn(acc, tl.full((BLOCK_T, PV2), 0, tl.float32) + C.to(tl.float32))
+        m2 = tl.zeros((BLOCK_T, PV2), dtype=tl.float32)
         for c0 in range(0, C, C_BLOCK):
             for j in tl.static_range(C_BLOCK):
                 c = zero + c0 + j
@@ -76,12 +90,12 @@ def region_keys_kernel(
                 v = tl.load(pix_ptr + c.to(tl.int64) * stride_xc, mask=ok, other=0.0).to(tl.float32)
                 d = tl.where(ok, v - mean, 0.0)
                 m2 += d * d
-        s = tl.sqrt_rn(tl.div_rn(m2, tl.full((BLOCK_T, P2), 0, tl.float32) + (C - 1).to(tl.float32)))
+        s = tl.sqrt_rn(tl.div_rn(m2, tl.full((BLOCK_T, PV2), 0, tl.float32) + (C - 1).to(tl.float32)))
     s = tl.where(pix_ok, s, 0.0)
-    prio = tl.div_rn(tl.sum(s, axis=1), tl.full((BLOCK_T,), P * P, tl.float32))
+    prio = tl.div_rn(tl.sum(s, axis=1), tl.full((BLOCK_T,), PT * PH * PW, tl.float32))
 
     if HAS_COUNTERS:
-        d_cnt = tl.load(cnt_ptr + b * stride_cb + tok * stride_cn, mask=tok_ok, other=0).to(tl.float32)
+        d_cnt = tl.load(cnt_ptr + b * stride_cb + tok.to(tl.int64) * stride_cn, mask=tok_ok, other=0).to(tl.float32)
         # Same fp32 argument as the reference; exp in fp64 so the rounded factor matches torch's exp.
         arg = signed_scale * d_cnt
         prio = prio * tl.exp(arg.to(tl.float64)).to(tl.float32)

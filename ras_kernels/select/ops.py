@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -19,8 +20,13 @@ except ImportError:  # the reference path still works without Triton
 
 METRICS = ("std", "l2")
 MODES = ("reference", "paper")
-# The size the Triton path is tuned and tested for (one program per row; its packed counters would allow 2**21 - 1).
-MAX_TRITON_TOKENS = 65536
+# The largest N the Triton path takes: 2**17 covers Wan 720p (21 x 45 x 80 = 75,600 tokens). One program per row;
+# above 16384 keys the radix select re-reads the row from L2 in 16384-key chunks (N = 2**17: 8 chunks), and the
+# launch configuration of every N in (2**16, 2**17] equals that of N = 2**16 apart from that chunk count and the
+# compaction grid. The packed counts in the kernels would allow 2**21 - 1; larger rows are untested (and slower).
+MAX_TRITON_TOKENS = 1 << 17
+_PATCH_NAMES = {4: "(ph, pw)", 5: "(pt, ph, pw)"}
+_GRID_NAMES = {4: "(H, W)", 5: "(T, H, W)"}
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -32,16 +38,40 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
+def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
+    """The patch sizes of a signal of rank ``ndim`` (4 or 5), one per grid dimension; raises naming patch_size."""
+    names = _PATCH_NAMES[ndim]
+    if isinstance(patch_size, (tuple, list)):
+        if len(patch_size) != ndim - 2:
+            raise ValueError(
+                f"patch_size must have {ndim - 2} entries {names} for a {ndim}-D signal, got {tuple(patch_size)}"
+            )
+        return tuple(_check_int(f"patch_size[{i}]", v, 1) for i, v in enumerate(patch_size))
+    if ndim == 4 and not isinstance(patch_size, bool) and isinstance(patch_size, int):
+        _check_int("patch_size", patch_size, 1)
+        return (patch_size, patch_size)
+    accepted = "an int or a (ph, pw) tuple" if ndim == 4 else "a (pt, ph, pw) tuple"
+    raise TypeError(
+        f"patch_size must be {accepted} of ints for a {ndim}-D signal, got {type(patch_size).__name__} {patch_size!r}"
+    )
+
+
 def validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio) -> int:
     """Check every argument of :func:`select_regions`; return the token count N."""
-    check_tensor("signal", signal, ndim=4, dtypes=FLOAT_DTYPES)
-    b, c, h, w = signal.shape
+    check_tensor("signal", signal)
+    if signal.dim() not in (4, 5):
+        raise ValueError(
+            f"signal must have 4 dimensions [B, C, H, W] or 5 [B, C, T, H, W], got shape {tuple(signal.shape)}"
+        )
+    check_tensor("signal", signal, dtypes=FLOAT_DTYPES)
+    b, c = signal.shape[:2]
     if c < 1:
         raise ValueError(f"signal must have at least one channel, got shape {tuple(signal.shape)}")
-    _check_int("patch_size", patch_size, 1)
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"signal height and width ({h}, {w}) must be divisible by patch_size={patch_size}")
-    n = (h // patch_size) * (w // patch_size)
+    patch = _check_patch(signal.dim(), patch_size)
+    grid = tuple(signal.shape[2:])
+    if any(size % p for size, p in zip(grid, patch, strict=True)):
+        raise ValueError(f"signal size {_GRID_NAMES[signal.dim()]} = {grid} must be divisible by patch_size {patch}")
+    n = math.prod(size // p for size, p in zip(grid, patch, strict=True))
     if n == 0:
         raise ValueError(f"signal has no tokens (shape {tuple(signal.shape)})")
     _check_int("num_active", num_active, 1, n)
@@ -95,7 +125,7 @@ def launch_select(
     counters: torch.Tensor | None,
     num_active: int,
     rank_lo: int,
-    patch_size: int,
+    patch_size: int | Sequence[int],
     use_l2: bool,
     signed_scale: float,
     tuning: dict | None = None,
@@ -103,52 +133,74 @@ def launch_select(
 ) -> torch.Tensor:
     """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
+    ``signal`` [B, C, H, W] with ``patch_size`` p or (ph, pw), or [B, C, T, H, W] with (pt, ph, pw): the kernels
+    read either through a [B, C, T, H, W] view (strides only, never a copy).
     ``tuning`` overrides entries of :func:`select_tuning` (the benchmark compares variants with it).
     ``traceable`` wraps the kernels with ``wrap_triton`` (needed under torch.compile / make_fx tracing);
     plain eager calls launch them directly, which skips the higher-order-op dispatch.
     """
     wrap = wrap_triton if traceable else (lambda kernel: kernel)
-    b, c, h, w = signal.shape
-    p = patch_size
-    wt = w // p
-    n = (h // p) * wt
-    dev = signal.device
-    keys = torch.empty((b, n), dtype=torch.int32, device=dev)
-    state = torch.empty((b, 8), dtype=torch.int32, device=dev)
-    out = torch.empty((b, num_active), dtype=torch.int64, device=dev)
+    x, (pt, ph, pw) = reference.as_video(signal, patch_size)
+    b, c, t, h, w = x.shape
+    ht, wt = h // ph, w // pw
+    n = (t // pt) * ht * wt
+    keys = torch.empty((b, n), dtype=torch.int32, device=signal.device)
     cnt = counters if counters is not None else keys  # a dummy pointer when HAS_COUNTERS is off
     cnt_strides = (counters.stride(0), counters.stride(1)) if counters is not None else (0, 0)
 
     with device_of(signal):  # Triton launches on the current device, not necessarily the tensors' one
-        p2 = _next_pow2(p * p)
-        # 256 pixels per program (2 per thread), all channels of a pixel in one thread.
-        block_t = max(1, min(256 // p2, _next_pow2(n)))
+        pv2 = _next_pow2(pt * ph * pw)
+        # 256 voxels per program (2 per thread), all channels of a voxel in one thread.
+        block_t = max(1, min(256 // pv2, _next_pow2(n)))
         wrap(kernels.region_keys_kernel)[(triton.cdiv(n, block_t), b)](
-            signal,
+            x,
             cnt,
             keys,
-            signal.stride(0),
-            signal.stride(1),
-            signal.stride(2),
-            signal.stride(3),
+            *x.stride(),
             cnt_strides[0],
             cnt_strides[1],
             keys.stride(0),
             c,
             n,
+            ht,
             wt,
             signed_scale,
-            P=p,
-            P2=p2,
+            PT=pt,
+            PH=ph,
+            PW=pw,
+            PV2=pv2,
             BLOCK_T=block_t,
             L2=use_l2,
             C_BLOCK=min(c, 16),
             HAS_COUNTERS=counters is not None,
             num_warps=4,
         )
+    return launch_band(keys, counters, num_active, rank_lo, tuning, traceable)
 
-        cfg = select_tuning(n)
-        cfg.update(tuning or {})
+
+def launch_band(
+    keys: torch.Tensor,
+    counters: torch.Tensor | None,
+    num_active: int,
+    rank_lo: int,
+    tuning: dict | None = None,
+    traceable: bool = True,
+) -> torch.Tensor:
+    """The selection stage alone: the tokens at ranks [rank_lo, rank_lo + num_active) of each row of ``keys``.
+
+    keys: [B, N] int32 holding uint32 sort keys (ascending key, then ascending index); counters as in
+    :func:`launch_select` (+1 where dropped). Returns [B, num_active] int64 indices, ascending. Split from the
+    score stage so that tests can drive the radix select at the largest N with chosen keys (ties included).
+    """
+    wrap = wrap_triton if traceable else (lambda kernel: kernel)
+    b, n = keys.shape
+    state = torch.empty((b, 8), dtype=torch.int32, device=keys.device)
+    out = torch.empty((b, num_active), dtype=torch.int64, device=keys.device)
+    cnt = counters if counters is not None else keys  # a dummy pointer when HAS_COUNTERS is off
+    cnt_strides = (counters.stride(0), counters.stride(1)) if counters is not None else (0, 0)
+    cfg = select_tuning(n)
+    cfg.update(tuning or {})
+    with device_of(keys):
         wrap(kernels.band_bounds_kernel)[(b,)](
             keys,
             state,
@@ -189,7 +241,7 @@ if triton is not None:
         counters: torch.Tensor | None,
         num_active: int,
         rank_lo: int,
-        patch_size: int,
+        patch_size: list[int],
         use_l2: bool,
         signed_scale: float,
     ) -> torch.Tensor:
@@ -200,7 +252,7 @@ def select_regions(
     signal: torch.Tensor,
     num_active: int,
     *,
-    patch_size: int = 2,
+    patch_size: int | Sequence[int] = 2,
     metric: str = "std",
     counters: torch.Tensor | None = None,
     starvation_scale: float = 0.1,
@@ -210,10 +262,17 @@ def select_regions(
     """Choose the ``num_active`` patch tokens each sample recomputes at the next RAS step.
 
     Args:
-        signal: [B, C, H, W] float tensor, the guided model output of the step just taken.
-        num_active: K, the number of tokens to keep, 1 <= K <= N = (H / patch_size) * (W / patch_size).
-        patch_size: p; token t covers the p x p latent pixels of patch t in row-major patch order.
-        metric: ``"std"`` (unbiased channel std per pixel) or ``"l2"`` (channel L2 norm per pixel).
+        signal: the guided model output of the step just taken: an image [B, C, H, W] or a video
+            [B, C, T, H, W] (float32 / bfloat16 / float16, any strides).
+        num_active: K, the number of tokens to keep, 1 <= K <= N (the token count below).
+        patch_size: an image's patch, an int p (p x p) or a tuple (ph, pw); a video's, a tuple (pt, ph, pw)
+            (an int is refused for a video: (1, p, p) and (p, p, p) are both plausible). Every size of the signal's
+            grid must be divisible by its patch size. Tokens are the patches in row-major order: (h, w) for an
+            image, N = (H / ph) * (W / pw); (t, h, w) for a video, N = (T / pt) * (H / ph) * (W / pw), the order of a
+            Conv3d patch embedding followed by ``flatten(2)`` (diffusers' Wan). Token t covers its patch's latent
+            pixels (voxels).
+        metric: ``"std"`` (unbiased channel std per pixel, C >= 2) or ``"l2"`` (channel L2 norm per pixel); the
+            score R of a token is the mean over its pixels.
         counters: optional [B, N] int32/int64 starvation counts D, updated in place (+1 for every dropped token).
         starvation_scale: k >= 0 in the priority ``R * exp(+-k D)``.
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
@@ -224,8 +283,9 @@ def select_regions(
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
     The Triton path (CUDA tensors) is three launches without host synchronisation, so it can be captured in a
-    CUDA graph; it supports N <= 65536. The selection is not differentiable on either path (integer indices), so a
-    ``signal`` that requires grad is fine.
+    CUDA graph; it reads every accepted signal rank, layout and patch shape in place (no copy) and supports
+    N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so
+    a ``signal`` that requires grad is fine.
     """
     n = validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio)
     if signal.shape[0] == 0:
@@ -243,7 +303,7 @@ def select_regions(
             counters,
             num_active,
             reference.band_start(n, num_active, float(high_ratio)),
-            patch_size,
+            [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size],  # the op's int[]
             metric == "l2",
             sign * float(starvation_scale),
         )

@@ -1,12 +1,28 @@
 """Plain-PyTorch reference for region selection: the spec, in fp32, readable.
 
-Shapes: ``signal`` [B, C, H, W]; N = (H / p) * (W / p) patch tokens in row-major patch order;
-``counters`` [B, N]; the result [B, K] holds token indices sorted ascending.
+Shapes: ``signal`` [B, C, H, W] (image) or [B, C, T, H, W] (video); N = (H / ph) * (W / pw) patch tokens of an
+image, (T / pt) * (H / ph) * (W / pw) of a video, in row-major (t, h, w) patch order; ``counters`` [B, N]; the
+result [B, K] holds token indices sorted ascending. Every signal rank and patch shape the public op validates is
+supported here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def as_video(signal: torch.Tensor, patch_size: int | Sequence[int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The signal as a [B, C, T, H, W] view (an image gets T = 1) and its patch as (pt, ph, pw).
+
+    ``patch_size``: an int p ((1, p, p)) or (ph, pw) for an image, (pt, ph, pw) for a video; assumed validated.
+    """
+    if signal.dim() == 4:
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        return signal.unsqueeze(2), (1, int(ph), int(pw))
+    pt, ph, pw = patch_size
+    return signal, (int(pt), int(ph), int(pw))
 
 
 def band_start(num_tokens: int, num_active: int, high_ratio: float) -> int:
@@ -19,14 +35,14 @@ def band_start(num_tokens: int, num_active: int, high_ratio: float) -> int:
     return int(skip * (1.0 - high_ratio))
 
 
-def region_scores(signal: torch.Tensor, patch_size: int, metric: str) -> torch.Tensor:
-    """Per-token score R [B, N] (fp32): per-pixel channel std (unbiased) or L2 norm, averaged over each patch."""
-    x = signal.float()
-    per_pixel = x.std(dim=1, unbiased=True) if metric == "std" else x.pow(2).sum(dim=1).sqrt()
-    b, h, w = per_pixel.shape
-    p = patch_size
-    patches = per_pixel.reshape(b, h // p, p, w // p, p)
-    return patches.mean(dim=(2, 4)).reshape(b, -1)
+def region_scores(signal: torch.Tensor, patch_size: int | Sequence[int], metric: str) -> torch.Tensor:
+    """Per-token score R [B, N] (fp32): per-pixel (voxel) channel std (unbiased) or L2 norm, averaged over each
+    patch."""
+    x, (pt, ph, pw) = as_video(signal.float(), patch_size)
+    per_voxel = x.std(dim=1, unbiased=True) if metric == "std" else x.pow(2).sum(dim=1).sqrt()
+    b, t, h, w = per_voxel.shape
+    patches = per_voxel.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw)
+    return patches.mean(dim=(2, 4, 6)).reshape(b, -1)
 
 
 def priorities(scores: torch.Tensor, counters: torch.Tensor | None, starvation_scale: float, mode: str) -> torch.Tensor:
@@ -41,7 +57,7 @@ def select_regions(
     signal: torch.Tensor,
     num_active: int,
     *,
-    patch_size: int = 2,
+    patch_size: int | Sequence[int] = 2,
     metric: str = "std",
     counters: torch.Tensor | None = None,
     starvation_scale: float = 0.1,
