@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import Attention, ModelAdapter, RASProcessor, find_adapter, install, register_adapter, registry
+from .adapter import (
+    Attention,
+    ModelAdapter,
+    RASProcessor,
+    find_adapter,
+    install,
+    refuse_submodule_hooks,
+    register_adapter,
+    registry,
+)
 from .config import RASConfig
 from .handle import RASHandle
 from .session import RASSession
@@ -85,12 +94,7 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
         raise RuntimeError("RAS is already applied to this transformer; call remove() on its handle first")
     if transformer is not target and not hasattr(target, "scheduler"):
         raise TypeError(f"apply_ras needs a pipeline with a .scheduler; {type(target).__name__} has none")
-    hooked = next((name for name, m in transformer.named_modules() if name and hasattr(m, "_hf_hook")), None)
-    if hooked is not None:
-        raise ValueError(
-            f"transformer.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), which RAS "
-            "does not support; use pipe.enable_model_cpu_offload() or no offloading"
-        )
+    refuse_submodule_hooks(transformer)
     session = RASSession(config, patch_size=adapter.patch_size(transformer), max_shapes=max_shapes)
     handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs)
     try:

@@ -168,6 +168,17 @@ class ModelAdapter:
                 self.context = outer
 
 
+def refuse_submodule_hooks(transformer: torch.nn.Module, name: str = "transformer") -> None:
+    """Raise ValueError if an accelerate hook sits on a submodule of ``transformer`` (sequential offload or a
+    device_map): RAS's patches would run beneath hooks that move weights per submodule."""
+    hooked = next((path for path, m in transformer.named_modules() if path and hasattr(m, "_hf_hook")), None)
+    if hooked is not None:
+        raise ValueError(
+            f"{name}.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), which RAS "
+            "does not support; use pipe.enable_model_cpu_offload() or no offloading"
+        )
+
+
 def _pattern(path: str) -> re.Pattern:
     """A module path with ``*`` for any one component, as a regex."""
     return re.compile(r"\.".join("[^.]+" if part == "*" else re.escape(part) for part in path.split(".")))

@@ -34,7 +34,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from .adapter import Attention, ModelAdapter, RASProcessor, install
+from .adapter import Attention, ModelAdapter, RASProcessor, install, refuse_submodule_hooks
 from .config import RASConfig
 from .handle import RASHandle
 
@@ -158,12 +158,7 @@ class WanAdapter(ModelAdapter):
             )
         if getattr(second, "_ras_handle", None) is not None:
             raise RuntimeError("RAS is already applied to pipe.transformer_2; call remove() on its handle first")
-        hooked = next((name for name, m in second.named_modules() if name and hasattr(m, "_hf_hook")), None)
-        if hooked is not None:
-            raise ValueError(
-                f"transformer_2.{hooked} has an accelerate hook (enable_sequential_cpu_offload or a device_map), "
-                "which RAS does not support; use pipe.enable_model_cpu_offload() or no offloading"
-            )
+        refuse_submodule_hooks(second, "transformer_2")
         handle = RASHandle(self.session, second, cuda_graphs=self.handle.graphs is not None)
         handle.graphs = self.handle.graphs  # one set: graph keys name the expert, and abort() clears them all
         self.handle.on_remove(handle.remove)  # first: a failure below is undone by apply_ras's remove()
