@@ -3,7 +3,9 @@ that more than one file makes (attention against the fp32 reference, region sele
 
 from __future__ import annotations
 
+import contextlib
 import os
+import types
 
 import pytest
 import torch
@@ -110,3 +112,37 @@ def assert_same_selection_values(signal, k, counters, ours, ours_c, ref, ref_c, 
         assert int(swapped.sum()) <= max(2, b * n // 100), "more than a few boundary swaps"
         assert torch.equal(ours_c[~swapped], ref_c[~swapped])
         assert torch.equal(ours_c[swapped], counters[swapped] + (~in_ours[swapped]).to(counters.dtype))
+
+
+def backend_cases(cases, triton) -> list:
+    """(case, backend) parameters: every case on the plain-PyTorch path, the ``triton`` ones also on the Triton
+    kernels (skipped where Triton cannot run: no GPU and no interpreter)."""
+    marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+    params = [pytest.param(case, "torch", id=f"{case}-torch") for case in cases]
+    return params + [pytest.param(case, "triton", id=f"{case}-triton", marks=marks) for case in triton]
+
+
+def fake_cuda_graphs(monkeypatch) -> types.SimpleNamespace:
+    """CUDA graph bookkeeping on the CPU: every "capture" records its pool and replays by running the step eagerly;
+    no-grad steps use the graphs whatever their device. Returns the record: ``pools`` (one item per capture) and
+    ``emptied`` (one item per ``torch.cuda.empty_cache``)."""
+    from ras_models import RASHandle, graphs
+
+    record = types.SimpleNamespace(pools=[], emptied=[])
+
+    class FakeGraph:
+        def __init__(self, fn, args, kwargs, pool):
+            self.fn = fn
+            record.pools.append(pool)
+
+        def replay(self, args, kwargs):
+            return self.fn(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "_Graph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: record.emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(
+        RASHandle, "_use_graphs", lambda self, hidden_states: self.graphs is not None and not torch.is_grad_enabled()
+    )
+    return record

@@ -16,7 +16,7 @@ from ras_kernels.select.reference import select_regions as reference_select
 from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_lumina_pipeline, tiny_sd3_pipeline
-from ._utils import DEVICE, TRITON_RUNNABLE
+from ._utils import DEVICE, backend_cases
 
 SD3_SIZE = {"height": 16, "width": 16}  # vae factor 1 -> 16x16 latent
 LUMINA_SIZE = {"height": 128, "width": 128}  # Lumina's fixed vae factor 8 -> 16x16 latent
@@ -183,18 +183,8 @@ def _config(cfg: dict) -> RASConfig:
     return RASConfig(**kwargs)
 
 
-def _backend_cases():
-    """Every case on the plain-PyTorch path; two also on the Triton kernels (interpreter on CPU, or a GPU)."""
-    cases = [pytest.param(case, "torch", id=f"{case}-torch") for case in CASES]
-    triton_marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
-    cases += [
-        pytest.param(case, "triton", id=f"{case}-triton", marks=triton_marks)
-        for case in ("sd3-1prompt", "lumina-1prompt-dynamic")
-    ]
-    return cases
-
-
-@pytest.mark.parametrize("case,backend", _backend_cases())
+# Every case on the plain-PyTorch path; two also on the Triton kernels (interpreter on CPU, or a GPU).
+@pytest.mark.parametrize("case,backend", backend_cases(CASES, ("sd3-1prompt", "lumina-1prompt-dynamic")))
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     # fp32 everywhere: keep cuDNN convolutions out of TF32 so the oracle's dense run is as exact as ours.

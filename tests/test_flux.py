@@ -20,7 +20,7 @@ from ras_kernels.select.reference import select_regions as reference_select
 from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_flux_pipeline
-from ._utils import DEVICE, TRITON_RUNNABLE
+from ._utils import DEVICE, backend_cases
 
 ATOL = 1e-4  # the same computation in another order (fp32)
 TEXT, JOINT, POOLED = 6, 24, 16  # text tokens, prompt embedding width, pooled width of tiny_flux_transformer
@@ -193,15 +193,10 @@ def _config(cfg: dict) -> RASConfig:
     )
 
 
-def _backend_cases():
-    cases = [pytest.param(case, "torch", id=f"{case}-torch") for case in CASES]
-    marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
-    triton = ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare")  # both modes; the interpreter is slow
-    cases += [pytest.param(case, "triton", id=f"{case}-triton", marks=marks) for case in triton]
-    return cases
-
-
-@pytest.mark.parametrize("case,backend", _backend_cases())
+# Every case on the plain-PyTorch path; two (both modes; the interpreter is slow) also on the Triton kernels.
+@pytest.mark.parametrize(
+    "case,backend", backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare"))
+)
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     guidance_embeds, count, true_cfg, size, cfg = CASES[case]

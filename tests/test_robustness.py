@@ -7,16 +7,13 @@ CPU tests use tiny random-weight pipelines on the plain-PyTorch path and compare
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from ras_models import RASConfig, RASHandle, RASSession, apply_ras
-from ras_models import graphs as graphs_module
+from ras_models import RASConfig, RASSession, apply_ras
 
 from ._models import tiny_sd3_pipeline, tiny_sd3_transformer
-from ._utils import requires_cuda
+from ._utils import fake_cuda_graphs, requires_cuda
 from .test_integration import TinyDiT, sample
 
 CONFIG = RASConfig(num_steps=3, warmup_steps=1, reset_steps=(), sample_ratio=0.5)  # dense, RAS, RAS
@@ -357,24 +354,8 @@ def test_session_evicts_least_recently_used_shape(torch_backend):
 
 def test_graphs_follow_the_session_lru(monkeypatch, torch_backend):
     """CUDA graph bookkeeping on the CPU: a fake capture that runs the step eagerly on every replay."""
-    pools = []
-
-    class FakeGraph:
-        def __init__(self, fn, args, kwargs, pool):
-            self.fn = fn
-            pools.append(pool)
-
-        def replay(self, args, kwargs):
-            return self.fn(*args, **kwargs)
-
-    emptied = []
-    monkeypatch.setattr(graphs_module, "_Graph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # captures on the CPU
-    monkeypatch.setattr(
-        RASHandle, "_use_graphs", lambda self, hidden_states: self.graphs is not None and not torch.is_grad_enabled()
-    )
+    fake = fake_cuda_graphs(monkeypatch)
+    pools, emptied = fake.pools, fake.emptied
     pipe = _pipe()
     sizes = [(16, 16), (16, 24), (16, 16), (24, 16)]
     with apply_ras(pipe, CONFIG, cuda_graphs=False):

@@ -23,7 +23,7 @@ from einops import rearrange
 from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_wan_i2v_pipeline, tiny_wan_pipeline, tiny_wan_transformer
-from ._utils import DEVICE, TRITON_RUNNABLE
+from ._utils import DEVICE, backend_cases, fake_cuda_graphs
 from .test_flux import _config, _recording, _spec_count  # the spec settings as a dict, its RASConfig and schedule
 
 ATOL = 1e-4  # the same computation in another order (fp32)
@@ -190,14 +190,6 @@ CASES = {
 }  # fmt: skip
 
 
-def _backend_cases():
-    cases = [pytest.param(case, "torch", id=f"{case}-torch") for case in CASES]
-    marks = [] if TRITON_RUNNABLE else [pytest.mark.skip(reason="Triton needs CUDA or TRITON_INTERPRET=1")]
-    triton = ("2.1-cfg", "2.2-experts-cfg-paper")  # both modes, CFG, the switch; the interpreter is slow
-    cases += [pytest.param(case, "triton", id=f"{case}-triton", marks=marks) for case in triton]
-    return cases
-
-
 def _generations(pipe, run, cfg: dict):
     """The dense pipeline's result, RAS's (and the calls it began), the oracle's (and the oracle)."""
     dense = run()
@@ -214,7 +206,8 @@ def _generations(pipe, run, cfg: dict):
     return ras, calls, expected, oracle
 
 
-@pytest.mark.parametrize("case,backend", _backend_cases())
+# Every case on the plain-PyTorch path; two (both modes, CFG, the switch) also on the Triton kernels.
+@pytest.mark.parametrize("case,backend", backend_cases(CASES, ("2.1-cfg", "2.2-experts-cfg-paper")))
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     experts, count, guidance, size, cfg = CASES[case]
@@ -293,27 +286,7 @@ def test_step_graphs_of_two_experts(monkeypatch, torch_backend):
     """CUDA graph bookkeeping on the CPU (a fake capture that runs the step eagerly on every replay): one set of
     graphs for both experts, keyed by (expert, call); the second generation replays every one of them (the second
     expert's first step does not drop the first's); moved weights and an aborted generation drop them all."""
-    import contextlib
-
-    from ras_models import RASHandle, graphs
-
-    captures = []
-
-    class FakeGraph:
-        def __init__(self, fn, args, kwargs, pool):
-            self.fn = fn
-            captures.append(fn)
-
-        def replay(self, args, kwargs):
-            return self.fn(*args, **kwargs)
-
-    monkeypatch.setattr(graphs, "_Graph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # captures on the CPU
-    monkeypatch.setattr(
-        RASHandle, "_use_graphs", lambda self, hidden_states: self.graphs is not None and not torch.is_grad_enabled()
-    )
+    captures = fake_cuda_graphs(monkeypatch).pools
     pipe = tiny_wan_pipeline(experts=2)
     pipe.set_progress_bar_config(disable=True)
     config = RASConfig.wan(num_steps=8, warmup_steps=2, reset_steps=(), sample_ratio=0.5)
