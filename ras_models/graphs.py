@@ -53,10 +53,21 @@ class _Graph:
         self.static_inputs = [t.to(device, copy=True) if t.device.type == "cpu" else t.clone() for t in inputs]
         static_args, static_kwargs = _rebuild((args, kwargs), iter(self.static_inputs))
         self.graph = torch.cuda.CUDAGraph()
-        # torch.cuda.graph's default capture stream is made once, on the device current then: with models on two
-        # devices it would capture this one's work on another device's stream. A stream on the inputs' device.
-        with torch.cuda.graph(self.graph, pool=pool, stream=torch.cuda.Stream(device)):
-            self.static_output = fn(*static_args, **static_kwargs)
+        # Captured on a side stream of the inputs' device (torch.cuda.graph's default capture stream is made once,
+        # on the device current then: with models on two devices it would record this one's work on another
+        # device's stream). Not through torch.cuda.graph: it synchronises the device and empties the allocator's
+        # cache before every capture, so each step shape met in a first generation would hand back the memory of
+        # the eager steps and allocate it again.
+        current = torch.cuda.current_stream(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=pool)
+            try:
+                self.static_output = fn(*static_args, **static_kwargs)
+            finally:
+                self.graph.capture_end()
+        current.wait_stream(stream)
 
     def replay(self, args: tuple, kwargs: dict):
         inputs, _ = _split((args, kwargs))

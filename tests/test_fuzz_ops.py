@@ -50,7 +50,7 @@ from ._utils import (
     sdpa_baseline,
 )
 
-CASES = 40 if HAS_CUDA else 24  # per op, in the fuzz test
+CASES = 16 if HAS_CUDA else 24  # per op, in the fuzz test (on a GPU most cases compile a kernel variant)
 BAD_SHARE = 0.25
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX = (torch.int32, torch.int64)
