@@ -94,7 +94,7 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
     scale = s["d"] ** -0.5
     group = s["hq"] // s["hkv"]
     shape = _shape_str(name, s)
-    ours = graph_ms(lambda: ops._flash_attention(q, kc, vc, ke, ve, None, scale, False))
+    ours = graph_ms(lambda: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False))
     k_all, v_all = _concat(kc, vc, ke, ve, group)
     base_ms, base_name = _best_sdpa(q, k_all, v_all)
     out = [Row("attention kernel", shape, ours, base_ms, base_name, "TFLOP/s", _flops(s), tf)]
@@ -139,9 +139,7 @@ def _sweep_cells(name: str, s: dict, configs) -> list[str]:
     for bm, bn, w, st in configs:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
         try:
-            ms = graph_ms(
-                lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, lambda f: f, cfg)
-            )
+            ms = graph_ms(lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, cfg))
             cells.append(f"{_flops(s) / ms / 1e9:.0f}")
         except Exception as e:  # noqa: BLE001 - out of resources etc.
             cells.append(type(e).__name__[:12])
@@ -189,7 +187,7 @@ def tune(path: str) -> None:
             mask = torch.rand(b, t, device="cuda") < 0.8 if masked else None
             if masked:
                 mask[:, 0] = True
-            args = (q, kc, vc, ke, ve, mask, d**-0.5, False, lambda f: f)
+            args = (q, kc, vc, ke, ve, mask, d**-0.5, False)
             timings = []
             for bm, bn, w, st in ops.GPU_CONFIGS:
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}

@@ -264,9 +264,3 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(x: int) -> int:
     """The smallest power of two >= x (1 for x <= 1)."""
     return 1 << max(0, (x - 1).bit_length())
-
-
-def triton_path(op_name: str, op, launcher, device: torch.device, inputs: dict[str, object]):  # TEMPORARY (migration)
-    if not use_triton(op_name, device, inputs):
-        return None
-    return op if torch.compiler.is_compiling() else launcher

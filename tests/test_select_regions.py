@@ -136,8 +136,7 @@ def test_registered_op_matches_public_function(triton_backend):
     x = tie_free_signal(2, 4, 8, 8, 2, 0.5, "l2")
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
-    band = reference.band_start(16, 6, 0.3)
-    got = torch.ops.ras_kernels.select_regions(x, op_c, 6, band, [2, 2], True, -0.5)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -219,7 +218,7 @@ def test_registered_op_takes_a_video(triton_backend):
     x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
     counters = torch.randint(0, 3, (2, 45), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, op_c, 11, reference.band_start(45, 11, 0.3), [2, 1, 2], False, 0.5)
+    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3)
     ref_c = counters.clone()
     ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
@@ -243,7 +242,7 @@ def test_band_stage_at_the_largest_rows(n, triton_backend):
     for k, high_ratio in ((n // 2, 0.3), (1, 1.0), (n - 1, 0.0)):
         start = reference.band_start(n, k, high_ratio)
         expected = order[:, start : start + k].sort(dim=1).values
-        got = ops.launch_band(keys, counters, k, start, traceable=False)
+        got = ops.launch_band(keys, counters, k, start)
         assert torch.equal(got.cpu(), expected)
         dropped = torch.ones(b, n, dtype=torch.int32).scatter_(1, expected, 0)
         assert torch.equal(counters.cpu(), before.cpu() + dropped)
@@ -574,9 +573,10 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     # The registered op traces (functionalised in-place counters) under torch.compile.
     counters = torch.zeros(2, n, dtype=torch.int32, device="cuda")
     ref_c = counters.clone()
-    band = reference.band_start(n, 300, 1.0)
     op = torch.ops.ras_kernels.select_regions
-    fn = torch.compile(lambda s, c: op(s, c, 300, band, [2, 2], False, 0.1), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0), backend="aot_eager", fullgraph=True
+    )
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)
     assert_same_selection_values(x, 300, torch.zeros_like(ref_c), ours, counters, ref, ref_c)
