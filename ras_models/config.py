@@ -45,6 +45,9 @@ class RASConfig:
         mode: ``"reference"`` (priority R * exp(+k D), the public code's rule) or ``"paper"`` (R * exp(-k D)).
         starvation_scale: k >= 0.
         high_ratio: share in (0, 1] of the dropped tokens taken from the highest priorities.
+        shards: P >= 1: the image tokens form P consecutive runs of N / P, and every RAS step keeps the same count
+            of each run's own tokens (``select_regions(..., shards=P)``; the counts above apply per run), the choice
+            P ranks of a sequence-parallel run make; with 1, one selection over all N tokens.
     """
 
     sample_ratio: float = 0.5
@@ -60,6 +63,7 @@ class RASConfig:
     mode: str = "reference"
     starvation_scale: float = 0.1
     high_ratio: float = 1.0
+    shards: int = 1
 
     def __post_init__(self) -> None:
         _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
@@ -83,6 +87,7 @@ class RASConfig:
             raise ValueError(f"RASConfig.mode must be one of {MODES}, got {self.mode!r}")
         _require_float("starvation_scale", self.starvation_scale, "a finite float >= 0", lambda v: v >= 0)
         _require_float("high_ratio", self.high_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
+        require_int("RASConfig.shards", self.shards, 1)
 
     # Presets: the public reference examples' schedules; the SD3 sample ratio is the quality study's
     # recommendation (docs/quality.md).
@@ -131,6 +136,10 @@ class RASConfig:
         """Image tokens computed at ``step`` (``num_tokens`` on a dense step)."""
         if not self.is_ras_step(step):
             return num_tokens
+        if self.shards > 1:
+            if num_tokens % self.shards:
+                raise ValueError(f"RASConfig.shards={self.shards} must divide the image's token count N={num_tokens}")
+            return self.shards * replace(self, shards=1).active_tokens(step, num_tokens // self.shards)
         skip = int((1.0 - self.sample_ratio) * num_tokens)
         if self.schedule == "dynamic":
             centre = ((self.num_steps + self.warmup_steps) // self.dynamic_group) // 2

@@ -318,6 +318,7 @@ class RASSession:
                 starvation_scale=cfg.starvation_scale,
                 mode=cfg.mode,
                 high_ratio=cfg.high_ratio,
+                shards=cfg.shards,
             )
         else:
             self.active = None

@@ -222,6 +222,32 @@ def test_ratio_one_reproduces_unpatched_pipeline(factory, size, torch_backend):
     torch.testing.assert_close(ras, dense, atol=ATOL, rtol=0)
 
 
+def test_shards_reach_the_selection(torch_backend, monkeypatch):
+    """RASConfig(shards=2) through a pipeline: each RAS step selects with shards=2 (SD3's 8 x 8 tokens: two runs of
+    32, each keeping 8 of its own), exactly as the reference does for that step's signal and counters."""
+    from ras_kernels.select import reference as select_reference
+    from ras_models import session
+
+    steps = []
+    select = session.select_regions
+
+    def spy(signal, num_active, **kwargs):
+        counters = kwargs["counters"].clone()
+        active = select(signal, num_active, **kwargs)
+        expected = select_reference.select_regions(signal, num_active, **{**kwargs, "counters": counters})
+        steps.append((kwargs["shards"], active, expected))
+        return active
+
+    monkeypatch.setattr(session, "select_regions", spy)
+    pipe = tiny_sd3_pipeline()
+    with apply_ras(pipe, RASConfig(shards=2, num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.25)):
+        _run(pipe, "a red cat", SD3_SIZE, 6)
+    assert len(steps) == 4
+    for shards, active, expected in steps:
+        assert shards == 2 and active.shape[1] == 16 and bool(((active < 32).sum(dim=1) == 8).all())
+        assert torch.equal(active, expected)
+
+
 def _processors(transformer):
     return {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
 

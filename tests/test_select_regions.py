@@ -136,7 +136,7 @@ def test_registered_op_matches_public_function(triton_backend):
     x = tie_free_signal(2, 4, 8, 8, 2, 0.5, "l2")
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -218,7 +218,7 @@ def test_registered_op_takes_a_video(triton_backend):
     x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
     counters = torch.randint(0, 3, (2, 45), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3)
+    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1)
     ref_c = counters.clone()
     ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
@@ -580,3 +580,48 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)
     assert_same_selection_values(x, 300, torch.zeros_like(ref_c), ours, counters, ref, ref_c)
+
+
+# ------------------------------------------------------------------------------------ shards (sequence-parallel)
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("high_ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_shards_select_within_each_run_of_tokens(shards, high_ratio, video, triton_backend):
+    """The spec of ``shards`` = P, independent of the op's sharded code: P consecutive runs of N / P tokens, each a
+    band of whole token rows here, so run s is the sub-signal of rows [s H / P, (s + 1) H / P) (an image) or of
+    frames [s T / P, ...) (a video), and keeps K / P of its tokens as the unsharded op chooses them on that
+    sub-signal with that run's counters. The Triton path and the reference both match it exactly (tie-free data)."""
+    b, c, scale, mode = 2, 4, 0.5, "paper"
+    grid, patch = ((3 * shards, 2, 3), (1, 2, 2)) if video else ((4 * shards, 5), (2, 2))
+    n, k = math.prod(grid), 3 * shards
+    x = tie_free_video(b, c, grid, patch, scale, "std")
+    counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
+    kw = dict(patch_size=patch, starvation_scale=scale, mode=mode, high_ratio=high_ratio)
+    expected, expected_c = [], counters.clone()
+    run, rows = n // shards, x.shape[2] // shards
+    for s in range(shards):
+        part = x[:, :, s * rows : (s + 1) * rows]
+        part_c = expected_c[:, s * run : (s + 1) * run]  # a view: updated in place
+        expected.append(select_regions(part, k // shards, counters=part_c, **kw) + s * run)
+    expected = torch.cat(expected, dim=1)
+    for op in (select_regions, reference.select_regions):
+        got_c = counters.clone()
+        got = op(x, k, counters=got_c, shards=shards, **kw)
+        check_index_shape(got, b, k, n)
+        assert torch.equal(got, expected), op
+        assert torch.equal(got_c, expected_c), op
+
+
+def test_shards_are_validated():
+    x = torch.randn(1, 4, 8, 8, device=DEVICE)  # N = 16 tokens of 2 x 2
+    with pytest.raises(ValueError, match="shards=3 must divide both the token count N=16 and num_active=6"):
+        select_regions(x, 6, shards=3)
+    with pytest.raises(ValueError, match="shards=2 must divide both the token count N=16 and num_active=5"):
+        select_regions(x, 5, shards=2)
+    with pytest.raises(ValueError, match="shards must be in >= 1, got 0"):
+        select_regions(x, 4, shards=0)
+    with pytest.raises(TypeError, match="shards must be an int, got bool"):
+        select_regions(x, 4, shards=True)
+    token_major = torch.zeros(16, 2, dtype=torch.int32, device=DEVICE).t()  # [B, N] with strides (1, 2)
+    with pytest.raises(ValueError, match=r"counters must be viewable as \[B \* shards, N / shards\]"):
+        select_regions(torch.randn(2, 4, 8, 8, device=DEVICE), 4, shards=2, counters=token_major)

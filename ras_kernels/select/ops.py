@@ -48,7 +48,9 @@ def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
     )
 
 
-def validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio) -> int:
+def validate_select_args(
+    signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards=1
+) -> int:
     """Check every argument of :func:`select_regions`; return the token count N."""
     check_tensor("signal", signal)
     if signal.dim() not in (4, 5):
@@ -87,6 +89,17 @@ def validate_select_args(signal, num_active, patch_size, metric, counters, starv
         if tuple(counters.shape) != (b, n):
             raise ValueError(f"counters must have shape (B, N) = ({b}, {n}), got {tuple(counters.shape)}")
         check_no_overlap("counters", counters)
+    check_int("shards", shards, 1)
+    if n % shards or num_active % shards:
+        raise ValueError(
+            f"shards={shards} must divide both the token count N={n} and num_active={num_active} (every shard keeps "
+            "the same number of its own tokens)"
+        )
+    if shards > 1 and counters is not None and counters.shape[0] > 1 and counters.stride(0) != n * counters.stride(1):
+        raise ValueError(
+            f"with shards > 1, counters must be viewable as [B * shards, N / shards] (batch stride N x token stride), "
+            f"got strides {tuple(counters.stride())}"
+        )
     return n
 
 
@@ -117,6 +130,7 @@ def launch_select(
     use_l2: bool,
     signed_scale: float,
     tuning: dict | None = None,
+    shards: int = 1,
 ) -> torch.Tensor:
     """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
@@ -162,7 +176,14 @@ def launch_select(
         HAS_COUNTERS=counters is not None,
         num_warps=4,
     )
-    return launch_band(keys, counters, num_active, rank_lo, tuning)
+    if shards == 1:
+        return launch_band(keys, counters, num_active, rank_lo, tuning)
+    # Per shard: each run of N / shards tokens is a row of its own for the band stage (rank_lo is the run's).
+    run = n // shards
+    runs = counters.view(b * shards, run) if counters is not None else None
+    local = launch_band(keys.view(b * shards, run), runs, num_active // shards, rank_lo, tuning)
+    offsets = torch.arange(0, n, run, device=keys.device).repeat(b).unsqueeze(1)
+    return (local + offsets).view(b, num_active)
 
 
 def launch_band(
@@ -226,6 +247,7 @@ def _launch(
     starvation_scale: float,
     starvation_mode: str,
     high_ratio: float,
+    shards: int,
 ) -> torch.Tensor:
     """The op's Triton path on validated arguments (``patch_size`` one int per grid dimension)."""
     n = math.prod([size // p for size, p in zip(signal.shape[2:], patch_size, strict=True)])
@@ -237,8 +259,10 @@ def _launch(
     if signal.shape[0] == 0:
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
     sign = 1.0 if starvation_mode == "reference" else -1.0
-    rank_lo = reference.band_start(n, num_active, high_ratio)
-    return launch_select(signal, counters, num_active, rank_lo, patch_size, metric == "l2", sign * starvation_scale)
+    rank_lo = reference.band_start(n // shards, num_active // shards, high_ratio)
+    return launch_select(
+        signal, counters, num_active, rank_lo, patch_size, metric == "l2", sign * starvation_scale, shards=shards
+    )
 
 
 def _reference(
@@ -250,6 +274,7 @@ def _reference(
     starvation_scale: float,
     starvation_mode: str,
     high_ratio: float,
+    shards: int,
 ) -> torch.Tensor:
     """The reference, taking the schema's argument names."""
     return reference.select_regions(
@@ -261,10 +286,11 @@ def _reference(
         starvation_scale=starvation_scale,
         mode=starvation_mode,
         high_ratio=high_ratio,
+        shards=shards,
     )
 
 
-def _fake(signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio):
+def _fake(signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio, shards):
     return signal.new_empty((signal.shape[0], num_active), dtype=torch.int64)
 
 
@@ -274,7 +300,7 @@ _SELECT = RASOp(
     "select_regions",
     schema=(
         "(Tensor signal, int num_active, int[] patch_size, str metric, Tensor(a!)? counters, float starvation_scale, "
-        "str starvation_mode, float high_ratio) -> Tensor"
+        "str starvation_mode, float high_ratio, int shards) -> Tensor"
     ),
     launch=_launch,
     reference=_reference,
@@ -294,6 +320,7 @@ def select_regions(
     starvation_scale: float = 0.1,
     mode: str = "reference",
     high_ratio: float = 1.0,
+    shards: int = 1,
 ) -> torch.Tensor:
     """Choose the ``num_active`` patch tokens each sample recomputes at the next RAS step.
 
@@ -314,6 +341,9 @@ def select_regions(
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
         high_ratio: share in [0, 1] of the dropped tokens taken from the highest priorities; the rest
             come from the lowest, and the K tokens in between stay active.
+        shards: P >= 1 dividing N and K: the tokens form P consecutive runs of N / P (token order) and each keeps
+            K / P of its own by the same rule (band included), the choice P ranks of a sequence-parallel run make
+            from their own shards; 1 selects over the whole sequence.
 
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
@@ -323,8 +353,10 @@ def select_regions(
     N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so
     a ``signal`` that requires grad is fine.
     """
-    validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio)
+    validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards)
     if signal.shape[0] == 0:  # no sample (the reference cannot reshape an empty batch)
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
     patch = [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size]  # the op's int[]
-    return _SELECT(signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio))
+    return _SELECT(
+        signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio), shards
+    )

@@ -63,16 +63,22 @@ def select_regions(
     starvation_scale: float = 0.1,
     mode: str = "reference",
     high_ratio: float = 1.0,
+    shards: int = 1,
 ) -> torch.Tensor:
     """Active token indices [B, num_active] (int64, ascending); ``counters`` += 1 where a token is dropped.
 
-    Ties in priority are broken by token index: a stable ascending sort, so the lower index ranks first.
+    Ties in priority are broken by token index: a stable ascending sort, so the lower index ranks first. With
+    ``shards`` = P the tokens form P consecutive runs of N / P (in token order) and each run keeps num_active / P of
+    its own tokens by the same rule (the band rule applied within the run), as P ranks of a sequence-parallel run
+    would each choose from their own part of the sequence.
     """
     prio = priorities(region_scores(signal, patch_size, metric), counters, starvation_scale, mode)
     b, n = prio.shape
-    order = torch.sort(prio, dim=1, stable=True).indices
-    start = band_start(n, num_active, high_ratio)
-    active = order[:, start : start + num_active].sort(dim=1).values
+    run, keep = n // shards, num_active // shards
+    order = torch.sort(prio.reshape(b * shards, run), dim=1, stable=True).indices
+    start = band_start(run, keep, high_ratio)
+    offsets = torch.arange(shards, device=prio.device).repeat(b).unsqueeze(1) * run
+    active = (order[:, start : start + keep].sort(dim=1).values + offsets).reshape(b, num_active)
     if counters is not None:
         dropped = torch.ones(b, n, dtype=torch.bool, device=prio.device)
         dropped.scatter_(1, active, False)
