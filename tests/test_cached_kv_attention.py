@@ -398,8 +398,9 @@ def test_gpu_every_head_dim(d):
 def _compiled_variants() -> int:
     from ras_kernels.attention import kernels
 
-    caches = kernels.attn_fwd_kernel.device_caches
-    return sum(len(c[0]) for c in caches.values())
+    # Both kernels: on an sm90 card RAS_ATTN_KERNEL=auto runs attn_fwd_tma_kernel for these inputs.
+    caches = [*kernels.attn_fwd_kernel.device_caches.values(), *kernels.attn_fwd_tma_kernel.device_caches.values()]
+    return sum(len(c[0]) for c in caches)
 
 
 @pytest.mark.gpu
@@ -485,3 +486,156 @@ def test_shipped_configs(monkeypatch):
     monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="RAS_ATTN_AUTOTUNE"):
         ops._chosen_config(None, 64, 1024, True, False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hopper path: attn_fwd_tma_kernel (RAS_ATTN_KERNEL=tma; under TRITON_INTERPRET=1 here, on sm90 GPUs in -m gpu)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tma_kernel(monkeypatch):
+    """Force the TMA kernel; the portable launcher fails the test if anything still reaches it."""
+    monkeypatch.setenv("RAS_ATTN_KERNEL", "tma")
+
+    def portable(*args, **kwargs):
+        raise AssertionError("the portable attention kernel ran with RAS_ATTN_KERNEL=tma")
+
+    monkeypatch.setattr(ops, "_launch_attention", portable)
+
+
+TMA_CASES = [
+    # (d, dtype, Hq, Hkv, T, masked, return_lse, strided q); N = 37, K = 9, Lq = 19: every segment ends in a
+    # partial tile of the interpreter's 16 x 16 blocks (and of the GPU's 128 x 64 / 128).
+    pytest.param(64, torch.float16, 4, 2, 5, True, True, True, id="d64-fp16-gqa-mask-lse-strided"),
+    pytest.param(64, torch.float32, 2, 2, 0, False, False, False, id="d64-fp32-noextra"),
+    pytest.param(72, torch.float16, 2, 2, 5, False, False, True, id="d72-fp16-extra-strided"),
+    pytest.param(72, torch.float32, 4, 2, 5, True, True, False, id="d72-fp32-gqa-mask-lse"),
+    pytest.param(128, torch.float16, 4, 2, 0, False, True, False, id="d128-fp16-gqa-noextra-lse"),
+    pytest.param(128, torch.float32, 2, 2, 5, True, False, True, id="d128-fp32-mask-strided"),
+    pytest.param(72, torch.bfloat16, 4, 2, 5, True, True, True, id="d72-bf16-gqa-mask-lse-strided"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("d, dtype, hq, hkv, t, masked, return_lse, strided", TMA_CASES)
+def test_tma_kernel_matches_reference(triton_backend, tma_kernel, d, dtype, hq, hkv, t, masked, return_lse, strided):
+    b, n, kk, lq = 2, 37, 9, 19
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, lq=lq)
+    if strided:  # q as a slice of a wider (fused projection) buffer
+        q = torch.randn(b, lq, 3, hq, d, dtype=dtype, device=DEVICE)[:, :, 1]
+        assert not q.is_contiguous()
+    mask = None
+    if masked:
+        mask = torch.rand(b, t, device=DEVICE) < 0.5
+        mask[1] = False  # a sample whose extra keys are all hidden
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None, mask)
+    res = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx,
+        k_extra=extra[0], v_extra=extra[1], extra_mask=mask, return_lse=return_lse,
+    )  # fmt: skip
+    out, lse = res if return_lse else (res, None)
+    assert_attention_close(out, ref, base, dtype)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    if return_lse:
+        torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+
+
+@requires_triton
+def test_tma_kernel_masked_keys_only(triton_backend, tma_kernel):
+    """flash_attention with a key mask (empty cache segment, all keys in the masked one): a sample whose keys are
+    all hidden gets zeros and lse -inf."""
+    b, lq, lk, hq, hkv, d, dtype = 2, 19, 21, 4, 2, 64, torch.float16
+    g = dict(dtype=dtype, device=DEVICE)
+    q, k, v = torch.randn(b, lq, hq, d, **g), torch.randn(b, lk, hkv, d, **g), torch.randn(b, lk, hkv, d, **g)
+    mask = torch.rand(b, lk, device=DEVICE) < 0.6
+    mask[0, :16] = False  # the first tile of sample 0 fully masked
+    mask[0, 18] = True
+    mask[1] = False
+    ref, ref_lse = reference.attention(q.float(), k.float(), v.float(), d**-0.5, mask, return_lse=True)
+    out, lse = ops.flash_attention(q, k, v, key_mask=mask, return_lse=True)
+    assert_attention_close(out[:1], ref[:1], sdpa_baseline(q[:1], k[:1], v[:1], d**-0.5, mask[:1]), dtype)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all()
+    torch.testing.assert_close(lse[:1], ref_lse[:1], atol=2e-3, rtol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("d", [40, 96])
+def test_tma_kernel_refuses_other_head_dims(triton_backend, monkeypatch, d):
+    """Forcing the TMA kernel on inputs it does not serve is an error naming the reason, never a silent fallback."""
+    monkeypatch.setenv("RAS_ATTN_KERNEL", "tma")
+    q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 8, 3, 0, 2, 2, d, torch.float16)
+    with pytest.raises(ValueError, match=f"RAS_ATTN_KERNEL=tma.*head dim {d}"):
+        ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
+
+
+@requires_triton
+def test_tma_kernel_refuses_misaligned_inputs(triton_backend, monkeypatch):
+    """A q whose base address is not 16-byte aligned (fp16, one element in) cannot be read through TMA."""
+    monkeypatch.setenv("RAS_ATTN_KERNEL", "tma")
+    _, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 8, 3, 0, 2, 2, 64, torch.float16)
+    q = torch.randn(1 * 3 * 2 * 64 + 1, dtype=torch.float16, device=DEVICE)[1:].view(1, 3, 2, 64)
+    with pytest.raises(ValueError, match="RAS_ATTN_KERNEL=tma.*q .*16-byte aligned"):
+        ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
+    monkeypatch.setenv("RAS_ATTN_KERNEL", "portable")  # the portable kernel copies it and runs
+    ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
+
+
+@requires_triton
+@pytest.mark.parametrize("value", ["yes", "cuda"])
+def test_invalid_attention_kernel_value(triton_backend, monkeypatch, value):
+    monkeypatch.setenv("RAS_ATTN_KERNEL", value)
+    q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 8, 3, 0, 2, 2, 64, torch.float16)
+    with pytest.raises(ValueError, match="RAS_ATTN_KERNEL must be one of auto, portable, tma"):
+        ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
+
+
+def test_attention_kernel_choice(monkeypatch):
+    """auto: the TMA kernel only for CUDA tensors on compute capability 9.x; portable: never; tma: when it can."""
+    q, k = torch.randn(1, 3, 2, 64, dtype=torch.float16), torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    for value in ("", "auto", " Portable "):
+        monkeypatch.setenv("RAS_ATTN_KERNEL", value)
+        assert ops._use_tma(q, k, k, None, None) is False  # CPU tensors: never chosen automatically
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RAS_ATTN_KERNEL", "tma")
+    assert ops._use_tma(q, k, k, None, None) is True
+    with pytest.raises(ValueError, match="dtype int8"):
+        ops._use_tma(q.to(torch.int8), k, k, None, None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="tensors on cpu"):
+        ops._use_tma(q, k, k, None, None)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "hq, hkv, d, masked",
+    [
+        pytest.param(24, 24, 64, False, id="sd3-d64"),
+        pytest.param(24, 24, 64, True, id="sd3-d64-mask"),
+        pytest.param(24, 8, 128, False, id="flux-d128-gqa"),
+        pytest.param(24, 24, 128, True, id="flux-d128-mask"),
+        pytest.param(32, 8, 72, True, id="lumina-d72-gqa-mask"),
+    ],
+)
+def test_gpu_tma_kernel_full_size(triton_backend, tma_kernel, hq, hkv, d, masked):
+    """The TMA kernel (its fixed sm90 config, warp-specialised) at SD3 / Flux-like sizes: B = 2, N = 4096, K = 1024,
+    T = 333 (Lq = 1357: every segment ends in a partial tile), bf16, against the fp32 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs compute capability 9.x or newer")
+    b, n, kk, t, dtype = 2, 4096, 1024, 333, torch.bfloat16
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, device="cuda")
+    mask = None
+    if masked:
+        mask = torch.rand(b, t, device="cuda") < 0.5
+        mask[1] = False
+    ref, ref_lse, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None, mask)
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx,
+        k_extra=extra[0], v_extra=extra[1], extra_mask=mask, return_lse=True,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert_attention_close(out, ref, base, dtype)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)

@@ -303,3 +303,207 @@ def attn_fwd_kernel(
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hopper path: tensor-descriptor (TMA) loads, a warp-specialisable key loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_tma_tile(
+    acc0,
+    acc1,
+    m_i,
+    l_i,
+    q0,
+    q1,
+    k_desc0,
+    k_desc1,
+    v_desc0,
+    v_desc1,
+    row,
+    key_ok,
+    qk_scale,
+    D0: tl.constexpr,
+    SPLIT: tl.constexpr,
+    MASKED: tl.constexpr,
+    GUARD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """One key tile (rows row..row+BLOCK_N-1 of one segment) of the online softmax in the log2 domain, K and V read
+    through tensor descriptors (rows past the segment and columns past the head dim come back as zeros). When
+    MASKED, keys outside ``key_ok`` [BLOCK_N] get a score of -inf; GUARD protects rows whose every key so far was
+    hidden (m_i = -inf, only possible with a key mask). Returns the updated (acc0, acc1, m_i, l_i)."""
+    k0 = k_desc0.load([row, 0])
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+    if SPLIT:
+        k1 = k_desc1.load([row, D0])
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+    if MASKED:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0 = v_desc0.load([row, 0])
+    p = p.to(v0.dtype)
+    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+    if SPLIT:
+        v1 = v_desc1.load([row, D0])
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["lq"])
+def attn_fwd_tma_kernel(
+    out_ptr,
+    lse_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_extra_ptr,
+    v_extra_ptr,
+    mask_ptr,
+    stride_q_b,
+    stride_q_l,
+    stride_q_h,
+    stride_k_b,
+    stride_k_n,
+    stride_k_h,
+    stride_v_b,
+    stride_v_n,
+    stride_v_h,
+    stride_k_extra_b,
+    stride_k_extra_t,
+    stride_k_extra_h,
+    stride_v_extra_b,
+    stride_v_extra_t,
+    stride_v_extra_h,
+    stride_mask_b,
+    stride_mask_t,
+    lq,
+    n_keys,
+    n_extra,
+    heads_q,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """The op of attn_fwd_kernel (same arguments, outputs and grid, no ``lq_bucket``), for Hopper-class GPUs: Q, K
+    and V are read through device-side tensor descriptors (TMA on sm_90; the launcher sets Triton's allocator for
+    their workspace), and the cache segment's full tiles run in one ``tl.range`` loop that Triton may pipeline
+    (NUM_STAGES) and warp-specialise (WARP_SPECIALIZE: producer warps issue the TMA loads, consumer warps run the
+    dots and the softmax).
+
+    One descriptor per (batch, head) and tensor, of shape [rows, HEAD_DIM] (rows = Lq, N or T) and strides
+    [row stride, 1]: TMA zero-fills rows past the segment (their scores are still set to -inf) and columns past
+    HEAD_DIM. Head dims: HEAD_DIM = D0 (64, 128: SPLIT false) or D0 + a second piece D1 = 16 columns wide read
+    from column D0 (72 = 64 + 16: columns 72..79 come back as zeros, add nothing to the scores, and their output
+    columns are not stored). The launcher guarantees 16-byte aligned base addresses and batch/row/head strides.
+    Segments: the cache's full tiles (no mask at all), its tail tile (-inf past N), then the extra rows (-inf past
+    T and where the uint8 mask is 0). The extra loop warp-specialises only without a mask: its mask is a plain
+    pointer load, and warp specialisation in triton 3.6 on sm_90 is only known to compile over descriptor loads.
+    """
+    # Inductor passes a Python float as fp64 (see attn_fwd_kernel): keep the softmax state fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    row_m = pid_m * BLOCK_M
+    offs_m = row_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < lq
+
+    q_base = q_ptr + b * stride_q_b + h * stride_q_h
+    q_desc0 = tl.make_tensor_descriptor(q_base, [lq, HEAD_DIM], [stride_q_l, 1], [BLOCK_M, D0])
+    q0 = q_desc0.load([row_m, 0])
+    q1 = q0
+    if SPLIT:
+        q_desc1 = tl.make_tensor_descriptor(q_base, [lq, HEAD_DIM], [stride_q_l, 1], [BLOCK_M, D1])
+        q1 = q_desc1.load([row_m, D0])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+
+    # Segment 1: the cache rows 0..N-1 (N may be 0: the descriptors then never load; their shape stays >= 1 row).
+    k_base = k_ptr + b * stride_k_b + hk * stride_k_h
+    v_base = v_ptr + b * stride_v_b + hk * stride_v_h
+    n_rows = tl.maximum(n_keys, 1)
+    k_desc0 = tl.make_tensor_descriptor(k_base, [n_rows, HEAD_DIM], [stride_k_n, 1], [BLOCK_N, D0])
+    v_desc0 = tl.make_tensor_descriptor(v_base, [n_rows, HEAD_DIM], [stride_v_n, 1], [BLOCK_N, D0])
+    k_desc1 = k_desc0
+    v_desc1 = v_desc0
+    if SPLIT:
+        k_desc1 = tl.make_tensor_descriptor(k_base, [n_rows, HEAD_DIM], [stride_k_n, 1], [BLOCK_N, D1])
+        v_desc1 = tl.make_tensor_descriptor(v_base, [n_rows, HEAD_DIM], [stride_v_n, 1], [BLOCK_N, D1])
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for start in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
+        acc0, acc1, m_i, l_i = _attn_tma_tile(
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, start, m_ok, qk_scale,
+            D0, SPLIT, False, False, DOT_PREC,
+        )  # fmt: skip
+    if n_full < n_keys:  # the tail tile: zero-filled rows past N, their scores -inf
+        acc0, acc1, m_i, l_i = _attn_tma_tile(
+            acc0, acc1, m_i, l_i, q0, q1, k_desc0, k_desc1, v_desc0, v_desc1, n_full, offs_n < n_keys - n_full,
+            qk_scale, D0, SPLIT, True, False, DOT_PREC,
+        )  # fmt: skip
+
+    # Segment 2: the extra rows (text / caption keys), every tile masked (bounds and the optional key mask).
+    if HAS_EXTRA:
+        WS_EXTRA: tl.constexpr = WARP_SPECIALIZE and not HAS_MASK
+        ke_base = k_extra_ptr + b * stride_k_extra_b + hk * stride_k_extra_h
+        ve_base = v_extra_ptr + b * stride_v_extra_b + hk * stride_v_extra_h
+        ke_desc0 = tl.make_tensor_descriptor(ke_base, [n_extra, HEAD_DIM], [stride_k_extra_t, 1], [BLOCK_N, D0])
+        ve_desc0 = tl.make_tensor_descriptor(ve_base, [n_extra, HEAD_DIM], [stride_v_extra_t, 1], [BLOCK_N, D0])
+        ke_desc1 = ke_desc0
+        ve_desc1 = ve_desc0
+        if SPLIT:
+            ke_desc1 = tl.make_tensor_descriptor(ke_base, [n_extra, HEAD_DIM], [stride_k_extra_t, 1], [BLOCK_N, D1])
+            ve_desc1 = tl.make_tensor_descriptor(ve_base, [n_extra, HEAD_DIM], [stride_v_extra_t, 1], [BLOCK_N, D1])
+        mask_base = mask_ptr + b * stride_mask_b
+        for start in tl.range(0, n_extra, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WS_EXTRA):
+            key_ok = offs_n < n_extra - start
+            if HAS_MASK:
+                rows = tl.cast(start, tl.int64) + offs_n
+                key_ok = key_ok & (tl.load(mask_base + rows * stride_mask_t, mask=key_ok, other=0) != 0)
+            acc0, acc1, m_i, l_i = _attn_tma_tile(
+                acc0, acc1, m_i, l_i, q0, q1, ke_desc0, ke_desc1, ve_desc0, ve_desc1, start, key_ok, qk_scale,
+                D0, SPLIT, True, HAS_MASK, DOT_PREC,
+            )  # fmt: skip
+
+    # Epilogue: normalise (a row with no visible key keeps acc = 0), store out and the natural-log LSE.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    stride_out_l = heads_q * HEAD_DIM
+    out_base = out_ptr + b * lq * stride_out_l + h * HEAD_DIM + offs_m[:, None].to(tl.int64) * stride_out_l
+    offs_d0 = tl.arange(0, D0)
+    tl.store(out_base + offs_d0[None, :], (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+    if SPLIT:
+        offs_d1 = tl.arange(0, D1)
+        tl.store(
+            out_base + (D0 + offs_d1)[None, :],
+            (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & (offs_d1 < HEAD_DIM - D0)[None, :],
+        )
+    if STORE_LSE:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=m_ok)
