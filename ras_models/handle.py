@@ -26,6 +26,16 @@ def _get(obj: object, name: str) -> object:
     return type(obj) if name == "__class__" else vars(obj).get(name, _MISSING)
 
 
+def refuse_parallelism(transformer: torch.nn.Module, name: str = "transformer") -> None:
+    """Raise ValueError if diffusers' context or tensor parallelism is enabled on ``transformer``
+    (``enable_parallelism``): each rank would run RAS's attention on its own shard of the tokens only."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError(
+            f"{name} runs under diffusers' parallelism (enable_parallelism), which RAS does not support yet: its "
+            "attention would see only this rank's tokens; apply RAS to a model without enable_parallelism"
+        )
+
+
 class _Patch:
     """``obj.name`` set to ``new`` on the instance; ``old`` was there before (``_MISSING``: nothing, the class's)."""
 
@@ -144,7 +154,9 @@ class RASHandle:
 
     def check(self) -> None:
         """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
-        ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense."""
+        ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense; a
+        ValueError if diffusers' parallelism was enabled on the model since (:func:`refuse_parallelism`)."""
+        refuse_parallelism(self.model)
         # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
         for path, parent, attr, module in self._watched:
             if getattr(parent, attr, None) is not module:
@@ -258,7 +270,7 @@ class RASHandle:
                 raise ValueError(
                     f"the pipeline runs {steps} denoising steps but the RASConfig was made for "
                     f"num_steps={session.config.num_steps}; pass num_inference_steps={session.config.num_steps} or "
-                    f"apply RAS with a config for {steps} steps (e.g. RASConfig.sd3(num_steps={steps}, ...))"
+                    f"apply RAS with a config for {steps} steps (e.g. the family preset with num_steps={steps})"
                 )
             session.reset()
             return result

@@ -192,6 +192,32 @@ def _flux_pipeline():
     return pipe.to("cuda", torch.float16)
 
 
+def _check_pipeline(pipe, config: RASConfig, generate, graphs: int, monkeypatch) -> None:
+    """``generate()`` dense, with RAS on the Triton kernels eagerly, on the torch path with the same selections, and
+    three times with CUDA graphs (``graphs`` captured in the first, none after): the graphs replay the eager result
+    exactly, the two backends differ only by rounding, RAS changed the result, and remove() restored the model."""
+    selections = _SameSelections(monkeypatch)
+    with torch.no_grad():
+        dense = generate()
+        with apply_ras(pipe, config, cuda_graphs=False):
+            eager = generate()
+        monkeypatch.setenv("RAS_BACKEND", "torch")
+        with selections.replayed(), apply_ras(pipe, config, cuda_graphs=False):
+            reference = generate()
+        monkeypatch.setenv("RAS_BACKEND", "auto")
+        with apply_ras(pipe, config, cuda_graphs=True) as h:
+            graphed = [generate()]
+            captured = len(h.graphs)
+            graphed += [generate() for _ in range(2)]
+            assert captured == len(h.graphs) == graphs  # replayed, never re-captured
+        again = generate()
+    torch.testing.assert_close(again, dense, atol=0, rtol=0)  # remove() restored the model
+    assert (reference.float() - dense.float()).abs().max() > 1e-2  # RAS ran
+    _assert_kernels_close(eager, reference)
+    for out in graphed:
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])
 def test_flux_pipeline_graphs_match_eager_and_triton_matches_torch(true_cfg_scale, monkeypatch):
     """Through FluxPipeline, non-square, two prompts; with true_cfg_scale > 1 two calls per step ("cond" and
@@ -216,26 +242,7 @@ def test_flux_pipeline_graphs_match_eager_and_triton_matches_torch(true_cfg_scal
             generator=generator, output_type="latent",
         ).images  # fmt: skip
 
-    selections = _SameSelections(monkeypatch)
-    with torch.no_grad():
-        dense = generate()
-        with apply_ras(pipe, CONFIG, cuda_graphs=False):
-            eager = generate()
-        monkeypatch.setenv("RAS_BACKEND", "torch")
-        with selections.replayed(), apply_ras(pipe, CONFIG, cuda_graphs=False):
-            reference = generate()
-        monkeypatch.setenv("RAS_BACKEND", "auto")
-        with apply_ras(pipe, CONFIG, cuda_graphs=True) as h:
-            graphed = [generate()]
-            captured = len(h.graphs)
-            graphed += [generate() for _ in range(2)]
-            assert captured == len(h.graphs) == (2 if true_cfg_scale == 1 else 4)  # replayed, never re-captured
-        again = generate()
-    torch.testing.assert_close(again, dense, atol=0, rtol=0)  # remove() restored the model
-    assert (reference.float() - dense.float()).abs().max() > 1e-2  # RAS ran
-    _assert_kernels_close(eager, reference)
-    for out in graphed:
-        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    _check_pipeline(pipe, CONFIG, generate, 2 if true_cfg_scale == 1 else 4, monkeypatch)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -313,23 +320,4 @@ def test_wan_pipeline_graphs_match_eager_and_triton_matches_torch(monkeypatch):
             generator=generator, output_type="latent",
         ).frames  # fmt: skip
 
-    selections = _SameSelections(monkeypatch)
-    with torch.no_grad():
-        dense = generate()
-        with apply_ras(pipe, config, cuda_graphs=False):
-            eager = generate()
-        monkeypatch.setenv("RAS_BACKEND", "torch")
-        with selections.replayed(), apply_ras(pipe, config, cuda_graphs=False):
-            reference = generate()
-        monkeypatch.setenv("RAS_BACKEND", "auto")
-        with apply_ras(pipe, config, cuda_graphs=True) as h:
-            graphed = [generate()]
-            captured = len(h.graphs)
-            graphed += [generate() for _ in range(2)]
-            assert captured == len(h.graphs) == 8  # per expert and call, the dense and the RAS shape; never again
-        again = generate()
-    torch.testing.assert_close(again, dense, atol=0, rtol=0)  # remove() restored the model
-    assert (reference.float() - dense.float()).abs().max() > 1e-2  # RAS ran
-    _assert_kernels_close(eager, reference)
-    for out in graphed:
-        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    _check_pipeline(pipe, config, generate, 8, monkeypatch)  # 2 experts x 2 calls x (dense, RAS) step shapes
