@@ -178,15 +178,21 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
     (interleaved dimensions), which no real cache or counter tensor has."""
     if t.numel() == 0:
         return
-    reach = 0  # the largest offset the dimensions with smaller strides span
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
-        if stride <= reach:
-            raise ValueError(
-                f"{name} is written in place, so its elements must not share memory, but sizes {tuple(t.shape)} with "
-                f"strides {tuple(t.stride())} make them overlap (a broadcast / expanded view?); pass a tensor with "
-                "its own storage, e.g. .clone() it"
-            )
-        reach += stride * (size - 1)
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1]
+    if torch.compiler.is_compiling():
+        # Tracing may see symbolic sizes, which dynamo cannot sort: refuse the broadcast case (a zero stride) only.
+        overlap = any(stride == 0 for stride, _ in dims)
+    else:
+        reach, overlap = 0, False  # reach: the largest offset the dimensions with smaller strides span
+        for stride, size in sorted(dims):
+            overlap |= stride <= reach
+            reach += stride * (size - 1)
+    if overlap:
+        raise ValueError(
+            f"{name} is written in place, so its elements must not share memory, but sizes {tuple(t.shape)} with "
+            f"strides {tuple(t.stride())} make them overlap (a broadcast / expanded view?); pass a tensor with "
+            "its own storage, e.g. .clone() it"
+        )
 
 
 def debug_checks_enabled() -> bool:

@@ -199,17 +199,18 @@ def test_torch_backend_matches_triton(monkeypatch):
 
 
 def test_torch_compile_sees_through(triton_backend):
-    """Both ops trace as torch.library ops (fake implementations, declared mutation of dst) in one graph."""
-    b, n, d, k = 2, 24, 16, 6
+    """Both ops trace as torch.library ops (fake implementations, declared mutation of dst) in one graph; a new K
+    and a new N (a recompile with symbolic sizes: the in-place checks must trace them) keep it one graph."""
+    b, d = 2, 16
 
     def step(x, pos, idx, cache):
         h = gather_tokens(x, idx, add=pos) * 2
         scatter_tokens(cache, idx, h)
         return h.sum(dim=-1)
 
-    x, pos = torch.randn(b, n, d, device=DEVICE), torch.randn(1, n, d, device=DEVICE)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for kk in (k, k + 3):  # a new K must not break the graph
+    for n, kk in ((24, 6), (24, 9), (40, 9)):
+        x, pos = torch.randn(b, n, d, device=DEVICE), torch.randn(1, n, d, device=DEVICE)
         idx = _distinct_idx(b, n, kk)
         cache, expected_cache = torch.zeros(b, n, d, device=DEVICE), torch.zeros(b, n, d, device=DEVICE)
         out = compiled(x, pos, idx, cache)
