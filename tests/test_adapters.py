@@ -248,6 +248,43 @@ def test_shards_reach_the_selection(torch_backend, monkeypatch):
         assert torch.equal(active, expected)
 
 
+def test_random_metric_is_reproducible_per_seed(torch_backend, monkeypatch):
+    """RASConfig(metric="random", seed=3) through a pipeline: each RAS step draws with the session's seed tensor
+    (exactly the reference's selection for that step's signal, counters and seed), two generations with seed 3 give
+    identical selections and outputs, and seed 4 gives other selections."""
+    from ras_kernels.select import reference as select_reference
+    from ras_models import session
+
+    steps = []
+    select = session.select_regions
+
+    def spy(signal, num_active, **kwargs):
+        counters, seed = kwargs["counters"].clone(), kwargs["seed"].clone()
+        active = select(signal, num_active, **kwargs)
+        expected = select_reference.select_regions(signal, num_active, **{**kwargs, "counters": counters, "seed": seed})
+        assert torch.equal(active, expected) and torch.equal(seed, kwargs["seed"])  # the session's seed advanced
+        steps.append((int(seed) - 1, active))
+        return active
+
+    monkeypatch.setattr(session, "select_regions", spy)
+    pipe = tiny_sd3_pipeline()
+    runs = []
+    for seed, generations in ((3, 2), (4, 1)):  # two generations of one handle (one session), then another seed
+        config = RASConfig(metric="random", seed=seed, num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.25)
+        with apply_ras(pipe, config):
+            for _ in range(generations):
+                out = _run(pipe, "a red cat", SD3_SIZE, 6)
+                runs.append((out, steps[:]))
+                steps.clear()
+    (out3, sel3), (again, sel3b), (out4, sel4) = runs
+    assert [s for s, _ in sel3] == [s for s, _ in sel3b] == [(3 << 32) + i for i in range(4)]  # per generation
+    assert [s for s, _ in sel4] == [(4 << 32) + i for i in range(4)]
+    assert torch.equal(out3, again)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sel3, sel3b, strict=True))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(sel3, sel4, strict=True))
+    assert not torch.equal(out3, out4)
+
+
 def _processors(transformer):
     return {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
 

@@ -106,8 +106,20 @@ def test_shards_apply_the_counts_to_each_run(schedule):
         ("high_ratio", 1.01, ValueError),
         ("shards", 0, ValueError),
         ("shards", 2.0, TypeError),
+        ("seed", -1, ValueError),
+        ("seed", 2**31, ValueError),
+        ("seed", 1.0, TypeError),
+        ("seed", True, TypeError),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value, exc):
     with pytest.raises(exc, match=field.split("[")[0]):
         RASConfig.sd3(**{field: value})
+
+
+def test_random_metric_and_seed():
+    cfg = RASConfig.sd3(metric="random", seed=3)
+    assert cfg.metric == "random" and cfg.seed == 3
+    assert RASConfig().seed == 0
+    with pytest.raises(ValueError, match="RASConfig.seed is used by metric='random' only; got seed=5 with 'std'"):
+        RASConfig(metric="std", seed=5)

@@ -10,23 +10,29 @@ import triton.language as tl
 
 
 @triton.jit
-def region_keys_kernel(
-    keys_ptr,
+def _lowbias32(x):
+    """The "lowbias32" integer hash of uint32 values (multiplications wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _region_scores(
     x_ptr,
-    counters_ptr,
-    stride_keys_b,
+    b,
+    tok,
+    tok_ok,
     stride_x_b,
     stride_x_c,
     stride_x_t,
     stride_x_h,
     stride_x_w,
-    stride_counters_b,
-    stride_counters_n,
     C,
-    N,
     HT,
     WT,
-    signed_scale,
     PT: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
@@ -34,26 +40,8 @@ def region_keys_kernel(
     BLOCK_T: tl.constexpr,
     L2: tl.constexpr,
     C_BLOCK: tl.constexpr,
-    HAS_COUNTERS: tl.constexpr,
 ):
-    """Order-preserving uint32 sort keys of the token priorities.
-
-    x: [B, C, T, H, W] (fp32/bf16/fp16, any strides; an image is a view with T = 1); counters: [B, N] int32/int64
-    starvation counts D (read only); keys: [B, N] int32 holding uint32 bit patterns (written). Tokens are (PT, PH, PW)
-    patches in row-major (t, h, w) order over a (N / (HT * WT), HT, WT) token grid: token
-    n = (tt * HT + th) * WT + tw covers voxels [PT*tt, PT*tt + PT) x [PH*th, PH*th + PH) x [PW*tw, PW*tw + PW).
-    Per voxel s = unbiased channel std (fp32, two-pass) or, with L2, the channel L2 norm; R = mean of s over
-    the patch; priority = R * exp(signed_scale * D) with signed_scale = +k (``reference`` mode) or -k
-    (``paper``), or R alone without counters.
-    key = bits(priority) | 0x80000000 for priority >= 0 and ~bits otherwise (ascending keys = ascending
-    priorities); -0 is folded into +0 and every NaN maps to 0xFFFFFFFF, so NaNs rank last as in torch.sort.
-    Grid: (cdiv(N, BLOCK_T), B); PV2 = next_pow2(PT * PH * PW) voxel slots per token; C_BLOCK channels unrolled.
-    """
-    b = tl.program_id(1).to(tl.int64)
-    # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
-    # The divisions by the grid sizes are per token; the per-voxel ones are by constants.
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = tok < N
+    """R [BLOCK_T] fp32 of the tokens ``tok`` of sample ``b`` (metric std or l2; see ``region_keys_kernel``)."""
     row = tok // WT  # tt * HT + th
     tt = row // HT
     th = row - tt * HT
@@ -93,6 +81,88 @@ def region_keys_kernel(
         s = tl.sqrt_rn(tl.div_rn(m2, tl.full((BLOCK_T, PV2), 0, tl.float32) + (C - 1).to(tl.float32)))
     s = tl.where(pix_ok, s, 0.0)
     prio = tl.div_rn(tl.sum(s, axis=1), tl.full((BLOCK_T,), PT * PH * PW, tl.float32))
+    return prio
+
+
+@triton.jit
+def region_keys_kernel(
+    keys_ptr,
+    x_ptr,
+    counters_ptr,
+    seed_ptr,
+    stride_keys_b,
+    stride_x_b,
+    stride_x_c,
+    stride_x_t,
+    stride_x_h,
+    stride_x_w,
+    stride_counters_b,
+    stride_counters_n,
+    C,
+    N,
+    HT,
+    WT,
+    signed_scale,
+    PT: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PV2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    L2: tl.constexpr,
+    RANDOM: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    HAS_COUNTERS: tl.constexpr,
+):
+    """Order-preserving uint32 sort keys of the token priorities.
+
+    x: [B, C, T, H, W] (fp32/bf16/fp16, any strides; an image is a view with T = 1); counters: [B, N] int32/int64
+    starvation counts D (read only); keys: [B, N] int32 holding uint32 bit patterns (written). Tokens are (PT, PH, PW)
+    patches in row-major (t, h, w) order over a (N / (HT * WT), HT, WT) token grid: token
+    n = (tt * HT + th) * WT + tw covers voxels [PT*tt, PT*tt + PT) x [PH*th, PH*th + PH) x [PW*tw, PW*tw + PW).
+    Per voxel s = unbiased channel std (fp32, two-pass) or, with L2, the channel L2 norm; R = mean of s over
+    the patch; priority = R * exp(signed_scale * D) with signed_scale = +k (``reference`` mode) or -k
+    (``paper``), or R alone without counters.
+    key = bits(priority) | 0x80000000 for priority >= 0 and ~bits otherwise (ascending keys = ascending
+    priorities); -0 is folded into +0 and every NaN maps to 0xFFFFFFFF, so NaNs rank last as in torch.sort.
+    Grid: (cdiv(N, BLOCK_T), B); PV2 = next_pow2(PT * PH * PW) voxel slots per token; C_BLOCK channels unrolled.
+    RANDOM (metric ``random``): x is not read; R = (H(v_b ^ n) >> 8) * 2**-24 with H = lowbias32 and
+    v_b = H(lo ^ H(hi ^ H(b + 0x9E3779B9))), lo / hi the 32-bit halves of seed[0] (int64, read only here; the
+    launcher increments it), as ``reference.random_scores``.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
+    # The divisions by the grid sizes are per token; the per-voxel ones are by constants.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < N
+    if RANDOM:
+        s = tl.load(seed_ptr)
+        lo = (s & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        v = _lowbias32(lo ^ _lowbias32(hi ^ _lowbias32(b.to(tl.uint32) + 0x9E3779B9)))
+        bits = _lowbias32(v ^ tok.to(tl.uint32))
+        prio = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    else:
+        prio = _region_scores(
+            x_ptr,
+            b,
+            tok,
+            tok_ok,
+            stride_x_b,
+            stride_x_c,
+            stride_x_t,
+            stride_x_h,
+            stride_x_w,
+            C,
+            HT,
+            WT,
+            PT,
+            PH,
+            PW,
+            PV2,
+            BLOCK_T,
+            L2,
+            C_BLOCK,
+        )
 
     if HAS_COUNTERS:
         d_ptr = counters_ptr + b * stride_counters_b + tok.to(tl.int64) * stride_counters_n

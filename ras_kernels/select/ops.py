@@ -19,7 +19,7 @@ from .._backend import (
 )
 from . import reference
 
-METRICS = ("std", "l2")
+METRICS = ("std", "l2", "random")
 MODES = ("reference", "paper")
 # The largest N the Triton path takes: 2**17 covers Wan 720p (21 x 45 x 80 = 75,600 tokens). One program per row;
 # above 16384 keys the radix select re-reads the row from L2 in 16384-key chunks (N = 2**17: 8 chunks), and the
@@ -49,7 +49,7 @@ def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
 
 
 def validate_select_args(
-    signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards=1
+    signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards=1, seed=None
 ) -> int:
     """Check every argument of :func:`select_regions`; return the token count N."""
     check_tensor("signal", signal)
@@ -73,6 +73,16 @@ def validate_select_args(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "std" and c < 2:
         raise ValueError(f"metric='std' needs at least 2 channels (unbiased std), signal has C={c}")
+    if metric == "random":
+        if seed is None:
+            raise ValueError(
+                "metric='random' needs seed: a [1] int64 tensor on the signal's device (advanced in place)"
+            )
+        check_tensor("seed", seed, dtypes=(torch.int64,), device=signal.device)
+        if tuple(seed.shape) != (1,):
+            raise ValueError(f"seed must have shape (1,), got {tuple(seed.shape)}")
+    elif seed is not None:
+        raise ValueError(f"seed is used only with metric='random', got metric={metric!r} and a seed")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(high_ratio, (int, float)) or isinstance(high_ratio, bool) or not 0.0 <= high_ratio <= 1.0:
@@ -131,12 +141,15 @@ def launch_select(
     signed_scale: float,
     tuning: dict | None = None,
     shards: int = 1,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
     ``signal`` [B, C, H, W] with ``patch_size`` p or (ph, pw), or [B, C, T, H, W] with (pt, ph, pw): the kernels
     read either through a [B, C, T, H, W] view (strides only, never a copy).
     ``tuning`` overrides entries of :func:`select_tuning` (the benchmark compares variants with it).
+    ``seed`` ([1] int64): metric ``random`` (``use_l2`` is then ignored and the signal gives only the shapes); it
+    is read by the score kernel and then incremented in place (a device op, no host sync).
     Launches on the current device (the op runs it under the signal's device).
     """
     from . import kernels
@@ -147,12 +160,13 @@ def launch_select(
     n = (t // pt) * ht * wt
     keys = torch.empty((b, n), dtype=torch.int32, device=signal.device)
     pv2 = next_pow2(pt * ph * pw)
-    # 256 voxels per program (2 per thread), all channels of a voxel in one thread.
-    block_t = max(1, min(256 // pv2, next_pow2(n)))
+    # 256 voxels per program (2 per thread), all channels of a voxel in one thread; random scores: 256 tokens.
+    block_t = max(1, min(256 // pv2 if seed is None else 256, next_pow2(n)))
     kernels.region_keys_kernel[(cdiv(n, block_t), b)](
         keys_ptr=keys,
         x_ptr=x,
         counters_ptr=counters if counters is not None else keys,  # never read when HAS_COUNTERS is False
+        seed_ptr=seed if seed is not None else keys,  # never read when RANDOM is False
         stride_keys_b=keys.stride(0),
         stride_x_b=x.stride(0),
         stride_x_c=x.stride(1),
@@ -172,10 +186,13 @@ def launch_select(
         PV2=pv2,
         BLOCK_T=block_t,
         L2=use_l2,
+        RANDOM=seed is not None,
         C_BLOCK=min(c, 16),
         HAS_COUNTERS=counters is not None,
         num_warps=4,
     )
+    if seed is not None:
+        seed.add_(1)  # after the score kernel read it (same stream); capturable
     if shards == 1:
         return launch_band(keys, counters, num_active, rank_lo, tuning)
     # Per shard: each run of N / shards tokens is a row of its own for the band stage (rank_lo is the run's).
@@ -248,6 +265,7 @@ def _launch(
     starvation_mode: str,
     high_ratio: float,
     shards: int,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op's Triton path on validated arguments (``patch_size`` one int per grid dimension)."""
     n = math.prod([size // p for size, p in zip(signal.shape[2:], patch_size, strict=True)])
@@ -257,11 +275,21 @@ def _launch(
             "use a larger patch_size or RAS_BACKEND=torch"
         )
     if signal.shape[0] == 0:
+        if seed is not None:
+            seed.add_(1)  # every call advances the seed, as the public function does for an empty batch
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
     sign = 1.0 if starvation_mode == "reference" else -1.0
     rank_lo = reference.band_start(n // shards, num_active // shards, high_ratio)
     return launch_select(
-        signal, counters, num_active, rank_lo, patch_size, metric == "l2", sign * starvation_scale, shards=shards
+        signal,
+        counters,
+        num_active,
+        rank_lo,
+        patch_size,
+        metric == "l2",
+        sign * starvation_scale,
+        shards=shards,
+        seed=seed if metric == "random" else None,
     )
 
 
@@ -275,6 +303,7 @@ def _reference(
     starvation_mode: str,
     high_ratio: float,
     shards: int,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference, taking the schema's argument names."""
     return reference.select_regions(
@@ -287,10 +316,13 @@ def _reference(
         mode=starvation_mode,
         high_ratio=high_ratio,
         shards=shards,
+        seed=seed,
     )
 
 
-def _fake(signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio, shards):
+def _fake(
+    signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio, shards, seed=None
+):
     return signal.new_empty((signal.shape[0], num_active), dtype=torch.int64)
 
 
@@ -300,12 +332,12 @@ _SELECT = RASOp(
     "select_regions",
     schema=(
         "(Tensor signal, int num_active, int[] patch_size, str metric, Tensor(a!)? counters, float starvation_scale, "
-        "str starvation_mode, float high_ratio, int shards) -> Tensor"
+        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed=None) -> Tensor"
     ),
     launch=_launch,
     reference=_reference,
     fake=_fake,
-    mutates_args=("counters",),
+    mutates_args=("counters", "seed"),
     # No differentiable inputs: the indices have no gradient on either path, so a signal requiring grad is fine.
 )
 
@@ -321,6 +353,7 @@ def select_regions(
     mode: str = "reference",
     high_ratio: float = 1.0,
     shards: int = 1,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the ``num_active`` patch tokens each sample recomputes at the next RAS step.
 
@@ -335,7 +368,9 @@ def select_regions(
             Conv3d patch embedding followed by ``flatten(2)`` (diffusers' Wan). Token t covers its patch's latent
             pixels (voxels).
         metric: ``"std"`` (unbiased channel std per pixel, C >= 2) or ``"l2"`` (channel L2 norm per pixel); the
-            score R of a token is the mean over its pixels.
+            score R of a token is the mean over its pixels. ``"random"``: R is a uniform pseudo-random number in
+            [0, 1) per (sample, token), drawn afresh at every call from ``seed`` (a counter-based hash,
+            ``reference.random_scores``; the signal's values are not read, it gives B and N).
         counters: optional [B, N] int32/int64 starvation counts D, updated in place (+1 for every dropped token).
         starvation_scale: k >= 0 in the priority ``R * exp(+-k D)``.
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
@@ -344,19 +379,26 @@ def select_regions(
         shards: P >= 1 dividing N and K: the tokens form P consecutive runs of N / P (token order) and each keeps
             K / P of its own by the same rule (band included), the choice P ranks of a sequence-parallel run make
             from their own shards; 1 selects over the whole sequence.
+        seed: metric ``"random"`` only (required there, refused otherwise): a [1] int64 tensor on the signal's
+            device. Its low and high 32 bits key the draw; it is read on the device (no host sync) and then
+            incremented in place by 1, so the next call (or a CUDA-graph replay) draws afresh.
 
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
-    The Triton path (CUDA tensors) is three launches without host synchronisation, so it can be captured in a
-    CUDA graph; it reads every accepted signal rank, layout and patch shape in place (no copy) and supports
-    N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so
-    a ``signal`` that requires grad is fine.
+    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``) without host
+    synchronisation, so it can be captured in a CUDA graph; it reads every accepted signal rank, layout and patch
+    shape in place (no copy) and supports N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not
+    differentiable on either path (integer indices), so a ``signal`` that requires grad is fine.
     """
-    validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards)
+    validate_select_args(
+        signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards, seed
+    )
     if signal.shape[0] == 0:  # no sample (the reference cannot reshape an empty batch)
+        if seed is not None:
+            seed.add_(1)  # every call advances the seed
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
     patch = [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size]  # the op's int[]
     return _SELECT(
-        signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio), shards
+        signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio), shards, seed
     )
