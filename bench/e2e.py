@@ -213,9 +213,12 @@ class Bench:
         loop."""
 
         def call(label: str):
+            # Video calls take seconds to minutes: their steps are printed as they end.
+            progress = f"{name}, {label}" if self.frames is not None else None
             latents, wall_ms, step_ms = timed_call(
-                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames
-            )
+                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames,
+                progress=progress,
+            )  # fmt: skip
             print(f"  {name}: {label} {wall_ms:.1f} ms", file=sys.stderr, flush=True)
             return latents, wall_ms, step_ms
 
