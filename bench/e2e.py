@@ -17,6 +17,7 @@ weight values; the PSNR column says how far each RAS result lands from the dense
     python -m bench.e2e --model flux --ratio 0.25 0.125 --taylorseer 3 5   # Flux.1-dev layout, diffusers' TaylorSeer
     python -m bench.e2e --model wan --frames 81       # Wan 2.1 T2V 1.3B layout, 480x832, 81 frames, 50 steps
     python -m bench.e2e --model wan-14b --frames 81 --resolution 720x1280   # Wan 2.1 T2V 14B layout
+    python -m bench.e2e --model wan-14b --steps 12 --extrapolate-to 50     # a short run, plus 50-step estimates
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
 
@@ -70,6 +71,14 @@ class Result:
         return statistics.median(self.call_ms)
 
     @property
+    def dense_step_ms(self) -> float | None:
+        """Median time of the dense steps alone (every step of a dense run; a RAS run's warm-up and reset steps)."""
+        times = [
+            t for t, ras in zip(self.step_ms, self.ras_steps or [False] * len(self.step_ms), strict=True) if not ras
+        ]
+        return statistics.median(times) if times else None
+
+    @property
     def ras_step_ms(self) -> float | None:
         """Median time of the RAS steps alone (dense warm-up and reset steps excluded)."""
         if not self.ras_steps or not any(self.ras_steps):
@@ -112,6 +121,33 @@ def table(results: list[Result], dense: Result) -> str:
         if compiled is not None:
             line += f" {compiled.total_ms / r.total_ms:.2f}x |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def estimated_ms(result: Result, ras_steps: list[bool]) -> float:
+    """A call of the generation whose steps are ``ras_steps`` (True: a RAS step), from ``result``'s measured
+    medians: its time outside the steps, plus each step at the median of ``result``'s steps of that kind."""
+    dense_step, ras_step = result.dense_step_ms, result.ras_step_ms
+    if (ras_step is None and any(ras_steps)) or (dense_step is None and not all(ras_steps)):
+        raise ValueError(f"{result.name} did not time every kind of step the schedule to estimate has")
+    outside = result.total_ms - sum(result.step_ms)
+    return outside + sum(ras_step if ras else dense_step for ras in ras_steps)
+
+
+def extrapolated_table(results: list[Result], dense: Result, schedule_of) -> str:
+    """Estimated calls of a longer generation: ``schedule_of(result)`` gives its steps (True: a RAS step) for each
+    row; rows whose steps are not uniform in time (TaylorSeer's full and predicted steps) are left out."""
+    rows = [r for r in results if not r.name.startswith(TAYLORSEER.format(""))]
+    base = estimated_ms(dense, schedule_of(dense))
+    lines = [
+        "| run | measured call ms (median) | dense-step ms | RAS-step ms | estimated call ms | estimated speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dense_step = "-" if r.dense_step_ms is None else f"{r.dense_step_ms:.2f}"
+        ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f}"
+        est = estimated_ms(r, schedule_of(r))
+        lines.append(f"| {r.name} | {r.total_ms:.1f} | {dense_step} | {ras} | {est:.1f} | {base / est:.2f}x |")
     return "\n".join(lines)
 
 
@@ -177,9 +213,12 @@ class Bench:
         loop."""
 
         def call(label: str):
+            # Video calls take seconds to minutes: their steps are printed as they end.
+            progress = f"{name}, {label}" if self.frames is not None else None
             latents, wall_ms, step_ms = timed_call(
-                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames
-            )
+                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames,
+                progress=progress,
+            )  # fmt: skip
             print(f"  {name}: {label} {wall_ms:.1f} ms", file=sys.stderr, flush=True)
             return latents, wall_ms, step_ms
 
@@ -245,6 +284,21 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
     )
     print(f"Timed: {TIMED} (the same for dense and RAS); median of {args.repeats} calls after one warm-up.\n")
     print(table(results, dense))
+    if args.extrapolate_to:
+        steps = args.extrapolate_to
+
+        def schedule_of(result: Result) -> list[bool]:
+            if result.ratio is None:
+                return [False] * steps
+            config = preset(family, steps, result.ratio, bench.n, result.schedule)
+            return [config.is_ras_step(i) for i in range(steps)]
+
+        print(
+            f"\nEstimated {steps}-step calls, NOT measured: each run's time outside the steps of its measured "
+            f"{bench.steps}-step calls, plus the {steps}-step preset schedule's dense and RAS steps at the medians of "
+            "its measured dense and RAS steps:\n"
+        )
+        print(extrapolated_table(results, dense, schedule_of))
     if args.json:
         write_json(args.json, family, bench.size, args.repeats, results, dense)
 
@@ -375,6 +429,15 @@ def main(argv: list[str] | None = None) -> None:
         metavar="INTERVAL",
         help="also time the dense pipeline under diffusers' TaylorSeer cache at these cache intervals (e.g. 3 5)",
     )
+    parser.add_argument(
+        "--extrapolate-to",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also print each run's estimated call for a STEPS-step generation (the preset at STEPS steps) from the "
+        "measured per-step times of this shorter run, labelled as an estimate (e.g. Wan 14B: --steps 12 "
+        "--extrapolate-to 50)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
@@ -390,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--frames (Wan only) must be 4k + 1, got {args.frames}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.extrapolate_to is not None and args.extrapolate_to < 2:
+        parser.error(f"--extrapolate-to must be at least 2 steps, got {args.extrapolate_to}")
     if args.pretrained:
         run_pretrained(args)
     elif demo_cpu.applies(args):

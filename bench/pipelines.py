@@ -345,9 +345,10 @@ class StepClock:
     """Per-step times of one pipeline call from marks at its start and at each ``callback_on_step_end``: CUDA events
     on a GPU (nothing synchronises inside the call), the host clock on the CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, progress: str | None = None, steps: int = 0):
         self.cuda = device.type == "cuda"
         self.marks: list = []
+        self.progress, self.steps = progress, steps  # with a label: "label step i/steps" on stderr as steps end
 
     def mark(self) -> None:
         if self.cuda:
@@ -359,6 +360,9 @@ class StepClock:
 
     def __call__(self, pipe, step, timestep, tensors) -> dict:
         self.mark()
+        if self.progress is not None:  # host-side only: nothing waits for the GPU
+            end = "\n" if step + 1 == self.steps else ""
+            print(f"\r  {self.progress} step {step + 1}/{self.steps}", end=end, file=sys.stderr, flush=True)
         return {}
 
     def step_ms(self) -> list[float]:
@@ -368,11 +372,11 @@ class StepClock:
         return [(b - a) * 1e3 for a, b in itertools.pairwise(self.marks)]
 
 
-def timed_call(pipe, inputs: dict, *, steps: int, size, seed: int, frames: int | None = None):
+def timed_call(pipe, inputs: dict, *, steps: int, size, seed: int, frames: int | None = None, progress=None):
     """One ``pipe(...)`` call: its latents, its wall-clock milliseconds (device synchronised before and after) and
-    its per-step milliseconds."""
+    its per-step milliseconds. ``progress``: a label to print each finished step under (long calls)."""
     device = pipe._execution_device
-    clock = StepClock(device)
+    clock = StepClock(device, progress, steps)
     synchronize(device)
     start = time.perf_counter()
     clock.mark()

@@ -185,3 +185,29 @@ def test_cpu_default_reaches_the_demo(monkeypatch):
     e2e.main(["--device", "cpu"])
     e2e.main(["--device", "cpu", "--no-full"])
     assert len(calls) == 2 and calls[0] != "random weights" and calls[1] == "random weights"
+
+
+def test_extrapolated_calls_from_measured_steps():
+    """The estimate of a longer generation: the measured call's time outside its steps, plus each step of the
+    longer schedule at the median of the measured steps of its kind; a run missing a kind of step is refused."""
+    import torch
+
+    dense = e2e.Result("diffusers dense eager", 1.0, [100.0, 110.0, 90.0], [20.0, 22.0, 18.0, 20.0], torch.zeros(1))
+    ras = e2e.Result("RAS", 0.5, [50.0], [20.0, 9.0, 20.0, 5.0], torch.zeros(1), ras_steps=[False, True, False, True])
+    longer = [False, True, True, True, False, True]  # 2 dense and 4 RAS steps
+    assert e2e.estimated_ms(dense, [False] * 6) == 100.0 - 80.0 + 6 * 20.0
+    assert e2e.estimated_ms(ras, longer) == 50.0 - 54.0 + 2 * 20.0 + 4 * 7.0
+    with pytest.raises(ValueError, match="did not time every kind of step"):
+        e2e.estimated_ms(dense, longer)
+    lines = e2e.extrapolated_table([dense, ras], dense, lambda r: longer if r is ras else [False] * 6).splitlines()
+    assert lines[2] == "| diffusers dense eager | 100.0 | 20.00 | - | 140.0 | 1.00x |"
+    assert lines[3] == "| RAS | 50.0 | 20.00 | 7.00 | 64.0 | 2.19x |"
+
+
+def test_extrapolate_to_prints_labelled_estimates(capsys, torch_backend):
+    e2e.main(["--steps", "6", "--ratio", "0.5", "--resolution", "128", "--device", "cpu", "--repeats", "1"]
+             + ["--no-loop", "--extrapolate-to", "12"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Estimated 12-step calls, NOT measured" in out
+    estimates = out.split("NOT measured")[1]
+    assert "| diffusers dense eager |" in estimates and "| RAS ratio 0.5 (static, eager) |" in estimates

@@ -54,7 +54,7 @@ def test_pipeline_without_encoders_runs_on_prompt_embeddings(family, torch_backe
     torch.testing.assert_close(again, latents, atol=0, rtol=0)
 
 
-def test_wan_pipeline_without_encoders_runs_on_prompt_embeddings(torch_backend):
+def test_wan_pipeline_without_encoders_runs_on_prompt_embeddings(torch_backend, capsys):
     """WanPipeline without a VAE: the Wan VAE's factors (4 in time, 8 in space) give the latent video's shape."""
     transformer = tiny_wan_transformer()
     pipe = pipelines.build_pipeline(transformer)
@@ -62,9 +62,12 @@ def test_wan_pipeline_without_encoders_runs_on_prompt_embeddings(torch_backend):
     assert all(pipe.scheduler.config[key] == value for key, value in pipelines.SCHEDULERS["wan"].items())
     inputs = pipelines.prompt_inputs(transformer, 2, seed=0)
     assert inputs["prompt_embeds"].shape == inputs["negative_prompt_embeds"].shape == (2, 512, 16)
-    latents, wall_ms, step_ms = pipelines.timed_call(pipe, inputs, steps=3, size=(64, 96), seed=0, frames=5)
+    latents, wall_ms, step_ms = pipelines.timed_call(
+        pipe, inputs, steps=3, size=(64, 96), seed=0, frames=5, progress="dense"
+    )
     assert latents.shape == (2, 4, 2, 8, 12) and pipelines.num_tokens(pipe, (64, 96), frames=5) == 2 * 4 * 6
     assert len(step_ms) == 3 and sum(step_ms) <= wall_ms
+    assert capsys.readouterr().err.endswith("\r  dense step 1/3\r  dense step 2/3\r  dense step 3/3\n")
     again = pipelines.generate(pipe, inputs, steps=3, size=(64, 96), seed=0, frames=5)
     torch.testing.assert_close(again, latents, atol=0, rtol=0)
 
