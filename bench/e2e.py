@@ -70,20 +70,21 @@ class Result:
         """Median wall clock of the timed pipe(...) calls."""
         return statistics.median(self.call_ms)
 
+    def _median_step_ms(self, ras: bool) -> float | None:
+        """Median time of the RAS steps (``ras``) or of the dense ones; None when the run had none of them."""
+        kinds = self.ras_steps or [False] * len(self.step_ms)
+        times = [t for t, kind in zip(self.step_ms, kinds, strict=False) if kind == ras]
+        return statistics.median(times) if times else None
+
     @property
     def dense_step_ms(self) -> float | None:
         """Median time of the dense steps alone (every step of a dense run; a RAS run's warm-up and reset steps)."""
-        times = [
-            t for t, ras in zip(self.step_ms, self.ras_steps or [False] * len(self.step_ms), strict=True) if not ras
-        ]
-        return statistics.median(times) if times else None
+        return self._median_step_ms(False)
 
     @property
     def ras_step_ms(self) -> float | None:
         """Median time of the RAS steps alone (dense warm-up and reset steps excluded)."""
-        if not self.ras_steps or not any(self.ras_steps):
-            return None
-        return statistics.median(t for t, ras in zip(self.step_ms, self.ras_steps, strict=False) if ras)
+        return self._median_step_ms(True)
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:

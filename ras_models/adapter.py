@@ -36,7 +36,7 @@ from typing import ClassVar
 import torch
 
 from .config import RASConfig
-from .handle import RASHandle, refuse_parallelism
+from .handle import RASHandle
 from .session import RASSession
 
 KINDS = ("self", "joint", "cross")
@@ -170,9 +170,7 @@ class ModelAdapter:
 
 def refuse_submodule_hooks(transformer: torch.nn.Module, name: str = "transformer") -> None:
     """Raise ValueError if an accelerate hook sits on a submodule of ``transformer`` (sequential offload or a
-    device_map), or diffusers' parallelism is enabled on it (:func:`refuse_parallelism`): RAS's patches would run
-    beneath hooks that move weights per submodule, or split the tokens across ranks."""
-    refuse_parallelism(transformer, name)
+    device_map): RAS's patches would run beneath hooks that move weights per submodule."""
     hooked = next((path for path, m in transformer.named_modules() if path and hasattr(m, "_hf_hook")), None)
     if hooked is not None:
         raise ValueError(

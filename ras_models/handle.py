@@ -26,13 +26,14 @@ def _get(obj: object, name: str) -> object:
     return type(obj) if name == "__class__" else vars(obj).get(name, _MISSING)
 
 
-def refuse_parallelism(transformer: torch.nn.Module, name: str = "transformer") -> None:
-    """Raise ValueError if diffusers' context or tensor parallelism is enabled on ``transformer``
-    (``enable_parallelism``): each rank would run RAS's attention on its own shard of the tokens only."""
-    if getattr(transformer, "_parallel_config", None) is not None:
+def _refuse_parallelism(model: torch.nn.Module) -> None:
+    """Raise ValueError if diffusers' context or tensor parallelism is enabled on ``model`` (``enable_parallelism``):
+    each rank would run RAS's attention on its own shard of the tokens only."""
+    if getattr(model, "_parallel_config", None) is not None:
         raise ValueError(
-            f"{name} runs under diffusers' parallelism (enable_parallelism), which RAS does not support yet: its "
-            "attention would see only this rank's tokens; apply RAS to a model without enable_parallelism"
+            f"the {type(model).__name__} runs under diffusers' parallelism (enable_parallelism), which RAS does not "
+            "support yet: its attention would see only this rank's tokens; apply RAS to a model without "
+            "enable_parallelism"
         )
 
 
@@ -86,6 +87,7 @@ class RASHandle:
     def __init__(self, session: RASSession, model: torch.nn.Module, *, cuda_graphs: bool = True):
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        _refuse_parallelism(model)  # before anything is patched; check() repeats it at every call
         self.session = session
         self.model = model
         self.graphs = StepGraphs() if cuda_graphs else None
@@ -155,8 +157,8 @@ class RASHandle:
     def check(self) -> None:
         """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
         ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense; a
-        ValueError if diffusers' parallelism was enabled on the model since (:func:`refuse_parallelism`)."""
-        refuse_parallelism(self.model)
+        ValueError if diffusers' parallelism was enabled on the model since (:func:`_refuse_parallelism`)."""
+        _refuse_parallelism(self.model)
         # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
         for path, parent, attr, module in self._watched:
             if getattr(parent, attr, None) is not module:
