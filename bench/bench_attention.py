@@ -1,7 +1,6 @@
 """Benchmark of cached_kv_attention / attention against PyTorch SDPA (CUDA only).
 
-    python -m bench.bench_attention            # the table (ceilings, SD3, Lumina and Flux shapes; portable and
-                                               # Hopper TMA kernels where it runs)
+    python -m bench.bench_attention            # the table (ceilings, SD3, Lumina and Flux shapes)
     python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
     python -m bench.bench_attention --tune ras_kernels/attention/tuned_configs.json
                                                # the shipped table: fastest config per autotune key
@@ -102,9 +101,6 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
     k_all, v_all = _concat(kc, vc, ke, ve, group)
     base_ms, base_name = _best_sdpa(q, k_all, v_all)
     out = [Row("attention kernel", shape, ours, base_ms, base_name, "TFLOP/s", _flops(s), tf)]
-    if ops._tma_unsupported(q, kc, vc, ke, ve, forced=True) is None:  # the Hopper (TMA) kernel, same inputs
-        tma = graph_ms(lambda: ops._launch_attention_tma(q, kc, vc, ke, ve, None, scale, False))
-        out.append(Row("attention kernel (TMA)", shape, tma, base_ms, base_name, "TFLOP/s", _flops(s), tf))
     if s["kk"] not in (1024, 4096):
         return out
     # The whole op (cache write + attention) against the plain-PyTorch RAS path with the same SDPA backend.

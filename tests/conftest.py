@@ -32,6 +32,7 @@ def _fresh_seed():
     yield
 
 
+@torch.no_grad()  # Inductor's own allocations (e.g. its pad_mm patterns) can be leaves that require grad
 def _poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point() or t.is_complex():
         return t.fill_(float("nan"))

@@ -136,7 +136,7 @@ def test_registered_op_matches_public_function(triton_backend):
     x = tie_free_signal(2, 4, 8, 8, 2, 0.5, "l2")
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1, None)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -218,7 +218,7 @@ def test_registered_op_takes_a_video(triton_backend):
     x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
     counters = torch.randint(0, 3, (2, 45), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1)
+    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1, None)
     ref_c = counters.clone()
     ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
@@ -575,7 +575,7 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     ref_c = counters.clone()
     op = torch.ops.ras_kernels.select_regions
     fn = torch.compile(
-        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0), backend="aot_eager", fullgraph=True
+        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0, 1, None), backend="aot_eager", fullgraph=True
     )
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)

@@ -376,152 +376,15 @@ def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
     )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Hopper path: attn_fwd_tma_kernel (tensor-descriptor loads, warp-specialised key loop)
-# ----------------------------------------------------------------------------------------------------------------
-
-_ATTN_KERNELS = ("auto", "portable", "tma")
-# Kernel head dims the TMA kernel serves: 64 and 128 as one piece, 72 as 64 + a 16-wide piece.
-TMA_HEAD_DIMS = (64, 72, 128)
-# Per kernel head dim, 16-bit inputs on the GPU: (BLOCK_M, BLOCK_N, num_warps, NUM_STAGES). One fixed config each,
-# not yet tuned (nor run) on a GPU; WARP_SPECIALIZE is on for all of them.
-_TMA_CONFIGS = {64: (128, 128, 8, 2), 72: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
-# fp32 (only with RAS_ATTN_KERNEL=tma: exact-precision dots, no wgmma) and the CPU interpreter (small tiles).
-_TMA_FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "WARP_SPECIALIZE": False}
-_TMA_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 1, "WARP_SPECIALIZE": False}
-
-
-def requested_attention_kernel() -> str:
-    """The value of ``RAS_ATTN_KERNEL`` (default ``auto``), validated: ``portable`` always runs attn_fwd_kernel,
-    ``tma`` always attn_fwd_tma_kernel (a ValueError when the inputs do not qualify), ``auto`` the TMA kernel on
-    compute capability 9.x for inputs that qualify, else the portable one."""
-    value = os.environ.get("RAS_ATTN_KERNEL", "auto").strip().lower() or "auto"
-    if value not in _ATTN_KERNELS:
-        raise ValueError(f"RAS_ATTN_KERNEL must be one of {', '.join(_ATTN_KERNELS)}; got {value!r}")
-    return value
-
-
-@functools.cache
-def _capability_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
-
-
-def _tma_misaligned(named: dict[str, torch.Tensor | None]) -> str | None:
-    """Why TMA cannot read one of the tensors (base address or a batch/row/head stride not a multiple of 16 bytes),
-    or None. Batch and head strides of size-1 dimensions are never stepped along and are not checked."""
-    for name, t in named.items():
-        if t is None:
-            continue
-        size = t.element_size()
-        strides = [st for dim, st in enumerate(t.stride()[:-1]) if dim == 1 or t.shape[dim] > 1]
-        if t.data_ptr() % 16 or any(st * size % 16 for st in strides):
-            return (
-                f"{name} (strides {tuple(t.stride())}, {size}-byte elements) is not 16-byte aligned in its base "
-                "address or its batch/row/head strides"
-            )
-    return None
-
-
-def _tma_unsupported(q, k, v, k_extra, v_extra, forced: bool) -> str | None:
-    """Why attn_fwd_tma_kernel cannot run these (kernel head dim) inputs, or None. fp32 runs only when forced."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpret:
-        if q.device.type != "cuda":
-            return f"tensors on {q.device.type} (it needs CUDA tensors, or TRITON_INTERPRET=1)"
-        if _capability_major(q.device) < 9:
-            return f"compute capability {_arch(q.device)} has no TMA (it needs 9.x, Hopper, or newer)"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if forced else (torch.float16, torch.bfloat16)
-    if q.dtype not in dtypes:
-        return f"dtype {str(q.dtype).replace('torch.', '')} (it takes {', '.join(str(t)[6:] for t in dtypes)})"
-    d = q.shape[-1]
-    if d not in TMA_HEAD_DIMS:
-        return f"head dim {d} (it serves {', '.join(map(str, TMA_HEAD_DIMS))})"
-    return _tma_misaligned({"q": q, "k": k, "v": v, "k_extra": k_extra, "v_extra": v_extra})
-
-
-def _use_tma(q, k, v, k_extra, v_extra) -> bool:
-    """The kernel choice of ``RAS_ATTN_KERNEL`` for these inputs (at their kernel head dim); see
-    requested_attention_kernel. A forced ``tma`` on inputs that do not qualify is a ValueError naming the reason."""
-    mode = requested_attention_kernel()
-    if mode == "portable":
-        return False
-    if mode == "auto":
-        if q.device.type != "cuda" or _capability_major(q.device) != 9:
-            return False
-        return _tma_unsupported(q, k, v, k_extra, v_extra, forced=False) is None
-    reason = _tma_unsupported(q, k, v, k_extra, v_extra, forced=True)
-    if reason is not None:
-        raise ValueError(f"RAS_ATTN_KERNEL=tma, but the TMA attention kernel cannot run these inputs: {reason}")
-    return True
-
-
-def _tma_config(d: int, dtype: torch.dtype) -> dict:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _TMA_INTERPRET_CONFIG
-    if dtype == torch.float32:
-        return _TMA_FP32_CONFIG
-    bm, bn, warps, stages = _TMA_CONFIGS[d]
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "WARP_SPECIALIZE": True}
-
-
-def _tma_workspace(device: torch.device):
-    """Triton's allocator for the kernel's device-side descriptors (a global-memory workspace per launch)."""
-
-    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, device=device, dtype=torch.int8)
-
-    return allocate
-
-
-def _launch_attention_tma(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_extra: torch.Tensor | None,
-    v_extra: torch.Tensor | None,
-    extra_mask: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
-    config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run attn_fwd_tma_kernel (kernel head dim 64, 72 or 128; inputs checked by _tma_unsupported) on the current
-    device; ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages, WARP_SPECIALIZE) replaces the fixed one. Sets
-    Triton's allocator (for this context) to one that allocates the descriptors' workspace on q's device."""
-    import triton
-
-    from . import kernels
-
-    if os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16:
-        # As in _launch_attention: the interpreter's bf16 tl.dot is wrong, run fp32 copies and round once.
-        up = [None if t is None else t.float() for t in (q, k, v, k_extra, v_extra)]
-        out, lse = _launch_attention_tma(*up, extra_mask, scale, return_lse, config)
-        return out.to(torch.bfloat16), lse
-    out, lse, args, consts, grid = _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
-    if out.numel() == 0:
-        return out, lse
-    del args["lq_bucket"], consts["DV1"]
-    d = consts["HEAD_DIM"]
-    consts["D1"] = 16  # 72 = 64 + 16 columns, zero-filled past 72 by the descriptors (unused without SPLIT)
-    config = dict(config or _tma_config(d, q.dtype))
-    config["NUM_STAGES"] = config.get("num_stages", 1)
-    triton.set_allocator(_tma_workspace(q.device))
-    kernels.attn_fwd_tma_kernel[grid](**args, **consts, **config)
-    return out, lse
-
-
 def _attend(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int):
     """The attention kernel at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended to q,
-    k and v add nothing to any score, and the output's extra columns (zero) are sliced off. ``RAS_ATTN_KERNEL``
-    picks attn_fwd_tma_kernel or the portable attn_fwd_kernel (see requested_attention_kernel)."""
+    k and v add nothing to any score, and the output's extra columns (zero) are sliced off."""
     d = q.shape[-1]
     if width != d:
         q, k, v, k_extra, v_extra = (
             None if t is None else F.pad(t, (0, width - d)) for t in (q, k, v, k_extra, v_extra)
         )
-    has_extra = k_extra is not None and k_extra.shape[1] > 0
-    ke, ve = (k_extra, v_extra) if has_extra else (None, None)
-    launch = _launch_attention_tma if _use_tma(q, k, v, ke, ve) else _launch_attention
-    out, lse = launch(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    out, lse = _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
     if width != d:
         out = out[..., :d].contiguous()
     return out, lse

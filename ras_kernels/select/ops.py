@@ -326,13 +326,15 @@ def _fake(
     return signal.new_empty((signal.shape[0], num_active), dtype=torch.int64)
 
 
+# No defaults in the schema: torch 2.11's ADInplaceOrView kernel indexes mutated arguments by position, so a
+# mutable argument left to its default (seed) is out of range on CUDA.
 # The public ``mode`` is ``starvation_mode`` in the schema: an op argument named ``mode`` collides with the
 # ``mode`` parameter of torch.compile's redirect_to_mode ("got multiple values for argument 'mode'").
 _SELECT = RASOp(
     "select_regions",
     schema=(
         "(Tensor signal, int num_active, int[] patch_size, str metric, Tensor(a!)? counters, float starvation_scale, "
-        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed=None) -> Tensor"
+        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed) -> Tensor"
     ),
     launch=_launch,
     reference=_reference,
