@@ -1,6 +1,6 @@
 """Benchmark of cached_kv_attention / attention against PyTorch SDPA (CUDA only).
 
-    python -m bench.bench_attention            # the table (ceilings, SD3 and Lumina shapes)
+    python -m bench.bench_attention            # the table (ceilings, SD3, Lumina and Flux shapes)
     python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
     python -m bench.bench_attention --tune ras_kernels/attention/tuned_configs.json
                                                # the shipped table: fastest config per autotune key
@@ -67,6 +67,7 @@ def _concat(kc, vc, ke, ve, group):
 
 SD3 = dict(b=2, n=4096, t=333, hq=24, hkv=24, d=64)
 LUMINA = dict(b=2, n=4096, t=0, hq=32, hkv=8, d=72)
+FLUX = dict(b=1, n=4096, t=512, hq=24, hkv=24, d=128)
 
 
 def _shapes():
@@ -74,6 +75,8 @@ def _shapes():
         yield "SD3", dict(SD3, kk=kk)
     for kk in (1024, 2048, 4096):
         yield "Lumina", dict(LUMINA, kk=kk)
+    for kk in (1024, 4096):
+        yield "Flux", dict(FLUX, kk=kk)
 
 
 def _shape_str(name, s) -> str:
@@ -94,7 +97,7 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
     scale = s["d"] ** -0.5
     group = s["hq"] // s["hkv"]
     shape = _shape_str(name, s)
-    ours = graph_ms(lambda: ops._flash_attention(q, kc, vc, ke, ve, None, scale, False))
+    ours = graph_ms(lambda: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False))
     k_all, v_all = _concat(kc, vc, ke, ve, group)
     base_ms, base_name = _best_sdpa(q, k_all, v_all)
     out = [Row("attention kernel", shape, ours, base_ms, base_name, "TFLOP/s", _flops(s), tf)]
@@ -139,9 +142,7 @@ def _sweep_cells(name: str, s: dict, configs) -> list[str]:
     for bm, bn, w, st in configs:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
         try:
-            ms = graph_ms(
-                lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, lambda f: f, cfg)
-            )
+            ms = graph_ms(lambda cfg=cfg: ops._launch_attention(q, kc, vc, ke, ve, None, scale, False, cfg))
             cells.append(f"{_flops(s) / ms / 1e9:.0f}")
         except Exception as e:  # noqa: BLE001 - out of resources etc.
             cells.append(type(e).__name__[:12])
@@ -189,7 +190,7 @@ def tune(path: str) -> None:
             mask = torch.rand(b, t, device="cuda") < 0.8 if masked else None
             if masked:
                 mask[:, 0] = True
-            args = (q, kc, vc, ke, ve, mask, d**-0.5, False, lambda f: f)
+            args = (q, kc, vc, ke, ve, mask, d**-0.5, False)
             timings = []
             for bm, bn, w, st in ops.GPU_CONFIGS:
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}

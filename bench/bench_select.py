@@ -90,11 +90,10 @@ def eager_table() -> str:
     for b, c, size, p, dtype in SHAPES:
         x, counters, n = _inputs(b, c, size, p, dtype)
         k = n // 2
-        band = reference.band_start(n, k, KW["high_ratio"])
         ours = median_ms(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
-        op = median_ms(
-            partial(torch.ops.ras_kernels.select_regions, x, counters, k, band, _patch_list(size, p), False, 0.0)
-        )
+        patch = _patch_list(size, p)
+        op_args = (x, k, patch, KW["metric"], counters, KW["starvation_scale"], KW["mode"], KW["high_ratio"])
+        op = median_ms(partial(torch.ops.ras_kernels.select_regions, *op_args))
         base = median_ms(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
         lines.append(f"| {_shape(b, c, size, p, dtype, k)} | {ours:.4f} | {op:.4f} | {base:.4f} |")
     return "\n".join(lines)
@@ -161,11 +160,9 @@ def sweep() -> str:
             cfg = ops.select_tuning(n)
             cfg.update(tuning)
             try:
-                got = ops.launch_select(x, None, n // 2, band, p, False, 0.0, tuning, traceable=False)
+                got = ops.launch_select(x, None, n // 2, band, p, False, 0.0, tuning)
                 same = "" if torch.equal(got, expected) else " MISMATCH"
-                fn = graph_replay(
-                    partial(ops.launch_select, x, counters, n // 2, band, p, False, 0.0, tuning, traceable=False)
-                )
+                fn = graph_replay(partial(ops.launch_select, x, counters, n // 2, band, p, False, 0.0, tuning))
                 ms = f"{median_ms(fn):.4f}{same}"
             except Exception as e:  # a variant that fails to compile must not hide the others
                 ms = f"failed: {type(e).__name__}: {str(e)[:200]}"

@@ -1,11 +1,12 @@
 """Where a RAS step spends its GPU time: torch.profiler over eager steps, kernels grouped by name (CUDA only).
 
     python -m bench.profile_step --model flux --ratio 0.25 [--top 25]
+    python -m bench.profile_step --model wan --frames 81      # Wan 2.1 1.3B at 480x832 (wan-14b: the 14B layout)
 
 Builds the published layout with random weights and its pipeline (as bench.e2e does), runs ``pipe(...)`` at 1024^2
-and profiles a few of its steps through ``callback_on_step_end``: dense steps of the plain pipeline, then eager RAS
-steps (after one unprofiled generation, in which Triton's autotuner benchmarks its configs), and prints the kernels
-that take the most GPU time in each.
+(Wan: 480x832, ``--frames`` frames, CFG's two transformer calls in each step) and profiles a few of its steps through
+``callback_on_step_end``: dense steps of the plain pipeline, then eager RAS steps (after one unprofiled generation, in
+which Triton's autotuner benchmarks its configs), and prints the kernels that take the most GPU time in each.
 """
 
 from __future__ import annotations
@@ -15,10 +16,19 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.pipelines import build_pipeline, build_transformer, generate, num_tokens, preset, prompt_inputs
+from bench.pipelines import (
+    build_pipeline,
+    build_transformer,
+    family_of,
+    generate,
+    num_tokens,
+    preset,
+    prompt_inputs,
+)
 from ras_models import apply_ras
 
 SIZE = 1024
+VIDEO_SIZE = (480, 832)
 
 
 def _top(prof, top: int, steps: int) -> str:
@@ -40,17 +50,21 @@ def _top(prof, top: int, steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("sd3", "lumina", "flux"), default="sd3")
+    parser.add_argument("--model", choices=("sd3", "lumina", "flux", "wan", "wan-14b"), default="sd3")
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=81, help="Wan: frames per video, 4k + 1 (default 81)")
     args = parser.parse_args(argv)
     pipe = build_pipeline(build_transformer(args.model, True, torch.device("cuda"), torch.bfloat16))
+    video = args.model.startswith("wan")
+    size, frames = (VIDEO_SIZE, args.frames) if video else (SIZE, None)
     inputs = prompt_inputs(pipe.transformer, 1, seed=0)
-    config = preset(args.model, None, args.ratio, num_tokens(pipe, SIZE), "static")
+    config = preset(family_of(pipe.transformer), None, args.ratio, num_tokens(pipe, size, frames), "static")
     profiled = 3
 
     def run(first: int):
-        """One generation, profiling steps ``first`` .. ``first + profiled - 1`` (``first`` >= 1)."""
+        """One generation, profiling steps ``first`` .. ``first + profiled - 1`` (``first`` >= 1), then skipping the
+        rest (the pipelines' ``interrupt``: SD3, Flux and Wan; Lumina's pipeline has none and runs to the end)."""
         prof = profile(activities=[ProfilerActivity.CUDA])
 
         def on_step(pipe, i, timestep, tensors):
@@ -59,16 +73,17 @@ def main(argv: list[str] | None = None) -> None:
             elif i == first + profiled - 1:
                 torch.cuda.synchronize()
                 prof.stop()
+                pipe._interrupt = True
             return {}
 
-        generate(pipe, inputs, steps=config.num_steps, size=SIZE, seed=0, callback=on_step)
+        generate(pipe, inputs, steps=config.num_steps, size=size, seed=0, callback=on_step, frames=frames)
         return prof
 
     with torch.no_grad():
         dense = run(1)
         print(f"## {args.model} dense step (diffusers, eager)\n{_top(dense, args.top, profiled)}\n")
         with apply_ras(pipe, config, cuda_graphs=False):
-            generate(pipe, inputs, steps=config.num_steps, size=SIZE, seed=0)  # autotunes, unprofiled
+            generate(pipe, inputs, steps=config.num_steps, size=size, seed=0, frames=frames)  # autotunes, unprofiled
             ras = run(config.warmup_steps)  # steps warmup .. warmup + 2 are RAS steps in the presets
         print(f"## {args.model} RAS step, ratio {args.ratio} (eager)\n{_top(ras, args.top, profiled)}")
 

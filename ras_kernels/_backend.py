@@ -9,12 +9,20 @@ The choice is made per call, on the host, before anything is launched:
 
 The Triton kernels have no backward pass: on that path an input that requires grad (with grad mode on) is an error,
 not a silently detached result. The references keep autograd.
+
+Every op is defined the same way (:class:`RASOp`): its public function validates the arguments on the host (with
+the checks below; nothing is launched before they pass), then calls the op object, which runs the reference, the
+Triton launcher (eager calls, CUDA-graph capture included) or the registered ``torch.library`` op (while
+torch.compile traces: one opaque node, with a fake implementation for shapes). Launches run under the device of the
+op's first tensor argument. Kernels take output pointers first, name pointers ``<tensor>_ptr`` and strides
+``stride_<tensor>_<dim>``, and are launched with keyword arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -74,13 +82,64 @@ def use_triton(op_name: str, device: torch.device, inputs: dict[str, object]) ->
     return True
 
 
-def triton_path(op_name: str, op, launcher, device: torch.device, inputs: dict[str, object]):
-    """The Triton entry point of an op for tensors on ``device``: the plain launcher for an eager call (CUDA-graph
-    capture included: no custom-op dispatch cost), the registered torch.library op while torch.compile traces (one
-    opaque node), None when the plain-PyTorch reference runs instead (see :func:`use_triton` for ``inputs``)."""
-    if not use_triton(op_name, device, inputs):
-        return None
-    return op if torch.compiler.is_compiling() else launcher
+def _argument_names(schema: str) -> tuple[str, ...]:
+    """The argument names of a torch.library schema such as ``(Tensor x, Tensor? add, float eps) -> Tensor``."""
+    inside = schema[schema.index("(") + 1 : schema.rindex(") ->")]
+    return tuple(arg.split("=")[0].split()[-1] for arg in inside.split(",") if arg.strip())
+
+
+class RASOp:
+    """One op: its Triton launcher, its plain-PyTorch reference and its registered ``torch.library`` op.
+
+    ``schema`` names the arguments in call order (the reference takes them by those names); ``mutates_args`` the
+    ones written in place; ``differentiable`` the tensors the reference differentiates (the Triton path refuses
+    them when they require grad); ``fake`` gives the output's shape and dtype without computing it (torch.compile).
+    ``launch`` may assume validated arguments and is run under the first tensor argument's device.
+
+    Calling the object with validated arguments (in schema order) runs the reference or the kernels, as
+    ``RAS_BACKEND`` and the tensors' device decide (:func:`use_triton`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: str,
+        launch: Callable,
+        reference: Callable,
+        fake: Callable,
+        mutates_args: tuple[str, ...] = (),
+        differentiable: tuple[str, ...] = (),
+    ):
+        self.name = name
+        self.launch = launch
+        self.reference = reference
+        self.arg_names = _argument_names(schema)
+        unknown = set(mutates_args + differentiable) - set(self.arg_names)
+        if unknown:
+            raise ValueError(f"{name}: {sorted(unknown)} are not arguments of the schema {schema}")
+        self._differentiable = [self.arg_names.index(n) for n in differentiable]
+        # custom_op rather than triton_op + wrap_triton: the latter runs the kernels on fake tensors under
+        # TRITON_INTERPRET=1 and so breaks torch.compile on the CPU. An explicit schema keeps the registration
+        # independent of annotation handling across torch versions.
+        self.registered = torch.library.custom_op(
+            f"ras_kernels::{name}", self.launch_on_device, mutates_args=mutates_args, schema=schema
+        )
+        self.registered.register_fake(fake)
+
+    def launch_on_device(self, *args):
+        """The launcher under the device of the first tensor argument (Triton launches on the current device)."""
+        tensor = next(a for a in args if isinstance(a, torch.Tensor))
+        with device_of(tensor):
+            return self.launch(*args)
+
+    def __call__(self, *args):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        inputs = {self.arg_names[i]: args[i] for i in self._differentiable}
+        if not use_triton(self.name, device, inputs):
+            return self.reference(**dict(zip(self.arg_names, args, strict=True)))
+        # Eager calls launch directly: the op's dispatch would cost more host time than small kernels' GPU time.
+        return self.registered(*args) if torch.compiler.is_compiling() else self.launch_on_device(*args)
 
 
 def check_tensor(
@@ -119,15 +178,21 @@ def check_no_overlap(name: str, t: torch.Tensor) -> None:
     (interleaved dimensions), which no real cache or counter tensor has."""
     if t.numel() == 0:
         return
-    reach = 0  # the largest offset the dimensions with smaller strides span
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1):
-        if stride <= reach:
-            raise ValueError(
-                f"{name} is written in place, so its elements must not share memory, but sizes {tuple(t.shape)} with "
-                f"strides {tuple(t.stride())} make them overlap (a broadcast / expanded view?); pass a tensor with "
-                "its own storage, e.g. .clone() it"
-            )
-        reach += stride * (size - 1)
+    dims = [(st, sz) for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1]
+    if torch.compiler.is_compiling():
+        # Tracing may see symbolic sizes, which dynamo cannot sort: refuse the broadcast case (a zero stride) only.
+        overlap = any(stride == 0 for stride, _ in dims)
+    else:
+        reach, overlap = 0, False  # reach: the largest offset the dimensions with smaller strides span
+        for stride, size in sorted(dims):
+            overlap |= stride <= reach
+            reach += stride * (size - 1)
+    if overlap:
+        raise ValueError(
+            f"{name} is written in place, so its elements must not share memory, but sizes {tuple(t.shape)} with "
+            f"strides {tuple(t.stride())} make them overlap (a broadcast / expanded view?); pass a tensor with "
+            "its own storage, e.g. .clone() it"
+        )
 
 
 def debug_checks_enabled() -> bool:
@@ -176,3 +241,32 @@ def row_strides(t: torch.Tensor) -> tuple[int, int]:
 def device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_float(name: str, value: object, *, positive: bool = False) -> float:
+    """A real number (not a bool), optionally > 0; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """An int (not a bool) in [low, high]; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {accepted}, got {value}")
+    return value
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b."""
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (x - 1).bit_length())

@@ -41,10 +41,17 @@ class RASConfig:
         schedule: ``"static"`` (same K every RAS step) or ``"dynamic"`` (K falls over the run in groups of
             ``dynamic_group`` steps by ``dynamic_step`` tokens a group, the drop count floored to a multiple of
             ``dynamic_multiple``).
-        metric: per-pixel score over channels, ``"std"`` or ``"l2"``.
+        metric: per-pixel score over channels, ``"std"`` or ``"l2"``; or ``"random"``: a uniform pseudo-random
+            score per token, drawn afresh at every RAS step (the starvation priority and the band apply unchanged).
         mode: ``"reference"`` (priority R * exp(+k D), the public code's rule) or ``"paper"`` (R * exp(-k D)).
         starvation_scale: k >= 0.
         high_ratio: share in (0, 1] of the dropped tokens taken from the highest priorities.
+        shards: P >= 1: the image tokens form P consecutive runs of N / P, and every RAS step keeps the same count
+            of each run's own tokens (``select_regions(..., shards=P)``; the counts above apply per run), the choice
+            P ranks of a sequence-parallel run make; with 1, one selection over all N tokens.
+        seed: int in [0, 2**31 - 1], used only with metric ``"random"``: each generation starts its draws from it
+            (the session's seed tensor holds ``seed * 2**32`` and advances by 1 per selection, so a generation is
+            reproducible and two seeds never share a draw); a nonzero seed with another metric is a ValueError.
     """
 
     sample_ratio: float = 0.5
@@ -60,6 +67,8 @@ class RASConfig:
     mode: str = "reference"
     starvation_scale: float = 0.1
     high_ratio: float = 1.0
+    shards: int = 1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
@@ -83,6 +92,12 @@ class RASConfig:
             raise ValueError(f"RASConfig.mode must be one of {MODES}, got {self.mode!r}")
         _require_float("starvation_scale", self.starvation_scale, "a finite float >= 0", lambda v: v >= 0)
         _require_float("high_ratio", self.high_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
+        require_int("RASConfig.shards", self.shards, 1)
+        require_int("RASConfig.seed", self.seed, 0, 2**31 - 1)
+        if self.seed and self.metric != "random":
+            raise ValueError(
+                f"RASConfig.seed is used by metric='random' only; got seed={self.seed} with {self.metric!r}"
+            )
 
     # Presets: the public reference examples' schedules; the SD3 sample ratio is the quality study's
     # recommendation (docs/quality.md).
@@ -131,6 +146,10 @@ class RASConfig:
         """Image tokens computed at ``step`` (``num_tokens`` on a dense step)."""
         if not self.is_ras_step(step):
             return num_tokens
+        if self.shards > 1:
+            if num_tokens % self.shards:
+                raise ValueError(f"RASConfig.shards={self.shards} must divide the image's token count N={num_tokens}")
+            return self.shards * replace(self, shards=1).active_tokens(step, num_tokens // self.shards)
         skip = int((1.0 - self.sample_ratio) * num_tokens)
         if self.schedule == "dynamic":
             centre = ((self.num_steps + self.warmup_steps) // self.dynamic_group) // 2

@@ -74,6 +74,9 @@ class RASSession:
         self.new_call = False  # whether that call runs for the first time in this generation
         self._calls: set = set()  # the calls begun in the current step
         self._seen: set = set()  # the calls begun in this generation
+        # metric "random": the [1] int64 seed of select_regions, made from config.seed at the generation's first
+        # selection (so every generation draws the same sequence) and advanced by select_regions at each one.
+        self.seed: torch.Tensor | None = None
         if self.counters is not None:
             self.counters.zero_()
         if not self.keep_buffers:
@@ -309,6 +312,9 @@ class RASSession:
             prompts = guided.shape[0]
             if self.counters is None or self.counters.shape != (prompts, self.num_tokens):
                 self.counters = torch.zeros(prompts, self.num_tokens, dtype=torch.int32, device=guided.device)
+            if cfg.metric == "random" and self.seed is None:
+                # The high 32 bits pick the stream, the low 32 count the selections: seeds s and s + 1 share no draw.
+                self.seed = torch.tensor([cfg.seed << 32], dtype=torch.int64, device=guided.device)
             self.active = select_regions(
                 guided,
                 self.schedule[nxt],
@@ -318,6 +324,8 @@ class RASSession:
                 starvation_scale=cfg.starvation_scale,
                 mode=cfg.mode,
                 high_ratio=cfg.high_ratio,
+                shards=cfg.shards,
+                seed=self.seed if cfg.metric == "random" else None,
             )
         else:
             self.active = None

@@ -32,9 +32,31 @@ def _fresh_seed():
     yield
 
 
+@torch.no_grad()  # Inductor's own allocations (e.g. its pad_mm patterns) can be leaves that require grad
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        return t.fill_(float("nan"))
+    if t.dtype != torch.bool:
+        return t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
 @pytest.fixture
-def triton_backend(monkeypatch):
-    """Force the Triton path of the public ops for one test."""
+def poison_allocations(monkeypatch):
+    """Every ``torch.empty`` / ``torch.empty_like`` / ``Tensor.new_empty`` made during the test comes filled with NaN
+    (integers: their largest value), so an output or workspace element an op fails to write shows up as a wrong or
+    non-finite result instead of whatever the allocator's memory held."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _poison(empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _poison(empty_like(*args, **kwargs)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *args, **kwargs: _poison(new_empty(self, *args, **kwargs))
+    )
+
+
+@pytest.fixture
+def triton_backend(monkeypatch, poison_allocations):
+    """Force the Triton path of the public ops for one test (with NaN-poisoned allocations)."""
     if not TRITON_RUNNABLE:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     monkeypatch.setenv("RAS_BACKEND", "triton")

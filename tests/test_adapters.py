@@ -222,6 +222,69 @@ def test_ratio_one_reproduces_unpatched_pipeline(factory, size, torch_backend):
     torch.testing.assert_close(ras, dense, atol=ATOL, rtol=0)
 
 
+def test_shards_reach_the_selection(torch_backend, monkeypatch):
+    """RASConfig(shards=2) through a pipeline: each RAS step selects with shards=2 (SD3's 8 x 8 tokens: two runs of
+    32, each keeping 8 of its own), exactly as the reference does for that step's signal and counters."""
+    from ras_kernels.select import reference as select_reference
+    from ras_models import session
+
+    steps = []
+    select = session.select_regions
+
+    def spy(signal, num_active, **kwargs):
+        counters = kwargs["counters"].clone()
+        active = select(signal, num_active, **kwargs)
+        expected = select_reference.select_regions(signal, num_active, **{**kwargs, "counters": counters})
+        steps.append((kwargs["shards"], active, expected))
+        return active
+
+    monkeypatch.setattr(session, "select_regions", spy)
+    pipe = tiny_sd3_pipeline()
+    with apply_ras(pipe, RASConfig(shards=2, num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.25)):
+        _run(pipe, "a red cat", SD3_SIZE, 6)
+    assert len(steps) == 4
+    for shards, active, expected in steps:
+        assert shards == 2 and active.shape[1] == 16 and bool(((active < 32).sum(dim=1) == 8).all())
+        assert torch.equal(active, expected)
+
+
+def test_random_metric_is_reproducible_per_seed(torch_backend, monkeypatch):
+    """RASConfig(metric="random", seed=3) through a pipeline: each RAS step draws with the session's seed tensor
+    (exactly the reference's selection for that step's signal, counters and seed), two generations with seed 3 give
+    identical selections and outputs, and seed 4 gives other selections."""
+    from ras_kernels.select import reference as select_reference
+    from ras_models import session
+
+    steps = []
+    select = session.select_regions
+
+    def spy(signal, num_active, **kwargs):
+        counters, seed = kwargs["counters"].clone(), kwargs["seed"].clone()
+        active = select(signal, num_active, **kwargs)
+        expected = select_reference.select_regions(signal, num_active, **{**kwargs, "counters": counters, "seed": seed})
+        assert torch.equal(active, expected) and torch.equal(seed, kwargs["seed"])  # the session's seed advanced
+        steps.append((int(seed) - 1, active))
+        return active
+
+    monkeypatch.setattr(session, "select_regions", spy)
+    pipe = tiny_sd3_pipeline()
+    runs = []
+    for seed, generations in ((3, 2), (4, 1)):  # two generations of one handle (one session), then another seed
+        config = RASConfig(metric="random", seed=seed, num_steps=6, warmup_steps=2, reset_steps=(), sample_ratio=0.25)
+        with apply_ras(pipe, config):
+            for _ in range(generations):
+                out = _run(pipe, "a red cat", SD3_SIZE, 6)
+                runs.append((out, steps[:]))
+                steps.clear()
+    (out3, sel3), (again, sel3b), (out4, sel4) = runs
+    assert [s for s, _ in sel3] == [s for s, _ in sel3b] == [(3 << 32) + i for i in range(4)]  # per generation
+    assert [s for s, _ in sel4] == [(4 << 32) + i for i in range(4)]
+    assert torch.equal(out3, again)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sel3, sel3b, strict=True))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(sel3, sel4, strict=True))
+    assert not torch.equal(out3, out4)
+
+
 def _processors(transformer):
     return {name: m.processor for name, m in transformer.named_modules() if hasattr(m, "processor")}
 

@@ -69,6 +69,17 @@ def test_schedule_with_no_active_token_raises():
         cfg.token_schedule(1024)
 
 
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_shards_apply_the_counts_to_each_run(schedule):
+    """With shards = P every step keeps P times what one run of N / P tokens keeps unsharded."""
+    kw = dict(schedule=schedule, sample_ratio=0.3, dynamic_step=64, dynamic_multiple=16)
+    sharded = RASConfig.sd3(shards=4, **kw).token_schedule(4096)
+    assert sharded == [4 * k for k in RASConfig.sd3(**kw).token_schedule(1024)]
+    assert sharded != RASConfig.sd3(**kw).token_schedule(4096)  # 0.3 x 1024 is not a whole number: rounding differs
+    with pytest.raises(ValueError, match="shards=3 must divide the image's token count N=4096"):
+        RASConfig.sd3(shards=3).token_schedule(4096)
+
+
 @pytest.mark.parametrize(
     "field,value,exc",
     [
@@ -93,8 +104,22 @@ def test_schedule_with_no_active_token_raises():
         ("starvation_scale", -0.1, ValueError),
         ("high_ratio", 0.0, ValueError),
         ("high_ratio", 1.01, ValueError),
+        ("shards", 0, ValueError),
+        ("shards", 2.0, TypeError),
+        ("seed", -1, ValueError),
+        ("seed", 2**31, ValueError),
+        ("seed", 1.0, TypeError),
+        ("seed", True, TypeError),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value, exc):
     with pytest.raises(exc, match=field.split("[")[0]):
         RASConfig.sd3(**{field: value})
+
+
+def test_random_metric_and_seed():
+    cfg = RASConfig.sd3(metric="random", seed=3)
+    assert cfg.metric == "random" and cfg.seed == 3
+    assert RASConfig().seed == 0
+    with pytest.raises(ValueError, match="RASConfig.seed is used by metric='random' only; got seed=5 with 'std'"):
+        RASConfig(metric="std", seed=5)

@@ -557,6 +557,19 @@ def test_fuzz_triton_matches_reference(op, triton_backend, fuzz_rng):
 
 
 @pytest.mark.filterwarnings("ignore:ras_kernels attention. head dim")
+@pytest.mark.parametrize("op", list(DRAWS))
+def test_every_op_traces_as_one_node_under_torch_compile(op, triton_backend, fuzz_rng):
+    """Each op's registered torch.library op (its fake implementation for shapes, its declared in-place writes)
+    under ``torch.compile(fullgraph=True)``: the compiled call gives what the eager call's check expects, in-place
+    outputs included (AOT autograd's functionalisation writes them back only if the schema declares them)."""
+    torch._dynamo.reset()
+    case = DRAWS[op](Draw(fuzz_rng, DEVICE))
+    print(case.desc)
+    compiled = torch.compile(case.call, fullgraph=True, backend="aot_eager")
+    case.check(case.args, compiled(case.args))
+
+
+@pytest.mark.filterwarnings("ignore:ras_kernels attention. head dim")
 @pytest.mark.parametrize("op", [op for op in DRAWS if op != "select_regions"])
 def test_triton_path_refuses_autograd_reference_keeps_it(op, monkeypatch, fuzz_rng):
     """The kernels have no backward: with grad mode on, an input that requires grad is an error naming the op and

@@ -136,8 +136,7 @@ def test_registered_op_matches_public_function(triton_backend):
     x = tie_free_signal(2, 4, 8, 8, 2, 0.5, "l2")
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
-    band = reference.band_start(16, 6, 0.3)
-    got = torch.ops.ras_kernels.select_regions(x, op_c, 6, band, [2, 2], True, -0.5)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1, None)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -219,7 +218,7 @@ def test_registered_op_takes_a_video(triton_backend):
     x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
     counters = torch.randint(0, 3, (2, 45), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, op_c, 11, reference.band_start(45, 11, 0.3), [2, 1, 2], False, 0.5)
+    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1, None)
     ref_c = counters.clone()
     ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
@@ -243,7 +242,7 @@ def test_band_stage_at_the_largest_rows(n, triton_backend):
     for k, high_ratio in ((n // 2, 0.3), (1, 1.0), (n - 1, 0.0)):
         start = reference.band_start(n, k, high_ratio)
         expected = order[:, start : start + k].sort(dim=1).values
-        got = ops.launch_band(keys, counters, k, start, traceable=False)
+        got = ops.launch_band(keys, counters, k, start)
         assert torch.equal(got.cpu(), expected)
         dropped = torch.ones(b, n, dtype=torch.int32).scatter_(1, expected, 0)
         assert torch.equal(counters.cpu(), before.cpu() + dropped)
@@ -574,9 +573,210 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     # The registered op traces (functionalised in-place counters) under torch.compile.
     counters = torch.zeros(2, n, dtype=torch.int32, device="cuda")
     ref_c = counters.clone()
-    band = reference.band_start(n, 300, 1.0)
     op = torch.ops.ras_kernels.select_regions
-    fn = torch.compile(lambda s, c: op(s, c, 300, band, [2, 2], False, 0.1), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(
+        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0, 1, None), backend="aot_eager", fullgraph=True
+    )
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)
     assert_same_selection_values(x, 300, torch.zeros_like(ref_c), ours, counters, ref, ref_c)
+
+
+# ------------------------------------------------------------------------------------ shards (sequence-parallel)
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("high_ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_shards_select_within_each_run_of_tokens(shards, high_ratio, video, triton_backend):
+    """The spec of ``shards`` = P, independent of the op's sharded code: P consecutive runs of N / P tokens, each a
+    band of whole token rows here, so run s is the sub-signal of rows [s H / P, (s + 1) H / P) (an image) or of
+    frames [s T / P, ...) (a video), and keeps K / P of its tokens as the unsharded op chooses them on that
+    sub-signal with that run's counters. The Triton path and the reference both match it exactly (tie-free data)."""
+    b, c, scale, mode = 2, 4, 0.5, "paper"
+    grid, patch = ((3 * shards, 2, 3), (1, 2, 2)) if video else ((4 * shards, 5), (2, 2))
+    n, k = math.prod(grid), 3 * shards
+    x = tie_free_video(b, c, grid, patch, scale, "std")
+    counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
+    kw = dict(patch_size=patch, starvation_scale=scale, mode=mode, high_ratio=high_ratio)
+    expected, expected_c = [], counters.clone()
+    run, rows = n // shards, x.shape[2] // shards
+    for s in range(shards):
+        part = x[:, :, s * rows : (s + 1) * rows]
+        part_c = expected_c[:, s * run : (s + 1) * run]  # a view: updated in place
+        expected.append(select_regions(part, k // shards, counters=part_c, **kw) + s * run)
+    expected = torch.cat(expected, dim=1)
+    for op in (select_regions, reference.select_regions):
+        got_c = counters.clone()
+        got = op(x, k, counters=got_c, shards=shards, **kw)
+        check_index_shape(got, b, k, n)
+        assert torch.equal(got, expected), op
+        assert torch.equal(got_c, expected_c), op
+
+
+def test_shards_are_validated():
+    x = torch.randn(1, 4, 8, 8, device=DEVICE)  # N = 16 tokens of 2 x 2
+    with pytest.raises(ValueError, match="shards=3 must divide both the token count N=16 and num_active=6"):
+        select_regions(x, 6, shards=3)
+    with pytest.raises(ValueError, match="shards=2 must divide both the token count N=16 and num_active=5"):
+        select_regions(x, 5, shards=2)
+    with pytest.raises(ValueError, match="shards must be in >= 1, got 0"):
+        select_regions(x, 4, shards=0)
+    with pytest.raises(TypeError, match="shards must be an int, got bool"):
+        select_regions(x, 4, shards=True)
+    token_major = torch.zeros(16, 2, dtype=torch.int32, device=DEVICE).t()  # [B, N] with strides (1, 2)
+    with pytest.raises(ValueError, match=r"counters must be viewable as \[B \* shards, N / shards\]"):
+        select_regions(torch.randn(2, 4, 8, 8, device=DEVICE), 4, shards=2, counters=token_major)
+
+
+# ------------------------------------------------------------------------------------------- metric "random"
+def _lowbias32_py(x: int) -> int:
+    """The documented hash, in plain Python integers (independent of the tensor code under test)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _random_score_py(seed: int, b: int, t: int) -> float:
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    v = _lowbias32_py(lo ^ _lowbias32_py(hi ^ _lowbias32_py((b + 0x9E3779B9) & 0xFFFFFFFF)))
+    return (_lowbias32_py(v ^ t) >> 8) * 2.0**-24
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32, 7 * 2**32 + 3, -2])
+def test_random_scores_are_the_documented_hash(seed):
+    b, n = 3, 40
+    got = reference.random_scores(_seed(seed), b, n).cpu()
+    expected = torch.tensor([[_random_score_py(seed % 2**64, i, t) for t in range(n)] for i in range(b)])
+    assert got.dtype == torch.float32 and torch.equal(got, expected.float())
+    assert bool(((got >= 0) & (got < 1)).all())
+    assert torch.equal(got.double() * 2**24, (got.double() * 2**24).round())  # 24-bit grid: exact in fp32
+
+
+def test_random_reference_reads_then_advances_the_seed():
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    seed = _seed(41)
+    counters = torch.zeros(2, 16, dtype=torch.int32, device=DEVICE)
+    got = reference.select_regions(x, 5, metric="random", seed=seed, counters=counters, high_ratio=1.0)
+    assert int(seed) == 42
+    scores = reference.random_scores(_seed(41), 2, 16)
+    expected = torch.sort(scores, dim=1, stable=True).indices[:, :5].sort(dim=1).values  # high_ratio 1: lowest K
+    assert torch.equal(got, expected)
+    assert torch.equal(counters, torch.ones_like(counters).scatter_(1, expected, 0))
+
+
+@pytest.mark.parametrize("high_ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mode", ["reference", "paper"])
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_random_triton_equals_reference(video, shards, mode, high_ratio, triton_backend):
+    """Exact equality (indices, counters, seed after) over consecutive calls: the draws are the same bits on both
+    paths, and the starvation factor is the same fp32 computation as for the other metrics."""
+    b = 2
+    if video:
+        x, patch, n = torch.randn(b, 3, 4, 6, 4, device=DEVICE), (2, 2, 1), 24  # token grid 2 x 3 x 4
+    else:
+        x, patch, n = torch.randn(b, 1, 8, 10, device=DEVICE), (2, 2), 20  # C = 1: the signal is never read
+    seed, ref_seed = _seed(2**33 + 5), _seed(2**33 + 5)
+    counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
+    ref_c = counters.clone()
+    kw = dict(patch_size=patch, metric="random", starvation_scale=0.5, mode=mode, high_ratio=high_ratio, shards=shards)
+    picks = []
+    for k in (n // 2, shards, n - shards):  # the draws advance with the seed; counters carry over
+        ours = select_regions(x, k, counters=counters, seed=seed, **kw)
+        ref = reference.select_regions(x, k, counters=ref_c, seed=ref_seed, **kw)
+        check_index_shape(ours, b, k, n)
+        assert torch.equal(ours, ref)
+        assert torch.equal(counters, ref_c)
+        assert torch.equal(seed, ref_seed)
+        picks.append(ours)
+    assert int(seed) == 2**33 + 8
+    # Without counters too.
+    again = select_regions(x, n // 2, seed=_seed(2**33 + 5), **kw)
+    assert torch.equal(again, reference.select_regions(x, n // 2, seed=_seed(2**33 + 5), **kw))
+
+
+def test_random_selection_depends_on_the_seed_not_the_signal(triton_backend):
+    b, n, k = 2, 64, 20
+    x = torch.randn(b, 4, 16, 16, device=DEVICE)
+    other = torch.randn(b, 4, 16, 16, device=DEVICE) * 10 + 3  # another signal of the same shape
+    kw = dict(patch_size=2, metric="random", high_ratio=0.3)
+    first = select_regions(x, k, seed=_seed(9), **kw)
+    assert torch.equal(first, select_regions(other, k, seed=_seed(9), **kw))
+    assert torch.equal(first, reference.select_regions(other, k, seed=_seed(9), **kw))
+    assert not torch.equal(first, select_regions(x, k, seed=_seed(10), **kw))
+    assert not torch.equal(first, select_regions(x, k, seed=_seed(9 + 2**32), **kw))  # the high half matters
+    assert not torch.equal(first[0], first[1])  # the samples draw independently
+    seed = _seed(9)
+    assert torch.equal(select_regions(x, k, seed=seed, **kw), first)
+    assert not torch.equal(select_regions(x, k, seed=seed, **kw), first)  # the seed advanced: a new draw
+    check_index_shape(first, b, k, n)
+
+
+def test_random_selection_is_roughly_uniform():
+    """N = 4096 tokens, K = N / 4, 4 fixed seeds x 2 samples: every decile of token indices holds about K / N of
+    its tokens among the chosen (binomial std of a decile's share ~1.5%; bound 5%)."""
+    n, k = 4096, 1024
+    x = torch.zeros(2, 1, 64, 64, device=DEVICE)
+    chosen = torch.zeros(n)
+    for s in (0, 1, 2, 3):
+        idx = reference.select_regions(x, k, patch_size=1, metric="random", seed=_seed(s), high_ratio=0.3)
+        chosen += torch.zeros(2, n).scatter_(1, idx.cpu(), 1.0).sum(dim=0)
+    share = torch.stack([part.sum() / (8 * part.numel()) for part in chosen.tensor_split(10)])
+    assert bool(((share - k / n).abs() < 0.05).all()), share
+    scores = reference.random_scores(_seed(0), 4, n)
+    hist = torch.histc(scores, bins=10, min=0.0, max=1.0) / scores.numel()
+    assert bool(((hist - 0.1).abs() < 0.02).all()), hist
+
+
+def test_registered_op_advances_the_seed(triton_backend):
+    x = torch.randn(2, 1, 8, 8, device=DEVICE)
+    seed = _seed(3)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "random", None, 0.1, "reference", 0.3, 1, seed)
+    assert int(seed) == 4
+    assert torch.equal(got, reference.select_regions(x, 6, metric="random", seed=_seed(3), high_ratio=0.3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_random_empty_batch_advances_the_seed(backend, monkeypatch):
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    seed = _seed(0)
+    out = select_regions(torch.randn(0, 4, 8, 8, device=DEVICE), 5, metric="random", seed=seed)
+    assert out.shape == (0, 5) and int(seed) == 1
+
+
+SEED_ERRORS = [
+    pytest.param({"metric": "random"}, ValueError, "metric='random' needs seed", id="missing"),
+    pytest.param({"seed": torch.zeros(1, dtype=torch.int64)}, ValueError, "seed is used only with", id="std"),
+    pytest.param({"metric": "l2", "seed": torch.zeros(1, dtype=torch.int64)}, ValueError, "seed is used", id="l2"),
+    pytest.param({"metric": "random", "seed": 3}, TypeError, "seed must be a torch.Tensor", id="int"),
+    pytest.param({"metric": "random", "seed": torch.zeros(1)}, TypeError, "seed must have dtype", id="float"),
+    pytest.param(
+        {"metric": "random", "seed": torch.zeros(1, dtype=torch.int32)}, TypeError, "seed must have dtype", id="i32"
+    ),
+    pytest.param(
+        {"metric": "random", "seed": torch.zeros(2, dtype=torch.int64)}, ValueError, r"seed must have shape", id="2"
+    ),
+    pytest.param(
+        {"metric": "random", "seed": torch.zeros((), dtype=torch.int64)}, ValueError, r"seed must have shape", id="0d"
+    ),
+    pytest.param(
+        {"metric": "random", "seed": torch.zeros(1, dtype=torch.int64, device="meta")},
+        ValueError,
+        "seed is on meta",
+        id="device",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", SEED_ERRORS)
+def test_seed_is_validated(kwargs, exc, match, torch_backend):
+    """Checked before any backend runs (CPU tensors; the device case is a meta seed)."""
+    with pytest.raises(exc, match=match):
+        select_regions(torch.randn(1, 4, 8, 8), 3, **kwargs)

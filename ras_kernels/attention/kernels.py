@@ -14,25 +14,25 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["n_active"])
 def cache_write_kernel(
-    k_new_ptr,
-    v_new_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_new_ptr,
+    v_new_ptr,
     idx_ptr,
-    s_knb,
-    s_knt,
-    s_knh,
-    s_vnb,
-    s_vnt,
-    s_vnh,
-    s_kcb,
-    s_kcn,
-    s_kch,
-    s_vcb,
-    s_vcn,
-    s_vch,
-    s_ib,
-    s_ik,
+    stride_k_cache_b,
+    stride_k_cache_n,
+    stride_k_cache_h,
+    stride_v_cache_b,
+    stride_v_cache_n,
+    stride_v_cache_h,
+    stride_k_new_b,
+    stride_k_new_k,
+    stride_k_new_h,
+    stride_v_new_b,
+    stride_v_new_k,
+    stride_v_new_h,
+    stride_idx_b,
+    stride_idx_k,
     n_active,
     n_tokens,
     HEAD_DIM: tl.constexpr,
@@ -49,14 +49,16 @@ def cache_write_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = offs_k < n_active
-    rows = tl.load(idx_ptr + b * s_ib + offs_k * s_ik, mask=ok, other=0).to(tl.int64)
+    rows = tl.load(idx_ptr + b * stride_idx_b + offs_k * stride_idx_k, mask=ok, other=0).to(tl.int64)
     ok = ok & (rows >= 0) & (rows < n_tokens)
     offs_d = tl.arange(0, BLOCK_D)
     m2 = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    kx = tl.load(k_new_ptr + b * s_knb + h * s_knh + offs_k[:, None] * s_knt + offs_d[None, :], mask=m2)
-    tl.store(k_cache_ptr + b * s_kcb + h * s_kch + rows[:, None] * s_kcn + offs_d[None, :], kx, mask=m2)
-    vx = tl.load(v_new_ptr + b * s_vnb + h * s_vnh + offs_k[:, None] * s_vnt + offs_d[None, :], mask=m2)
-    tl.store(v_cache_ptr + b * s_vcb + h * s_vch + rows[:, None] * s_vcn + offs_d[None, :], vx, mask=m2)
+    k_src = k_new_ptr + b * stride_k_new_b + h * stride_k_new_h + offs_k[:, None] * stride_k_new_k
+    k_dst = k_cache_ptr + b * stride_k_cache_b + h * stride_k_cache_h + rows[:, None] * stride_k_cache_n
+    tl.store(k_dst + offs_d[None, :], tl.load(k_src + offs_d[None, :], mask=m2), mask=m2)
+    v_src = v_new_ptr + b * stride_v_new_b + h * stride_v_new_h + offs_k[:, None] * stride_v_new_k
+    v_dst = v_cache_ptr + b * stride_v_cache_b + h * stride_v_cache_h + rows[:, None] * stride_v_cache_n
+    tl.store(v_dst + offs_d[None, :], tl.load(v_src + offs_d[None, :], mask=m2), mask=m2)
 
 
 @triton.jit
@@ -119,10 +121,10 @@ def _attn_masked_rows(
     q1,
     k_base,
     v_base,
-    s_kn,
-    s_vn,
+    stride_k_n,
+    stride_v_n,
     mask_base,
-    s_mt,
+    stride_mask_t,
     lo,
     hi,
     qk_scale,
@@ -136,16 +138,16 @@ def _attn_masked_rows(
 ):
     """Key rows lo..hi-1 of one segment (k_base/v_base point at its row 0), in tiles whose rows past ``hi`` are
     clamped to row hi - 1 (loads stay unmasked, see attn_fwd_kernel) and get a score of -inf; with HAS_MASK the
-    uint8 key mask at ``mask_base + row * s_mt`` hides keys too. Returns the updated (acc0, acc1, m_i, l_i)."""
+    uint8 key mask at ``mask_base + row * stride_mask_t`` hides keys too. Returns the updated (acc0, acc1, m_i, l_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         rel = tl.minimum(offs_n, hi - 1 - start)
         row0 = tl.cast(start, tl.int64)
-        k_t = k_base + row0 * s_kn + tl.multiple_of(rel * s_kn, 8)[:, None]
-        v_t = v_base + row0 * s_vn + tl.multiple_of(rel * s_vn, 8)[:, None]
+        k_t = k_base + row0 * stride_k_n + tl.multiple_of(rel * stride_k_n, 8)[:, None]
+        v_t = v_base + row0 * stride_v_n + tl.multiple_of(rel * stride_v_n, 8)[:, None]
         key_ok = offs_n < hi - start
         if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_base + (row0 + offs_n) * s_mt, mask=key_ok, other=0) != 0)
+            key_ok = key_ok & (tl.load(mask_base + (row0 + offs_n) * stride_mask_t, mask=key_ok, other=0) != 0)
         acc0, acc1, m_i, l_i = _attn_tile(
             acc0, acc1, m_i, l_i, q0, q1,
             k_t + cols0[None, :], k_t + cols_k1[None, :], v_t + cols0[None, :], v_t + cols_v1[None, :],
@@ -156,31 +158,31 @@ def _attn_masked_rows(
 
 @triton.jit(do_not_specialize=["lq", "lq_bucket"])
 def attn_fwd_kernel(
+    out_ptr,
+    lse_ptr,
     q_ptr,
     k_ptr,
     v_ptr,
-    ke_ptr,
-    ve_ptr,
+    k_extra_ptr,
+    v_extra_ptr,
     mask_ptr,
-    out_ptr,
-    lse_ptr,
-    s_qb,
-    s_ql,
-    s_qh,
-    s_kb,
-    s_kn,
-    s_kh,
-    s_vb,
-    s_vn,
-    s_vh,
-    s_keb,
-    s_ket,
-    s_keh,
-    s_veb,
-    s_vet,
-    s_veh,
-    s_mb,
-    s_mt,
+    stride_q_b,
+    stride_q_l,
+    stride_q_h,
+    stride_k_b,
+    stride_k_n,
+    stride_k_h,
+    stride_v_b,
+    stride_v_n,
+    stride_v_h,
+    stride_k_extra_b,
+    stride_k_extra_t,
+    stride_k_extra_h,
+    stride_v_extra_b,
+    stride_v_extra_t,
+    stride_v_extra_h,
+    stride_mask_b,
+    stride_mask_t,
     lq,
     lq_bucket,
     n_keys,
@@ -202,7 +204,7 @@ def attn_fwd_kernel(
 ):
     """out = softmax(q [k; k_extra]^T * scale) [v; v_extra], without concatenating the two key segments.
 
-    q: [B, Lq, Hq, d]; k/v: [B, N, Hkv, d] (the cache, N = n_keys, may be 0); ke/ve: [B, T, Hkv, d]
+    q: [B, Lq, Hq, d]; k/v: [B, N, Hkv, d] (the cache, N = n_keys, may be 0); k_extra/v_extra: [B, T, Hkv, d]
     (T = n_extra, used when HAS_EXTRA); mask: [B, T] uint8, 0 hides that extra key from every query (HAS_MASK);
     out: [B, Lq, Hq, d] contiguous; lse: [B, Hq, Lq] fp32, natural log-sum-exp of the scaled scores (STORE_LSE).
     Query head h reads kv head h // group. qk_scale = scale * log2(e) (softmax computed with exp2).
@@ -241,10 +243,10 @@ def attn_fwd_kernel(
     # compiler use 16-byte vector loads and cp.async when a stride (e.g. d = 72) is not a multiple of 16, the
     # only divisibility Triton infers by itself.
     rows_q = tl.minimum(offs_m, lq - 1)
-    q_off = tl.multiple_of(b * s_qb + h * s_qh, 8)
-    k_off = tl.multiple_of(b * s_kb + hk * s_kh, 8)
-    v_off = tl.multiple_of(b * s_vb + hk * s_vh, 8)
-    q_base = q_ptr + q_off + tl.multiple_of(rows_q * s_ql, 8)[:, None]
+    q_off = tl.multiple_of(b * stride_q_b + h * stride_q_h, 8)
+    k_off = tl.multiple_of(b * stride_k_b + hk * stride_k_h, 8)
+    v_off = tl.multiple_of(b * stride_v_b + hk * stride_v_h, 8)
+    q_base = q_ptr + q_off + tl.multiple_of(rows_q * stride_q_l, 8)[:, None]
     q0 = tl.load(q_base + offs_d0[None, :])
     q1 = q0
     if SPLIT:
@@ -260,8 +262,8 @@ def attn_fwd_kernel(
     # Segment 1: the cache rows 0..N-1; full tiles with no mask at all, then the tail rows (one clamped tile).
     k_base = k_ptr + k_off
     v_base = v_ptr + v_off
-    rows_k = tl.multiple_of(offs_n * s_kn, 8)[:, None]
-    rows_v = tl.multiple_of(offs_n * s_vn, 8)[:, None]
+    rows_k = tl.multiple_of(offs_n * stride_k_n, 8)[:, None]
+    rows_v = tl.multiple_of(offs_n * stride_v_n, 8)[:, None]
     k_ptrs0 = k_base + rows_k + offs_d0[None, :]
     v_ptrs0 = v_base + rows_v + offs_d0[None, :]
     k_ptrs1 = k_base + rows_k + cols_k1[None, :]
@@ -272,28 +274,29 @@ def attn_fwd_kernel(
             acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, m_ok, qk_scale,
             SPLIT, False, False, DOT_PREC,
         )  # fmt: skip
-        k_ptrs0 += BLOCK_N * s_kn
-        k_ptrs1 += BLOCK_N * s_kn
-        v_ptrs0 += BLOCK_N * s_vn
-        v_ptrs1 += BLOCK_N * s_vn
+        k_ptrs0 += BLOCK_N * stride_k_n
+        k_ptrs1 += BLOCK_N * stride_k_n
+        v_ptrs0 += BLOCK_N * stride_v_n
+        v_ptrs1 += BLOCK_N * stride_v_n
     acc0, acc1, m_i, l_i = _attn_masked_rows(
-        acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, s_kn, s_vn, mask_ptr, 0, n_full, n_keys, qk_scale,
+        acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_n, stride_v_n, mask_ptr, 0, n_full, n_keys, qk_scale,
         offs_d0, cols_k1, cols_v1, SPLIT, False, DOT_PREC, BLOCK_N,
     )  # fmt: skip
 
     # Segment 2: the extra rows (text / caption keys), every tile masked (bounds and the optional key mask).
     if HAS_EXTRA:
-        ke_base = ke_ptr + tl.multiple_of(b * s_keb + hk * s_keh, 8)
-        ve_base = ve_ptr + tl.multiple_of(b * s_veb + hk * s_veh, 8)
+        k_extra_base = k_extra_ptr + tl.multiple_of(b * stride_k_extra_b + hk * stride_k_extra_h, 8)
+        v_extra_base = v_extra_ptr + tl.multiple_of(b * stride_v_extra_b + hk * stride_v_extra_h, 8)
         acc0, acc1, m_i, l_i = _attn_masked_rows(
-            acc0, acc1, m_i, l_i, q0, q1, ke_base, ve_base, s_ket, s_vet, mask_ptr + b * s_mb, s_mt, 0, n_extra,
-            qk_scale, offs_d0, cols_k1, cols_v1, SPLIT, HAS_MASK, DOT_PREC, BLOCK_N,
+            acc0, acc1, m_i, l_i, q0, q1, k_extra_base, v_extra_base, stride_k_extra_t, stride_v_extra_t,
+            mask_ptr + b * stride_mask_b, stride_mask_t, 0, n_extra, qk_scale, offs_d0, cols_k1, cols_v1,
+            SPLIT, HAS_MASK, DOT_PREC, BLOCK_N,
         )  # fmt: skip
 
     # Epilogue: normalise (a row with no visible key keeps acc = 0), store out and the natural-log LSE.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    s_ol = heads_q * HEAD_DIM
-    out_base = out_ptr + tl.multiple_of(b * lq * s_ol + h * HEAD_DIM, 8) + offs_m[:, None] * s_ol
+    stride_out_l = heads_q * HEAD_DIM
+    out_base = out_ptr + tl.multiple_of(b * lq * stride_out_l + h * HEAD_DIM, 8) + offs_m[:, None] * stride_out_l
     tl.store(out_base + offs_d0[None, :], (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
     if SPLIT:
         tl.store(out_base + cols_v1[None, :], (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=m_ok[:, None])

@@ -1,4 +1,4 @@
-"""Public ``cached_kv_attention`` and ``attention``: validation, Triton launchers, torch.library ops, dispatch."""
+"""Public ``cached_kv_attention`` and ``flash_attention``: validation, the Triton launchers, the op definitions."""
 
 from __future__ import annotations
 
@@ -6,20 +6,21 @@ import functools
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op, wrap_triton
 
 from .._backend import (
     FLOAT_DTYPES,
+    RASOp,
+    cdiv,
     check_no_overlap,
     check_tensor,
     check_unit_stride,
-    device_of,
-    use_triton,
+    next_pow2,
     validate_index,
 )
 from . import reference
@@ -53,8 +54,18 @@ def _warn_head_dim(d: int, width: int | None) -> None:
         how = f"q, k and v are zero-padded to {width} on every call (same result, plus padded copies of the K/V cache)"
     kernel_dims = ", ".join(map(str, HEAD_DIMS))
     warnings.warn(
-        f"ras_kernels attention: head dim {d} is not a Triton kernel head dim ({kernel_dims}); {how}", stacklevel=4
+        f"ras_kernels attention: head dim {d} is not a Triton kernel head dim ({kernel_dims}); {how}",
+        stacklevel=_caller_stacklevel(),
     )
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside ras_kernels, seen from warnings.warn's caller (the user's call)."""
+    package = str(Path(__file__).parents[1]) + os.sep
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_scale(scale) -> None:
@@ -261,9 +272,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool):
-    """Allocate out [B, Lq, Hq, d] (and lse [B, Hq, Lq] fp32 when asked); the kernel's arguments and grid."""
-    import triton
-
+    """Allocate out [B, Lq, Hq, d] (and lse [B, Hq, Lq] fp32 when asked); the kernel's keyword arguments and grid."""
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -272,22 +281,21 @@ def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, 
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32, device=q.device)
     has_extra = k_extra is not None and k_extra.shape[1] > 0
-    ke, ve = (k_extra, v_extra) if has_extra else (k, v)
+    ke, ve = (k_extra, v_extra) if has_extra else (k, v)  # never read without HAS_EXTRA
     has_mask = has_extra and extra_mask is not None
     # Bool masks are read as bytes (a zero-copy view).
-    mask = extra_mask.view(torch.uint8) if has_mask else ke
-    s_mb, s_mt = (mask.stride(0), mask.stride(1)) if has_mask else (0, 0)
+    mask = extra_mask.view(torch.uint8) if has_mask else ke  # never read without HAS_MASK
     d0, d1 = _split_head_dim(d)
-    args = (
-        q, k, v, ke, ve, mask, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        ke.stride(0), ke.stride(1), ke.stride(2),
-        ve.stride(0), ve.stride(1), ve.stride(2),
-        s_mb, s_mt,
-        lq, _lq_bucket(lq), k.shape[1], ke.shape[1] if has_extra else 0, hq, hq // hkv,
-        scale * math.log2(math.e),
+    args = dict(
+        out_ptr=out, lse_ptr=lse, q_ptr=q, k_ptr=k, v_ptr=v, k_extra_ptr=ke, v_extra_ptr=ve, mask_ptr=mask,
+        stride_q_b=q.stride(0), stride_q_l=q.stride(1), stride_q_h=q.stride(2),
+        stride_k_b=k.stride(0), stride_k_n=k.stride(1), stride_k_h=k.stride(2),
+        stride_v_b=v.stride(0), stride_v_n=v.stride(1), stride_v_h=v.stride(2),
+        stride_k_extra_b=ke.stride(0), stride_k_extra_t=ke.stride(1), stride_k_extra_h=ke.stride(2),
+        stride_v_extra_b=ve.stride(0), stride_v_extra_t=ve.stride(1), stride_v_extra_h=ve.stride(2),
+        stride_mask_b=mask.stride(0) if has_mask else 0, stride_mask_t=mask.stride(1) if has_mask else 0,
+        lq=lq, lq_bucket=_lq_bucket(lq), n_keys=k.shape[1], n_extra=ke.shape[1] if has_extra else 0,
+        heads_q=hq, group=hq // hkv, qk_scale=scale * math.log2(math.e),
     )  # fmt: skip
     consts = {
         "HEAD_DIM": d,
@@ -302,7 +310,7 @@ def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, 
     }
 
     def grid(meta):
-        return (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)
+        return (cdiv(lq, meta["BLOCK_M"]), b * hq)
 
     return out, lse, args, consts, grid
 
@@ -316,10 +324,10 @@ def _launch_attention(
     extra_mask: torch.Tensor | None,
     scale: float,
     return_lse: bool,
-    wrap,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the attention kernel; ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner."""
+    """Run the attention kernel (at a kernel head dim) on the current device; ``config`` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) bypasses the shipped table and the autotuner."""
     from . import kernels
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -327,7 +335,7 @@ def _launch_attention(
         # The interpreter's bf16 tl.dot returns garbage (its fp32 and fp16 dots are right): run the fp32 kernel on
         # fp32 copies and round the output once, as the reference does.
         up = [None if t is None else t.float() for t in (q, k, v, k_extra, v_extra)]
-        out, lse = _launch_attention(*up, extra_mask, scale, return_lse, wrap, config)
+        out, lse = _launch_attention(*up, extra_mask, scale, return_lse, config)
         return out.to(torch.bfloat16), lse
     out, lse, args, consts, grid = _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
     if out.numel() == 0:
@@ -341,72 +349,122 @@ def _launch_attention(
         config = _chosen_config(
             q.device, consts["HEAD_DIM"], _lq_bucket(q.shape[1]), consts["HAS_EXTRA"], consts["HAS_MASK"]
         )
-    with device_of(q):  # Triton launches on the current device, not necessarily the tensors' one
-        if config is None:
-            wrap(_tuned_attn_kernel())[grid](*args, **consts)
-        else:
-            wrap(kernels.attn_fwd_kernel)[grid](*args, **consts, **config)
+    if config is None:
+        _tuned_attn_kernel()[grid](**args, **consts)
+    else:
+        kernels.attn_fwd_kernel[grid](**args, **consts, **config)
     return out, lse
 
 
-def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new, wrap) -> None:
-    import triton
-
+def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
+    """``k_cache[b, idx[b, j]] = k_new[b, j]`` (and v) in place, on the current device; any head dim."""
     from . import kernels
 
     b, kk, hkv, d = k_new.shape
     if b == 0 or kk == 0 or hkv == 0:
         return
     block_k = 64
-    grid = (triton.cdiv(kk, block_k), hkv, b)
-    with device_of(k_cache):
-        wrap(kernels.cache_write_kernel)[grid](
-            k_new, v_new, k_cache, v_cache, idx,
-            k_new.stride(0), k_new.stride(1), k_new.stride(2),
-            v_new.stride(0), v_new.stride(1), v_new.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            idx.stride(0), idx.stride(1),
-            kk, k_cache.shape[1],
-            HEAD_DIM=d, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d),
-        )  # fmt: skip
-
-
-# The two registered ops: torch.compile and CUDA graph capture see the Triton kernels through them; the cache
-# write is declared as mutating both caches. The attention launch is queued after the write on the same stream.
-@triton_op("ras_kernels::write_kv_cache", mutates_args={"k_cache", "v_cache"})
-def _write_kv_cache(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, idx: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
-) -> None:
-    _launch_cache_write(k_cache, v_cache, idx, k_new, v_new, wrap_triton)
-
-
-@triton_op("ras_kernels::flash_attention", mutates_args={})
-def _flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_extra: torch.Tensor | None,
-    v_extra: torch.Tensor | None,
-    extra_mask: torch.Tensor | None,
-    scale: float,
-    return_lse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, wrap_triton)
+    kernels.cache_write_kernel[(cdiv(kk, block_k), hkv, b)](
+        k_cache_ptr=k_cache, v_cache_ptr=v_cache, k_new_ptr=k_new, v_new_ptr=v_new, idx_ptr=idx,
+        stride_k_cache_b=k_cache.stride(0), stride_k_cache_n=k_cache.stride(1), stride_k_cache_h=k_cache.stride(2),
+        stride_v_cache_b=v_cache.stride(0), stride_v_cache_n=v_cache.stride(1), stride_v_cache_h=v_cache.stride(2),
+        stride_k_new_b=k_new.stride(0), stride_k_new_k=k_new.stride(1), stride_k_new_h=k_new.stride(2),
+        stride_v_new_b=v_new.stride(0), stride_v_new_k=v_new.stride(1), stride_v_new_h=v_new.stride(2),
+        stride_idx_b=idx.stride(0), stride_idx_k=idx.stride(1),
+        n_active=kk, n_tokens=k_cache.shape[1],
+        HEAD_DIM=d, BLOCK_K=block_k, BLOCK_D=next_pow2(d),
+    )  # fmt: skip
 
 
 def _attend(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int):
-    """The registered attention op at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended
-    to q, k and v add nothing to any score, and the output's extra columns (zero) are sliced off."""
+    """The attention kernel at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended to q,
+    k and v add nothing to any score, and the output's extra columns (zero) are sliced off."""
     d = q.shape[-1]
     if width != d:
         q, k, v, k_extra, v_extra = (
             None if t is None else F.pad(t, (0, width - d)) for t in (q, k, v, k_extra, v_extra)
         )
-    out, lse = _flash_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    out, lse = _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
     if width != d:
         out = out[..., :d].contiguous()
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Op definitions: both return (out, lse), lse [B, Hq, Lq] fp32 with return_lse, else an empty [0] fp32 tensor.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _no_lse(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty((0,), dtype=torch.float32, device=q.device)
+
+
+def _with_lse(result, q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return result if return_lse else (result, _no_lse(q))
+
+
+def _cached_reference(
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool
+):
+    out = reference.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx,
+        k_extra=k_extra, v_extra=v_extra, extra_mask=extra_mask, scale=scale, return_lse=return_lse,
+    )  # fmt: skip
+    return _with_lse(out, q, return_lse)
+
+
+def _cached_launch(
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool
+):
+    width = _kernel_head_dim(q.shape[-1])
+    if width is None:  # past the kernel's head dims
+        return _cached_reference(
+            q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale, return_lse
+        )  # fmt: skip
+    # The write kernel takes any head dim; stream order makes the attention launch wait for it.
+    _launch_cache_write(k_cache, v_cache, idx, k_new, v_new)
+    return _attend(q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width)
+
+
+def _flash_reference(q, k, v, key_mask, scale: float, return_lse: bool):
+    return _with_lse(reference.attention(q, k, v, scale, key_mask, return_lse=return_lse), q, return_lse)
+
+
+def _flash_launch(q, k, v, key_mask, scale: float, return_lse: bool):
+    width = _kernel_head_dim(q.shape[-1])
+    if width is None:  # past the kernel's head dims
+        return _flash_reference(q, k, v, key_mask, scale, return_lse)
+    if key_mask is None:
+        return _attend(q, k, v, None, None, None, scale, return_lse, width)
+    # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
+    return _attend(q, k[:, :0], v[:, :0], k, v, key_mask, scale, return_lse, width)
+
+
+def _fake_attention(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    b, lq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32)
+
+
+_CACHED_KV_ATTENTION = RASOp(
+    "cached_kv_attention",
+    schema=(
+        "(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor idx, Tensor? k_extra, "
+        "Tensor? v_extra, Tensor? extra_mask, float scale, bool return_lse) -> (Tensor, Tensor)"
+    ),
+    launch=_cached_launch,
+    reference=_cached_reference,
+    fake=lambda q, *args: _fake_attention(q, args[-1]),
+    mutates_args=("k_cache", "v_cache"),
+    differentiable=("q", "k_new", "v_new", "k_cache", "v_cache", "k_extra", "v_extra"),
+)
+_FLASH_ATTENTION = RASOp(
+    "flash_attention",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_mask, float scale, bool return_lse) -> (Tensor, Tensor)",
+    launch=_flash_launch,
+    reference=_flash_reference,
+    fake=lambda q, k, v, key_mask, scale, return_lse: _fake_attention(q, return_lse),
+    differentiable=("q", "k", "v"),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,27 +504,10 @@ def cached_kv_attention(
     validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    inputs = {"q": q, "k_new": k_new, "v_new": v_new, "k_cache": k_cache, "v_cache": v_cache}
-    inputs.update(k_extra=k_extra, v_extra=v_extra)
-    if use_triton("cached_kv_attention", q.device, inputs):
-        width = _kernel_head_dim(q.shape[-1])
-        if width is not None:
-            # The write kernel takes any head dim; stream order makes the attention launch wait for it.
-            _write_kv_cache(k_cache, v_cache, idx, k_new, v_new)
-            return _attend(q, k_cache, v_cache, k_extra, v_extra, extra_mask, float(scale), return_lse, width)
-    return reference.cached_kv_attention(
-        q,
-        k_new,
-        v_new,
-        k_cache,
-        v_cache,
-        idx,
-        k_extra=k_extra,
-        v_extra=v_extra,
-        extra_mask=extra_mask,
-        scale=scale,
-        return_lse=return_lse,
+    out, lse = _CACHED_KV_ATTENTION(
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, float(scale), return_lse
     )
+    return (out, lse) if return_lse else out
 
 
 def flash_attention(
@@ -488,11 +529,5 @@ def flash_attention(
     validate_plain_attention_args(q, k, v, key_mask, scale, return_lse)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if use_triton("flash_attention", q.device, {"q": q, "k": k, "v": v}):
-        width = _kernel_head_dim(q.shape[-1])
-        if width is not None:
-            if key_mask is None:
-                return _attend(q, k, v, None, None, None, float(scale), return_lse, width)
-            # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
-            return _attend(q, k[:, :0], v[:, :0], k, v, key_mask, float(scale), return_lse, width)
-    return reference.attention(q, k, v, scale, key_mask, return_lse=return_lse)
+    out, lse = _FLASH_ATTENTION(q, k, v, key_mask, float(scale), return_lse)
+    return (out, lse) if return_lse else out

@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(idx_ptr, stride_ib, stride_ik, K, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile(idx_ptr, stride_idx_b, stride_idx_k, K, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's sample ``b`` (int64), row numbers ``rows`` [BLOCK_R] (positions in 0..K), their tokens
     ``tok = idx[b, rows]`` (int64, 0 where masked), the row mask [BLOCK_R] and columns [BLOCK_D]."""
     num_col_blocks = tl.cdiv(D, BLOCK_D)
@@ -24,7 +24,7 @@ def _tile(idx_ptr, stride_ib, stride_ik, K, D: tl.constexpr, BLOCK_R: tl.constex
     b = tl.program_id(1).to(tl.int64)
     rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < K
-    tok = tl.load(idx_ptr + b * stride_ib + rows * stride_ik, mask=row_mask, other=0).to(tl.int64)
+    tok = tl.load(idx_ptr + b * stride_idx_b + rows * stride_idx_k, mask=row_mask, other=0).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     return b, rows, tok, row_mask, cols
 
@@ -39,18 +39,20 @@ def _round_to_bf16(v):
     return tl.where(v != v, v.to(tl.bfloat16), rounded)
 
 
-@triton.jit(do_not_specialize=["stride_xb", "stride_xn", "stride_ab", "stride_an", "stride_ib", "stride_ik", "K"])
+@triton.jit(
+    do_not_specialize=["stride_x_b", "stride_x_n", "stride_add_b", "stride_add_n", "stride_idx_b", "stride_idx_k", "K"]
+)
 def gather_rows_kernel(
     out_ptr,
     x_ptr,
     add_ptr,
     idx_ptr,
-    stride_xb,
-    stride_xn,
-    stride_ab,
-    stride_an,
-    stride_ib,
-    stride_ik,
+    stride_x_b,
+    stride_x_n,
+    stride_add_b,
+    stride_add_n,
+    stride_idx_b,
+    stride_idx_k,
     K,
     D: tl.constexpr,
     HAS_ADD: tl.constexpr,
@@ -64,15 +66,15 @@ def gather_rows_kernel(
     out: [B, K, D] contiguous; x: [Bx, N, D], add: [Ba, N, D] with batch stride 0 when broadcast (Bx or Ba = 1);
     idx: [B, K] int32/int64 in [0, N). Last dimension contiguous everywhere.
     """
-    b, rows, tok, row_mask, cols = _tile(idx_ptr, stride_ib, stride_ik, K, D, BLOCK_R, BLOCK_D)
+    b, rows, tok, row_mask, cols = _tile(idx_ptr, stride_idx_b, stride_idx_k, K, D, BLOCK_R, BLOCK_D)
     if EVEN_D:
         mask = row_mask[:, None]
     else:
         mask = row_mask[:, None] & (cols < D)[None, :]
-    x_rows = tl.multiple_of(b * stride_xb + tok * stride_xn, ALIGN)
+    x_rows = tl.multiple_of(b * stride_x_b + tok * stride_x_n, ALIGN)
     vals = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask)
     if HAS_ADD:
-        a_rows = tl.multiple_of(b * stride_ab + tok * stride_an, ALIGN)
+        a_rows = tl.multiple_of(b * stride_add_b + tok * stride_add_n, ALIGN)
         extra = tl.load(add_ptr + a_rows[:, None] + cols[None, :], mask=mask)
         vals = vals.to(tl.float32) + extra.to(tl.float32)
         if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -84,17 +86,27 @@ def gather_rows_kernel(
     tl.store(out_ptr + out_rows[:, None] + cols[None, :], vals, mask=mask)
 
 
-@triton.jit(do_not_specialize=["stride_db", "stride_dn", "stride_sb", "stride_sk", "stride_ib", "stride_ik", "K"])
+@triton.jit(
+    do_not_specialize=[
+        "stride_dst_b",
+        "stride_dst_n",
+        "stride_src_b",
+        "stride_src_k",
+        "stride_idx_b",
+        "stride_idx_k",
+        "K",
+    ]
+)
 def scatter_rows_kernel(
     dst_ptr,
     src_ptr,
     idx_ptr,
-    stride_db,
-    stride_dn,
-    stride_sb,
-    stride_sk,
-    stride_ib,
-    stride_ik,
+    stride_dst_b,
+    stride_dst_n,
+    stride_src_b,
+    stride_src_k,
+    stride_idx_b,
+    stride_idx_k,
     K,
     D: tl.constexpr,
     ALIGN: tl.constexpr,
@@ -107,12 +119,12 @@ def scatter_rows_kernel(
     dst: [B, N, D]; src: [B, K, D]; idx: [B, K] int32/int64 in [0, N), distinct within a sample (with repeats,
     which write lands is unspecified). Last dimension contiguous everywhere. Rows of dst not in idx are untouched.
     """
-    b, rows, tok, row_mask, cols = _tile(idx_ptr, stride_ib, stride_ik, K, D, BLOCK_R, BLOCK_D)
+    b, rows, tok, row_mask, cols = _tile(idx_ptr, stride_idx_b, stride_idx_k, K, D, BLOCK_R, BLOCK_D)
     if EVEN_D:
         mask = row_mask[:, None]
     else:
         mask = row_mask[:, None] & (cols < D)[None, :]
-    s_rows = tl.multiple_of(b * stride_sb + rows * stride_sk, ALIGN)
+    s_rows = tl.multiple_of(b * stride_src_b + rows * stride_src_k, ALIGN)
     vals = tl.load(src_ptr + s_rows[:, None] + cols[None, :], mask=mask)
-    d_rows = tl.multiple_of(b * stride_db + tok * stride_dn, ALIGN)
+    d_rows = tl.multiple_of(b * stride_dst_b + tok * stride_dst_n, ALIGN)
     tl.store(dst_ptr + d_rows[:, None] + cols[None, :], vals, mask=mask)

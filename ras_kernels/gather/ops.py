@@ -1,4 +1,4 @@
-"""Public ``gather_tokens`` / ``scatter_tokens``: validation, Triton launchers, torch.library ops, dispatch."""
+"""Public ``gather_tokens`` / ``scatter_tokens``: validation, the Triton launchers, the op definitions."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from .._backend import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    RASOp,
+    cdiv,
     check_no_overlap,
     check_tensor,
     check_unit_stride,
-    device_of,
     row_strides,
-    triton_path,
     validate_index,
 )
 from . import reference
@@ -27,10 +27,6 @@ def _check_batch(name: str, t: torch.Tensor, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers (Triton path)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _align(*strides: int) -> int:
@@ -52,50 +48,48 @@ def _launch_config(d: int, element_size: int) -> tuple[int, int, int]:
     if width <= cap:
         block_d = width
     else:
-        block_d = min((cap, cap // 2, cap // 4), key=lambda w: (_cdiv(d, w) * w - d, -w))
+        block_d = min((cap, cap // 2, cap // 4), key=lambda w: (cdiv(d, w) * w - d, -w))
     block_r = min(128, max(1, 8192 // (block_d * element_size)))
     vectors = block_r * block_d * element_size // 16  # 16-byte accesses per tile
     num_warps = max(1, min(4, vectors // 32))
     return block_r, block_d, num_warps
 
 
-def _gather_launch(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> None:
-    """Fill ``out`` [B, K, D] (contiguous, x's dtype) with the gathered rows."""
+def _gather_launch(x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
     from . import kernels
 
     batch, k = idx.shape
     d = x.shape[2]
+    out = torch.empty((batch, k, d), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
-        return
+        return out
     sxb, sxn = row_strides(x)
     sab, san = row_strides(add) if add is not None else (0, 0)
     block_r, block_d, num_warps = _launch_config(d, x.element_size())
-    grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
-    with device_of(x):
-        kernels.gather_rows_kernel[grid](
-            out,
-            x,
-            add if add is not None else x,  # never read when HAS_ADD is False
-            idx,
-            sxb,
-            sxn,
-            sab,
-            san,
-            idx.stride(0),
-            idx.stride(1),
-            k,
-            d,
-            HAS_ADD=add is not None,
-            ALIGN=_align(sxb, sxn, sab, san),
-            EVEN_D=d % block_d == 0,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+    kernels.gather_rows_kernel[(cdiv(k, block_r) * cdiv(d, block_d), batch)](
+        out_ptr=out,
+        x_ptr=x,
+        add_ptr=add if add is not None else x,  # never read when HAS_ADD is False
+        idx_ptr=idx,
+        stride_x_b=sxb,
+        stride_x_n=sxn,
+        stride_add_b=sab,
+        stride_add_n=san,
+        stride_idx_b=idx.stride(0),
+        stride_idx_k=idx.stride(1),
+        K=k,
+        D=d,
+        HAS_ADD=add is not None,
+        ALIGN=_align(sxb, sxn, sab, san),
+        EVEN_D=d % block_d == 0,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return out
 
 
 def _scatter_launch(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """Write ``src`` [B, K, D] into rows ``idx`` of ``dst`` [B, N, D] in place."""
     from . import kernels
 
     batch, k = idx.shape
@@ -105,62 +99,43 @@ def _scatter_launch(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> 
     sdb, sdn = row_strides(dst)
     ssb, ssk = row_strides(src)
     block_r, block_d, num_warps = _launch_config(d, dst.element_size())
-    grid = (_cdiv(k, block_r) * _cdiv(d, block_d), batch)
-    with device_of(dst):
-        kernels.scatter_rows_kernel[grid](
-            dst,
-            src,
-            idx,
-            sdb,
-            sdn,
-            ssb,
-            ssk,
-            idx.stride(0),
-            idx.stride(1),
-            k,
-            d,
-            ALIGN=_align(sdb, sdn, ssb, ssk),
-            EVEN_D=d % block_d == 0,
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+    kernels.scatter_rows_kernel[(cdiv(k, block_r) * cdiv(d, block_d), batch)](
+        dst_ptr=dst,
+        src_ptr=src,
+        idx_ptr=idx,
+        stride_dst_b=sdb,
+        stride_dst_n=sdn,
+        stride_src_b=ssb,
+        stride_src_k=ssk,
+        stride_idx_b=idx.stride(0),
+        stride_idx_k=idx.stride(1),
+        K=k,
+        D=d,
+        ALIGN=_align(sdb, sdn, ssb, ssk),
+        EVEN_D=d % block_d == 0,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
 
 
-def _gather_triton(x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-    out = torch.empty((idx.shape[0], idx.shape[1], x.shape[2]), dtype=x.dtype, device=x.device)
-    _gather_launch(out, x, idx, add)
-    return out
-
-
-# torch.library ops, so torch.compile treats each launch as one opaque op (a fake implementation gives the output's
-# shape, and the schema declares the in-place write to dst). custom_op rather than triton_op + wrap_triton: the
-# latter tries to run the kernel on fake tensors under TRITON_INTERPRET=1 and so breaks torch.compile on CPU.
-# Explicit schemas keep the registration independent of annotation handling across torch versions.
-# Eager calls (CUDA-graph capture included) launch directly: the op's Python dispatch would cost more host time
-# than the kernel's GPU time at SD3 sizes.
-@torch.library.custom_op(
-    "ras_kernels::gather_tokens", mutates_args=(), schema="(Tensor x, Tensor idx, Tensor? add) -> Tensor"
+_GATHER = RASOp(
+    "gather_tokens",
+    schema="(Tensor x, Tensor idx, Tensor? add) -> Tensor",
+    launch=_gather_launch,
+    reference=reference.gather_tokens,
+    fake=lambda x, idx, add: x.new_empty((idx.shape[0], idx.shape[1], x.shape[2])),
+    differentiable=("x", "add"),
 )
-def _gather_op(x: torch.Tensor, idx: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-    return _gather_triton(x, idx, add)
-
-
-@_gather_op.register_fake
-def _(x, idx, add):
-    return x.new_empty((idx.shape[0], idx.shape[1], x.shape[2]))
-
-
-@torch.library.custom_op(
-    "ras_kernels::scatter_tokens", mutates_args=("dst",), schema="(Tensor(a!) dst, Tensor idx, Tensor src) -> ()"
+_SCATTER = RASOp(
+    "scatter_tokens",
+    schema="(Tensor(a!) dst, Tensor idx, Tensor src) -> ()",
+    launch=_scatter_launch,
+    reference=reference.scatter_tokens,
+    fake=lambda dst, idx, src: None,
+    mutates_args=("dst",),
+    differentiable=("dst", "src"),
 )
-def _scatter_op(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    _scatter_launch(dst, idx, src)
-
-
-@_scatter_op.register_fake
-def _(dst, idx, src):
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,10 +168,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, *, add: torch.Tensor | Non
             )
         check_unit_stride("add", add)
     validate_index("idx", idx, batch, x.shape[1], x.device)
-    triton_fn = triton_path("gather_tokens", _gather_op, _gather_triton, x.device, {"x": x, "add": add})
-    if triton_fn is not None:
-        return triton_fn(x, idx, add)
-    return reference.gather_tokens(x, idx, add=add)
+    return _GATHER(x, idx, add)
 
 
 def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -216,8 +188,5 @@ def scatter_tokens(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
     check_unit_stride("dst", dst)
     check_unit_stride("src", src)
     check_no_overlap("dst", dst)
-    triton_fn = triton_path("scatter_tokens", _scatter_op, _scatter_launch, dst.device, {"dst": dst, "src": src})
-    if triton_fn is not None:
-        triton_fn(dst, idx, src)
-        return dst
-    return reference.scatter_tokens(dst, idx, src)
+    _SCATTER(dst, idx, src)
+    return dst

@@ -22,15 +22,15 @@ def _normalize(v, mask, D: tl.constexpr, NORM: tl.constexpr, eps):
 
 @triton.jit(
     do_not_specialize=[
-        "stride_xb",
-        "stride_xl",
-        "stride_rb",
-        "stride_rl",
-        "stride_gb",
-        "stride_sb",
-        "stride_tb",
-        "stride_pb",
-        "stride_pl",
+        "stride_x_b",
+        "stride_x_l",
+        "stride_residual_b",
+        "stride_residual_l",
+        "stride_gate_b",
+        "stride_scale_b",
+        "stride_shift_b",
+        "stride_rope_b",
+        "stride_rope_l",
         "L",
         "ROWS",
     ]
@@ -39,23 +39,23 @@ def fused_norm_kernel(
     y_ptr,
     h_ptr,
     x_ptr,
-    res_ptr,
+    residual_ptr,
     gate_ptr,
-    bw_ptr,
-    w_ptr,
+    branch_weight_ptr,
+    weight_ptr,
     bias_ptr,
     scale_ptr,
     shift_ptr,
     rope_ptr,
-    stride_xb,
-    stride_xl,
-    stride_rb,
-    stride_rl,
-    stride_gb,
-    stride_sb,
-    stride_tb,
-    stride_pb,
-    stride_pl,
+    stride_x_b,
+    stride_x_l,
+    stride_residual_b,
+    stride_residual_l,
+    stride_gate_b,
+    stride_scale_b,
+    stride_shift_b,
+    stride_rope_b,
+    stride_rope_l,
     L,
     ROWS,
     eps,
@@ -94,37 +94,41 @@ def fused_norm_kernel(
     l_ = rows % L
     out_offs = rows[:, None] * D + cols[None, :]
 
-    v = tl.load(x_ptr + (b * stride_xb + l_ * stride_xl)[:, None] + cols[None, :], mask=mask, other=0.0)
+    v = tl.load(x_ptr + (b * stride_x_b + l_ * stride_x_l)[:, None] + cols[None, :], mask=mask, other=0.0)
     v = v.to(tl.float32)
     if RESIDUAL:
         if BRANCH_NORM:
             v = _normalize(v, mask, D, 2, branch_eps)
-            v *= tl.load(bw_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            v *= tl.load(branch_weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GATE > 0:
-            g = tl.load(gate_ptr + (b * stride_gb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + (b * stride_gate_b)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if GATE == 2:
                 g = 1.0 - 2.0 / (tl.exp(2.0 * g) + 1.0)  # tanh; exact limits +-1 where exp over/underflows
             v *= g
-        r = tl.load(res_ptr + (b * stride_rb + l_ * stride_rl)[:, None] + cols[None, :], mask=mask, other=0.0)
+        r = tl.load(
+            residual_ptr + (b * stride_residual_b + l_ * stride_residual_l)[:, None] + cols[None, :],
+            mask=mask,
+            other=0.0,
+        )
         h = (r.to(tl.float32) + v).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + out_offs, h, mask=mask)
         v = h.to(tl.float32)
     if NORM > 0:
         y = _normalize(v, mask, D, NORM, eps)
         if HAS_WEIGHT:
-            y *= tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            y *= tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_SCALE:
-            s = tl.load(scale_ptr + (b * stride_sb)[:, None] + cols[None, :], mask=mask, other=0.0)
+            s = tl.load(scale_ptr + (b * stride_scale_b)[:, None] + cols[None, :], mask=mask, other=0.0)
             y *= 1.0 + s.to(tl.float32)
         if HAS_SHIFT:
-            y += tl.load(shift_ptr + (b * stride_tb)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y += tl.load(shift_ptr + (b * stride_shift_b)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if ROPE_HALF > 0:
             # Pair i of the row is frequency i % ROPE_HALF of its head; split the tile into its even / odd lanes.
             pairs = tl.arange(0, BLOCK_D // 2)
             pair_mask = row_mask[:, None] & (pairs < D // 2)[None, :]
-            p_offs = (b * stride_pb + l_ * stride_pl)[:, None] + 2 * (pairs % ROPE_HALF)[None, :]
+            p_offs = (b * stride_rope_b + l_ * stride_rope_l)[:, None] + 2 * (pairs % ROPE_HALF)[None, :]
             cos = tl.load(rope_ptr + p_offs, mask=pair_mask, other=1.0)
             sin = tl.load(rope_ptr + p_offs + 1, mask=pair_mask, other=0.0)
             even, odd = tl.split(tl.reshape(y, (BLOCK_R, BLOCK_D // 2, 2)))

@@ -1,4 +1,4 @@
-"""Public fused DiT norms: validation, the Triton launcher, torch.library op, dispatch.
+"""Public fused DiT norms: validation, the Triton launcher, the op definitions.
 
 ``adaptive_norm``, ``gated_residual`` and ``gated_residual_norm`` cover the per-token elementwise work of an
 adaLN DiT block (SD3's LayerNorm + shift/scale and gate + residual; Lumina-Next's RMSNorm sandwich with tanh gates,
@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, row_strides, triton_path
+from .._backend import (
+    FLOAT_DTYPES,
+    RASOp,
+    cdiv,
+    check_float,
+    check_tensor,
+    check_unit_stride,
+    next_pow2,
+    row_strides,
+)
 from . import reference
 
 MAX_D = 16384  # one row per register tile
@@ -38,14 +47,6 @@ def _check_vector(name: str, t: object, d: int, device: torch.device) -> None:
     if t.shape[0] != d:
         raise ValueError(f"{name} must have shape (D,) = ({d},), got {tuple(t.shape)}")
     check_unit_stride(name, t)
-
-
-def _check_eps(name: str, eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(eps).__name__}")
-    if not eps > 0:
-        raise ValueError(f"{name} must be > 0, got {eps}")
-    return float(eps)
 
 
 def _check_norm(norm: object) -> None:
@@ -77,7 +78,7 @@ def _check_rope(rope: object, x: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launcher (Triton path)
+# Launchers (Triton path)
 
 
 def _batch_stride(t: torch.Tensor | None) -> int:
@@ -101,7 +102,7 @@ def _launch(
     rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(h, y): h [B, L, D] when a residual is given, y [B, L, D] when a norm is; both contiguous in x's dtype
-    (h in residual's dtype)."""
+    (h in residual's dtype). The one kernel behind the three ops (x is the branch when a residual is given)."""
     from . import kernels
 
     b, n, d = x.shape
@@ -111,64 +112,69 @@ def _launch(
     if rows == 0:
         return h, y
     rope_real = None if rope is None else torch.view_as_real(rope)
-    block_d = 1 << (d - 1).bit_length()
+    block_d = next_pow2(d)
     block_r = max(1, min(16, 2048 // block_d))
     num_warps = max(1, min(8, block_r * block_d // 256))
     sxb, sxl = row_strides(x)
     srb, srl = (0, 0) if residual is None else row_strides(residual)
     spb, spl = (0, 0) if rope_real is None else row_strides(rope_real)
-    with device_of(x):
-        kernels.fused_norm_kernel[(-(-rows // block_r),)](
-            y if y is not None else x,  # a placeholder pointer is never dereferenced: its switch is off
-            h if h is not None else x,
-            x,
-            residual if residual is not None else x,
-            gate if gate is not None else x,
-            branch_weight if branch_weight is not None else x,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
-            scale if scale is not None else x,
-            shift if shift is not None else x,
-            rope_real if rope_real is not None else x,
-            sxb,
-            sxl,
-            srb,
-            srl,
-            _batch_stride(gate),
-            _batch_stride(scale),
-            _batch_stride(shift),
-            spb,
-            spl,
-            n,
-            rows,
-            eps,
-            branch_eps,
-            D=d,
-            RESIDUAL=residual is not None,
-            GATE=0 if gate is None else (2 if tanh_gate else 1),
-            BRANCH_NORM=branch_weight is not None,
-            NORM={None: 0, "layer": 1, "rms": 2}[norm],
-            HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None,
-            HAS_SCALE=scale is not None,
-            HAS_SHIFT=shift is not None,
-            ROPE_HALF=0 if rope is None else rope.shape[2],
-            BLOCK_R=block_r,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
-        )
+    # A placeholder pointer (x) is never dereferenced: its switch is off.
+    kernels.fused_norm_kernel[(cdiv(rows, block_r),)](
+        y_ptr=y if y is not None else x,
+        h_ptr=h if h is not None else x,
+        x_ptr=x,
+        residual_ptr=residual if residual is not None else x,
+        gate_ptr=gate if gate is not None else x,
+        branch_weight_ptr=branch_weight if branch_weight is not None else x,
+        weight_ptr=weight if weight is not None else x,
+        bias_ptr=bias if bias is not None else x,
+        scale_ptr=scale if scale is not None else x,
+        shift_ptr=shift if shift is not None else x,
+        rope_ptr=rope_real if rope_real is not None else x,
+        stride_x_b=sxb,
+        stride_x_l=sxl,
+        stride_residual_b=srb,
+        stride_residual_l=srl,
+        stride_gate_b=_batch_stride(gate),
+        stride_scale_b=_batch_stride(scale),
+        stride_shift_b=_batch_stride(shift),
+        stride_rope_b=spb,
+        stride_rope_l=spl,
+        L=n,
+        ROWS=rows,
+        eps=eps,
+        branch_eps=branch_eps,
+        D=d,
+        RESIDUAL=residual is not None,
+        GATE=0 if gate is None else (2 if tanh_gate else 1),
+        BRANCH_NORM=branch_weight is not None,
+        NORM={None: 0, "layer": 1, "rms": 2}[norm],
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        ROPE_HALF=0 if rope is None else rope.shape[2],
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
     return h, y
 
 
-def _adaptive_norm_triton(x, scale, shift, norm, weight, bias, eps, rope) -> torch.Tensor:
+def _adaptive_norm_launch(x, scale, shift, norm, weight, bias, eps, rope) -> torch.Tensor:
     return _launch(x, norm=norm, weight=weight, bias=bias, scale=scale, shift=shift, eps=eps, rope=rope)[1]
 
 
-def _residual_norm_triton(
-    residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-) -> list[torch.Tensor]:
-    """[h] without a norm, [h, y] with one (a list: the op schema's ``Tensor[]``)."""
-    h, y = _launch(
+def _gated_residual_launch(residual, branch, gate, tanh_gate, branch_weight, branch_eps) -> torch.Tensor:
+    return _launch(
+        branch, residual=residual, gate=gate, tanh_gate=tanh_gate, branch_weight=branch_weight, branch_eps=branch_eps
+    )[0]
+
+
+def _gated_residual_norm_launch(
+    residual, branch, gate, scale, shift, tanh_gate, branch_weight, branch_eps, norm, weight, bias, eps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(
         branch,
         residual=residual,
         gate=gate,
@@ -182,44 +188,43 @@ def _residual_norm_triton(
         shift=shift,
         eps=eps,
     )
-    return [h] if y is None else [h, y]
 
 
-# torch.library ops, so torch.compile treats each launch as one opaque op; eager calls (CUDA-graph capture
-# included) call the launchers directly, as for the other ops of this package.
-@torch.library.custom_op(
-    "ras_kernels::adaptive_norm",
-    mutates_args=(),
+def _fake_rows(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+_ADAPTIVE_NORM = RASOp(
+    "adaptive_norm",
     schema="(Tensor x, Tensor? scale, Tensor? shift, str norm, Tensor? weight, Tensor? bias, float eps, "
     "Tensor? rope) -> Tensor",
+    launch=_adaptive_norm_launch,
+    reference=reference.adaptive_norm,
+    fake=lambda x, scale, shift, norm, weight, bias, eps, rope: _fake_rows(x),
+    differentiable=("x", "scale", "shift", "weight", "bias", "rope"),
 )
-def _adaptive_norm_op(x, scale, shift, norm, weight, bias, eps, rope):
-    return _adaptive_norm_triton(x, scale, shift, norm, weight, bias, eps, rope)
-
-
-@_adaptive_norm_op.register_fake
-def _(x, scale, shift, norm, weight, bias, eps, rope):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op(
-    "ras_kernels::gated_residual_norm",
-    mutates_args=(),
-    schema="(Tensor residual, Tensor branch, Tensor? gate, bool tanh_gate, Tensor? branch_weight, float branch_eps, "
-    "str? norm, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) -> Tensor[]",
+# Two ops for the residual functions (one kernel): each has its own name in errors and its own output arity.
+_GATED_RESIDUAL = RASOp(
+    "gated_residual",
+    schema="(Tensor residual, Tensor branch, Tensor? gate, bool tanh_gate, Tensor? branch_weight, float branch_eps) "
+    "-> Tensor",
+    launch=_gated_residual_launch,
+    reference=reference.gated_residual,
+    fake=lambda residual, branch, gate, tanh_gate, branch_weight, branch_eps: _fake_rows(residual),
+    differentiable=("residual", "branch", "gate", "branch_weight"),
 )
-def _residual_norm_op(
-    residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-):
-    return _residual_norm_triton(
-        residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-    )
-
-
-@_residual_norm_op.register_fake
-def _(residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps):
-    h = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    return [h] if norm is None else [h, torch.empty_like(h)]
+_GATED_RESIDUAL_NORM = RASOp(
+    "gated_residual_norm",
+    schema="(Tensor residual, Tensor branch, Tensor? gate, Tensor? scale, Tensor? shift, bool tanh_gate, "
+    "Tensor? branch_weight, float branch_eps, str norm, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)",
+    launch=_gated_residual_norm_launch,
+    reference=reference.gated_residual_norm,
+    fake=lambda residual, branch, gate, scale, shift, tanh_gate, branch_weight, branch_eps, norm, weight, bias, eps: (
+        _fake_rows(residual),
+        _fake_rows(residual),
+    ),
+    differentiable=("residual", "branch", "gate", "scale", "shift", "branch_weight", "weight", "bias"),
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +237,7 @@ def _check_norm_args(b, d, device, norm, scale, shift, weight, bias, eps) -> flo
     _check_per_sample("shift", shift, b, d, device)
     _check_vector("weight", weight, d, device)
     _check_vector("bias", bias, d, device)
-    return _check_eps("eps", eps)
+    return check_float("eps", eps, positive=True)
 
 
 def _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps) -> float:
@@ -243,7 +248,7 @@ def _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branc
     if not isinstance(tanh_gate, bool):
         raise TypeError(f"tanh_gate must be a bool, got {type(tanh_gate).__name__}")
     _check_vector("branch_weight", branch_weight, d, residual.device)
-    return _check_eps("branch_eps", branch_eps)
+    return check_float("branch_eps", branch_eps, positive=True)
 
 
 def adaptive_norm(
@@ -268,11 +273,7 @@ def adaptive_norm(
     _check_x("x", x)
     eps = _check_norm_args(x.shape[0], x.shape[2], x.device, norm, scale, shift, weight, bias, eps)
     _check_rope(rope, x)
-    inputs = {"x": x, "scale": scale, "shift": shift, "weight": weight, "bias": bias, "rope": rope}
-    triton_fn = triton_path("adaptive_norm", _adaptive_norm_op, _adaptive_norm_triton, x.device, inputs)
-    if triton_fn is not None:
-        return triton_fn(x, scale, shift, norm, weight, bias, eps, rope)
-    return reference.adaptive_norm(x, scale, shift, norm=norm, weight=weight, bias=bias, eps=eps, rope=rope)
+    return _ADAPTIVE_NORM(x, scale, shift, norm, weight, bias, eps, rope)
 
 
 def gated_residual(
@@ -291,14 +292,7 @@ def gated_residual(
     contiguous in residual's dtype, computed in fp32.
     """
     branch_eps = _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps)
-    inputs = {"residual": residual, "branch": branch, "gate": gate, "branch_weight": branch_weight}
-    triton_fn = triton_path("gated_residual", _residual_norm_op, _residual_norm_triton, residual.device, inputs)
-    if triton_fn is not None:
-        args = (residual, branch, gate, tanh_gate, branch_weight, branch_eps, None, None, None, None, None, 1e-6)
-        return triton_fn(*args)[0]
-    return reference.gated_residual(
-        residual, branch, gate, tanh_gate=tanh_gate, branch_weight=branch_weight, branch_eps=branch_eps
-    )
+    return _GATED_RESIDUAL(residual, branch, gate, tanh_gate, branch_weight, branch_eps)
 
 
 def gated_residual_norm(
@@ -325,25 +319,6 @@ def gated_residual_norm(
     branch_eps = _check_residual_args(residual, branch, gate, tanh_gate, branch_weight, branch_eps)
     b, _, d = residual.shape
     eps = _check_norm_args(b, d, residual.device, norm, scale, shift, weight, bias, eps)
-    inputs = {"residual": residual, "branch": branch, "gate": gate, "branch_weight": branch_weight}
-    inputs.update(scale=scale, shift=shift, weight=weight, bias=bias)
-    triton_fn = triton_path("gated_residual_norm", _residual_norm_op, _residual_norm_triton, residual.device, inputs)
-    if triton_fn is not None:
-        h, y = triton_fn(
-            residual, branch, gate, tanh_gate, branch_weight, branch_eps, norm, weight, bias, scale, shift, eps
-        )
-        return h, y
-    return reference.gated_residual_norm(
-        residual,
-        branch,
-        gate,
-        scale,
-        shift,
-        tanh_gate=tanh_gate,
-        branch_weight=branch_weight,
-        branch_eps=branch_eps,
-        norm=norm,
-        weight=weight,
-        bias=bias,
-        eps=eps,
+    return _GATED_RESIDUAL_NORM(
+        residual, branch, gate, scale, shift, tanh_gate, branch_weight, branch_eps, norm, weight, bias, eps
     )

@@ -10,23 +10,29 @@ import triton.language as tl
 
 
 @triton.jit
-def region_keys_kernel(
+def _lowbias32(x):
+    """The "lowbias32" integer hash of uint32 values (multiplications wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _region_scores(
     x_ptr,
-    cnt_ptr,
-    key_ptr,
-    stride_xb,
-    stride_xc,
-    stride_xt,
-    stride_xh,
-    stride_xw,
-    stride_cb,
-    stride_cn,
-    stride_kb,
+    b,
+    tok,
+    tok_ok,
+    stride_x_b,
+    stride_x_c,
+    stride_x_t,
+    stride_x_h,
+    stride_x_w,
     C,
-    N,
     HT,
     WT,
-    signed_scale,
     PT: tl.constexpr,
     PH: tl.constexpr,
     PW: tl.constexpr,
@@ -34,26 +40,8 @@ def region_keys_kernel(
     BLOCK_T: tl.constexpr,
     L2: tl.constexpr,
     C_BLOCK: tl.constexpr,
-    HAS_COUNTERS: tl.constexpr,
 ):
-    """Order-preserving uint32 sort keys of the token priorities.
-
-    x: [B, C, T, H, W] (fp32/bf16/fp16, any strides; an image is a view with T = 1); cnt: [B, N] int32/int64
-    starvation counts D (read only); key: [B, N] int32 holding uint32 bit patterns. Tokens are (PT, PH, PW)
-    patches in row-major (t, h, w) order over a (N / (HT * WT), HT, WT) token grid: token
-    n = (tt * HT + th) * WT + tw covers voxels [PT*tt, PT*tt + PT) x [PH*th, PH*th + PH) x [PW*tw, PW*tw + PW).
-    Per voxel s = unbiased channel std (fp32, two-pass) or, with L2, the channel L2 norm; R = mean of s over
-    the patch; priority = R * exp(signed_scale * D) with signed_scale = +k (``reference`` mode) or -k
-    (``paper``), or R alone without counters.
-    key = bits(priority) | 0x80000000 for priority >= 0 and ~bits otherwise (ascending keys = ascending
-    priorities); -0 is folded into +0 and every NaN maps to 0xFFFFFFFF, so NaNs rank last as in torch.sort.
-    Grid: (cdiv(N, BLOCK_T), B); PV2 = next_pow2(PT * PH * PW) voxel slots per token; C_BLOCK channels unrolled.
-    """
-    b = tl.program_id(1).to(tl.int64)
-    # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
-    # The divisions by the grid sizes are per token; the per-voxel ones are by constants.
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_ok = tok < N
+    """R [BLOCK_T] fp32 of the tokens ``tok`` of sample ``b`` (metric std or l2; see ``region_keys_kernel``)."""
     row = tok // WT  # tt * HT + th
     tt = row // HT
     th = row - tt * HT
@@ -64,7 +52,7 @@ def region_keys_kernel(
     w = tw[:, None] * PW + (sub % PW)[None, :]
     pix_ok = tok_ok[:, None] & (sub < PT * PH * PW)[None, :]
     pix_ptr = (
-        x_ptr + b * stride_xb + t.to(tl.int64) * stride_xt + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+        x_ptr + b * stride_x_b + t.to(tl.int64) * stride_x_t + h.to(tl.int64) * stride_x_h + w.to(tl.int64) * stride_x_w
     )
 
     # Channels run in registers: C_BLOCK unrolled loads per pixel are in flight together and the channel sums
@@ -76,7 +64,7 @@ def region_keys_kernel(
         for j in tl.static_range(C_BLOCK):
             c = zero + c0 + j
             ok = tl.where(c < C, pix_ok, False)
-            v = tl.load(pix_ptr + c.to(tl.int64) * stride_xc, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(pix_ptr + c.to(tl.int64) * stride_x_c, mask=ok, other=0.0).to(tl.float32)
             acc += v * v if L2 else v
     if L2:
         s = tl.sqrt_rn(acc)
@@ -87,15 +75,98 @@ def region_keys_kernel(
             for j in tl.static_range(C_BLOCK):
                 c = zero + c0 + j
                 ok = tl.where(c < C, pix_ok, False)
-                v = tl.load(pix_ptr + c.to(tl.int64) * stride_xc, mask=ok, other=0.0).to(tl.float32)
+                v = tl.load(pix_ptr + c.to(tl.int64) * stride_x_c, mask=ok, other=0.0).to(tl.float32)
                 d = tl.where(ok, v - mean, 0.0)
                 m2 += d * d
         s = tl.sqrt_rn(tl.div_rn(m2, tl.full((BLOCK_T, PV2), 0, tl.float32) + (C - 1).to(tl.float32)))
     s = tl.where(pix_ok, s, 0.0)
     prio = tl.div_rn(tl.sum(s, axis=1), tl.full((BLOCK_T,), PT * PH * PW, tl.float32))
+    return prio
+
+
+@triton.jit
+def region_keys_kernel(
+    keys_ptr,
+    x_ptr,
+    counters_ptr,
+    seed_ptr,
+    stride_keys_b,
+    stride_x_b,
+    stride_x_c,
+    stride_x_t,
+    stride_x_h,
+    stride_x_w,
+    stride_counters_b,
+    stride_counters_n,
+    C,
+    N,
+    HT,
+    WT,
+    signed_scale,
+    PT: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    PV2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    L2: tl.constexpr,
+    RANDOM: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+    HAS_COUNTERS: tl.constexpr,
+):
+    """Order-preserving uint32 sort keys of the token priorities.
+
+    x: [B, C, T, H, W] (fp32/bf16/fp16, any strides; an image is a view with T = 1); counters: [B, N] int32/int64
+    starvation counts D (read only); keys: [B, N] int32 holding uint32 bit patterns (written). Tokens are (PT, PH, PW)
+    patches in row-major (t, h, w) order over a (N / (HT * WT), HT, WT) token grid: token
+    n = (tt * HT + th) * WT + tw covers voxels [PT*tt, PT*tt + PT) x [PH*th, PH*th + PH) x [PW*tw, PW*tw + PW).
+    Per voxel s = unbiased channel std (fp32, two-pass) or, with L2, the channel L2 norm; R = mean of s over
+    the patch; priority = R * exp(signed_scale * D) with signed_scale = +k (``reference`` mode) or -k
+    (``paper``), or R alone without counters.
+    key = bits(priority) | 0x80000000 for priority >= 0 and ~bits otherwise (ascending keys = ascending
+    priorities); -0 is folded into +0 and every NaN maps to 0xFFFFFFFF, so NaNs rank last as in torch.sort.
+    Grid: (cdiv(N, BLOCK_T), B); PV2 = next_pow2(PT * PH * PW) voxel slots per token; C_BLOCK channels unrolled.
+    RANDOM (metric ``random``): x is not read; R = (H(v_b ^ n) >> 8) * 2**-24 with H = lowbias32 and
+    v_b = H(lo ^ H(hi ^ H(b + 0x9E3779B9))), lo / hi the 32-bit halves of seed[0] (int64, read only here; the
+    launcher increments it), as ``reference.random_scores``.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
+    # The divisions by the grid sizes are per token; the per-voxel ones are by constants.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < N
+    if RANDOM:
+        s = tl.load(seed_ptr)
+        lo = (s & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        v = _lowbias32(lo ^ _lowbias32(hi ^ _lowbias32(b.to(tl.uint32) + 0x9E3779B9)))
+        bits = _lowbias32(v ^ tok.to(tl.uint32))
+        prio = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    else:
+        prio = _region_scores(
+            x_ptr,
+            b,
+            tok,
+            tok_ok,
+            stride_x_b,
+            stride_x_c,
+            stride_x_t,
+            stride_x_h,
+            stride_x_w,
+            C,
+            HT,
+            WT,
+            PT,
+            PH,
+            PW,
+            PV2,
+            BLOCK_T,
+            L2,
+            C_BLOCK,
+        )
 
     if HAS_COUNTERS:
-        d_cnt = tl.load(cnt_ptr + b * stride_cb + tok.to(tl.int64) * stride_cn, mask=tok_ok, other=0).to(tl.float32)
+        d_ptr = counters_ptr + b * stride_counters_b + tok.to(tl.int64) * stride_counters_n
+        d_cnt = tl.load(d_ptr, mask=tok_ok, other=0).to(tl.float32)
         # Same fp32 argument as the reference; exp in fp64 so the rounded factor matches torch's exp.
         arg = signed_scale * d_cnt
         prio = prio * tl.exp(arg.to(tl.float64)).to(tl.float32)
@@ -104,7 +175,7 @@ def region_keys_kernel(
     bits = prio.to(tl.uint32, bitcast=True)
     key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
     key = tl.where(prio != prio, 0xFFFFFFFF, key)
-    tl.store(key_ptr + b * stride_kb + tok, key.to(tl.int32, bitcast=True), mask=tok_ok)
+    tl.store(keys_ptr + b * stride_keys_b + tok, key.to(tl.int32, bitcast=True), mask=tok_ok)
 
 
 @triton.jit
@@ -149,10 +220,10 @@ def _load_keys(key_row, idx, N):
 # K changes every step: the ranks must not specialise a compile (Triton would for 1 or multiples of 16).
 @triton.jit(do_not_specialize=["rank_lo", "rank_hi"])
 def band_bounds_kernel(
-    key_ptr,
     state_ptr,
-    stride_kb,
-    stride_sb,
+    keys_ptr,
+    stride_state_b,
+    stride_keys_b,
     N,
     rank_lo,
     rank_hi,
@@ -162,7 +233,7 @@ def band_bounds_kernel(
 ):
     """The keys at sorted ranks rank_lo and rank_hi of one row, and their ranks among equal keys.
 
-    key: [B, N] int32 (uint32 bit patterns from ``region_keys_kernel``); state: [B, 8] int32, written
+    keys: [B, N] int32 (uint32 bit patterns from ``region_keys_kernel``); state: [B, 8] int32, written
     (T_lo, T_hi, r_lo, r_hi, T_lo == T_hi): T = the key at that rank when keys are sorted ascending with ties by
     index, r = its rank among the tokens keyed T. Grid: (B,); CHUNK * NUM_CHUNKS >= N (one chunk: the keys
     stay in registers across the passes; several: each pass re-reads them from L2).
@@ -172,7 +243,7 @@ def band_bounds_kernel(
     directly instead of finishing its remaining digits.
     """
     row = tl.program_id(0).to(tl.int64)
-    key_row = key_ptr + row * stride_kb
+    key_row = keys_ptr + row * stride_keys_b
     offs = tl.arange(0, CHUNK)
     if NUM_CHUNKS == 1:
         keys_all = _load_keys(key_row, offs, N)
@@ -217,7 +288,7 @@ def band_bounds_kernel(
         t_lo = (found & 0xFFFFFFFF).to(tl.uint32)
         t_hi = (found >> 32).to(tl.uint32)
 
-    s_row = state_ptr + row * stride_sb
+    s_row = state_ptr + row * stride_state_b
     tl.store(s_row + 0, t_lo.to(tl.int32, bitcast=True))
     tl.store(s_row + 1, t_hi.to(tl.int32, bitcast=True))
     tl.store(s_row + 2, r_lo)
@@ -225,25 +296,25 @@ def band_bounds_kernel(
     tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
 
 
-@triton.jit(do_not_specialize=["stride_ob"])
+@triton.jit(do_not_specialize=["stride_out_b"])
 def band_compact_kernel(
-    key_ptr,
-    state_ptr,
-    cnt_ptr,
     out_ptr,
-    stride_kb,
-    stride_sb,
-    stride_cb,
-    stride_cn,
-    stride_ob,
+    counters_ptr,
+    keys_ptr,
+    state_ptr,
+    stride_out_b,
+    stride_counters_b,
+    stride_counters_n,
+    stride_keys_b,
+    stride_state_b,
     N,
     HAS_COUNTERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Write the active tokens' indices in ascending order and count the dropped ones.
 
-    key: [B, N] int32; state: [B, 8] from ``band_bounds_kernel``; out: [B, K] int64 (K = active count, the
-    row stride stays unspecialised since K changes every step); cnt: [B, N] int32/int64, += 1 where dropped.
+    keys: [B, N] int32; state: [B, 8] from ``band_bounds_kernel``; out: [B, K] int64 (K = active count, the
+    row stride stays unspecialised since K changes every step); counters: [B, N] int32/int64, += 1 where dropped.
     Grid: (cdiv(N, BLOCK), B). Token t with e_lo(t) earlier tokens keyed T_lo (e_hi for T_hi) is active iff
         (key > T_lo or (key == T_lo and e_lo >= r_lo)) and (key < T_hi or (key == T_hi and e_hi <= r_hi)),
     and its output slot is the number of active tokens before it. One int64 prefix sum packs three 21-bit
@@ -252,8 +323,8 @@ def band_compact_kernel(
     """
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    key_row = key_ptr + row * stride_kb
-    s_row = state_ptr + row * stride_sb
+    key_row = keys_ptr + row * stride_keys_b
+    s_row = state_ptr + row * stride_state_b
     t_lo = tl.load(s_row + 0).to(tl.uint32, bitcast=True)
     t_hi = tl.load(s_row + 1).to(tl.uint32, bitcast=True)
     r_lo = tl.load(s_row + 2)
@@ -288,8 +359,8 @@ def band_compact_kernel(
     active_same = eq_lo & (e_lo >= r_lo) & (e_lo <= r_hi)
     active = tl.where(same, active_same, active_diff)
     pos = tl.where(same, tl.minimum(lo_part, r_hi - r_lo + 1).to(tl.int64), n_mid + lo_part + hi_part)
-    tl.store(out_ptr + row * stride_ob + pos, idx.to(tl.int64), mask=active)
+    tl.store(out_ptr + row * stride_out_b + pos, idx.to(tl.int64), mask=active)
     if HAS_COUNTERS:
-        cnt_ptrs = cnt_ptr + row * stride_cb + idx.to(tl.int64) * stride_cn
+        cnt_ptrs = counters_ptr + row * stride_counters_b + idx.to(tl.int64) * stride_counters_n
         cnt = tl.load(cnt_ptrs, mask=valid, other=0)
         tl.store(cnt_ptrs, cnt + (~active).to(cnt.dtype), mask=valid)

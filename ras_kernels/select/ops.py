@@ -1,4 +1,4 @@
-"""Public ``select_regions``: validation, the Triton launcher and its torch.library op, backend dispatch."""
+"""Public ``select_regions``: validation, the Triton launchers, the op definition."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .._backend import FLOAT_DTYPES, INDEX_DTYPES, check_no_overlap, check_tensor, device_of, use_triton
+from .._backend import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    RASOp,
+    cdiv,
+    check_int,
+    check_no_overlap,
+    check_tensor,
+    next_pow2,
+)
 from . import reference
 
-try:
-    import triton
-    from torch.library import triton_op, wrap_triton
-
-    from . import kernels
-except ImportError:  # the reference path still works without Triton
-    triton = None
-
-METRICS = ("std", "l2")
+METRICS = ("std", "l2", "random")
 MODES = ("reference", "paper")
 # The largest N the Triton path takes: 2**17 covers Wan 720p (21 x 45 x 80 = 75,600 tokens). One program per row;
 # above 16384 keys the radix select re-reads the row from L2 in 16384-key chunks (N = 2**17: 8 chunks), and the
@@ -29,15 +30,6 @@ _PATCH_NAMES = {4: "(ph, pw)", 5: "(pt, ph, pw)"}
 _GRID_NAMES = {4: "(H, W)", 5: "(T, H, W)"}
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        accepted = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {accepted}, got {value}")
-    return value
-
-
 def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
     """The patch sizes of a signal of rank ``ndim`` (4 or 5), one per grid dimension; raises naming patch_size."""
     names = _PATCH_NAMES[ndim]
@@ -46,9 +38,9 @@ def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
             raise ValueError(
                 f"patch_size must have {ndim - 2} entries {names} for a {ndim}-D signal, got {tuple(patch_size)}"
             )
-        return tuple(_check_int(f"patch_size[{i}]", v, 1) for i, v in enumerate(patch_size))
+        return tuple(check_int(f"patch_size[{i}]", v, 1) for i, v in enumerate(patch_size))
     if ndim == 4 and not isinstance(patch_size, bool) and isinstance(patch_size, int):
-        _check_int("patch_size", patch_size, 1)
+        check_int("patch_size", patch_size, 1)
         return (patch_size, patch_size)
     accepted = "an int or a (ph, pw) tuple" if ndim == 4 else "a (pt, ph, pw) tuple"
     raise TypeError(
@@ -56,7 +48,9 @@ def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
     )
 
 
-def validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio) -> int:
+def validate_select_args(
+    signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards=1, seed=None
+) -> int:
     """Check every argument of :func:`select_regions`; return the token count N."""
     check_tensor("signal", signal)
     if signal.dim() not in (4, 5):
@@ -71,14 +65,24 @@ def validate_select_args(signal, num_active, patch_size, metric, counters, starv
     grid = tuple(signal.shape[2:])
     if any(size % p for size, p in zip(grid, patch, strict=True)):
         raise ValueError(f"signal size {_GRID_NAMES[signal.dim()]} = {grid} must be divisible by patch_size {patch}")
-    n = math.prod(size // p for size, p in zip(grid, patch, strict=True))
+    n = math.prod([size // p for size, p in zip(grid, patch, strict=True)])  # a list: dynamo traces it
     if n == 0:
         raise ValueError(f"signal has no tokens (shape {tuple(signal.shape)})")
-    _check_int("num_active", num_active, 1, n)
+    check_int("num_active", num_active, 1, n)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "std" and c < 2:
         raise ValueError(f"metric='std' needs at least 2 channels (unbiased std), signal has C={c}")
+    if metric == "random":
+        if seed is None:
+            raise ValueError(
+                "metric='random' needs seed: a [1] int64 tensor on the signal's device (advanced in place)"
+            )
+        check_tensor("seed", seed, dtypes=(torch.int64,), device=signal.device)
+        if tuple(seed.shape) != (1,):
+            raise ValueError(f"seed must have shape (1,), got {tuple(seed.shape)}")
+    elif seed is not None:
+        raise ValueError(f"seed is used only with metric='random', got metric={metric!r} and a seed")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(high_ratio, (int, float)) or isinstance(high_ratio, bool) or not 0.0 <= high_ratio <= 1.0:
@@ -95,11 +99,18 @@ def validate_select_args(signal, num_active, patch_size, metric, counters, starv
         if tuple(counters.shape) != (b, n):
             raise ValueError(f"counters must have shape (B, N) = ({b}, {n}), got {tuple(counters.shape)}")
         check_no_overlap("counters", counters)
+    check_int("shards", shards, 1)
+    if n % shards or num_active % shards:
+        raise ValueError(
+            f"shards={shards} must divide both the token count N={n} and num_active={num_active} (every shard keeps "
+            "the same number of its own tokens)"
+        )
+    if shards > 1 and counters is not None and counters.shape[0] > 1 and counters.stride(0) != n * counters.stride(1):
+        raise ValueError(
+            f"with shards > 1, counters must be viewable as [B * shards, N / shards] (batch stride N x token stride), "
+            f"got strides {tuple(counters.stride())}"
+        )
     return n
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def select_tuning(num_tokens: int) -> dict:
@@ -109,7 +120,7 @@ def select_tuning(num_tokens: int) -> dict:
     radix passes, longer rows are re-read from L2 in chunks of 16384 each pass. Compaction: about 8 programs per
     row (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
     """
-    block = max(_next_pow2(num_tokens), 16)
+    block = max(next_pow2(num_tokens), 16)
     out_block = min(max(1024, block // 8), 8192)
     return {
         "bits": 4,
@@ -129,53 +140,67 @@ def launch_select(
     use_l2: bool,
     signed_scale: float,
     tuning: dict | None = None,
-    traceable: bool = True,
+    shards: int = 1,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
     ``signal`` [B, C, H, W] with ``patch_size`` p or (ph, pw), or [B, C, T, H, W] with (pt, ph, pw): the kernels
     read either through a [B, C, T, H, W] view (strides only, never a copy).
     ``tuning`` overrides entries of :func:`select_tuning` (the benchmark compares variants with it).
-    ``traceable`` wraps the kernels with ``wrap_triton`` (needed under torch.compile / make_fx tracing);
-    plain eager calls launch them directly, which skips the higher-order-op dispatch.
+    ``seed`` ([1] int64): metric ``random`` (``use_l2`` is then ignored and the signal gives only the shapes); it
+    is read by the score kernel and then incremented in place (a device op, no host sync).
+    Launches on the current device (the op runs it under the signal's device).
     """
-    wrap = wrap_triton if traceable else (lambda kernel: kernel)
+    from . import kernels
+
     x, (pt, ph, pw) = reference.as_video(signal, patch_size)
     b, c, t, h, w = x.shape
     ht, wt = h // ph, w // pw
     n = (t // pt) * ht * wt
     keys = torch.empty((b, n), dtype=torch.int32, device=signal.device)
-    cnt = counters if counters is not None else keys  # a dummy pointer when HAS_COUNTERS is off
-    cnt_strides = (counters.stride(0), counters.stride(1)) if counters is not None else (0, 0)
-
-    with device_of(signal):  # Triton launches on the current device, not necessarily the tensors' one
-        pv2 = _next_pow2(pt * ph * pw)
-        # 256 voxels per program (2 per thread), all channels of a voxel in one thread.
-        block_t = max(1, min(256 // pv2, _next_pow2(n)))
-        wrap(kernels.region_keys_kernel)[(triton.cdiv(n, block_t), b)](
-            x,
-            cnt,
-            keys,
-            *x.stride(),
-            cnt_strides[0],
-            cnt_strides[1],
-            keys.stride(0),
-            c,
-            n,
-            ht,
-            wt,
-            signed_scale,
-            PT=pt,
-            PH=ph,
-            PW=pw,
-            PV2=pv2,
-            BLOCK_T=block_t,
-            L2=use_l2,
-            C_BLOCK=min(c, 16),
-            HAS_COUNTERS=counters is not None,
-            num_warps=4,
-        )
-    return launch_band(keys, counters, num_active, rank_lo, tuning, traceable)
+    pv2 = next_pow2(pt * ph * pw)
+    # 256 voxels per program (2 per thread), all channels of a voxel in one thread; random scores: 256 tokens.
+    block_t = max(1, min(256 // pv2 if seed is None else 256, next_pow2(n)))
+    kernels.region_keys_kernel[(cdiv(n, block_t), b)](
+        keys_ptr=keys,
+        x_ptr=x,
+        counters_ptr=counters if counters is not None else keys,  # never read when HAS_COUNTERS is False
+        seed_ptr=seed if seed is not None else keys,  # never read when RANDOM is False
+        stride_keys_b=keys.stride(0),
+        stride_x_b=x.stride(0),
+        stride_x_c=x.stride(1),
+        stride_x_t=x.stride(2),
+        stride_x_h=x.stride(3),
+        stride_x_w=x.stride(4),
+        stride_counters_b=counters.stride(0) if counters is not None else 0,
+        stride_counters_n=counters.stride(1) if counters is not None else 0,
+        C=c,
+        N=n,
+        HT=ht,
+        WT=wt,
+        signed_scale=signed_scale,
+        PT=pt,
+        PH=ph,
+        PW=pw,
+        PV2=pv2,
+        BLOCK_T=block_t,
+        L2=use_l2,
+        RANDOM=seed is not None,
+        C_BLOCK=min(c, 16),
+        HAS_COUNTERS=counters is not None,
+        num_warps=4,
+    )
+    if seed is not None:
+        seed.add_(1)  # after the score kernel read it (same stream); capturable
+    if shards == 1:
+        return launch_band(keys, counters, num_active, rank_lo, tuning)
+    # Per shard: each run of N / shards tokens is a row of its own for the band stage (rank_lo is the run's).
+    run = n // shards
+    runs = counters.view(b * shards, run) if counters is not None else None
+    local = launch_band(keys.view(b * shards, run), runs, num_active // shards, rank_lo, tuning)
+    offsets = torch.arange(0, n, run, device=keys.device).repeat(b).unsqueeze(1)
+    return (local + offsets).view(b, num_active)
 
 
 def launch_band(
@@ -184,68 +209,139 @@ def launch_band(
     num_active: int,
     rank_lo: int,
     tuning: dict | None = None,
-    traceable: bool = True,
 ) -> torch.Tensor:
     """The selection stage alone: the tokens at ranks [rank_lo, rank_lo + num_active) of each row of ``keys``.
 
     keys: [B, N] int32 holding uint32 sort keys (ascending key, then ascending index); counters as in
     :func:`launch_select` (+1 where dropped). Returns [B, num_active] int64 indices, ascending. Split from the
     score stage so that tests can drive the radix select at the largest N with chosen keys (ties included).
+    Launches on the current device.
     """
-    wrap = wrap_triton if traceable else (lambda kernel: kernel)
+    from . import kernels
+
     b, n = keys.shape
     state = torch.empty((b, 8), dtype=torch.int32, device=keys.device)
     out = torch.empty((b, num_active), dtype=torch.int64, device=keys.device)
-    cnt = counters if counters is not None else keys  # a dummy pointer when HAS_COUNTERS is off
-    cnt_strides = (counters.stride(0), counters.stride(1)) if counters is not None else (0, 0)
     cfg = select_tuning(n)
     cfg.update(tuning or {})
-    with device_of(keys):
-        wrap(kernels.band_bounds_kernel)[(b,)](
-            keys,
-            state,
-            keys.stride(0),
-            state.stride(0),
-            n,
-            rank_lo,
-            rank_lo + num_active - 1,
-            CHUNK=cfg["chunk"],
-            NUM_CHUNKS=triton.cdiv(n, cfg["chunk"]),
-            BITS=cfg["bits"],
-            num_warps=cfg["warps"],
-        )
-        wrap(kernels.band_compact_kernel)[(triton.cdiv(n, cfg["out_block"]), b)](
-            keys,
-            state,
-            cnt,
-            out,
-            keys.stride(0),
-            state.stride(0),
-            cnt_strides[0],
-            cnt_strides[1],
-            out.stride(0),
-            n,
-            HAS_COUNTERS=counters is not None,
-            BLOCK=cfg["out_block"],
-            num_warps=cfg["out_warps"],
-        )
+    kernels.band_bounds_kernel[(b,)](
+        state_ptr=state,
+        keys_ptr=keys,
+        stride_state_b=state.stride(0),
+        stride_keys_b=keys.stride(0),
+        N=n,
+        rank_lo=rank_lo,
+        rank_hi=rank_lo + num_active - 1,
+        CHUNK=cfg["chunk"],
+        NUM_CHUNKS=cdiv(n, cfg["chunk"]),
+        BITS=cfg["bits"],
+        num_warps=cfg["warps"],
+    )
+    kernels.band_compact_kernel[(cdiv(n, cfg["out_block"]), b)](
+        out_ptr=out,
+        counters_ptr=counters if counters is not None else keys,  # never touched when HAS_COUNTERS is False
+        keys_ptr=keys,
+        state_ptr=state,
+        stride_out_b=out.stride(0),
+        stride_counters_b=counters.stride(0) if counters is not None else 0,
+        stride_counters_n=counters.stride(1) if counters is not None else 0,
+        stride_keys_b=keys.stride(0),
+        stride_state_b=state.stride(0),
+        N=n,
+        HAS_COUNTERS=counters is not None,
+        BLOCK=cfg["out_block"],
+        num_warps=cfg["out_warps"],
+    )
     return out
 
 
-if triton is not None:
-    # triton_op keeps both kernels visible to torch.compile and CUDA graph capture; in eager mode (also on CPU
-    # tensors under TRITON_INTERPRET=1) it simply runs the function below.
-    @triton_op("ras_kernels::select_regions", mutates_args={"counters"})
-    def _select_regions_op(
-        signal: torch.Tensor,
-        counters: torch.Tensor | None,
-        num_active: int,
-        rank_lo: int,
-        patch_size: list[int],
-        use_l2: bool,
-        signed_scale: float,
-    ) -> torch.Tensor:
-        return launch_select(signal, counters, num_active, rank_lo, patch_size, use_l2, signed_scale)
+def _launch(
+    signal: torch.Tensor,
+    num_active: int,
+    patch_size: list[int],
+    metric: str,
+    counters: torch.Tensor | None,
+    starvation_scale: float,
+    starvation_mode: str,
+    high_ratio: float,
+    shards: int,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op's Triton path on validated arguments (``patch_size`` one int per grid dimension)."""
+    n = math.prod([size // p for size, p in zip(signal.shape[2:], patch_size, strict=True)])
+    if n > MAX_TRITON_TOKENS:  # checked before anything is allocated or launched
+        raise ValueError(
+            f"the Triton select_regions supports N <= {MAX_TRITON_TOKENS} tokens, got N={n}; "
+            "use a larger patch_size or RAS_BACKEND=torch"
+        )
+    if signal.shape[0] == 0:
+        if seed is not None:
+            seed.add_(1)  # every call advances the seed, as the public function does for an empty batch
+        return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
+    sign = 1.0 if starvation_mode == "reference" else -1.0
+    rank_lo = reference.band_start(n // shards, num_active // shards, high_ratio)
+    return launch_select(
+        signal,
+        counters,
+        num_active,
+        rank_lo,
+        patch_size,
+        metric == "l2",
+        sign * starvation_scale,
+        shards=shards,
+        seed=seed if metric == "random" else None,
+    )
+
+
+def _reference(
+    signal: torch.Tensor,
+    num_active: int,
+    patch_size: list[int],
+    metric: str,
+    counters: torch.Tensor | None,
+    starvation_scale: float,
+    starvation_mode: str,
+    high_ratio: float,
+    shards: int,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference, taking the schema's argument names."""
+    return reference.select_regions(
+        signal,
+        num_active,
+        patch_size=patch_size,
+        metric=metric,
+        counters=counters,
+        starvation_scale=starvation_scale,
+        mode=starvation_mode,
+        high_ratio=high_ratio,
+        shards=shards,
+        seed=seed,
+    )
+
+
+def _fake(
+    signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio, shards, seed=None
+):
+    return signal.new_empty((signal.shape[0], num_active), dtype=torch.int64)
+
+
+# No defaults in the schema: torch 2.11's ADInplaceOrView kernel indexes mutated arguments by position, so a
+# mutable argument left to its default (seed) is out of range on CUDA.
+# The public ``mode`` is ``starvation_mode`` in the schema: an op argument named ``mode`` collides with the
+# ``mode`` parameter of torch.compile's redirect_to_mode ("got multiple values for argument 'mode'").
+_SELECT = RASOp(
+    "select_regions",
+    schema=(
+        "(Tensor signal, int num_active, int[] patch_size, str metric, Tensor(a!)? counters, float starvation_scale, "
+        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed) -> Tensor"
+    ),
+    launch=_launch,
+    reference=_reference,
+    fake=_fake,
+    mutates_args=("counters", "seed"),
+    # No differentiable inputs: the indices have no gradient on either path, so a signal requiring grad is fine.
+)
 
 
 def select_regions(
@@ -258,6 +354,8 @@ def select_regions(
     starvation_scale: float = 0.1,
     mode: str = "reference",
     high_ratio: float = 1.0,
+    shards: int = 1,
+    seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the ``num_active`` patch tokens each sample recomputes at the next RAS step.
 
@@ -272,52 +370,37 @@ def select_regions(
             Conv3d patch embedding followed by ``flatten(2)`` (diffusers' Wan). Token t covers its patch's latent
             pixels (voxels).
         metric: ``"std"`` (unbiased channel std per pixel, C >= 2) or ``"l2"`` (channel L2 norm per pixel); the
-            score R of a token is the mean over its pixels.
+            score R of a token is the mean over its pixels. ``"random"``: R is a uniform pseudo-random number in
+            [0, 1) per (sample, token), drawn afresh at every call from ``seed`` (a counter-based hash,
+            ``reference.random_scores``; the signal's values are not read, it gives B and N).
         counters: optional [B, N] int32/int64 starvation counts D, updated in place (+1 for every dropped token).
         starvation_scale: k >= 0 in the priority ``R * exp(+-k D)``.
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
         high_ratio: share in [0, 1] of the dropped tokens taken from the highest priorities; the rest
             come from the lowest, and the K tokens in between stay active.
+        shards: P >= 1 dividing N and K: the tokens form P consecutive runs of N / P (token order) and each keeps
+            K / P of its own by the same rule (band included), the choice P ranks of a sequence-parallel run make
+            from their own shards; 1 selects over the whole sequence.
+        seed: metric ``"random"`` only (required there, refused otherwise): a [1] int64 tensor on the signal's
+            device. Its low and high 32 bits key the draw; it is read on the device (no host sync) and then
+            incremented in place by 1, so the next call (or a CUDA-graph replay) draws afresh.
 
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
-    The Triton path (CUDA tensors) is three launches without host synchronisation, so it can be captured in a
-    CUDA graph; it reads every accepted signal rank, layout and patch shape in place (no copy) and supports
-    N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so
-    a ``signal`` that requires grad is fine.
+    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``) without host
+    synchronisation, so it can be captured in a CUDA graph; it reads every accepted signal rank, layout and patch
+    shape in place (no copy) and supports N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not
+    differentiable on either path (integer indices), so a ``signal`` that requires grad is fine.
     """
-    n = validate_select_args(signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio)
-    if signal.shape[0] == 0:
+    validate_select_args(
+        signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards, seed
+    )
+    if signal.shape[0] == 0:  # no sample (the reference cannot reshape an empty batch)
+        if seed is not None:
+            seed.add_(1)  # every call advances the seed
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
-    # No autograd inputs: the indices have no gradient on either path.
-    if use_triton("select_regions", signal.device, {}):
-        if n > MAX_TRITON_TOKENS:
-            raise ValueError(
-                f"the Triton select_regions supports N <= {MAX_TRITON_TOKENS} tokens, got N={n}; "
-                "use a larger patch_size or RAS_BACKEND=torch"
-            )
-        sign = 1.0 if mode == "reference" else -1.0
-        args = (
-            signal,
-            counters,
-            num_active,
-            reference.band_start(n, num_active, float(high_ratio)),
-            [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size],  # the op's int[]
-            metric == "l2",
-            sign * float(starvation_scale),
-        )
-        if torch.compiler.is_compiling():
-            return torch.ops.ras_kernels.select_regions(*args)
-        # Eager (CUDA graph capture included): the same kernels without the custom-op dispatch cost.
-        return launch_select(*args, traceable=False)
-    return reference.select_regions(
-        signal,
-        num_active,
-        patch_size=patch_size,
-        metric=metric,
-        counters=counters,
-        starvation_scale=float(starvation_scale),
-        mode=mode,
-        high_ratio=float(high_ratio),
+    patch = [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size]  # the op's int[]
+    return _SELECT(
+        signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio), shards, seed
     )

@@ -9,13 +9,13 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["stride_g", "stride_u", "ROWS"])
+@triton.jit(do_not_specialize=["stride_gate_r", "stride_up_r", "ROWS"])
 def swiglu_kernel(
     out_ptr,
     gate_ptr,
     up_ptr,
-    stride_g,
-    stride_u,
+    stride_gate_r,
+    stride_up_r,
     ROWS,
     F: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -27,7 +27,7 @@ def swiglu_kernel(
     rows = (pid // num_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (pid % num_col_blocks) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask = (rows < ROWS)[:, None] & (cols < F)[None, :]
-    g = tl.load(gate_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + rows[:, None] * stride_gate_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + rows[:, None] * stride_up_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     out = g * tl.sigmoid(g) * u
     tl.store(out_ptr + rows[:, None] * F + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

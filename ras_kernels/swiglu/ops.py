@@ -1,10 +1,10 @@
-"""Public ``swiglu``: validation, the Triton launcher, torch.library op, dispatch."""
+"""Public ``swiglu``: validation, the Triton launcher, the op definition."""
 
 from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES, check_tensor, check_unit_stride, device_of, triton_path
+from .._backend import FLOAT_DTYPES, RASOp, cdiv, check_tensor, check_unit_stride, next_pow2
 from . import reference
 
 
@@ -30,25 +30,23 @@ def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     g2, u2 = _rows("gate", gate), _rows("up", up)
     rows, f = g2.shape
-    block_f = min(1024, 1 << (f - 1).bit_length())
+    block_f = min(1024, next_pow2(f))
     block_r = max(1, 2048 // block_f)
-    grid = (-(-rows // block_r) * -(-f // block_f),)
-    with device_of(gate):
-        kernels.swiglu_kernel[grid](
-            out, g2, u2, g2.stride(0), u2.stride(0), rows, F=f, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4
-        )
+    kernels.swiglu_kernel[(cdiv(rows, block_r) * cdiv(f, block_f),)](
+        out_ptr=out, gate_ptr=g2, up_ptr=u2, stride_gate_r=g2.stride(0), stride_up_r=u2.stride(0), ROWS=rows, F=f,
+        BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4,
+    )  # fmt: skip
     return out
 
 
-# A torch.library op, so torch.compile treats the launch as one opaque op (as for the other ops of this package).
-@torch.library.custom_op("ras_kernels::swiglu", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _launch(gate, up)
-
-
-@_swiglu_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+_SWIGLU = RASOp(
+    "swiglu",
+    schema="(Tensor gate, Tensor up) -> Tensor",
+    launch=_launch,
+    reference=reference.swiglu,
+    fake=lambda gate, up: torch.empty_like(gate, memory_format=torch.contiguous_format),
+    differentiable=("gate", "up"),
+)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -67,7 +65,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         )
     _rows("gate", gate)
     _rows("up", up)
-    triton_fn = triton_path("swiglu", _swiglu_op, _launch, gate.device, {"gate": gate, "up": up})
-    if triton_fn is not None:
-        return triton_fn(gate, up)
-    return reference.swiglu(gate, up)
+    return _SWIGLU(gate, up)
