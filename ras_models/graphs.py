@@ -128,6 +128,13 @@ class StepGraphs:
             ) from err
         return result
 
+    def drop_keys(self, predicate: Callable[[object], bool]) -> None:
+        """Destroy the graphs (of every group) whose ``run`` key satisfies ``predicate``. Their memory stays in their
+        group's pool, which the group's later captures reuse."""
+        for entry in self._groups.values():
+            for full_key in [full_key for full_key in entry.graphs if predicate(full_key[0])]:
+                del entry.graphs[full_key]
+
     def groups(self) -> tuple[object, ...]:
         """The groups holding graphs."""
         return tuple(self._groups)

@@ -19,6 +19,7 @@ N = (H / p) * (W / p) image tokens in row-major patch order; K the step's active
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -108,6 +109,21 @@ class RASSession:
                 for key in [key for key in buffers if key[0] == evicted]:
                     del buffers[key]
         self._shapes[shape_key] = None
+
+    def retire_calls(self, predicate: Callable[[object], bool]) -> None:
+        """Free the K/V and output caches of the calls (names given to begin_step) that satisfy ``predicate``, in
+        this generation or kept from an earlier one, and forget that they ran in this generation: a retired call
+        that runs again starts as a new call (its first step dense). For calls whose work is over, e.g. the expert
+        Wan 2.2's pipeline has switched away from."""
+        for buffers in (self._kv, self._out):
+            for key in [key for key in buffers if predicate(key[1])]:
+                del buffers[key]
+        self._seen = {call for call in self._seen if not predicate(call)}
+
+    @property
+    def seen_calls(self) -> frozenset:
+        """The calls begun in this generation."""
+        return frozenset(self._seen)
 
     @property
     def in_generation(self) -> bool:

@@ -284,8 +284,9 @@ def test_fused_qkv_projections_give_the_same_result(torch_backend):
 
 def test_step_graphs_of_two_experts(monkeypatch, torch_backend):
     """CUDA graph bookkeeping on the CPU (a fake capture that runs the step eagerly on every replay): one set of
-    graphs for both experts, keyed by (expert, call); the second generation replays every one of them (the second
-    expert's first step does not drop the first's); moved weights and an aborted generation drop them all."""
+    graphs for both experts, keyed by (expert, call); an expert's first call in a generation frees the other
+    expert's caches and graphs, so the two experts' caches are never held together and each generation captures
+    each expert's graphs again; moved weights and an aborted generation drop them all."""
     captures = fake_cuda_graphs(monkeypatch).pools
     pipe = tiny_wan_pipeline(experts=2)
     pipe.set_progress_bar_config(disable=True)
@@ -294,13 +295,21 @@ def test_step_graphs_of_two_experts(monkeypatch, torch_backend):
     with apply_ras(pipe, config, cuda_graphs=False):
         expected = run()
     with apply_ras(pipe, config) as handle:
-        torch.testing.assert_close(run(), expected, atol=0, rtol=0)
-        keys = {key[0][0] for group in handle.graphs._groups.values() for key in group.graphs}
-        assert keys == {(expert, context) for expert in EXPERTS for context in ("cond", "uncond")}
+        held = []  # the experts whose caches are held, at the end of each step
+
+        def record(pipe, step, timestep, tensors):
+            held.append({key[1][0] for key in (*handle.session._kv, *handle.session._out)})
+            return {}
+
+        for generation in (1, 2):
+            torch.testing.assert_close(run(callback_on_step_end=record), expected, atol=0, rtol=0)
+            assert len(captures) == 8 * generation  # per expert and call: the dense and the RAS shape
+            keys = {key[0][0] for group in handle.graphs._groups.values() for key in group.graphs}
+            assert keys == {("transformer_2", context) for context in ("cond", "uncond")}
+            assert len(handle.graphs) == 4
+        assert held[0] == {"transformer"} and held[-1] == {"transformer_2"}
+        assert all(len(experts) == 1 for experts in held), held
         captured = len(captures)
-        assert len(handle.graphs) == captured == 8  # per expert and call: the dense and the RAS shape
-        torch.testing.assert_close(run(), expected, atol=0, rtol=0)
-        assert len(captures) == captured, "every step replays in the second generation"
         pipe.transformer_2.to(torch.float64).to(torch.float32)  # moved weights, as offloading does
         torch.testing.assert_close(run(), expected, atol=0, rtol=0)
         assert len(captures) > captured
