@@ -18,6 +18,7 @@ weight values; the PSNR column says how far each RAS result lands from the dense
     python -m bench.e2e --model wan --frames 81       # Wan 2.1 T2V 1.3B layout, 480x832, 81 frames, 50 steps
     python -m bench.e2e --model wan-14b --frames 81 --resolution 720x1280   # Wan 2.1 T2V 14B layout
     python -m bench.e2e --model wan-14b --steps 12 --extrapolate-to 50     # a short run, plus 50-step estimates
+    python -m bench.e2e --model wan-a14b --steps 12 --extrapolate-to 50    # Wan 2.2 A14B: two 14B experts
     python -m bench.e2e --pretrained /path/to/stable-diffusion-3-medium-diffusers --prompt "a cat"
 """
 
@@ -36,6 +37,7 @@ from bench import demo_cpu
 from bench.common import resolve_dtype
 from bench.pipelines import (
     LAYOUTS,
+    TWO_EXPERTS,
     Loop,
     build_pipeline,
     build_transformer,
@@ -45,6 +47,7 @@ from bench.pipelines import (
     num_tokens,
     preset,
     prompt_inputs,
+    ras_steps,
     timed_call,
 )
 from ras_models import apply_ras
@@ -238,8 +241,10 @@ class Bench:
         step_ms = [statistics.median(times) for times in zip(*(c[2] for c in calls), strict=True)]
         result = Result(name, 1.0, [c[1] for c in calls], step_ms, calls[0][0].float(), peak_mib=peak, loop_ms=loop_ms)
         if config is not None:
-            result.tokens = sum(config.token_schedule(self.n)) / (self.steps * self.n)
-            result.ras_steps = [config.is_ras_step(i) for i in range(self.steps)]
+            result.ras_steps = ras_steps(self.pipe, config)
+            counts = config.token_schedule(self.n)
+            result.tokens = sum(k if ras else self.n for ras, k in zip(result.ras_steps, counts, strict=True))
+            result.tokens /= self.steps * self.n
             result.ratio, result.schedule = config.sample_ratio, config.schedule
         return result
 
@@ -291,8 +296,7 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
         def schedule_of(result: Result) -> list[bool]:
             if result.ratio is None:
                 return [False] * steps
-            config = preset(family, steps, result.ratio, bench.n, result.schedule)
-            return [config.is_ras_step(i) for i in range(steps)]
+            return ras_steps(bench.pipe, preset(family, steps, result.ratio, bench.n, result.schedule))
 
         print(
             f"\nEstimated {steps}-step calls, NOT measured: each run's time outside the steps of its measured "
@@ -320,7 +324,9 @@ def run_random_weights(args) -> None:
     family = LAYOUTS[args.model][0]
     size, frames = _video(family, args, full)
     transformer = build_transformer(args.model, full, device, dtype)
-    pipe = build_pipeline(transformer)
+    two_experts = TWO_EXPERTS.get(args.model)
+    second = build_transformer(args.model, full, device, dtype) if two_experts else None
+    pipe = build_pipeline(transformer, second, two_experts)
     n = num_tokens(pipe, size, frames)
     configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
     steps = configs[0].num_steps
@@ -364,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
         "--model",
         choices=tuple(LAYOUTS),
         default="sd3",
-        help="model layout (default sd3; wan: Wan 2.1 T2V 1.3B, wan-14b: 14B, the layout of each Wan 2.2 A14B expert)",
+        help="model layout (default sd3; wan: Wan 2.1 T2V 1.3B, wan-14b: 14B, wan-a14b: Wan 2.2 T2V A14B, two "
+        "experts of the 14B layout)",
     )
     parser.add_argument(
         "--ratio",

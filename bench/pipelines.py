@@ -15,6 +15,7 @@ timed call. A generation's ``size`` is the image side (``height = width``) or ``
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import sys
 import time
@@ -126,7 +127,11 @@ LAYOUTS = {
     "flux": ("flux", FLUX_DEV, FLUX_TINY),
     "wan": ("wan", WAN_2_1_1_3B, WAN_TINY),
     "wan-14b": ("wan", WAN_2_1_14B, WAN_TINY),
+    "wan-a14b": ("wan", WAN_2_1_14B, WAN_TINY),
 }
+# Wan 2.2 T2V A14B: two experts of the 14B layout; the pipeline hands the steps below timestep 0.875 x 1000 to the
+# second (low-noise) expert, and its scheduler shifts by 12 (the published T2V A14B configs).
+TWO_EXPERTS = {"wan-a14b": dict(boundary_ratio=0.875, flow_shift=12.0)}
 # Text tokens per prompt: SD3 77 CLIP + 256 T5 (joint dim 4096, pooled 2048); Lumina-Next 256 Gemma-2B tokens;
 # Flux.1-dev 512 T5 tokens (pooled CLIP 768); Wan 512 umT5 tokens.
 TEXT_TOKENS = {"sd3": 333, "lumina": 256, "flux": 512, "wan": 512}
@@ -178,8 +183,9 @@ def build_transformer(model: str, full: bool, device, dtype):
     return transformer.eval()
 
 
-def build_pipeline(transformer):
-    """The family's pipeline around ``transformer``: published scheduler, no text encoders, tokenizers or VAE."""
+def build_pipeline(transformer, transformer_2=None, two_experts: dict | None = None):
+    """The family's pipeline around ``transformer``: published scheduler, no text encoders, tokenizers or VAE. Wan
+    2.2: ``transformer_2`` and its ``two_experts`` settings (a value of ``TWO_EXPERTS``)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
@@ -191,7 +197,9 @@ def build_pipeline(transformer):
 
     family = family_of(transformer)
     scheduler_class = UniPCMultistepScheduler if family == "wan" else FlowMatchEulerDiscreteScheduler
-    scheduler = scheduler_class(**SCHEDULERS[family])
+    experts = two_experts or {}
+    scheduler_config = dict(SCHEDULERS[family], **{k: v for k, v in experts.items() if k == "flow_shift"})
+    scheduler = scheduler_class(**scheduler_config)
     none = dict.fromkeys(("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
     if family == "sd3":
         pipe = StableDiffusion3Pipeline(
@@ -200,7 +208,10 @@ def build_pipeline(transformer):
     elif family == "flux":
         pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **none)
     elif family == "wan":
-        pipe = WanPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
+        pipe = WanPipeline(
+            transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+            transformer_2=transformer_2, boundary_ratio=experts.get("boundary_ratio"),
+        )  # fmt: skip
     else:
         pipe = LuminaPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
@@ -295,6 +306,28 @@ def preset(family: str, steps: int | None, ratio: float, num_tokens: int, schedu
             dynamic_multiple=max(1, config.dynamic_multiple * num_tokens // 4096),
         )
     return base(sample_ratio=ratio, **overrides)
+
+
+def expert_switch_step(pipe, steps: int) -> int | None:
+    """Wan 2.2: the first of ``steps`` steps that the pipeline hands to ``transformer_2`` (its timestep below
+    ``boundary_ratio`` x the scheduler's training timesteps), or None with one expert."""
+    boundary_ratio = getattr(pipe.config, "boundary_ratio", None)
+    if getattr(pipe, "transformer_2", None) is None or boundary_ratio is None:
+        return None
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    return next((i for i, t in enumerate(scheduler.timesteps.tolist()) if t < boundary), None)
+
+
+def ras_steps(pipe, config: RASConfig) -> list[bool]:
+    """Which steps of ``config`` run as RAS steps through ``pipe``: the schedule's, except Wan 2.2's first step of
+    ``transformer_2``, which is dense (that expert has no caches yet)."""
+    steps = [config.is_ras_step(i) for i in range(config.num_steps)]
+    switch = expert_switch_step(pipe, config.num_steps)
+    if switch is not None:
+        steps[switch] = False
+    return steps
 
 
 def height_width(size: int | tuple[int, int]) -> tuple[int, int]:

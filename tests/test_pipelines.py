@@ -96,6 +96,41 @@ def test_wan_through_bench_e2e(capsys, torch_backend):
     assert tokens == pytest.approx(100 * (8 * 12 + 2 * 6) / (10 * 12), abs=0.05)
 
 
+def test_wan_two_experts_through_bench_e2e(capsys, monkeypatch, torch_backend):
+    """bench.e2e --model wan-a14b: Wan 2.2's two experts in one WanPipeline; the step the pipeline first hands to
+    transformer_2 (observed here by a hook on it) runs dense, and the tokens column counts it so."""
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(pipelines.build_pipeline(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(e2e, "build_pipeline", build)
+    steps, size, frames = 20, (32, 48), 5
+    e2e.main(
+        ["--model", "wan-a14b", "--steps", str(steps), "--ratio", "0.5", "--frames", str(frames)]
+        + ["--resolution", "32x48", "--device", "cpu", "--repeats", "1"]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| RAS")]
+    pipe = built[0]
+    assert pipe.transformer_2 is not None and pipe.transformer_2 is not pipe.transformer
+    step, switch = [0], []
+    pipe.transformer_2.register_forward_pre_hook(lambda module, args: switch.append(step[0]) if not switch else None)
+
+    def count(pipe, i, timestep, tensors):
+        step[0] = i + 1
+        return {}
+
+    inputs = pipelines.prompt_inputs(pipe.transformer, 1, seed=0)
+    with torch.no_grad():
+        pipelines.generate(pipe, inputs, steps=steps, size=size, seed=0, callback=count, frames=frames)
+    config = pipelines.preset("wan", steps, 0.5, pipelines.num_tokens(pipe, size, frames))
+    dense = [not config.is_ras_step(i) or i == switch[0] for i in range(steps)]
+    assert config.is_ras_step(switch[0]), "choose steps so that the switch lands on a RAS step"
+    tokens = float(rows[0].split("|")[2].strip().rstrip("%"))
+    assert tokens == pytest.approx(100 * (sum(dense) + 0.5 * (steps - sum(dense))) / steps, abs=0.05)
+
+
 @pytest.mark.parametrize("factory", [tiny_sd3_pipeline, tiny_lumina_pipeline], ids=["sd3", "lumina"])
 def test_encoded_prompt_gives_the_prompt_call_result(factory, torch_backend):
     """bench.e2e --pretrained encodes the prompt once, outside the timed calls: same latents as pipe(prompt)."""
