@@ -2,16 +2,21 @@
 # The GPU suite: every test (the GPU-marked ones included), the kernel table, the pipeline end-to-end tables, the
 # first-call and soak runs, profiles.
 # Usage, from the repository root on a CUDA machine: bash bench/gpu_suite.sh OUTDIR [PART]
-#   tests    the test suite and the kernel table (tests.log, kernels.md)                              ~4 min on an H200
+#   tests    the test suite and the kernel table (tests.log, kernels.md)   ~10 min on an H200: past one device call's
+#            limit, so run `python -m pytest tests/test_[a-r]*.py` and `tests/test_[s-z]*.py` as two calls
 #   e2e      1024^2, timed through pipe(...): SD3 and Lumina static at 1.0 / 0.5 / 0.25 / 0.125 + dense torch.compile,
 #            Lumina dynamic at 0.5 (e2e.md, *.json), the plot of the static runs (speedup.png)       ~6-8 min
 #            (e2e-sd3 ~3 min and e2e-lumina ~5 min run its two halves alone)
 #   e2e-flux Flux.1-dev layout at 1024^2 through pipe(...): dense eager, dense torch.compile, diffusers' TaylorSeer at
 #            intervals 3 and 5, RAS at 0.5 / 0.25 / 0.125 (e2e.md, flux-1024.json)                  ~5 min
+#   e2e-wan  Wan 2.1 T2V 1.3B, 480x832, 81 frames, 50 steps: dense eager and RAS at 0.25 / 0.125 (e2e.md,
+#            wan-1.3b.json); runs only when named                                                      ~6 min
+#   e2e-wan14b      optional, Wan 2.1 14B and Wan 2.2 A14B (two 14B experts) at 480x832, 81 frames: 12 measured steps
+#                   each and the 50-step estimates (--extrapolate-to 50, labelled as estimates)       ~9 min
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
 #            (100 SD3 generations over 6 shapes; soak.md, soak.csv)                                                 ~7-9 min
 #            (first-call ~6-7 min and soak ~2 min run its two halves alone)
-#   profile  bench.profile_step at ratios 0.5 / 0.25 / 0.125 for the three models (profile.md)       ~4 min
+#   profile  bench.profile_step at ratios 0.5 / 0.25 / 0.125 for SD3, Lumina, Flux, Wan 1.3B (profile.md)  ~6 min
 #   e2e2048-sd3     optional, SD3 at 2048^2 (2 timed calls per run, no own-loop column), appended to e2e.md  ~4 min
 #   e2e2048-lumina  optional, Lumina at 2048^2: static at 10 steps (diffusers' dense step takes ~1.9 s), dynamic
 #                   at 0.5 with 1 timed call; appended to e2e.md; then the plot of every static run found ~8 min
@@ -26,9 +31,10 @@ export PYTHONUNBUFFERED=1
 err="$out/stderr.log"
 python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
-# A part runs when named, or with "all" unless it is optional (e2e2048-*) or a half of another part.
-halves=" e2e-sd3 e2e-lumina e2e-flux first-call soak "
-want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$1" != e2e2048* && "$halves" != *" $1 "* ]]; }; }
+# A part runs when named, or with "all" unless it is optional or a half of another part.
+halves=" e2e-sd3 e2e-lumina e2e-flux e2e-wan first-call soak "
+optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b "
+want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$optional" != *" $1 "* && "$halves" != *" $1 "* ]]; }; }
 plot() {
   jsons=()
   for run in sd3-1024 sd3-2048 lumina-1024-static lumina-2048-static flux-1024; do
@@ -54,8 +60,18 @@ fi
 if want e2e || want e2e-flux; then
   e2e --model flux --ratio 0.5 0.25 0.125 --taylorseer 3 5 --json "$out/flux-1024.json" | tee -a "$out/e2e.md"
 fi
+if want e2e-wan; then
+  e2e --model wan --frames 81 --ratio 0.25 0.125 --repeats 2 --no-compile-baseline --json "$out/wan-1.3b.json" \
+    | tee -a "$out/e2e.md"
+fi
 if want e2e || want e2e-sd3 || want e2e-lumina || want e2e-flux; then
   plot
+fi
+if want e2e-wan14b; then
+  for model in wan-14b wan-a14b; do
+    e2e --model $model --frames 81 --steps 12 --extrapolate-to 50 --ratio 0.25 0.125 --repeats 1 \
+      --no-compile-baseline --json "$out/$model-12steps.json" | tee -a "$out/e2e.md"
+  done
 fi
 if want startup || want first-call; then
   python3 -m bench.first_call 2>>"$err" | tee "$out/first_call.md"
@@ -65,7 +81,7 @@ if want startup || want soak; then
   python3 -m bench.soak --resolutions 512 768 1024 --csv "$out/soak.csv" 2>>"$err" | tee "$out/soak.md"
 fi
 if want profile; then
-  for model in sd3 lumina flux; do
+  for model in sd3 lumina flux wan; do
     for ratio in 0.5 0.25 0.125; do
       echo "# $model, ratio $ratio"
       python3 -m bench.profile_step --model $model --ratio $ratio --top 14
