@@ -135,16 +135,16 @@ def object_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict
     mixes every error into one number. These are continuous (no saturation), need no trained model, and hold
     known answers (a render of the requested scene scores ``loc_px`` at most the jitter and ``detail_err`` 0).
     """
-    s = images.shape[-1]
-    x = _unit(images)
-    ref = _unit(data.render(scenes.to(images.device), s, style))
-    rgb = data._table(data.COLOUR_RGB, images.device)[scenes.colour.to(images.device)]  # [B, M, 3]
-    dev = images.device
+    s, dev = images.shape[-1], images.device
+    scenes = scenes.to(dev)
+    x, ref = _unit(images), _unit(data.render(scenes, s, style))
+    rgb = torch.tensor(data.COLOUR_RGB, device=dev)[scenes.colour]  # [B, M, 3]
     edges = torch.tensor([round(k * s / 3) for k in range(4)], device=dev)
-    yy, xx = torch.meshgrid(torch.arange(s, device=images.device), torch.arange(s, device=images.device), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing="ij")
+    x_diff, ref_diff = ((t[..., 1:] - t[..., :-1]).pow(2).sum(dim=1) for t in (x, ref))  # [B, S, S - 1]
     loc, found, detail = [], [], []
     for j in range(data.MAX_OBJECTS):
-        cell = scenes.cell[:, j].to(images.device)
+        cell = scenes.cell[:, j]
         row, col = cell // 3, cell % 3
         inside = (yy >= edges[row, None, None]) & (yy < edges[row + 1, None, None])
         inside = inside & (xx >= edges[col, None, None]) & (xx < edges[col + 1, None, None])  # [B, S, S]
@@ -156,13 +156,10 @@ def object_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict
         hit = count >= MIN_PIXELS
         loc.append(torch.where(hit, distance, s / 6))
         found.append(hit.float())
-
-        def energy(img: torch.Tensor) -> torch.Tensor:
-            diff = (img[..., 1:] - img[..., :-1]).pow(2).sum(dim=1)  # [B, S, S - 1]
-            return (diff * inside[..., 1:] * inside[..., :-1]).sum(dim=(1, 2))
-
-        detail.append((energy(x) / energy(ref).clamp(min=1e-6)).clamp(min=1e-3).log2().abs())
-    present = scenes.present.to(images.device).float()
+        pairs = inside[..., 1:] & inside[..., :-1]  # horizontal neighbours both in the cell
+        energy, energy_ref = (x_diff * pairs).sum(dim=(1, 2)), (ref_diff * pairs).sum(dim=(1, 2))
+        detail.append((energy / energy_ref.clamp(min=1e-6)).clamp(min=1e-3).log2().abs())
+    present = scenes.present.float()
     count = present.sum(dim=1)
     return {
         name: (torch.stack(values, dim=1) * present).sum(dim=1) / count
