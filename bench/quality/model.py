@@ -10,7 +10,7 @@
   ``FluxPipeline`` lays out latents (the "latent" is the image itself: 3 channels, packed into 2 x 2 patches of 12
   channels, 1024 tokens; the pipeline without a VAE takes height = width = 8 x 64). 4 double- and 8 single-stream
   blocks of width 192 (3 heads x 64, RoPE axes 16 + 24 + 24), no guidance embedding (classifier-free guidance through
-  the pipeline's ``true_cfg_scale``): 9.9 M parameters, about 22 MB saved with the caption encoder and classifier.
+  the pipeline's ``true_cfg_scale``): 10.0 M parameters, 22.5 MB saved with the caption encoder and classifier.
   A double block holds ~36 width^2 parameters and a single block ~15, so its per-token cost over the image stream
   (4 x 18 + 8 x 15 = 192 width^2) is about that of the SD3 study's 10 blocks (180 width^2).
 * :class:`CaptionEncoder`: caption token ids -> learned word, position and phrase embeddings -> a small pre-norm
