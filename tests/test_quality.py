@@ -451,7 +451,7 @@ def test_detail_scenes_are_deterministic_smooth_and_hold_small_striped_objects()
     images = data.render(a, 64, "detail")
     step = (images[..., 1:, 1:] - images[..., :-1, 1:]).abs() + (images[..., 1:, 1:] - images[..., 1:, :-1]).abs()
     flat = (step.amax(dim=1) < 0.05).float().flatten(1).mean(dim=1)
-    assert flat.min() > 0.8  # large smooth regions: at least 80% of every image
+    assert flat.min() > 0.85  # large smooth regions: most of every image
     # A striped object alternates bright and half-bright columns: 1-pixel detail.
     one = a[:1]
     one.count.fill_(1)
