@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -66,7 +67,7 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
         images, seconds = sampler.generate(n, method)
         tokens = sum(config.token_schedule(num_tokens)) / (n * num_tokens) if config is not None else 1.0
         out = Run(name, steps, n, kind, images, seconds, tokens, ratio, variant)
-        print(f"[eval] {name}: {seconds:.3f} s", flush=True)
+        print(f"[eval] {name} ({n} steps): {seconds:.3f} s", file=sys.stderr, flush=True)
         runs.append(out)
         return out
 
@@ -133,7 +134,7 @@ def records(runs: list[Run]) -> list[dict]:
                 "seconds": round(r.seconds, 4),
                 "speedup": round(dense.seconds / r.seconds, 4),
                 "tokens": round(r.tokens, 4),
-                "metrics": {k: v for k, v in r.metrics.items()},
+                "metrics": dict(r.metrics),
             }
         )
     for record in out:
@@ -199,10 +200,17 @@ def _panel(recs: list[dict], key: str, label: str) -> Image.Image:
         px, py = xy(x, y)
         colour = CATEGORIES[r["category"]]
         draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        tag = f"{r['ratio']:g}" if r["ratio"] is not None else r["name"].split()[-1] if r["kind"] == "cache" else ""
-        tag = tag if r["kind"] != "equal-time" else f"{r['steps']}"
-        draw.text((px + 4, py - 12), tag, fill=colour)
+        draw.text((px + 4, py - 12), _tag(r), fill=colour)
     return img
+
+
+def _tag(record: dict) -> str:
+    """A point's label: a dense run's step count, a cache's setting, a RAS run's ratio."""
+    if record["kind"] == "equal-time":
+        return str(record["steps"])
+    if record["kind"] == "cache":
+        return record["name"].split()[-1]
+    return f"{record['ratio']:g}"
 
 
 def plot(recs: list[dict], path: str | Path) -> None:
