@@ -435,3 +435,120 @@ def test_shipped_dense_sample_is_deterministic_and_on_task():
     with torch.no_grad():
         scores = qmodel.score(models.classifier(images.clamp(-1, 1)), data.labels(scenes))
     assert scores["objects"].mean() >= OBJECTS_THRESHOLD
+
+
+# ---- the Flux study: detail scenes, per-object metrics, the Flux DiT and the frontier ----
+WEIGHTS_FLUX = WEIGHTS.parent / "weights-flux"
+
+
+def test_detail_scenes_are_deterministic_smooth_and_hold_small_striped_objects():
+    a, b = data.sample_scenes(32, torch.Generator().manual_seed(5), "detail"), _scenes(32, 5)
+    again = data.sample_scenes(32, torch.Generator().manual_seed(5), "detail")
+    assert torch.equal(data.render(a, style="detail"), data.render(again, style="detail"))
+    smooth = {data.BACKGROUND_TEXTURES.index(t) for t in data.SMOOTH_BACKGROUNDS}
+    assert set(a.background_texture.tolist()) == smooth  # both smooth backgrounds, nothing else
+    assert torch.equal(a.cell, b.cell) and torch.equal(a.colour, b.colour)  # same draws; only the style differs
+    images = data.render(a, 64, "detail")
+    step = (images[..., 1:, 1:] - images[..., :-1, 1:]).abs() + (images[..., 1:, 1:] - images[..., 1:, :-1]).abs()
+    flat = (step.amax(dim=1) < 0.05).float().flatten(1).mean(dim=1)
+    assert flat.min() > 0.85  # large smooth regions: most of every image
+    # A striped object alternates bright and half-bright columns: 1-pixel detail.
+    one = a[:1]
+    one.count.fill_(1)
+    one.texture[0, 0], one.size[0, 0], one.shape[0, 0] = 1, 1, data.SHAPES.index("square")
+    image = (data.render(one, 64, "detail")[0] + 1) / 2
+    cy = int(((one.cell[0, 0] // 3).float() + 0.5) / 3 * 64 + one.offset[0, 0, 1] * 64)
+    cx = int(((one.cell[0, 0] % 3).float() + 0.5) / 3 * 64 + one.offset[0, 0, 0] * 64)
+    row = image[:, cy, cx - 2 : cx + 2].mean(dim=0)
+    assert (row[::2] - row[1::2]).abs().min() > 0.1
+    with pytest.raises(ValueError, match="style"):
+        data.sample_scenes(2, style="sky")
+
+
+def test_object_errors_have_known_answers():
+    scenes = data.sample_scenes(16, torch.Generator().manual_seed(8), "detail")
+    render = data.render(scenes, 64, "detail")
+    exact = evaluate.object_errors(render, scenes, "detail")
+    jitter = data.JITTER * 64 * math.sqrt(2)
+    assert torch.equal(exact["found"], torch.ones(16)) and torch.equal(exact["detail_err"], torch.zeros(16))
+    assert exact["loc_px"].max() < jitter + 1.5  # the centroid of a shape's colour lies within a pixel of its centre
+    shifted = evaluate.object_errors(torch.roll(render, shifts=4, dims=3), scenes, "detail")
+    assert (shifted["loc_px"] - exact["loc_px"]).mean() > 2  # objects 4 px right of where the caption put them
+    blurred = torch.nn.functional.avg_pool2d(render, 3, stride=1, padding=1, count_include_pad=False)
+    assert evaluate.object_errors(blurred, scenes, "detail")["detail_err"].min() > 0.5  # washed-out stripes
+    empty = scenes[:]
+    empty.count = torch.zeros_like(scenes.count)
+    blank = evaluate.object_errors(data.render(empty, 64, "detail"), scenes, "detail")
+    assert torch.equal(blank["found"], torch.zeros(16)) and torch.allclose(blank["loc_px"], torch.full((16,), 64 / 6))
+
+
+def test_flux_model_is_packed_like_flux_pipeline():
+    config = qmodel.default_config(arch="flux")
+    assert config["style"] == "detail" and config["dit"]["in_channels"] == 12
+    with torch.device("meta"):
+        full = qmodel.build(config, adaln_zero=False)
+    assert full.num_tokens == 1024
+    params = sum(p.numel() for m in full.modules().values() for p in m.parameters())
+    assert params * 2 < 40e6  # the weights stay under 40 MB (bf16)
+    tiny = qmodel.build(qmodel.default_config(arch="flux", tiny=True))
+    x = torch.randn(2, 3, tiny.image_size, tiny.image_size)
+    ids = data.tokens(_scenes(2, 0))
+    assert torch.count_nonzero(tiny.predict(x, torch.full((2,), 0.5), ids)) == 0  # adaLN-Zero start
+    torch.manual_seed(0)
+    tiny = qmodel.build(qmodel.default_config(arch="flux", tiny=True), adaln_zero=False)
+    # One velocity through the pipeline's own packing and ids equals the pipeline's one-step Euler update.
+    sampler = evaluate.make_sampler(
+        tiny, ids, x, guidance=1.0, device=torch.device("cpu"), dtype=torch.float32, batch=2, graphs=False
+    )
+    with torch.no_grad():
+        images, _ = sampler.generate(2)
+        v1 = tiny.predict(x, torch.ones(2), ids)
+        half = x - 0.5 * v1
+        expected = half - 0.5 * tiny.predict(half, torch.full((2,), 0.5), ids)
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_flux_training_smoke_run(tmp_path, flush_denormals):
+    record = train.main(
+        ["--arch", "flux", "--tiny", "--steps", "2", "--classifier-steps", "1", "--batch", "2"]
+        + ["--classifier-batch", "2", "--validate", "0", "--no-compile", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    assert record["dit_steps"] == 2 and "--arch flux" in record["reproduce"]
+    loaded = qmodel.load(tmp_path)
+    assert loaded.arch == "flux" and loaded.style == "detail"
+    assert all(torch.isfinite(p).all() for m in loaded.modules().values() for p in m.parameters())
+
+
+def test_frontier_end_to_end_toy_scale(tmp_path):
+    models = qmodel.build(qmodel.default_config(arch="flux", tiny=True), adaln_zero=False)
+    qmodel.save(models, tmp_path / "w", {"guidance": 2.0})
+    out = tmp_path / "docs"
+    runs = evaluate.main(
+        ["--weights", str(tmp_path / "w"), "--samples", "2", "--steps", "6", "--ratios", "0.25"]
+        + ["--variants", "reference", "--no-floor", "--first-block-cache", "--taylorseer", "2", "--stack-steps", "0"]
+        + ["--device", "cpu", "--report", str(out / "frontier.md"), "--grid", str(out / "grid.png")]
+        + ["--json", str(out / "frontier.json"), "--plot", str(out / "frontier.png"), "--grid-samples", "1"]
+    )
+    names = [r.name for r in runs]
+    assert names[:2] == ["dense 6 steps", "RAS 0.25 reference"] and "TaylorSeer 2" in names
+    records = json.loads((out / "frontier.json").read_text())
+    assert [r["name"] for r in records] == names
+    ras = records[1]
+    assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
+    assert {"psnr", "loc_px", "found", "detail_err", "objects"} <= set(ras["metrics"])
+    assert "](frontier.png)" in (out / "frontier.md").read_text()
+    image_module = pytest.importorskip("PIL.Image")
+    with image_module.open(out / "frontier.png") as im:
+        assert im.size[0] == 3 * 420
+
+
+def test_shipped_flux_weights_load():
+    if not qmodel.has_weights(WEIGHTS_FLUX):
+        pytest.skip(
+            "Flux study weights not trained yet (GPU): python -m bench.quality.train --arch flux "
+            "(writes bench/quality/weights-flux)"
+        )
+    models = qmodel.load(WEIGHTS_FLUX)
+    record = json.loads((WEIGHTS_FLUX / qmodel.CONFIG_FILE).read_text())
+    assert models.arch == "flux" and "reproduce" in record["training"]
+    assert sum((WEIGHTS_FLUX / name).stat().st_size for name in record["shards"]) < 40e6

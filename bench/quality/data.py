@@ -13,6 +13,15 @@ Everything is generated in torch and vectorised over the batch: :func:`sample_sc
 generator's device), :func:`render` rasterises them (anti-aliased signed-distance shapes), :func:`tokens` builds the
 caption token ids directly from the parameters, :func:`phrases` the phrase of each caption word, :func:`labels` the
 classifier targets. Images are RGB in [-1, 1].
+
+Two styles share the parameters, captions, vocabulary and classifier targets (``STYLES``):
+
+* ``shapes`` (the SD3 study's): the scenes above.
+* ``detail`` (the Flux study's): where region-adaptive sampling should matter, large smooth regions beside a few small
+  detailed objects. The background is smooth: ``plain`` is a flat wall, ``gradient`` a sky (vertical gradient, lighter
+  towards the horizon at 60% of the height) above a flat, darker wall; striped and checkered backgrounds are not
+  drawn. Objects are small (radius 5% or 7.5% of the side: about 6 or 10 pixels across at 64 x 64) and a striped
+  one carries 1-pixel vertical stripes (period 2 pixels), detail at the scale of a single token's 2 x 2 patch.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ COLOUR_RGB = (
 )
 SIZES = ("small", "big")
 SIZE_RADIUS = (0.1, 0.145)  # share of the image side
+DETAIL_RADIUS = (0.05, 0.075)  # the same, in the detail style
 OBJECT_TEXTURES = ("plain", "striped")
 BACKGROUNDS = ("black", "gray", "green", "blue", "brown", "purple")
 BACKGROUND_RGB = (
@@ -51,6 +61,9 @@ MAX_OBJECTS = 3
 JITTER = 0.02  # largest object offset from its cell centre, share of the side (big objects stay inside their cell)
 MAX_TOKENS = 32
 PAD = "<pad>"
+STYLES = ("shapes", "detail")
+SMOOTH_BACKGROUNDS = ("plain", "gradient")  # the background textures of the detail style
+HORIZON = 0.6  # share of the height where the detail style's sky meets its wall
 
 VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -94,10 +107,16 @@ class Scenes:
         return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
-def sample_scenes(n: int, generator: torch.Generator | None = None) -> Scenes:
-    """Draw ``n`` scenes; deterministic for a seeded ``generator``, on that generator's device."""
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def sample_scenes(n: int, generator: torch.Generator | None = None, style: str = "shapes") -> Scenes:
+    """Draw ``n`` scenes of ``style``; deterministic for a seeded ``generator``, on that generator's device."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    _check_style(style)
     device = generator.device if generator is not None else torch.device("cpu")
     m = MAX_OBJECTS
 
@@ -115,7 +134,11 @@ def sample_scenes(n: int, generator: torch.Generator | None = None) -> Scenes:
     texture = randint(len(OBJECT_TEXTURES), (n, m))
     offset = (torch.rand(n, m, 2, generator=generator, device=device) * 2 - 1) * JITTER
     background = randint(len(BACKGROUNDS), (n,))
-    background_texture = randint(len(BACKGROUND_TEXTURES), (n,))
+    if style == "detail":
+        smooth = _table(tuple(BACKGROUND_TEXTURES.index(t) for t in SMOOTH_BACKGROUNDS), device, torch.int64)
+        background_texture = smooth[randint(len(SMOOTH_BACKGROUNDS), (n,))]
+    else:
+        background_texture = randint(len(BACKGROUND_TEXTURES), (n,))
     phase = torch.rand(n, generator=generator, device=device)
     return Scenes(count, cell, shape, colour, size, texture, offset, background, background_texture, phase)
 
@@ -133,10 +156,12 @@ def _table(values, device, dtype=torch.float32) -> torch.Tensor:
     return table
 
 
-def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
-    """Rasterise ``scenes`` into RGB images [B, 3, size, size] in [-1, 1] (float32, on the scenes' device)."""
+def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tensor:
+    """Rasterise ``scenes`` in ``style`` into RGB images [B, 3, size, size] in [-1, 1] (float32, on the scenes'
+    device)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"size must be an int >= 16, got {size!r}")
+    _check_style(style)
     dev, b, s = scenes.count.device, len(scenes), size
     pix = torch.arange(s, device=dev, dtype=torch.float32)
     coord = (pix + 0.5) / s  # pixel centres, share of the side
@@ -148,13 +173,12 @@ def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
     cols = pix.view(1, 1, s) + shift
     stripes = ((rows // (period // 2)) % 2).expand(b, s, s)
     checks = ((rows // period + cols // period) % 2).expand(b, s, s)
+    if style == "detail":  # sky lightening towards the horizon, over a flat wall
+        gradient = torch.where(coord < HORIZON, 0.7 + 0.8 * coord / HORIZON, 0.8)
+    else:
+        gradient = 0.55 + 0.9 * coord
     factor = torch.stack(
-        [
-            torch.ones(b, s, s, device=dev),
-            1 + 0.7 * stripes,
-            1 + 0.7 * checks,
-            (0.55 + 0.9 * coord).view(1, s, 1).expand(b, s, s),
-        ],
+        [torch.ones(b, s, s, device=dev), 1 + 0.7 * stripes, 1 + 0.7 * checks, gradient.view(1, s, 1).expand(b, s, s)],
         dim=1,
     )  # [B, textures, S, S]
     factor = factor.gather(1, scenes.background_texture.view(b, 1, 1, 1).expand(b, 1, s, s))  # [B, 1, S, S]
@@ -162,7 +186,7 @@ def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
     image = (base[:, :, None, None] * factor).clamp(0, 1)
 
     # Objects: signed distances (share of the side) of the four shapes, picked per slot, anti-aliased over a pixel.
-    radius = _table(SIZE_RADIUS, dev)[scenes.size][..., None, None]  # [B, M, 1, 1]
+    radius = _table(DETAIL_RADIUS if style == "detail" else SIZE_RADIUS, dev)[scenes.size][..., None, None]
     cx = ((scenes.cell % 3).float() + 0.5) / 3 + scenes.offset[..., 0]
     cy = ((scenes.cell // 3).float() + 0.5) / 3 + scenes.offset[..., 1]
     dx = coord.view(1, 1, 1, s) - cx[..., None, None]  # [B, M, 1, S]
@@ -179,10 +203,12 @@ def render(scenes: Scenes, size: int = 64) -> torch.Tensor:
     sdf = sdf.gather(-1, scenes.shape[..., None, None, None].expand(*sdf.shape[:-1], 1))[..., 0]
     alpha = (0.5 - sdf * s).clamp(0, 1) * scenes.present[..., None, None]  # [B, M, S, S]
 
-    band = max(s // 16, 1)
-    diagonal = ((pix.view(s, 1) + pix.view(1, s)) // band) % 2  # [S, S]
+    if style == "detail":  # 1-pixel vertical stripes, half as bright
+        pattern, depth = (pix % 2).view(1, s).expand(s, s), 0.5
+    else:  # broad diagonal stripes
+        pattern, depth = ((pix.view(s, 1) + pix.view(1, s)) // max(s // 16, 1)) % 2, 0.4  # [S, S]
     striped = (scenes.texture == OBJECT_TEXTURES.index("striped")).float()[..., None, None]
-    shade = 1 - 0.4 * striped * diagonal  # [B, M, S, S]
+    shade = 1 - depth * striped * pattern  # [B, M, S, S]
     rgb = _table(COLOUR_RGB, dev)[scenes.colour]  # [B, M, 3]
     for j in range(MAX_OBJECTS):  # later slots are drawn over earlier ones
         a = alpha[:, j, None]

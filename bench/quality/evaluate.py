@@ -19,6 +19,7 @@ same process). Timed runs follow an untimed warm-up pass on CUDA (Triton autotun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -36,32 +37,38 @@ from ras_models import RASConfig, apply_ras
 
 from . import data
 from . import model as qmodel
+from .train import _sync
 
 VARIANTS = ("reference", "paper", "no-starvation", "random")
+FLUX_VARIANTS = ("reference", "metric-random")
 EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
+RANDOM_METRIC_SEED = 7  # RASConfig.seed of the metric-random variant
 
 
-def ras_config(steps: int, ratio: float, num_tokens: int, variant: str) -> RASConfig:
-    """The RAS settings of one variant: the SD3 preset (28 steps: warm-up 4, resets 12 and 20, high_ratio 0.3, k 0.1;
-    other step counts move the resets proportionally, as ``bench.e2e``) with:
+def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: str = "sd3") -> RASConfig:
+    """The RAS settings of one variant: the family's preset (SD3 and Flux at 28 steps: warm-up 4, resets 12 and 20;
+    SD3 high_ratio 0.3; k 0.1; other step counts move the resets proportionally, as ``bench.e2e``) with:
 
     * ``reference``: unchanged (mode "reference": priority R * exp(+k D));
     * ``paper``: mode "paper" (priority R * exp(-k D));
     * ``no-starvation``: starvation_scale 0 (ranking by R alone, same band);
     * ``random``: starvation_scale 0 and high_ratio 1; the tool hands ``observe`` Gaussian noise instead of the
       model output, so every RAS step drops the tokens of highest noise score: a uniformly random set, drawn afresh
-      every step and for every prompt (same warm-up, resets and token counts as the other variants).
+      every step and for every prompt (same warm-up, resets and token counts as the other variants);
+    * ``metric-random``: the package's ``metric="random"`` (a uniform random score per token, fresh every RAS step,
+      seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged).
     """
     from bench.e2e import preset
 
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    config = preset("sd3", steps, ratio, num_tokens)
+    if variant not in (*VARIANTS, *FLUX_VARIANTS):
+        raise ValueError(f"variant must be one of {(*VARIANTS, *FLUX_VARIANTS)}, got {variant!r}")
+    config = preset(family, steps, ratio, num_tokens)
     overrides = {
         "reference": {},
         "paper": {"mode": "paper"},
         "no-starvation": {"starvation_scale": 0.0},
         "random": {"starvation_scale": 0.0, "high_ratio": 1.0},
+        "metric-random": {"metric": "random", "seed": RANDOM_METRIC_SEED},
     }[variant]
     return dataclasses.replace(config, **overrides)
 
@@ -101,6 +108,63 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+COLOUR_TOLERANCE = 0.25  # RGB distance in [0, 1] units; the closest background (green at 1.5x) is 0.37 from its object
+MIN_PIXELS = 3  # fewer pixels of the requested colour in the cell: the object is missing
+
+
+def object_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict[str, torch.Tensor]:
+    """Per-object errors of ``images`` [B, 3, S, S] in [-1, 1] against the requested ``scenes``, as per-scene means
+    [B] over the requested objects:
+
+    * ``loc_px``: distance in pixels between the requested position (the centre of the caption's cell) and the
+      centroid of the pixels within ``COLOUR_TOLERANCE`` of the requested colour inside that cell; an object with
+      fewer than ``MIN_PIXELS`` such pixels counts as missing, at half a cell side (a centroid inside the cell is
+      never farther along an axis).
+    * ``found``: share of the requested objects found.
+    * ``detail_err``: |log2(E / E_render)| with E the energy of horizontal pixel differences in the object's cell
+      and E_render that of the requested scene's render (``data.render``) there: 0 when a sample carries as much
+      fine detail where the object is as the data does, 1 at half or twice as much. The detail style's backgrounds
+      are vertical gradients and flat walls, with no horizontal differences, so E is the object's edges and stripes;
+      a sum over the cell does not depend on where in its cell the object sits.
+
+    Why these rather than the classifier's accuracy or a Fréchet distance on its features: the classifier is trained
+    on blurred and warped scenes to read content, so it is blind to 1-pixel stripes, and its accuracy saturated
+    (98-99% for every variant of the SD3 study); a Fréchet distance needs thousands of samples per variant and
+    mixes every error into one number. These are continuous (no saturation), need no trained model, and hold
+    known answers (a render of the requested scene scores ``loc_px`` at most the jitter and ``detail_err`` 0).
+    """
+    s, dev = images.shape[-1], images.device
+    scenes = scenes.to(dev)
+    x, ref = _unit(images), _unit(data.render(scenes, s, style))
+    rgb = torch.tensor(data.COLOUR_RGB, device=dev)[scenes.colour]  # [B, M, 3]
+    edges = torch.tensor([round(k * s / 3) for k in range(4)], device=dev)
+    yy, xx = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing="ij")
+    x_diff, ref_diff = ((t[..., 1:] - t[..., :-1]).pow(2).sum(dim=1) for t in (x, ref))  # [B, S, S - 1]
+    loc, found, detail = [], [], []
+    for j in range(data.MAX_OBJECTS):
+        cell = scenes.cell[:, j]
+        row, col = cell // 3, cell % 3
+        inside = (yy >= edges[row, None, None]) & (yy < edges[row + 1, None, None])
+        inside = inside & (xx >= edges[col, None, None]) & (xx < edges[col + 1, None, None])  # [B, S, S]
+        mask = inside & ((x - rgb[:, j, :, None, None]).norm(dim=1) < COLOUR_TOLERANCE)
+        count = mask.sum(dim=(1, 2)).float()
+        cy = (mask * (yy + 0.5)).sum(dim=(1, 2)) / count.clamp(min=1)
+        cx = (mask * (xx + 0.5)).sum(dim=(1, 2)) / count.clamp(min=1)
+        distance = torch.hypot(cx - (col + 0.5) * s / 3, cy - (row + 0.5) * s / 3)
+        hit = count >= MIN_PIXELS
+        loc.append(torch.where(hit, distance, s / 6))
+        found.append(hit.float())
+        pairs = inside[..., 1:] & inside[..., :-1]  # horizontal neighbours both in the cell
+        energy, energy_ref = (x_diff * pairs).sum(dim=(1, 2)), (ref_diff * pairs).sum(dim=(1, 2))
+        detail.append((energy / energy_ref.clamp(min=1e-6)).clamp(min=1e-3).log2().abs())
+    present = scenes.present.float()
+    count = present.sum(dim=1)
+    return {
+        name: (torch.stack(values, dim=1) * present).sum(dim=1) / count
+        for name, values in (("loc_px", loc), ("found", found), ("detail_err", detail))
+    }
 
 
 # ---- sampling ----
@@ -156,13 +220,9 @@ class Sampler:
                     handle.observe(guided)
             x = x + (sigma_next - sigma) * guided
             if step_ms is not None:
-                self._sync()
+                _sync(self.device)
                 step_ms.append((time.perf_counter() - start) * 1e3)
         return x
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def generate(
@@ -184,17 +244,98 @@ class Sampler:
             self._dense_warm = self._dense_warm or handle is None
         gen = noise_gen()
         outputs = []
-        self._sync()
+        _sync(self.device)
         start = time.perf_counter()
         for chunk in self.chunks:
             outputs.append(self._generate_chunk(chunk, steps, handle, gen, step_ms))
-        self._sync()
+        _sync(self.device)
         seconds = time.perf_counter() - start
         return torch.cat(outputs).cpu(), seconds
 
     def close(self) -> None:
         if self.dense_graphs is not None:
             self.dense_graphs.clear()
+
+
+class PipelineSampler:
+    """Sampling through diffusers' own ``FluxPipeline`` (the Flux study): no text encoders and no VAE, so the
+    pipeline takes the caption encoder's states as ``prompt_embeds`` (the all-padding caption's as the negative
+    prompt) and the packed initial noise as ``latents``, and returns packed latents (``output_type="latent"``),
+    which are the images. ``FlowMatchEulerDiscreteScheduler`` with shift 1 and no dynamic shifting gives the uniform
+    sigmas of :class:`Sampler`; classifier-free guidance is the pipeline's ``true_cfg_scale`` (a "cond" and an
+    "uncond" transformer call of P prompts each per step; the pipeline keeps its latents in the model dtype).
+
+    ``generate(steps, method)`` runs each chunk of prompts inside ``method(pipe)`` (a context manager factory: RAS
+    or a diffusers cache; ``None`` for dense), entered once for the warm-up and the timed pass.
+    """
+
+    def __init__(self, models, ids: torch.Tensor, noise: torch.Tensor, *, guidance, device, dtype, batch, graphs):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        self.models, self.guidance, self.device = models, guidance, device
+        self.graphs = graphs and device.type == "cuda"  # RAS's cuda_graphs (the pipeline itself runs eagerly)
+        self.pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=models.transformer,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.side = noise.shape[-1] * qmodel.FLUX_VAE_FACTOR  # the pipeline's height and width
+        self.chunks = []
+        with torch.no_grad():
+            for lo in range(0, ids.shape[0], batch):
+                chunk = ids[lo : lo + batch].to(device)
+                states, pooled = models.encoder(chunk)
+                uncond, uncond_pooled = models.encoder(torch.full_like(chunk, data.PAD_ID))
+                x = noise[lo : lo + batch].to(device, dtype)
+                latents = FluxPipeline._pack_latents(x, *x.shape)
+                self.chunks.append(
+                    (latents, states.to(dtype), pooled.to(dtype), uncond.to(dtype), uncond_pooled.to(dtype))
+                )
+
+    def _generate_chunk(self, chunk, steps: int) -> torch.Tensor:
+        latents, states, pooled, uncond, uncond_pooled = chunk
+        out = self.pipe(
+            prompt_embeds=states,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=uncond,
+            negative_pooled_prompt_embeds=uncond_pooled,
+            true_cfg_scale=self.guidance,
+            height=self.side,
+            width=self.side,
+            num_inference_steps=steps,
+            latents=latents,
+            output_type="latent",
+        ).images
+        return self.pipe._unpack_latents(out, self.side, self.side, qmodel.FLUX_VAE_FACTOR).float()
+
+    @torch.no_grad()
+    def generate(self, steps: int, method=None) -> tuple[torch.Tensor, float]:
+        """All prompts' images [N, 3, S, S] (CPU float32) and the seconds the timed pass took (after an untimed pass
+        over the first chunk on CUDA)."""
+        with contextlib.nullcontext() if method is None else method(self.pipe):
+            if self.device.type == "cuda":
+                self._generate_chunk(self.chunks[0], steps)
+            _sync(self.device)
+            start = time.perf_counter()
+            outputs = [self._generate_chunk(chunk, steps) for chunk in self.chunks]
+            _sync(self.device)
+            seconds = time.perf_counter() - start
+        return torch.cat(outputs).cpu(), seconds
+
+    def close(self) -> None:
+        pass
+
+
+def make_sampler(models, ids, noise, *, guidance, device, dtype, batch, graphs):
+    """The architecture's sampler: :class:`Sampler` (SD3, its own Euler loop) or :class:`PipelineSampler` (Flux,
+    diffusers' FluxPipeline)."""
+    cls = PipelineSampler if models.arch == "flux" else Sampler
+    return cls(models, ids, noise, guidance=guidance, device=device, dtype=dtype, batch=batch, graphs=graphs)
 
 
 @dataclasses.dataclass
@@ -260,8 +401,10 @@ def run_all(sampler: Sampler, args, num_tokens: int) -> list[Run]:
 
 
 @torch.no_grad()
-def score_runs(runs: list[Run], models, targets: dict, device, batch: int) -> None:
-    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores."""
+def score_runs(runs: list[Run], models, scenes: data.Scenes, device, batch: int) -> None:
+    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores, per-object
+    errors (:func:`object_errors`); each with its standard error."""
+    targets = data.labels(scenes)
     dense = {r.group: r for r in runs if r.kind == "dense"}
     for run in runs:
         ref = dense[run.group]
@@ -271,6 +414,7 @@ def score_runs(runs: list[Run], models, targets: dict, device, batch: int) -> No
             logits = models.classifier(x.clamp(-1, 1))
             tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
             values = qmodel.score(logits, tgt)
+            values.update(object_errors(x, scenes[lo : lo + batch], models.style))
             if run is not ref:
                 y = ref.images[lo : lo + batch].to(device)
                 values["psnr"], values["ssim"] = psnr(x, y), ssim(x, y)
@@ -492,19 +636,27 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="bench/quality/weights", help="folder written by bench.quality.train")
+    p.add_argument("--json", default="docs/frontier.json", help="Flux: the runs' records")
+    p.add_argument("--plot", default="docs/frontier.png", help="Flux: the frontier plot")
+    p.add_argument(
+        "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux: FirstBlockCache thresholds"
+    )
+    p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux: TaylorSeer cache intervals")
+    p.add_argument("--stack-steps", type=int, default=None, help="Flux: steps of RAS on fewer steps (default S / 2)")
+    p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux: their ratios")
     p.add_argument("--samples", type=int, default=256, help="prompts (default 256)")
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
-    p.add_argument("--steps", type=int, nargs="+", default=[28, 10], help="step counts (default 28 10)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux: 28)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FLUX_VARIANTS), default=None)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the training record's, or 4)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts and initial noise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on CUDA, else fp32")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="CUDA graphs (CUDA only)")
-    p.add_argument("--report", default="docs/quality.md")
-    p.add_argument("--grid", default="docs/quality_grid.png")
+    p.add_argument("--report", default=None, help="default docs/quality.md; Flux: docs/frontier.md")
+    p.add_argument("--grid", default=None, help="default docs/quality_grid.png; Flux: docs/frontier_grid.png")
     p.add_argument("--grid-samples", type=int, default=6)
     return p
 
@@ -517,47 +669,67 @@ def main(argv: list[str] | None = None) -> list[Run]:
     args.batch = min(args.batch, args.samples)
     if args.samples % args.batch:
         parser.error(f"--samples ({args.samples}) must be a multiple of --batch ({args.batch}): equal timed batches")
-    if any(s < 2 for s in args.steps):
-        parser.error("--steps values must be >= 2")
-    if any(not 0 < r <= 1 for r in args.ratios):
-        parser.error("--ratios values must be in (0, 1]")
     if not qmodel.has_weights(args.weights):
         parser.error(f"no trained weights in {args.weights}: run `python -m bench.quality.train --out {args.weights}`")
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     models = qmodel.load(args.weights, device, dtype)
+    flux = models.arch == "flux"
+    args.steps = args.steps or ([28] if flux else [28, 10])
+    args.variants = args.variants or list(FLUX_VARIANTS if flux else VARIANTS)
+    args.report = args.report or ("docs/frontier.md" if flux else "docs/quality.md")
+    args.grid = args.grid or ("docs/frontier_grid.png" if flux else "docs/quality_grid.png")
+    if flux:
+        args.stack_steps = args.stack_steps if args.stack_steps is not None else args.steps[0] // 2
+    if any(s < 2 for s in args.steps) or (flux and args.stack_steps == 1):
+        parser.error("--steps and --stack-steps values must be >= 2")
+    if any(not 0 < r <= 1 for r in [*args.ratios, *args.stack_ratios]):
+        parser.error("--ratios and --stack-ratios values must be in (0, 1]")
     if args.guidance is None:
         args.guidance = float(models.training.get("guidance", 4.0))
     size = models.image_size
-    num_tokens = (size // models.config["dit"]["patch_size"]) ** 2
     gen = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
-    scenes = data.sample_scenes(args.samples, gen)
-    ids, targets, captions = data.tokens(scenes), data.labels(scenes), data.captions(scenes)
+    scenes = data.sample_scenes(args.samples, gen, models.style)
+    ids, captions = data.tokens(scenes), data.captions(scenes)
     noise = torch.randn(args.samples, 3, size, size, generator=gen)
     print(
-        f"[eval] {environment(device)}; {args.samples} prompts, steps {args.steps}, ratios {args.ratios}, "
-        f"variants {args.variants}",
+        f"[eval] {environment(device)}; {models.arch}, {args.samples} prompts, steps {args.steps}, ratios "
+        f"{args.ratios}, variants {args.variants}",
         file=sys.stderr,
         flush=True,
     )
     start = time.perf_counter()
-    sampler = Sampler(
+    sampler = make_sampler(
         models, ids, noise, guidance=args.guidance, device=device, dtype=dtype, batch=args.batch, graphs=args.graphs
     )
     try:
-        runs = run_all(sampler, args, num_tokens)
+        if flux:
+            from .frontier import run_frontier
+
+            runs = run_frontier(sampler, args, models.num_tokens)
+        else:
+            runs = run_all(sampler, args, models.num_tokens)
     finally:
         sampler.close()
-    score_runs(runs, models, targets, device, args.batch)
+    score_runs(runs, models, scenes, device, args.batch)
     columns = grid_columns(runs)
     write_png(args.grid, make_grid(columns, args.grid_samples))
     rows = min(args.grid_samples, args.samples)
-    write_report(Path(args.report), Path(args.grid), runs, args, models, device, dtype, captions[:rows], columns)
-    for group in args.steps:
-        print(f"\n{group} steps\n{table(runs, group)}")
-    print("\n" + "\n".join(summary(runs, list(args.steps), list(args.ratios))))
+    if flux:
+        from . import frontier
+
+        render = object_errors(data.render(scenes, size, models.style), scenes, models.style)
+        recs = frontier.write(runs, args, models, device, {k: v.mean().item() for k, v in render.items()})
+        print("\n" + frontier.table(recs))
+        written = f"{args.report}, {args.json}, {args.plot} and {args.grid}"
+    else:
+        write_report(Path(args.report), Path(args.grid), runs, args, models, device, dtype, captions[:rows], columns)
+        for group in args.steps:
+            print(f"\n{group} steps\n{table(runs, group)}")
+        print("\n" + "\n".join(summary(runs, list(args.steps), list(args.ratios))))
+        written = f"{args.report} and {args.grid}"
     elapsed = time.perf_counter() - start
-    print(f"[eval] {len(runs)} runs in {elapsed:.0f} s; wrote {args.report} and {args.grid}", file=sys.stderr)
+    print(f"[eval] {len(runs)} runs in {elapsed:.0f} s; wrote {written}", file=sys.stderr)
     return runs
 
 

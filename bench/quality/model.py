@@ -6,6 +6,13 @@
   ~36 width^2 parameters (half of them in the text stream), so 8 blocks at width 384 are 41 M parameters (79 MiB
   in bf16). At width 192, 10 blocks are 13.1 M parameters; with the caption encoder and the classifier the saved
   files total 29.5 MB.
+* The Flux DiT (``--arch flux``): diffusers' ``FluxTransformer2DModel`` on the same 64 x 64 RGB images as
+  ``FluxPipeline`` lays out latents (the "latent" is the image itself: 3 channels, packed into 2 x 2 patches of 12
+  channels, 1024 tokens; the pipeline without a VAE takes height = width = 8 x 64). 4 double- and 8 single-stream
+  blocks of width 192 (3 heads x 64, RoPE axes 16 + 24 + 24), no guidance embedding (classifier-free guidance through
+  the pipeline's ``true_cfg_scale``): 10.0 M parameters, 22.5 MB saved with the caption encoder and classifier.
+  A double block holds ~36 width^2 parameters and a single block ~15, so its per-token cost over the image stream
+  (4 x 18 + 8 x 15 = 192 width^2) is about that of the SD3 study's 10 blocks (180 width^2).
 * :class:`CaptionEncoder`: caption token ids -> learned word, position and phrase embeddings -> a small pre-norm
   transformer; gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
 * :class:`SceneClassifier`: a small CNN that reads a scene back (per grid cell: shape or empty, colour, size,
@@ -42,6 +49,20 @@ DIT = dict(
     pos_embed_max_size=32,
     qk_norm="rms_norm",
 )
+FLUX_DIT = dict(
+    patch_size=1,
+    in_channels=12,
+    num_layers=4,
+    num_single_layers=8,
+    attention_head_dim=64,
+    num_attention_heads=3,
+    joint_attention_dim=128,
+    pooled_projection_dim=64,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 24, 24),
+)
+FLUX_IMAGE_SIZE = 64
+FLUX_VAE_FACTOR = 8  # FluxPipeline without a VAE divides the requested height and width by 8
 ENCODER = dict(width=128, layers=2, heads=4, pooled=64)
 CLASSIFIER = dict(width=32)
 
@@ -57,6 +78,16 @@ TINY_DIT = dict(
     pooled_projection_dim=16,
     pos_embed_max_size=16,
 )
+TINY_FLUX_DIT = dict(
+    FLUX_DIT,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 TINY_ENCODER = dict(width=32, layers=1, heads=2, pooled=16)
 TINY_CLASSIFIER = dict(width=8)
 
@@ -65,15 +96,34 @@ SHARD_BYTES = 15 * 2**20
 SHARD_PATTERN = "weights-*-of-*.safetensors"
 
 
-def default_config(*, tiny: bool = False, layers: int | None = None) -> dict:
-    """The model configuration: ``{"image_size", "dit", "encoder", "classifier"}``."""
-    dit = dict(TINY_DIT if tiny else DIT)
+ARCHS = ("sd3", "flux")
+
+
+def default_config(
+    *, arch: str = "sd3", tiny: bool = False, layers: int | None = None, style: str | None = None
+) -> dict:
+    """The model configuration: ``{"arch", "style", "image_size", "dit", "encoder", "classifier"}``; ``layers`` sets
+    the SD3 blocks or the Flux double-stream blocks, ``style`` the scenes' (``data.STYLES``; default ``shapes`` for
+    SD3, ``detail`` for Flux)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    style = style or ("detail" if arch == "flux" else "shapes")
+    if style not in data.STYLES:
+        raise ValueError(f"style must be one of {data.STYLES}, got {style!r}")
+    if arch == "flux":
+        dit = dict(TINY_FLUX_DIT if tiny else FLUX_DIT)
+        size = 32 if tiny else FLUX_IMAGE_SIZE
+    else:
+        dit = dict(TINY_DIT if tiny else DIT)
+        size = dit["sample_size"]
     if layers is not None:
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise ValueError(f"layers must be an int >= 1, got {layers!r}")
         dit["num_layers"] = layers
     return {
-        "image_size": dit["sample_size"],
+        "arch": arch,
+        "style": style,
+        "image_size": size,
         "dit": dit,
         "encoder": dict(TINY_ENCODER if tiny else ENCODER),
         "classifier": dict(TINY_CLASSIFIER if tiny else CLASSIFIER),
@@ -162,6 +212,40 @@ class QualityModels:
     def image_size(self) -> int:
         return self.config["image_size"]
 
+    @property
+    def arch(self) -> str:
+        return self.config.get("arch", "sd3")  # weights saved before the Flux study are SD3's
+
+    @property
+    def style(self) -> str:
+        return self.config.get("style", "shapes")
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens of one image: 2 x 2 pixel patches for both architectures."""
+        return (self.image_size // 2) ** 2
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The velocity v = eps - x_0 [B, 3, S, S] of images ``x`` [B, 3, S, S] at noise levels ``t`` [B] in [0, 1]
+        for caption ids [B, L], in each architecture's pipeline conventions: SD3 takes the image and timestep
+        1000 t; Flux takes FluxPipeline's packed tokens, its image and text position ids, and t itself."""
+        states, pooled = self.encoder(ids)
+        kwargs = dict(encoder_hidden_states=states, pooled_projections=pooled, return_dict=False)
+        if self.arch == "sd3":
+            return self.transformer(hidden_states=x, timestep=t * 1000, **kwargs)[0]
+        from diffusers import FluxPipeline
+
+        b, c, h, w = x.shape
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        txt_ids = torch.zeros(ids.shape[1], 3, device=x.device, dtype=x.dtype)
+        packed = FluxPipeline._pack_latents(x, b, c, h, w)
+        out = self.transformer(hidden_states=packed, timestep=t, img_ids=img_ids, txt_ids=txt_ids, **kwargs)[0]
+        return FluxPipeline._unpack_latents(out, h * FLUX_VAE_FACTOR, w * FLUX_VAE_FACTOR, FLUX_VAE_FACTOR)
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks (Flux: double-stream, then single-stream)."""
+        return [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", [])]
+
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "caption_encoder": self.encoder, "classifier": self.classifier}
 
@@ -169,9 +253,10 @@ class QualityModels:
 def build(config: dict, *, adaln_zero: bool = True) -> QualityModels:
     """Fresh models: PyTorch's default initialisation, then (unless ``adaln_zero=False``, e.g. for a random-weight
     model whose output should depend on its input) adaLN-Zero: see :func:`adaln_zero_`."""
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    transformer = SD3Transformer2DModel(**config["dit"])
+    cls = FluxTransformer2DModel if config.get("arch", "sd3") == "flux" else SD3Transformer2DModel
+    transformer = cls(**config["dit"])
     if adaln_zero:
         adaln_zero_(transformer)
     encoder = CaptionEncoder(**config["encoder"])
@@ -183,10 +268,11 @@ def adaln_zero_(transformer: nn.Module) -> None:
     """Zero the adaptive-norm modulations and the output projection (DiT's adaLN-Zero): every block starts as the
     identity and the model predicts zero, which makes short training runs markedly more stable."""
     with torch.no_grad():
-        for block in transformer.transformer_blocks:
-            for norm in (block.norm1, block.norm1_context):
-                norm.linear.weight.zero_()
-                norm.linear.bias.zero_()
+        norms = [n for block in transformer.transformer_blocks for n in (block.norm1, block.norm1_context)]
+        norms += [block.norm for block in getattr(transformer, "single_transformer_blocks", [])]  # Flux
+        for norm in norms:
+            norm.linear.weight.zero_()
+            norm.linear.bias.zero_()
         transformer.norm_out.linear.weight.zero_()
         transformer.norm_out.linear.bias.zero_()
         transformer.proj_out.weight.zero_()

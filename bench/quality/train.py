@@ -2,6 +2,10 @@
 
     python -m bench.quality.train --out bench/quality/weights     # GPU: everything within --minutes (8.6)
     python -m bench.quality.train --steps 6000 --classifier-steps 2500 --seed 0 --out bench/quality/weights
+    python -m bench.quality.train --arch flux                     # the Flux DiT on detail scenes: weights-flux
+
+``--arch`` picks the DiT (``model.default_config``); everything else is one code path: the scenes (``--style``,
+default per architecture), the caption encoder trained with the DiT, the classifier, the loop, saving.
 
 With ``--minutes`` the DiT's step count is fixed early (from the measured time of steps 10..40, before the
 learning-rate warm-up ends, so the schedule is that of a run given ``--steps``); the saved ``config.json`` records
@@ -45,10 +49,10 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def scene_batch(n: int, generator: torch.Generator, size: int):
-    """Images [n, 3, size, size], caption ids [n, L] and classifier targets of ``n`` fresh scenes."""
-    scenes = data.sample_scenes(n, generator)
-    return data.render(scenes, size), data.tokens(scenes), data.labels(scenes)
+def scene_batch(n: int, generator: torch.Generator, size: int, style: str):
+    """Images [n, 3, size, size], caption ids [n, L] and classifier targets of ``n`` fresh scenes of ``style``."""
+    scenes = data.sample_scenes(n, generator, style)
+    return data.render(scenes, size, style), data.tokens(scenes), data.labels(scenes)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -111,7 +115,7 @@ def train_classifier(models, args, device, deadline: float) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = args.classifier_lr * lr_factor(step, args.classifier_steps, min(100, args.classifier_steps))
-        images, _, targets = scene_batch(args.classifier_batch, generator, models.image_size)
+        images, _, targets = scene_batch(args.classifier_batch, generator, models.image_size, models.style)
         images = augment(images, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = net(images)
@@ -130,39 +134,32 @@ def train_classifier(models, args, device, deadline: float) -> dict:
 
 
 @torch.no_grad()
-def classifier_accuracy(classifier, n: int, generator: torch.Generator, size: int, batch: int = 256) -> dict:
-    """Mean task scores of ``classifier`` on ``n`` fresh clean scenes (``model.score``)."""
+def classifier_accuracy(models, n: int, generator: torch.Generator, batch: int = 256) -> dict:
+    """Mean task scores of the classifier on ``n`` fresh clean scenes (``model.score``)."""
     totals: dict[str, float] = {}
     for lo in range(0, n, batch):
-        images, _, targets = scene_batch(min(batch, n - lo), generator, size)
-        scores = qmodel.score(classifier(images.float()), targets)
+        images, _, targets = scene_batch(min(batch, n - lo), generator, models.image_size, models.style)
+        scores = qmodel.score(models.classifier(images.float()), targets)
         for key, value in scores.items():
             totals[key] = totals.get(key, 0.0) + value.sum().item()
     return {key: round(value / n, 4) for key, value in totals.items()}
 
 
-def dit_forward(transformer, encoder, x_t, t, ids):
-    states, pooled = encoder(ids)
-    return transformer(
-        hidden_states=x_t, encoder_hidden_states=states, pooled_projections=pooled, timestep=t * 1000, return_dict=False
-    )[0]
-
-
-def loss_and_grads(transformer, encoder, opt, x_t, t, ids, target, device) -> torch.Tensor:
+def loss_and_grads(models, opt, x_t, t, ids, target, device) -> torch.Tensor:
     """The rectified-flow loss of one batch, back-propagated (gradients of the previous step cleared first)."""
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        pred = dit_forward(transformer, encoder, x_t, t, ids)
+        pred = models.predict(x_t, t, ids)
     loss = F.mse_loss(pred.float(), target)
     loss.backward()
     return loss
 
 
-def compile_blocks(transformer, on: bool = True) -> None:
-    """Regional compilation: ``torch.compile`` each joint-attention block's forward (the blocks share their compiled
-    code, so compiling takes seconds, not minutes), fusing the norms, modulations and activations that bound eager
-    training at this width; ``on=False`` restores the eager forwards."""
-    for block in transformer.transformer_blocks:
+def compile_blocks(models, on: bool = True) -> None:
+    """Regional compilation: ``torch.compile`` each transformer block's forward (blocks of one kind share their
+    compiled code, so compiling takes seconds, not minutes), fusing the norms, modulations and activations that bound
+    eager training at this width; ``on=False`` restores the eager forwards."""
+    for block in models.blocks():
         if on:
             block.forward = torch.compile(block.forward)
         else:
@@ -180,7 +177,7 @@ def train_dit(models, args, device, deadline: float) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99), fused=fused)
     compiled = args.compile
     if compiled:
-        compile_blocks(transformer)
+        compile_blocks(models)
     total = args.steps
     # Steps whose duration fixes the step count of a --minutes run: inside the warm-up, whose learning rates do not
     # depend on the step count, so the run's schedule is that of a run given --steps (10..40 at the default 200).
@@ -199,7 +196,7 @@ def train_dit(models, args, device, deadline: float) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(step, total or 10**9, args.warmup)
-        images, ids, _ = scene_batch(args.batch, generator, models.image_size)
+        images, ids, _ = scene_batch(args.batch, generator, models.image_size, models.style)
         b = images.shape[0]
         drop = torch.rand(b, generator=generator, device=device) < args.cfg_dropout
         ids = torch.where(drop[:, None], torch.full_like(ids, data.PAD_ID), ids)
@@ -208,14 +205,14 @@ def train_dit(models, args, device, deadline: float) -> dict:
         x_t = (1 - t.view(b, 1, 1, 1)) * images + t.view(b, 1, 1, 1) * noise
         batch = (x_t, t, ids, noise - images, device)
         try:
-            loss = loss_and_grads(transformer, encoder, opt, *batch)
+            loss = loss_and_grads(models, opt, *batch)
         except Exception as error:  # a compiler failure shows in the first step; train eagerly instead
             if not (compiled and step == 0):
                 raise
             log(f"[dit] torch.compile failed ({type(error).__name__}: {error}); training eagerly")
-            compile_blocks(transformer, on=False)
+            compile_blocks(models, on=False)
             compiled = False
-            loss = loss_and_grads(transformer, encoder, opt, *batch)
+            loss = loss_and_grads(models, opt, *batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
@@ -233,7 +230,7 @@ def train_dit(models, args, device, deadline: float) -> dict:
                 log(f"[dit] past the time budget: stopping at step {step}")
                 break
     if compiled:
-        compile_blocks(transformer, on=False)
+        compile_blocks(models, on=False)
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
@@ -254,17 +251,17 @@ def choose_guidance(weights_dir, args, device) -> dict:
     the evaluation loads them) at each ``--guidance`` scale and score them with the saved classifier. Returns the
     scale with the most requested objects read right (ties: more whole scenes right, then the smaller scale) and
     the scores of every scale."""
-    from .evaluate import Sampler
+    from .evaluate import make_sampler
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = qmodel.load(weights_dir, device, dtype)
     gen = torch.Generator().manual_seed(args.seed * 1000 + 4)  # CPU, as the evaluation's prompts; another seed
-    scenes = data.sample_scenes(args.validate, gen)
+    scenes = data.sample_scenes(args.validate, gen, models.style)
     size = models.image_size
     noise = torch.randn(args.validate, 3, size, size, generator=gen)
     targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
     batch = min(args.validate, 128)
-    sampler = Sampler(
+    sampler = make_sampler(
         models, data.tokens(scenes), noise, guidance=0.0, device=device, dtype=dtype, batch=batch, graphs=False
     )
     scores = {}
@@ -281,9 +278,10 @@ def choose_guidance(weights_dir, args, device) -> dict:
 
 def reproduce_command(args, dit_steps: int, classifier_steps: int) -> str:
     parts = ["python", "-m", "bench.quality.train", "--steps", str(dit_steps)]
-    parts += ["--classifier-steps", str(classifier_steps), "--seed", str(args.seed), "--out", "bench/quality/weights"]
+    parts += ["--classifier-steps", str(classifier_steps), "--seed", str(args.seed), "--out", default_out(args.arch)]
+    parts += ["--arch", args.arch] if args.arch != "sd3" else []
     flags = ("batch", "lr", "warmup", "ema", "t_mean", "cfg_dropout", "guidance", "validate", "classifier_batch")
-    for flag in (*flags, "classifier_lr", "layers", "compile"):
+    for flag in (*flags, "classifier_lr", "layers", "style", "compile"):
         value = getattr(args, flag)
         option = "--" + flag.replace("_", "-")
         if value == PARSER_DEFAULTS[flag]:
@@ -299,12 +297,20 @@ def reproduce_command(args, dit_steps: int, classifier_steps: int) -> str:
     return shlex.join(parts)
 
 
+def default_out(arch: str) -> str:
+    return "bench/quality/weights" if arch == "sd3" else f"bench/quality/weights-{arch}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=qmodel.ARCHS, default="sd3", help="the DiT architecture (default sd3)")
+    p.add_argument(
+        "--style", choices=data.STYLES, default=None, help="scenes (default: shapes for sd3, detail for flux)"
+    )
     p.add_argument("--minutes", type=float, default=8.6, help="wall-clock budget of the whole run (default 8.6)")
     p.add_argument("--steps", type=int, default=None, help="DiT steps (overrides --minutes for the DiT)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/quality/weights", help="output folder (config.json + safetensors)")
+    p.add_argument("--out", default=None, help="output folder (default bench/quality/weights, -flux for flux)")
     p.add_argument("--batch", type=int, default=128, help="DiT batch (default 128)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
@@ -327,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=2500)
     p.add_argument("--classifier-batch", type=int, default=256)
     p.add_argument("--classifier-lr", type=float, default=1e-3)
-    p.add_argument("--layers", type=int, default=None, help="DiT blocks (default 10; tiny 2)")
+    p.add_argument("--layers", type=int, default=None, help="SD3 blocks / Flux double blocks (default 10 / 4)")
     p.add_argument("--tiny", action="store_true", help="toy configuration (32x32, width 32) for CPU tests")
     p.add_argument(
         "--compile",
@@ -367,19 +373,19 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    args.out = args.out or default_out(args.arch)
     torch.manual_seed(args.seed)
-    config = qmodel.default_config(tiny=args.tiny, layers=args.layers)
+    config = qmodel.default_config(arch=args.arch, tiny=args.tiny, layers=args.layers, style=args.style)
     models = qmodel.build(config)
     n_dit = sum(p.numel() for p in models.transformer.parameters())
     log(
         f"[setup] {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-        f"DiT {n_dit / 1e6:.2f} M parameters, image {config['image_size']}, seed {args.seed}"
+        f"{args.arch} DiT {n_dit / 1e6:.2f} M parameters, {config['style']} scenes {config['image_size']}, "
+        f"seed {args.seed}"
     )
     record = train_classifier(models, args, device, start + 0.1 * budget)
     held_out = torch.Generator(device).manual_seed(args.seed * 1000 + 3)
-    record["classifier_clean"] = classifier_accuracy(
-        models.classifier, 64 if args.tiny else 1024, held_out, models.image_size
-    )
+    record["classifier_clean"] = classifier_accuracy(models, 64 if args.tiny else 1024, held_out)
     log(f"[classifier] on clean held-out scenes: {record['classifier_clean']}")
     record.update(train_dit(models, args, device, start + budget - reserve))
     import diffusers

@@ -1,0 +1,276 @@
+"""The speed-quality frontier of the Flux study (issue 14): RAS against fewer dense steps and diffusers' step caches.
+
+``python -m bench.quality.evaluate --weights bench/quality/weights-flux`` runs it (the weights' ``arch`` picks this
+path); ``python -m bench.quality.frontier docs/frontier.json --out docs/frontier.png`` redraws the plot from the
+records the run wrote. All runs sample the same prompts from the same noise through ``FluxPipeline``
+(:class:`~bench.quality.evaluate.PipelineSampler`) and are compared with the dense run at the longest step count S:
+
+* ``dense S steps``: the reference; ``RAS 1.0 (all tokens)``: the RAS code path computing every token;
+* ``RAS r reference`` (``RASConfig.flux`` preset: std metric, mode reference) and ``RAS r metric-random``
+  (``metric="random"``) at each ratio r;
+* ``dense N steps (equal time)``: as many dense steps as fit in the time of ``RAS r reference``;
+* ``FirstBlockCache t`` (``FirstBlockCacheConfig(threshold=t)``: the blocks after the first are skipped while the
+  first block's output residual changes by less than t, relative) and ``TaylorSeer i``
+  (``TaylorSeerCacheConfig(cache_interval=i, disable_cache_before_step=warm-up, max_order=1)``: attention outputs
+  extrapolated by a first-order Taylor series between full steps every i);
+* stacks: ``dense M steps`` and ``RAS r reference, M steps`` (RAS on fewer steps, M = ``--stack-steps``).
+
+diffusers 0.42.1's other caches for Flux are left out: MagCache needs magnitude ratios calibrated per checkpoint
+and scheduler (its published ratios are Flux.1-dev's), FasterCache's defaults target guidance-distilled or
+CFG-batched video models and need per-model tuning of its skip ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ras_models import apply_ras
+
+from .evaluate import Run, environment, ras_config
+
+CATEGORIES = {  # category -> colour of its points
+    "dense, fewer steps": (90, 90, 90),
+    "RAS std": (31, 119, 180),
+    "RAS random": (255, 127, 14),
+    "RAS on fewer steps": (148, 103, 189),
+    "FirstBlockCache": (44, 160, 44),
+    "TaylorSeer": (214, 39, 40),
+}
+PANELS = (("psnr", "PSNR vs dense (dB)"), ("loc_px", "localisation error (px)"), ("detail_err", "detail error"))
+
+
+@contextlib.contextmanager
+def cached(transformer, config):
+    """A diffusers cache on ``transformer`` while the context is open."""
+    transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
+
+
+def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    steps = args.steps[0]
+    transformer = sampler.models.transformer
+    runs: list[Run] = []
+
+    def run(name: str, kind: str, n: int, method=None, config=None, ratio=None, variant=None) -> Run:
+        images, seconds = sampler.generate(n, method)
+        tokens = sum(config.token_schedule(num_tokens)) / (n * num_tokens) if config is not None else 1.0
+        out = Run(name, steps, n, kind, images, seconds, tokens, ratio, variant)
+        print(f"[eval] {name} ({n} steps): {seconds:.3f} s", file=sys.stderr, flush=True)
+        runs.append(out)
+        return out
+
+    def ras(n: int, ratio: float, variant: str, kind: str, name: str) -> Run:
+        config = ras_config(n, ratio, num_tokens, variant, family="flux")
+        method = lambda pipe: apply_ras(pipe, config, cuda_graphs=sampler.graphs)  # noqa: E731
+        return run(name, kind, n, method, config, ratio, variant)
+
+    dense = run(f"dense {steps} steps", "dense", steps)
+    if args.floor:
+        ras(steps, 1.0, "reference", "floor", "RAS 1.0 (all tokens)")
+    for ratio in args.ratios:
+        for variant in args.variants:
+            ras(steps, ratio, variant, "ras", f"RAS {ratio:g} {variant}")
+
+    def dense_at(n: int) -> Run:  # fewer dense steps, run once per step count
+        match = next((r for r in runs if r.kind == "equal-time" and r.steps == n), None)
+        return match or run(f"dense {n} steps", "equal-time", n)
+
+    per_step = dense.seconds / steps
+    for base in [r for r in runs if r.kind == "ras" and r.variant == args.variants[0]]:
+        fewer = min(steps - 1, max(1, round(base.seconds / per_step)))
+        dense_at(fewer).metrics.setdefault("equal_to", []).append(f"{base.ratio:g}")
+    warmup = ras_config(steps, 0.5, num_tokens, "reference", family="flux").warmup_steps
+    for threshold in args.first_block_cache:
+        config = FirstBlockCacheConfig(threshold=threshold)
+        run(f"FirstBlockCache {threshold:g}", "cache", steps, lambda pipe, c=config: cached(transformer, c))
+    for interval in args.taylorseer:
+        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1)
+        run(f"TaylorSeer {interval}", "cache", steps, lambda pipe, c=config: cached(transformer, c))
+    if args.stack_steps:
+        m = args.stack_steps
+        dense_at(m)
+        for ratio in args.stack_ratios:
+            ras(m, ratio, "reference", "stack", f"RAS {ratio:g} reference, {m} steps")
+    return runs
+
+
+def category(record: dict) -> str | None:
+    kind, name = record["kind"], record["name"]
+    if kind == "equal-time":
+        return "dense, fewer steps"
+    if kind == "stack":
+        return "RAS on fewer steps"
+    if kind == "ras":
+        return "RAS random" if record["variant"] == "metric-random" else "RAS std"
+    if kind == "cache":
+        return name.split()[0]
+    return None  # the reference and the floor: not points of the frontier
+
+
+def records(runs: list[Run]) -> list[dict]:
+    """The runs as JSON-ready dicts (no images), with their speedup over the dense reference."""
+    dense = next(r for r in runs if r.kind == "dense")
+    out = []
+    for r in runs:
+        out.append(
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "steps": r.steps,
+                "ratio": r.ratio,
+                "variant": r.variant,
+                "seconds": round(r.seconds, 4),
+                "speedup": round(dense.seconds / r.seconds, 4),
+                "tokens": round(r.tokens, 4),
+                "metrics": dict(r.metrics),
+            }
+        )
+    for record in out:
+        record["category"] = category(record)
+    return out
+
+
+def table(recs: list[dict]) -> str:
+    lines = [
+        "| run | steps | tokens computed | time (s) | speedup | PSNR vs dense (dB) | SSIM vs dense | "
+        "localisation error (px) | objects found (%) | detail error | objects ok (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pm(m: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
+        return f"{scale * m[key]:.{digits}f} ± {scale * m[key + '_se']:.{digits}f}"
+
+    for r in recs:
+        m = r["metrics"]
+        name = r["name"] + (f" (equal time: RAS {', '.join(m['equal_to'])})" if "equal_to" in m else "")
+        quality = "reference | reference" if r["kind"] == "dense" else f"{m['psnr']:.2f} | {m['ssim']:.4f}"
+        lines.append(
+            f"| {name} | {r['steps']} | {100 * r['tokens']:.1f}% | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
+            f"{quality} | {pm(m, 'loc_px')} | {pm(m, 'found', 100, 1)} | {pm(m, 'detail_err', 1, 3)} | "
+            f"{pm(m, 'objects', 100, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+W, H, MARGIN = 420, 360, 56
+
+
+def _panel(recs: list[dict], key: str, label: str) -> Image.Image:
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    points = [(r["speedup"], r["metrics"][key], r) for r in recs if r["category"] and key in r["metrics"]]
+    xs = [x for x, _, _ in points] + [1.0]
+    ys = [y for _, y, _ in points]
+    x_hi = max(xs) * 1.05
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = (y_hi - y_lo) * 0.1 or 1.0
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return (
+            MARGIN + (W - 2 * MARGIN) * x / x_hi,
+            H - MARGIN - (H - 2 * MARGIN) * (y - y_lo) / (y_hi - y_lo),
+        )
+
+    draw.rectangle([MARGIN, MARGIN, W - MARGIN, H - MARGIN], outline="black")
+    for tick in range(0, int(x_hi) + 1):
+        x, _ = xy(tick, y_lo)
+        draw.line([x, H - MARGIN, x, H - MARGIN + 4], fill="black")
+        draw.text((x - 8, H - MARGIN + 6), f"{tick}x", fill="black")
+    for k in range(5):
+        value = y_lo + (y_hi - y_lo) * k / 4
+        _, y = xy(0, value)
+        draw.line([MARGIN - 4, y, MARGIN, y], fill="black")
+        draw.text((6, y - 6), f"{value:.3g}", fill="black")
+    draw.text((W // 2 - 60, H - MARGIN + 22), "speedup over dense", fill="black")
+    draw.text((MARGIN, 12), label, fill="black")
+    for x, y, r in points:
+        px, py = xy(x, y)
+        colour = CATEGORIES[r["category"]]
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((px + 4, py - 12), _tag(r), fill=colour)
+    return img
+
+
+def _tag(record: dict) -> str:
+    """A point's label: a dense run's step count, a cache's setting, a RAS run's ratio."""
+    if record["kind"] == "equal-time":
+        return str(record["steps"])
+    if record["kind"] == "cache":
+        return record["name"].split()[-1]
+    return f"{record['ratio']:g}"
+
+
+def plot(recs: list[dict], path: str | Path) -> None:
+    """Speedup vs each of ``PANELS``, every variant a point coloured by category, labelled by its ratio, its cache
+    setting or (dense) its step count; a legend row below."""
+    panels = [_panel(recs, key, label) for key, label in PANELS]
+    sheet = Image.new("RGB", (W * len(panels), H + 30), "white")
+    for k, panel in enumerate(panels):
+        sheet.paste(panel, (k * W, 0))
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, colour) in enumerate(CATEGORIES.items()):
+        x = MARGIN + 190 * k
+        draw.ellipse([x, H + 8, x + 8, H + 16], fill=colour)
+        draw.text((x + 12, H + 5), name, fill=colour)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def write(runs: list[Run], args, models, device, render_floor: dict) -> list[dict]:
+    """Write the records (``args.json``), the plot (``args.plot``) and the report (``args.report``)."""
+    recs = records(runs)
+    for path in (args.json, args.plot, args.report):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(recs, indent=2) + "\n")
+    plot(recs, args.plot)
+    training = models.training or {}
+    floor = ", ".join(f"{k} {v:.3f}" for k, v in render_floor.items())
+    lines = [
+        "# Speed-quality frontier: Flux-architecture study (issue 14)",
+        "",
+        f"Generated by `python -m bench.quality.evaluate --weights {args.weights} --samples {args.samples}` on "
+        f"{environment(device)}; every number below was measured by that run. Variants and metrics: "
+        "`bench/quality/frontier.py` and `bench.quality.evaluate.object_errors`; the study: docs/quality.md.",
+        "",
+        f"- Model: `FluxTransformer2DModel` trained for {training.get('dit_steps', '?')} steps "
+        f"({training.get('dit_seconds', '?')} s); reproduce with `{training.get('reproduce', '?')}`.",
+        f"- Sampling: {args.samples} prompts of {models.style} scenes, `FluxPipeline` with true CFG "
+        f"{args.guidance:g}, uniform sigmas; RAS CUDA graphs {'on' if args.graphs else 'off'}, the pipeline eager.",
+        f"- Metrics of the requested scenes' own renders (the floor of the object metrics): {floor}.",
+        "",
+        table(recs),
+        "",
+        f"![speed-quality frontier]({os.path.relpath(args.plot, start=Path(args.report).parent)})",
+        "",
+        f"Samples (first prompts; columns as in docs/quality.md's grid): "
+        f"![samples]({os.path.relpath(args.grid, start=Path(args.report).parent)})",
+        "",
+    ]
+    Path(args.report).write_text("\n".join(lines))
+    return recs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Redraw the frontier plot from an evaluation's JSON records.")
+    parser.add_argument("json", help="the records bench.quality.evaluate wrote (--json)")
+    parser.add_argument("--out", default="docs/frontier.png")
+    args = parser.parse_args(argv)
+    plot(json.loads(Path(args.json).read_text()), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
