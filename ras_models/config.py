@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from ras_kernels.select.ops import METRICS, MODES  # select_regions owns the rule's choices
 
 SCHEDULES = ("static", "dynamic")
+KV_CACHES = (None, "fp8")
 
 
 def require_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -52,6 +53,9 @@ class RASConfig:
         seed: int in [0, 2**31 - 1], used only with metric ``"random"``: each generation starts its draws from it
             (the session's seed tensor holds ``seed * 2**32`` and advances by 1 per selection, so a generation is
             reproducible and two seeds never share a draw); a nonzero seed with another metric is a ValueError.
+        kv_cache: ``None`` (the K/V caches in the model's dtype) or ``"fp8"``: e4m3 values with an fp32 scale per
+            (token, head), half the cache memory of bf16 (``cached_kv_attention``'s fp8 caches; CUDA compute
+            capability >= 8.9, a head dim the attention kernel runs).
     """
 
     sample_ratio: float = 0.5
@@ -69,6 +73,7 @@ class RASConfig:
     high_ratio: float = 1.0
     shards: int = 1
     seed: int = 0
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
         _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
@@ -94,6 +99,8 @@ class RASConfig:
         _require_float("high_ratio", self.high_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
         require_int("RASConfig.shards", self.shards, 1)
         require_int("RASConfig.seed", self.seed, 0, 2**31 - 1)
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"RASConfig.kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
         if self.seed and self.metric != "random":
             raise ValueError(
                 f"RASConfig.seed is used by metric='random' only; got seed={self.seed} with {self.metric!r}"

@@ -88,7 +88,7 @@ class RASSession:
         self.counters = None
         self._shapes: OrderedDict[tuple, None] = OrderedDict()  # shape keys held, least recently used first
         # Every buffer is keyed by its generation's shape key first, so a shape's buffers are freed together.
-        self._kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (K, V) caches, and their row scales when fp8
         self._out: dict[tuple, torch.Tensor] = {}
         self._index: dict[tuple, torch.Tensor] = {}
 
@@ -279,10 +279,15 @@ class RASSession:
                 raise RuntimeError(
                     f"no K/V cache for layer {key!r} at RAS step {self.step}: a dense step must run first"
                 )
-            caches = tuple(torch.empty(b, self.num_tokens, hkv, d, dtype=k.dtype, device=k.device) for _ in "kv")
+            rows = (b, self.num_tokens, hkv)
+            dtype = torch.float8_e4m3fn if self.config.kv_cache == "fp8" else k.dtype
+            caches = tuple(torch.empty(*rows, d, dtype=dtype, device=k.device) for _ in "kv")
+            if self.config.kv_cache == "fp8":  # and each row's scale
+                caches += tuple(torch.empty(rows, dtype=torch.float32, device=k.device) for _ in "kv")
             self._kv[cache_key] = caches
+        scales = dict(zip(("k_cache_scale", "v_cache_scale"), caches[2:], strict=False))
         return cached_kv_attention(
-            q, k, v, caches[0], caches[1], self.batch_index, k_extra=k_extra, v_extra=v_extra, scale=scale
+            q, k, v, caches[0], caches[1], self.batch_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
         )
 
     def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
@@ -352,5 +357,5 @@ class RASSession:
 
     def memory_bytes(self) -> int:
         """Bytes held by the K/V and output caches now."""
-        tensors = [t for pair in self._kv.values() for t in pair] + list(self._out.values())
+        tensors = [t for caches in self._kv.values() for t in caches] + list(self._out.values())
         return sum(t.numel() * t.element_size() for t in tensors)

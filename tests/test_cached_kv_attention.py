@@ -485,3 +485,132 @@ def test_shipped_configs(monkeypatch):
     monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="RAS_ATTN_AUTOTUNE"):
         ops._chosen_config(None, 64, 1024, True, False)
+
+
+# ------------------------------------------------------------------------------------------------ fp8 K/V caches
+def _fp8_case(b, n, kk, t, hq, hkv, d, dtype, device=DEVICE):
+    """Random inputs with e4m3 caches: every row a random vector quantized with its own scale."""
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, device=device)
+    (kc, ks), (vc, vs) = reference.quantize_fp8(k_cache), reference.quantize_fp8(v_cache)
+    return q, k_new, v_new, kc, vc, ks, vs, idx, extra
+
+
+def _check_quantized_rows(cache, cache_scale, before, before_scale, idx, new):
+    """The fp8 spec on the written rows, independent of quantize_fp8's code: scale = the row's largest magnitude /
+    448, every value within half an e4m3 step (3 mantissa bits, relative 2^-4; absolute 2^-10 x scale for the
+    subnormals) of new / scale; every other row untouched."""
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None]
+    written = torch.zeros(cache.shape[:2], dtype=torch.bool, device=cache.device)
+    written[rows, idx.long()] = True
+    new64 = new.double()
+    amax = new64.abs().amax(dim=-1)
+    torch.testing.assert_close(cache_scale[rows, idx.long()].double(), amax / 448, rtol=1e-6, atol=0)
+    exact = new64 / (amax / 448)[..., None]
+    stored = cache[rows, idx.long()].double()
+    assert bool(((stored - exact).abs() <= exact.abs() * 2**-4 + 2**-10).all())
+    assert torch.equal(cache.view(torch.uint8)[~written], before.view(torch.uint8)[~written])
+    assert torch.equal(cache_scale[~written], before_scale[~written])
+
+
+FP8_CASES = [
+    # (B, N, K, T, Hq, Hkv, d, dtype)
+    pytest.param(2, 37, 9, 5, 4, 2, 64, torch.float32, id="d64-gqa-fp32"),
+    pytest.param(2, 63, 20, 0, 2, 2, 72, torch.float16, id="d72-split-fp16"),
+    pytest.param(1, 70, 70, 3, 2, 1, 128, torch.bfloat16, id="d128-dense-bf16"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("b, n, kk, t, hq, hkv, d, dtype", FP8_CASES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_fp8_caches(triton_backend, monkeypatch, b, n, kk, t, hq, hkv, d, dtype, masked):
+    """fp8 caches: the written rows follow the quantization spec; the output is the fp32 attention over the
+    dequantized caches (values x scales) within the usual error rule; the torch path stores the same bytes."""
+    q, k_new, v_new, kc, vc, ks, vs, idx, extra = _fp8_case(b, n, kk, t, hq, hkv, d, dtype)
+    mask = None
+    if masked and t:
+        mask = torch.rand(b, t, device=DEVICE) < 0.5
+    before = [x.clone() for x in (kc, vc, ks, vs)]
+    torch_caches = [x.clone() for x in (kc, vc, ks, vs)]
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, kc, vc, idx, k_extra=extra[0], v_extra=extra[1], extra_mask=mask, return_lse=True,
+        k_cache_scale=ks, v_cache_scale=vs,
+    )  # fmt: skip
+    _check_quantized_rows(kc, ks, before[0], before[2], idx, k_new)
+    _check_quantized_rows(vc, vs, before[1], before[3], idx, v_new)
+    k_deq, v_deq = kc.float() * ks[..., None], vc.float() * vs[..., None]
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    no_write = idx[:, :0]
+    ref, ref_lse = reference.cached_kv_attention(
+        q.float(), k_deq[:, :0, :, :], v_deq[:, :0], k_deq, v_deq, no_write,
+        k_extra=f(extra[0]), v_extra=f(extra[1]), extra_mask=mask, return_lse=True,
+    )  # fmt: skip
+    k_all, v_all = k_deq.to(dtype), v_deq.to(dtype)
+    keys = None
+    if extra[0] is not None:
+        k_all, v_all = torch.cat([k_all, extra[0]], 1), torch.cat([v_all, extra[1]], 1)
+        if mask is not None:
+            keys = torch.cat([torch.ones(b, n, dtype=torch.bool, device=DEVICE), mask], 1)
+    base = sdpa_baseline(q, k_all, v_all, d**-0.5, keys)
+    assert_attention_close(out, ref, base, dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+    monkeypatch.setenv("RAS_BACKEND", "torch")
+    ops.cached_kv_attention(
+        q, k_new, v_new, torch_caches[0], torch_caches[1], idx, k_extra=extra[0], v_extra=extra[1],
+        extra_mask=mask, k_cache_scale=torch_caches[2], v_cache_scale=torch_caches[3],
+    )  # fmt: skip
+    for ours, theirs in zip((kc, vc, ks, vs), torch_caches, strict=True):
+        assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: a.pop("k_cache_scale"), "k_cache_scale .* is required with float8_e4m3fn caches"),
+        (lambda a: a.update(v_cache_scale=a["v_cache_scale"].half()), "v_cache_scale must have dtype"),
+        (lambda a: a.update(k_cache_scale=a["k_cache_scale"][:, :3]), r"k_cache_scale must have shape \(B, N, Hkv\)"),
+        (lambda a: a.update(v_cache=a["v_cache"].float()), "v_cache must have dtype"),
+        (
+            lambda a: a.update(k_cache=a["k_cache"].float(), v_cache=a["v_cache"].float()),
+            "k_cache_scale and v_cache_scale go with float8_e4m3fn caches only",
+        ),
+    ],
+)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_cache_errors(monkeypatch, backend, change, match):
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    q, k_new, v_new, kc, vc, ks, vs, idx, _ = _fp8_case(1, 8, 3, 0, 4, 2, 64, torch.float32, device="cpu")
+    args = dict(k_cache=kc, v_cache=vc, k_cache_scale=ks, v_cache_scale=vs)
+    change(args)
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.cached_kv_attention(q, k_new, v_new, args.pop("k_cache"), args.pop("v_cache"), idx, **args)
+
+
+def test_fp8_caches_need_a_kernel_head_dim():
+    q, k_new, v_new, kc, vc, ks, vs, idx, _ = _fp8_case(1, 8, 3, 0, 2, 2, 100, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="float8_e4m3fn caches need a head dim the kernel runs"):
+        ops.cached_kv_attention(q, k_new, v_new, kc, vc, idx, k_cache_scale=ks, v_cache_scale=vs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("d, hq, hkv, t", [(128, 12, 12, 0), (128, 24, 24, 512), (64, 24, 24, 333), (72, 32, 8, 0)])
+def test_gpu_fp8_caches_full_size(triton_backend, d, hq, hkv, t):
+    """fp8 caches at Wan / Flux / SD3 / Lumina-like sizes (N = 8192, K = N / 4, bf16): as the CPU test."""
+    b, n, kk, dtype = 1, 8192, 2048, torch.bfloat16
+    q, k_new, v_new, kc, vc, ks, vs, idx, extra = _fp8_case(b, n, kk, t, hq, hkv, d, dtype, device="cuda")
+    before = [x.clone() for x in (kc, vc, ks, vs)]
+    out = ops.cached_kv_attention(
+        q, k_new, v_new, kc, vc, idx, k_extra=extra[0], v_extra=extra[1], k_cache_scale=ks, v_cache_scale=vs
+    )
+    _check_quantized_rows(kc, ks, before[0], before[2], idx, k_new)
+    _check_quantized_rows(vc, vs, before[1], before[3], idx, v_new)
+    k_deq, v_deq = kc.float() * ks[..., None], vc.float() * vs[..., None]
+    f = lambda x: None if x is None else x.float()  # noqa: E731
+    ref = reference.cached_kv_attention(
+        q.float(), k_deq[:, :0], v_deq[:, :0], k_deq, v_deq, idx[:, :0], k_extra=f(extra[0]), v_extra=f(extra[1])
+    )
+    k_all, v_all = k_deq.to(dtype), v_deq.to(dtype)
+    if t:
+        k_all, v_all = torch.cat([k_all, extra[0]], 1), torch.cat([v_all, extra[1]], 1)
+    assert_attention_close(out, ref, sdpa_baseline(q, k_all, v_all, d**-0.5, None), dtype)

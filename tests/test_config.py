@@ -110,6 +110,8 @@ def test_shards_apply_the_counts_to_each_run(schedule):
         ("seed", 2**31, ValueError),
         ("seed", 1.0, TypeError),
         ("seed", True, TypeError),
+        ("kv_cache", "bf16", ValueError),
+        ("kv_cache", "FP8", ValueError),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value, exc):

@@ -190,6 +190,7 @@ def _config(cfg: dict) -> RASConfig:
         high_ratio=cfg["high_ratio"],
         mode=cfg["mode"],
         end_step=cfg.get("end"),
+        kv_cache=cfg.get("kv_cache"),
     )
 
 

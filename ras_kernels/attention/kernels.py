@@ -73,25 +73,37 @@ def _attn_tile(
     k_ptrs1,
     v_ptrs0,
     v_ptrs1,
+    ks_ptrs,
+    vs_ptrs,
     key_ok,
     qk_scale,
     SPLIT: tl.constexpr,
     MASKED: tl.constexpr,
     GUARD: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """One key tile of the online softmax (log2 domain): returns the updated (acc0, acc1, m_i, l_i).
 
     q0 [BM, D0], q1 [BM, D1]; the pointer blocks address [BN, D0] / [BN, D1] of K and [BN, D0] / [BN, DV1] of V.
     K/V loads are never masked (the caller points every row of the tile at an existing key row); when MASKED,
     keys outside ``key_ok`` [BN] get a score of -inf. GUARD protects rows that have seen no visible key yet
-    (m_i = -inf), which only happens when whole tiles can be masked (a key mask).
+    (m_i = -inf), which only happens when whole tiles can be masked (a key mask). SCALED: K and V are fp8 rows
+    times the fp32 row scales at ``ks_ptrs`` / ``vs_ptrs`` [BN]: the tiles are converted to q's dtype for the
+    dots, the K scales multiply the scores and the V scales the probabilities (a per-key factor commutes with
+    both dots).
     """
     k0 = tl.load(k_ptrs0)
+    if SCALED:
+        k0 = k0.to(q0.dtype)
     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     if SPLIT:
         k1 = tl.load(k_ptrs1)
+        if SCALED:
+            k1 = k1.to(q1.dtype)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+    if SCALED:
+        qk = qk * tl.load(ks_ptrs)[None, :]
     if MASKED:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -103,10 +115,15 @@ def _attn_tile(
     alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     v0 = tl.load(v_ptrs0)
+    if SCALED:
+        v0 = v0.to(q0.dtype)
+        p = p * tl.load(vs_ptrs)[None, :]
     p = p.to(v0.dtype)
     acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
     if SPLIT:
         v1 = tl.load(v_ptrs1)
+        if SCALED:
+            v1 = v1.to(q0.dtype)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
     return acc0, acc1, m_new, l_i
 
@@ -121,8 +138,12 @@ def _attn_masked_rows(
     q1,
     k_base,
     v_base,
+    ks_base,
+    vs_base,
     stride_k_n,
     stride_v_n,
+    stride_ks_n,
+    stride_vs_n,
     mask_base,
     stride_mask_t,
     lo,
@@ -134,11 +155,13 @@ def _attn_masked_rows(
     SPLIT: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Key rows lo..hi-1 of one segment (k_base/v_base point at its row 0), in tiles whose rows past ``hi`` are
-    clamped to row hi - 1 (loads stay unmasked, see attn_fwd_kernel) and get a score of -inf; with HAS_MASK the
-    uint8 key mask at ``mask_base + row * stride_mask_t`` hides keys too. Returns the updated (acc0, acc1, m_i, l_i)."""
+    """Key rows lo..hi-1 of one segment (k_base/v_base, and with SCALED the row scales ks_base/vs_base, point at
+    its row 0), in tiles whose rows past ``hi`` are clamped to row hi - 1 (loads stay unmasked, see attn_fwd_kernel)
+    and get a score of -inf; with HAS_MASK the uint8 key mask at ``mask_base + row * stride_mask_t`` hides keys
+    too. Returns the updated (acc0, acc1, m_i, l_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         rel = tl.minimum(offs_n, hi - 1 - start)
@@ -151,7 +174,8 @@ def _attn_masked_rows(
         acc0, acc1, m_i, l_i = _attn_tile(
             acc0, acc1, m_i, l_i, q0, q1,
             k_t + cols0[None, :], k_t + cols_k1[None, :], v_t + cols0[None, :], v_t + cols_v1[None, :],
-            key_ok, qk_scale, SPLIT, True, HAS_MASK, DOT_PREC,
+            ks_base + (row0 + rel) * stride_ks_n, vs_base + (row0 + rel) * stride_vs_n,
+            key_ok, qk_scale, SPLIT, True, HAS_MASK, DOT_PREC, SCALED,
         )  # fmt: skip
     return acc0, acc1, m_i, l_i
 
@@ -166,6 +190,8 @@ def attn_fwd_kernel(
     k_extra_ptr,
     v_extra_ptr,
     mask_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_q_b,
     stride_q_l,
     stride_q_h,
@@ -183,6 +209,12 @@ def attn_fwd_kernel(
     stride_v_extra_h,
     stride_mask_b,
     stride_mask_t,
+    stride_k_scale_b,
+    stride_k_scale_n,
+    stride_k_scale_h,
+    stride_v_scale_b,
+    stride_v_scale_n,
+    stride_v_scale_h,
     lq,
     lq_bucket,
     n_keys,
@@ -199,6 +231,7 @@ def attn_fwd_kernel(
     HAS_MASK: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -208,6 +241,8 @@ def attn_fwd_kernel(
     (T = n_extra, used when HAS_EXTRA); mask: [B, T] uint8, 0 hides that extra key from every query (HAS_MASK);
     out: [B, Lq, Hq, d] contiguous; lse: [B, Hq, Lq] fp32, natural log-sum-exp of the scaled scores (STORE_LSE).
     Query head h reads kv head h // group. qk_scale = scale * log2(e) (softmax computed with exp2).
+    KV_FP8: k/v are float8_e4m3fn, row (b, n, h) of each standing for its values times k_scale / v_scale [B, N, Hkv]
+    fp32 (the extra rows stay in q's dtype).
     Head dim d = D0 + REST, D0 a power of two, REST = 0 or a power of two >= 8 (SPLIT when REST > 0):
     scores = q[:, :D0] k[:, :D0]^T + q1 k[:, d-D1:]^T, where the D1 = max(REST, 16)-wide window q1 is q[:, d-D1:]
     with the columns it shares with the first piece zeroed (a dot needs K >= 16, and the window stays inside the
@@ -268,19 +303,26 @@ def attn_fwd_kernel(
     v_ptrs0 = v_base + rows_v + offs_d0[None, :]
     k_ptrs1 = k_base + rows_k + cols_k1[None, :]
     v_ptrs1 = v_base + rows_v + cols_v1[None, :]
+    ks_base = k_scale_ptr + b * stride_k_scale_b + hk * stride_k_scale_h
+    vs_base = v_scale_ptr + b * stride_v_scale_b + hk * stride_v_scale_h
+    ks_ptrs = ks_base + offs_n * stride_k_scale_n
+    vs_ptrs = vs_base + offs_n * stride_v_scale_n
     n_full = (n_keys // BLOCK_N) * BLOCK_N
     for _start in range(0, n_full, BLOCK_N):
         acc0, acc1, m_i, l_i = _attn_tile(
-            acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, m_ok, qk_scale,
-            SPLIT, False, False, DOT_PREC,
+            acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, ks_ptrs, vs_ptrs, m_ok, qk_scale,
+            SPLIT, False, False, DOT_PREC, KV_FP8,
         )  # fmt: skip
         k_ptrs0 += BLOCK_N * stride_k_n
         k_ptrs1 += BLOCK_N * stride_k_n
         v_ptrs0 += BLOCK_N * stride_v_n
         v_ptrs1 += BLOCK_N * stride_v_n
+        ks_ptrs += BLOCK_N * stride_k_scale_n
+        vs_ptrs += BLOCK_N * stride_v_scale_n
     acc0, acc1, m_i, l_i = _attn_masked_rows(
-        acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_k_n, stride_v_n, mask_ptr, 0, n_full, n_keys, qk_scale,
-        offs_d0, cols_k1, cols_v1, SPLIT, False, DOT_PREC, BLOCK_N,
+        acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, ks_base, vs_base, stride_k_n, stride_v_n, stride_k_scale_n,
+        stride_v_scale_n, mask_ptr, 0, n_full, n_keys, qk_scale, offs_d0, cols_k1, cols_v1, SPLIT, False, DOT_PREC,
+        KV_FP8, BLOCK_N,
     )  # fmt: skip
 
     # Segment 2: the extra rows (text / caption keys), every tile masked (bounds and the optional key mask).
@@ -288,9 +330,9 @@ def attn_fwd_kernel(
         k_extra_base = k_extra_ptr + tl.multiple_of(b * stride_k_extra_b + hk * stride_k_extra_h, 8)
         v_extra_base = v_extra_ptr + tl.multiple_of(b * stride_v_extra_b + hk * stride_v_extra_h, 8)
         acc0, acc1, m_i, l_i = _attn_masked_rows(
-            acc0, acc1, m_i, l_i, q0, q1, k_extra_base, v_extra_base, stride_k_extra_t, stride_v_extra_t,
-            mask_ptr + b * stride_mask_b, stride_mask_t, 0, n_extra, qk_scale, offs_d0, cols_k1, cols_v1,
-            SPLIT, HAS_MASK, DOT_PREC, BLOCK_N,
+            acc0, acc1, m_i, l_i, q0, q1, k_extra_base, v_extra_base, ks_base, vs_base, stride_k_extra_t,
+            stride_v_extra_t, 0, 0, mask_ptr + b * stride_mask_b, stride_mask_t, 0, n_extra, qk_scale, offs_d0,
+            cols_k1, cols_v1, SPLIT, HAS_MASK, DOT_PREC, False, BLOCK_N,
         )  # fmt: skip
 
     # Epilogue: normalise (a row with no visible key keeps acc = 0), store out and the natural-log LSE.

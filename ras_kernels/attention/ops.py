@@ -81,24 +81,58 @@ def _check_key_mask(name: str, mask, b: int, t: int, device: torch.device) -> No
         raise ValueError(f"{name} must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
 
 
+FP8 = torch.float8_e4m3fn
+
+
+@functools.cache
+def _has_fp8(device: torch.device) -> bool:
+    """Whether Triton converts e4m3 on this device: CUDA compute capability 8.9 or newer (and the interpreter)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _check_cache_scales(k_cache, k_cache_scale, v_cache_scale) -> None:
+    """fp8 caches need their row scales [B, N, Hkv] fp32 (and a kernel head dim); other caches take none."""
+    b, n, hkv, d = k_cache.shape
+    if k_cache.dtype != FP8:
+        if k_cache_scale is not None or v_cache_scale is not None:
+            raise ValueError(
+                f"k_cache_scale and v_cache_scale go with float8_e4m3fn caches only; the caches are {k_cache.dtype}"
+            )
+        return
+    if d not in HEAD_DIMS:
+        dims = ", ".join(map(str, HEAD_DIMS))
+        raise ValueError(f"float8_e4m3fn caches need a head dim the kernel runs ({dims}), got {d}")
+    if not _has_fp8(k_cache.device):
+        raise ValueError(f"float8_e4m3fn caches need CUDA compute capability 8.9 or newer, got {_arch(k_cache.device)}")
+    for name, t in (("k_cache_scale", k_cache_scale), ("v_cache_scale", v_cache_scale)):
+        if t is None:
+            raise ValueError(f"{name} [B, N, Hkv] float32 is required with float8_e4m3fn caches")
+        check_tensor(name, t, ndim=3, dtypes=(torch.float32,), device=k_cache.device)
+        if tuple(t.shape) != (b, n, hkv):
+            raise ValueError(f"{name} must have shape (B, N, Hkv) = {(b, n, hkv)}, got {tuple(t.shape)}")
+        check_no_overlap(name, t)
+
+
 def validate_attention_args(
-    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask=None, return_lse=False
-) -> None:
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask=None, return_lse=False,
+    k_cache_scale=None, v_cache_scale=None,
+) -> None:  # fmt: skip
     """Check every argument of :func:`cached_kv_attention`."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     b, lq, hq, d = q.shape
     _check_head_dim(d)
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype, FP8), device=q.device)
     n, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise ValueError(f"k_cache must have shape (B={b}, N, Hkv, d={d}), got {tuple(k_cache.shape)}")
     if hkv < 1 or hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), device=q.device)
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
     check_no_overlap("k_cache", k_cache)
     check_no_overlap("v_cache", v_cache)
+    _check_cache_scales(k_cache, k_cache_scale, v_cache_scale)
     validate_index("idx", idx, b, n, q.device, distinct=True)
     kk = idx.shape[1]
     for name, t in (("k_new", k_new), ("v_new", v_new)):
@@ -257,7 +291,7 @@ def _tuned_attn_kernel():
         configs=[
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS
         ],
-        key=["lq_bucket", "HEAD_DIM", "HAS_EXTRA", "HAS_MASK"],
+        key=["lq_bucket", "HEAD_DIM", "HAS_EXTRA", "HAS_MASK", "KV_FP8"],
         prune_configs_by={"early_config_prune": prune},
         cache_results=True,  # on disk, in Triton's cache: a new process does not re-tune
     )(kernels.attn_fwd_kernel)
@@ -271,8 +305,11 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool):
-    """Allocate out [B, Lq, Hq, d] (and lse [B, Hq, Lq] fp32 when asked); the kernel's keyword arguments and grid."""
+def _attention_launch_args(
+    q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, k_scale=None, v_scale=None
+):
+    """Allocate out [B, Lq, Hq, d] (and lse [B, Hq, Lq] fp32 when asked); the kernel's keyword arguments and grid.
+    ``k_scale``/``v_scale`` [B, N, Hkv]: the row scales of fp8 k/v."""
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -285,9 +322,17 @@ def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, 
     has_mask = has_extra and extra_mask is not None
     # Bool masks are read as bytes (a zero-copy view).
     mask = extra_mask.view(torch.uint8) if has_mask else ke  # never read without HAS_MASK
+    fp8 = k.dtype == FP8
+    ks, vs = (k_scale, v_scale) if fp8 else (lse, lse)  # never read without KV_FP8
+    scale_strides = {
+        f"stride_{name}_scale_{dim}": t.stride(i) if fp8 else 0
+        for name, t in (("k", ks), ("v", vs))
+        for i, dim in enumerate("bnh")
+    }
     d0, d1 = _split_head_dim(d)
     args = dict(
         out_ptr=out, lse_ptr=lse, q_ptr=q, k_ptr=k, v_ptr=v, k_extra_ptr=ke, v_extra_ptr=ve, mask_ptr=mask,
+        k_scale_ptr=ks, v_scale_ptr=vs, **scale_strides,
         stride_q_b=q.stride(0), stride_q_l=q.stride(1), stride_q_h=q.stride(2),
         stride_k_b=k.stride(0), stride_k_n=k.stride(1), stride_k_h=k.stride(2),
         stride_v_b=v.stride(0), stride_v_n=v.stride(1), stride_v_h=v.stride(2),
@@ -307,6 +352,7 @@ def _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale: float, 
         "HAS_MASK": has_mask,
         "STORE_LSE": return_lse,
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "KV_FP8": fp8,
     }
 
     def grid(meta):
@@ -325,19 +371,23 @@ def _launch_attention(
     scale: float,
     return_lse: bool,
     config: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the attention kernel (at a kernel head dim) on the current device; ``config`` (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) bypasses the shipped table and the autotuner."""
+    num_warps, num_stages) bypasses the shipped table and the autotuner; fp8 k/v come with their row scales."""
     from . import kernels
 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if interpret and q.dtype == torch.bfloat16:
         # The interpreter's bf16 tl.dot returns garbage (its fp32 and fp16 dots are right): run the fp32 kernel on
-        # fp32 copies and round the output once, as the reference does.
-        up = [None if t is None else t.float() for t in (q, k, v, k_extra, v_extra)]
-        out, lse = _launch_attention(*up, extra_mask, scale, return_lse, config)
+        # fp32 copies (fp8 caches as they are) and round the output once, as the reference does.
+        up = [t if t is None or t.dtype == FP8 else t.float() for t in (q, k, v, k_extra, v_extra)]
+        out, lse = _launch_attention(*up, extra_mask, scale, return_lse, config, k_scale, v_scale)
         return out.to(torch.bfloat16), lse
-    out, lse, args, consts, grid = _attention_launch_args(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    out, lse, args, consts, grid = _attention_launch_args(
+        q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, k_scale, v_scale
+    )
     if out.numel() == 0:
         return out, lse
     if interpret:
@@ -376,15 +426,18 @@ def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
     )  # fmt: skip
 
 
-def _attend(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int):
+def _attend(
+    q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int, k_scale=None, v_scale=None
+):
     """The attention kernel at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended to q,
-    k and v add nothing to any score, and the output's extra columns (zero) are sliced off."""
+    k and v add nothing to any score, and the output's extra columns (zero) are sliced off. fp8 k/v (with their row
+    scales) always come at a kernel head dim (validate_attention_args)."""
     d = q.shape[-1]
     if width != d:
         q, k, v, k_extra, v_extra = (
             None if t is None else F.pad(t, (0, width - d)) for t in (q, k, v, k_extra, v_extra)
         )
-    out, lse = _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
+    out, lse = _launch_attention(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, None, k_scale, v_scale)
     if width != d:
         out = out[..., :d].contiguous()
     return out, lse
@@ -404,26 +457,37 @@ def _with_lse(result, q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, 
 
 
 def _cached_reference(
-    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool
-):
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool,
+    k_cache_scale, v_cache_scale,
+):  # fmt: skip
     out = reference.cached_kv_attention(
         q, k_new, v_new, k_cache, v_cache, idx,
         k_extra=k_extra, v_extra=v_extra, extra_mask=extra_mask, scale=scale, return_lse=return_lse,
+        k_cache_scale=k_cache_scale, v_cache_scale=v_cache_scale,
     )  # fmt: skip
     return _with_lse(out, q, return_lse)
 
 
 def _cached_launch(
-    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool
-):
+    q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale: float, return_lse: bool,
+    k_cache_scale, v_cache_scale,
+):  # fmt: skip
     width = _kernel_head_dim(q.shape[-1])
-    if width is None:  # past the kernel's head dims
+    if width is None:  # past the kernel's head dims (never with fp8 caches)
         return _cached_reference(
-            q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale, return_lse
+            q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, scale, return_lse, None, None
         )  # fmt: skip
+    if k_cache.dtype == FP8:
+        # The rows are quantized by the reference's own function (so both paths store the same bytes), their
+        # scales written by index; the write kernel then copies the e4m3 rows like any others.
+        (k_new, k_row_scale), (v_new, v_row_scale) = reference.quantize_fp8(k_new), reference.quantize_fp8(v_new)
+        reference.write_cache(k_cache_scale, idx, k_row_scale)
+        reference.write_cache(v_cache_scale, idx, v_row_scale)
     # The write kernel takes any head dim; stream order makes the attention launch wait for it.
     _launch_cache_write(k_cache, v_cache, idx, k_new, v_new)
-    return _attend(q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width)
+    return _attend(
+        q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale
+    )
 
 
 def _flash_reference(q, k, v, key_mask, scale: float, return_lse: bool):
@@ -449,12 +513,13 @@ _CACHED_KV_ATTENTION = RASOp(
     "cached_kv_attention",
     schema=(
         "(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor idx, Tensor? k_extra, "
-        "Tensor? v_extra, Tensor? extra_mask, float scale, bool return_lse) -> (Tensor, Tensor)"
+        "Tensor? v_extra, Tensor? extra_mask, float scale, bool return_lse, Tensor(c!)? k_cache_scale, "
+        "Tensor(d!)? v_cache_scale) -> (Tensor, Tensor)"
     ),
     launch=_cached_launch,
     reference=_cached_reference,
-    fake=lambda q, *args: _fake_attention(q, args[-1]),
-    mutates_args=("k_cache", "v_cache"),
+    fake=lambda q, *args: _fake_attention(q, args[-3]),
+    mutates_args=("k_cache", "v_cache", "k_cache_scale", "v_cache_scale"),
     differentiable=("q", "k_new", "v_new", "k_cache", "v_cache", "k_extra", "v_extra"),
 )
 _FLASH_ATTENTION = RASOp(
@@ -485,6 +550,8 @@ def cached_kv_attention(
     extra_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    k_cache_scale: torch.Tensor | None = None,
+    v_cache_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the active (and text) queries over a whole-image K/V cache refreshed in place.
 
@@ -500,13 +567,22 @@ def cached_kv_attention(
 
     ``extra_mask``: optional [B, T] bool, False hides that extra key from every query (applied in the kernel).
     ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Lq] fp32 (natural log).
+
+    fp8 caches: ``k_cache``/``v_cache`` of dtype ``float8_e4m3fn`` (half the memory of bf16) with ``k_cache_scale``/
+    ``v_cache_scale`` [B, N, Hkv] fp32, updated in place: each (row, head) of k_new/v_new is stored as e4m3 values
+    and one scale (``reference.quantize_fp8``: its largest magnitude / 448), and the kernel reads the rows back as
+    values x scale in q's dtype. Needs a kernel head dim (``HEAD_DIMS``) and, on CUDA, compute capability >= 8.9.
     """
-    validate_attention_args(q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse)
+    validate_attention_args(
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse,
+        k_cache_scale, v_cache_scale,
+    )  # fmt: skip
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, lse = _CACHED_KV_ATTENTION(
-        q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, float(scale), return_lse
-    )
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, extra_mask, float(scale), return_lse,
+        k_cache_scale, v_cache_scale,
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 

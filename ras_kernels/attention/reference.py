@@ -3,6 +3,9 @@
 Shapes: ``q`` [B, Lq, Hq, d]; ``k_new``/``v_new`` [B, K, Hkv, d]; ``k_cache``/``v_cache`` [B, N, Hkv, d];
 ``idx`` [B, K]; ``k_extra``/``v_extra`` [B, T, Hkv, d]; result [B, Lq, Hq, d]. Query head h reads kv head
 ``h // (Hq / Hkv)`` (grouped-query attention, as ``repeat_interleave`` on the head dimension).
+
+fp8 caches (``float8_e4m3fn``) hold each (row, head) of K and V as e4m3 values times an fp32 scale kept beside the
+cache ([B, N, Hkv]): see :func:`quantize_fp8`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import device_of
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] as (e4m3 values [..., d], fp32 scales [...]): each row's scale is its largest magnitude / 448 (1 for
+    an all-zero row), and x / scale, clamped to +-448, is rounded to the nearest e4m3 value. x ~ values * scale."""
+    amax = x.float().abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    values = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return values, scale
 
 
 def write_cache(cache: torch.Tensor, idx: torch.Tensor, new: torch.Tensor) -> None:
@@ -69,18 +83,30 @@ def cached_kv_attention(
     extra_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    k_cache_scale: torch.Tensor | None = None,
+    v_cache_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Write k_new/v_new into the caches at ``idx``, then attend q over [cache rows 0..N-1, extra rows].
 
     ``extra_mask`` [B, T] bool hides the extra keys where False (cache rows are always visible);
-    ``return_lse`` also returns the [B, Hq, Lq] fp32 log-sum-exp of the scaled scores.
+    ``return_lse`` also returns the [B, Hq, Lq] fp32 log-sum-exp of the scaled scores. fp8 caches: k_new/v_new are
+    quantized (:func:`quantize_fp8`) into the caches and ``k_cache_scale``/``v_cache_scale`` [B, N, Hkv], and the
+    attention reads the dequantized caches.
     """
-    write_cache(k_cache, idx, k_new)
-    write_cache(v_cache, idx, v_new)
-    k, v, mask = k_cache, v_cache, None
+    if k_cache.dtype == torch.float8_e4m3fn:
+        for cache, cache_scale, new in ((k_cache, k_cache_scale, k_new), (v_cache, v_cache_scale, v_new)):
+            values, row_scale = quantize_fp8(new)
+            write_cache(cache, idx, values)
+            write_cache(cache_scale, idx, row_scale)
+        k, v = (cache.float() * s[..., None] for cache, s in ((k_cache, k_cache_scale), (v_cache, v_cache_scale)))
+    else:
+        write_cache(k_cache, idx, k_new)
+        write_cache(v_cache, idx, v_new)
+        k, v = k_cache, v_cache
+    mask = None
     if k_extra is not None:
-        k = torch.cat([k, k_extra], dim=1)
-        v = torch.cat([v, v_extra], dim=1)
+        k = torch.cat([k, k_extra.to(k.dtype)], dim=1)
+        v = torch.cat([v, v_extra.to(v.dtype)], dim=1)
         if extra_mask is not None:
             visible = torch.ones(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
             mask = torch.cat([visible, extra_mask], dim=1)
