@@ -34,7 +34,8 @@ def _require_size(name: str, value: object) -> None:
 
 
 class RASSession:
-    """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation.
+    """Schedule, K/V caches, per-token output cache, starvation counters, active set (and metric delta's previous
+    output and scores) of one generation.
 
     Args:
         config: the RAS settings.
