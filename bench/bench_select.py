@@ -92,7 +92,9 @@ def eager_table() -> str:
         k = n // 2
         ours = median_ms(partial(select_regions, x, k, patch_size=p, counters=counters, **KW))
         patch = _patch_list(size, p)
-        op_args = (x, k, patch, KW["metric"], counters, KW["starvation_scale"], KW["mode"], KW["high_ratio"])
+        # Every schema argument (the schema has no defaults): shards 1; seed, previous, scores unused by "std".
+        op_args = (x, k, patch, KW["metric"], counters, KW["starvation_scale"], KW["mode"], KW["high_ratio"], 1)
+        op_args += (None, None, None)
         op = median_ms(partial(torch.ops.ras_kernels.select_regions, *op_args))
         base = median_ms(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
         lines.append(f"| {_shape(b, c, size, p, dtype, k)} | {ours:.4f} | {op:.4f} | {base:.4f} |")

@@ -35,7 +35,8 @@ def _require_size(name: str, value: object) -> None:
 
 
 class RASSession:
-    """Schedule, K/V caches, per-token output cache, starvation counters and active set of one generation.
+    """Schedule, K/V caches, per-token output cache, starvation counters, active set (and metric delta's previous
+    output and scores) of one generation.
 
     Args:
         config: the RAS settings.
@@ -91,6 +92,8 @@ class RASSession:
         self._kv: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (K, V) caches, and their row scales when fp8
         self._out: dict[tuple, torch.Tensor] = {}
         self._index: dict[tuple, torch.Tensor] = {}
+        # metric "delta": (previous guided output, per-token scores [P, N] fp32), see _delta_state.
+        self._delta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def held_shapes(self) -> tuple[tuple, ...]:
@@ -105,7 +108,7 @@ class RASSession:
             return
         while len(self._shapes) >= self.max_shapes:
             evicted, _ = self._shapes.popitem(last=False)
-            for buffers in (self._kv, self._out, self._index):
+            for buffers in (self._kv, self._out, self._index, self._delta):
                 for key in [key for key in buffers if key[0] == evicted]:
                     del buffers[key]
         self._shapes[shape_key] = None
@@ -329,6 +332,7 @@ class RASSession:
             raise ValueError(f"guided is on {guided.device} but the step ran on {device}")
         cfg = self.config
         nxt = self.step + 1
+        previous, scores = self._delta_state(guided) if cfg.metric == "delta" else (None, None)
         if nxt < cfg.num_steps and cfg.is_ras_step(nxt):
             prompts = guided.shape[0]
             if self.counters is None or self.counters.shape != (prompts, self.num_tokens):
@@ -347,15 +351,45 @@ class RASSession:
                 high_ratio=cfg.high_ratio,
                 shards=cfg.shards,
                 seed=self.seed if cfg.metric == "random" else None,
+                previous=previous,
+                scores=scores,
             )
         else:
             self.active = None
+        if previous is not None:
+            # Every observe, dense steps included, so the next one measures each token's change from this output.
+            # Scores change only at selections: an observe that selects nothing comes before a dense step, and the
+            # observe after that step gives every (recomputed) token a fresh change, so updating them here too
+            # would be overwritten unread (unless a recomputed token's output came out bit-identical).
+            previous.copy_(guided)
         self.step = nxt
         self._calls.clear()
         if nxt == cfg.num_steps and not self.keep_buffers:
             self.release()  # the generation is over: free the caches rather than keep them allocated
 
+    def _delta_state(self, guided: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Metric delta's buffers for this generation shape and guided layout: ``previous`` (the guided output of
+        the last observe) and ``scores`` ([P, N] fp32, each token's last observed change), both zero at a
+        generation's first observe. That observe therefore measures the change from zero: the guided output's own
+        per-token L2 norm (metric l2's score). It matters only with ``warmup_steps=1``, where that observe selects
+        the first RAS step's tokens: they are ranked by the output's magnitude instead of all tying at one score
+        (which would leave the choice to token order). With more warm-up steps the first selection compares two
+        dense outputs, so every token has a fresh change."""
+        key = (self.shape_key, tuple(guided.shape), guided.dtype)
+        state = self._delta.get(key)
+        if state is None:
+            state = (
+                torch.zeros(guided.shape, dtype=guided.dtype, device=guided.device),
+                torch.zeros(guided.shape[0], self.num_tokens, dtype=torch.float32, device=guided.device),
+            )
+            self._delta[key] = state
+        elif self.step == 0:  # buffers kept from an earlier generation (keep_buffers)
+            for t in state:
+                t.zero_()
+        return state
+
     def memory_bytes(self) -> int:
-        """Bytes held by the K/V and output caches now."""
+        """Bytes held by the K/V and output caches and by metric delta's buffers now."""
         tensors = [t for caches in self._kv.values() for t in caches] + list(self._out.values())
+        tensors += [t for pair in self._delta.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -95,11 +95,13 @@ def check_index_shape(out, b, k, n):
         assert bool((out[:, 1:] > out[:, :-1]).all()), "indices not strictly ascending"
 
 
-def assert_same_selection_values(signal, k, counters, ours, ours_c, ref, ref_c, **kw):
-    """Random data: selected priorities equal as multisets; counters equal except on boundary swaps."""
+def assert_same_selection_values(signal, k, counters, ours, ours_c, ref, ref_c, *, previous=None, scores=None, **kw):
+    """Random data: selected priorities equal as multisets; counters equal except on boundary swaps. Metric delta:
+    ``previous`` and ``scores`` (as they were before the call) give the reference's token scores."""
     p, metric = kw.get("patch_size", 2), kw.get("metric", "std")
     scale, mode = kw.get("starvation_scale", 0.1), kw.get("mode", "reference")
-    prio = select_reference.priorities(select_reference.region_scores(signal, p, metric), counters, scale, mode)
+    r = select_reference.region_scores(signal, p, metric, previous=previous, scores=scores)
+    prio = select_reference.priorities(r, counters, scale, mode)
     b, n = prio.shape
     check_index_shape(ours, b, k, n)
     torch.testing.assert_close(

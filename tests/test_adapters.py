@@ -4,7 +4,10 @@ The oracle follows the spec literally and shares no code with the adapters: it r
 on every step, replaces the inactive tokens' keys/values by the ones cached from the step that last computed them
 (forward hooks on the self-attention ``to_k``/``to_v`` projections: the QK-norm and RoPE after them act per
 token, so substituting their inputs substitutes their outputs), and takes the inactive tokens' outputs (pixels)
-from the previous step's output. Active rows then see exactly what a RAS step computes.
+from the previous step's output. Active rows then see exactly what a RAS step computes. With metric "delta" it keeps
+the spec's state literally: at every step (the session updates the scores only when it selects) each token's score
+becomes its change from the previous step's guided output, or stays where that change is 0; the first step's change
+is measured from zeros.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ras_kernels.select.reference import region_scores as reference_scores
 from ras_kernels.select.reference import select_regions as reference_select
 from ras_models import RASConfig, apply_ras, supported_models
 
@@ -65,6 +69,7 @@ class Oracle:
 
     def _set_timesteps(self, *args, **kwargs):
         self.step, self.active, self.counters, self.prev, self.kv = 0, None, None, None, {}
+        self.guided, self.scores = None, None  # metric delta's previous guided output and scores
         return self.set_timesteps(*args, **kwargs)
 
     def _rows(self, batch):
@@ -94,6 +99,14 @@ class Oracle:
         n = self.hw[0] * self.hw[1]
         nxt = self.step + 1
         count = _oracle_count(self.cfg, nxt, n) if nxt < self.cfg["steps"] else None
+        metric, delta = self.cfg.get("metric", "std"), {}
+        if metric == "delta":
+            if self.guided is None:  # the generation's first step: the change from zeros
+                self.guided = torch.zeros_like(model_output)
+                self.scores = torch.zeros(model_output.shape[0], n, device=model_output.device)
+            delta = {"previous": self.guided, "scores": self.scores}
+            if count is None:  # the rule at a step that selects nothing (select_regions applies it otherwise)
+                self.scores.copy_(reference_scores(model_output, self.p, "delta", **delta))
         if count is None:
             self.active = None
         else:
@@ -103,14 +116,17 @@ class Oracle:
                 model_output,
                 count,
                 patch_size=self.p,
-                metric="std",
+                metric=metric,
                 counters=self.counters,
                 starvation_scale=0.1,
                 mode=self.cfg["mode"],
                 high_ratio=self.cfg["high_ratio"],
+                **delta,
             )
             self.mask = torch.zeros(model_output.shape[0], n, dtype=torch.bool, device=model_output.device)
             self.mask.scatter_(1, self.active, True)
+        if metric == "delta":
+            self.guided = model_output.clone()
         self.step = nxt
         return self.step_fn(model_output, *args, **kwargs)
 
@@ -158,6 +174,27 @@ CASES = {
             "dynamic_step": 8,
         },
     ),
+    # Metric delta, warmup 1: the first selection comes from the first step's output (its change from zeros). Two
+    # prompts and a reset (a dense step between two selections) on the plain-PyTorch path; the Triton case is
+    # shorter (the interpreter takes seconds a step).
+    "sd3-2prompts-delta": (
+        tiny_sd3_pipeline,
+        SD3_SIZE,
+        {
+            "steps": 8,
+            "warmup": 1,
+            "resets": (4,),
+            "ratio": 0.5,
+            "high_ratio": 0.3,
+            "mode": "reference",
+            "metric": "delta",
+        },
+    ),
+    "sd3-delta": (
+        tiny_sd3_pipeline,
+        SD3_SIZE,
+        {"steps": 5, "warmup": 1, "resets": (), "ratio": 0.5, "high_ratio": 0.3, "mode": "paper", "metric": "delta"},
+    ),
     "lumina-2prompts-nonsquare": (
         tiny_lumina_pipeline,
         {"height": 128, "width": 96},
@@ -176,6 +213,7 @@ def _config(cfg: dict) -> RASConfig:
         "mode": cfg["mode"],
         "end_step": cfg.get("end"),
         "schedule": "static",
+        "metric": cfg.get("metric", "std"),
     }
     if cfg.get("dynamic"):
         group, size = cfg["dynamic"]
@@ -183,8 +221,8 @@ def _config(cfg: dict) -> RASConfig:
     return RASConfig(**kwargs)
 
 
-# Every case on the plain-PyTorch path; two also on the Triton kernels (interpreter on CPU, or a GPU).
-@pytest.mark.parametrize("case,backend", backend_cases(CASES, ("sd3-1prompt", "lumina-1prompt-dynamic")))
+# Every case on the plain-PyTorch path; three also on the Triton kernels (interpreter on CPU, or a GPU).
+@pytest.mark.parametrize("case,backend", backend_cases(CASES, ("sd3-1prompt", "lumina-1prompt-dynamic", "sd3-delta")))
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     # fp32 everywhere: keep cuDNN convolutions out of TF32 so the oracle's dense run is as exact as ours.

@@ -125,3 +125,9 @@ def test_random_metric_and_seed():
     assert RASConfig().seed == 0
     with pytest.raises(ValueError, match="RASConfig.seed is used by metric='random' only; got seed=5 with 'std'"):
         RASConfig(metric="std", seed=5)
+
+
+def test_delta_metric():
+    assert RASConfig.sd3(metric="delta").metric == "delta"
+    with pytest.raises(ValueError, match="RASConfig.seed is used by metric='random' only; got seed=2 with 'delta'"):
+        RASConfig(metric="delta", seed=2)

@@ -256,13 +256,21 @@ def draw_select_regions(dr: Draw) -> Case:
         grid = (dr.size(1, 8, 64), dr.size(1, 8, 64))
     patch = (p, p) if isinstance(p, int) else p
     size, n = [g * q for g, q in zip(grid, patch, strict=True)], math.prod(grid)
-    metric = dr.choice("metric", ["std", "l2"])
+    metric = dr.choice("metric", ["std", "l2", "delta"])
     c = dr.size(2 if metric == "std" else 1, 8, 16)
     signal = dr.randn("signal", (b, c, *size), dr.dtype("signal"))
     if dr.rng.random() < 0.25:  # H and W swapped in memory: no unit last stride, which select accepts
         swapped = torch.empty(b, c, *size[:-2], size[-1], size[-2], dtype=signal.dtype, device=signal.device)
         signal = swapped.transpose(-2, -1).copy_(signal)
         dr.notes.append("signal:hw-transposed")
+    previous = scores = None
+    if metric == "delta":  # about a third of the tokens not recomputed: their voxels equal the previous signal's
+        copied = torch.rand(b, *grid, device=dr.device) < 0.3
+        for dim, q in enumerate(patch, start=1):
+            copied = copied.repeat_interleave(q, dim)
+        changed = (signal.float() + torch.randn(signal.shape, device=dr.device)).to(signal.dtype)
+        previous = dr.layout("previous", torch.where(copied[:, None], signal, changed))
+        scores = dr.layout("scores", torch.rand(b, n, device=dr.device))
     counters = None
     if dr.rng.random() < 0.7:
         counters = dr.layout("counters", torch.randint(0, 4, (b, n), device=dr.device).to(dr.choice("cnt", INDEX)))
@@ -276,12 +284,17 @@ def draw_select_regions(dr: Draw) -> Case:
     )
     before = None if counters is None else counters.clone()
     ref_c = None if counters is None else counters.clone()
-    ref = select_ref.select_regions(signal, k, counters=ref_c, **kw)
+    scores_before = None if scores is None else scores.clone()
+    ref_s = None if scores is None else scores.clone()
+    ref = select_ref.select_regions(signal, k, counters=ref_c, previous=previous, scores=ref_s, **kw)
 
     def check(a, out):
-        assert_same_selection_values(signal, k, before, out, a["counters"], ref, ref_c, **kw)
+        delta = {"previous": previous, "scores": scores_before}
+        assert_same_selection_values(signal, k, before, out, a["counters"], ref, ref_c, **delta, **kw)
+        if scores is not None:  # updated in place: the same changes, carried-over entries exactly
+            torch.testing.assert_close(a["scores"], ref_s, rtol=1e-5, atol=1e-6)
 
-    args = {"signal": signal, "k": k, "counters": counters}
+    args = {"signal": signal, "k": k, "counters": counters, "previous": previous, "scores": scores}
     bad = [
         ("K = 0", {"k": 0}, ValueError, "num_active must be in"),
         ("K > N", {"k": n + 1}, ValueError, "num_active must be in"),
@@ -295,9 +308,17 @@ def draw_select_regions(dr: Draw) -> Case:
         bad.append(("float counters", {"counters": counters.float()}, TypeError, "counters must have dtype"))
     if metric == "std":
         bad.append(("std over 1 channel", {"signal": signal[:, :1]}, ValueError, "at least 2 channels"))
+    if metric == "delta":
+        bad.append(("no previous", {"previous": None}, ValueError, "metric='delta' needs previous"))
+        bad.append(("previous cropped", {"previous": previous[..., :-1]}, ValueError, "previous must have the signal"))
+        bad.append(("float64 scores", {"scores": scores.double()}, TypeError, "scores must have dtype"))
+        bad.append(("scores of N + 1", {"scores": scores.new_zeros(b, n + 1)}, ValueError, "scores must have shape"))
+    else:
+        bad.append(("scores", {"scores": torch.zeros(b, n, device=dr.device)}, ValueError, "scores is used only"))
 
     def call(a):
-        return select_regions(a["signal"], a["k"], counters=a["counters"], **kw)
+        delta = {"previous": a["previous"], "scores": a["scores"]}
+        return select_regions(a["signal"], a["k"], counters=a["counters"], **delta, **kw)
 
     return Case(dr.desc("select_regions"), args, call, check, "signal", bad)
 

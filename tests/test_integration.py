@@ -106,3 +106,73 @@ def test_inactive_tokens_reuse_their_last_output(torch_backend):
         before = rearrange(trace[step - 1], "b c (y p) (x q) -> b (y x) (p q c)", p=2, q=2)
         assert torch.equal(now[inactive], before[inactive])
         assert not torch.equal(now[~inactive], before[~inactive])
+
+
+def test_delta_metric_state(torch_backend, monkeypatch):
+    """RASConfig(metric="delta") through RASSession: each selection gets the guided output of the previous observe as
+    ``previous`` (a dense step's observe refreshes it too) and the session's scores. The first observe compares with
+    zeros (warmup_steps=1: it selects), so the first RAS step gets the l2 metric's choice. After a RAS step the
+    tokens it did not recompute keep their scores and the others get new ones. With keep_buffers a second generation
+    repeats the first (the state starts from zero again) and memory_bytes counts the two buffers; without, they are
+    freed when the generation ends."""
+    from ras_kernels.select import reference
+    from ras_models import session as session_module
+
+    config = RASConfig(metric="delta", num_steps=6, warmup_steps=1, reset_steps=(3,), sample_ratio=0.25)
+    model, noise = TinyDiT().eval(), torch.randn(2, 4, 16, 16)  # 64 tokens
+    std = RASSession(RASConfig(num_steps=6, warmup_steps=1, reset_steps=(3,), sample_ratio=0.25), 2, keep_buffers=True)
+    with torch.no_grad():
+        sample(model, noise, 6, std)
+    calls, observed = [], []
+    select = session_module.select_regions
+
+    def spy(signal, num_active, **kwargs):
+        before = [kwargs[name].clone() for name in ("previous", "scores", "counters")]
+        active = select(signal, num_active, **kwargs)
+        calls.append((len(observed) - 1, signal.clone(), *before, kwargs["scores"].clone(), active))
+        return active
+
+    monkeypatch.setattr(session_module, "select_regions", spy)
+
+    def generate(ras):
+        observe = ras.observe
+
+        def record(guided):
+            observed.append(guided.clone())
+            observe(guided)
+
+        ras.observe = record
+        calls.clear()
+        observed.clear()
+        with torch.no_grad():
+            return sample(model, noise, 6, ras), [c[-1] for c in calls]
+
+    ras = RASSession(config, patch_size=2, keep_buffers=True)
+    first, first_sets = generate(ras)
+    assert [c[0] for c in calls] == [0, 1, 3, 4]  # the observes before the RAS steps 1, 2, 4, 5
+    for i, (step, signal, previous, scores, counters, after, active) in enumerate(calls):
+        assert torch.equal(signal, observed[step])
+        if step == 0:  # the generation's first observe: the change from zeros, i.e. the l2 metric
+            assert not previous.any() and not scores.any()
+            kw = dict(patch_size=2, counters=counters, starvation_scale=0.1, high_ratio=config.high_ratio)
+            assert torch.equal(active, reference.select_regions(signal, active.shape[1], metric="l2", **kw))
+            assert bool((after > 0).all())
+            continue
+        assert torch.equal(previous, observed[step - 1])  # step 2 selects nothing, yet refreshes previous for 3
+        recomputed = torch.ones_like(after, dtype=torch.bool)  # a dense step recomputes every token
+        if calls[i - 1][0] == step - 1:  # step was a RAS step
+            recomputed = torch.zeros_like(recomputed).scatter_(1, calls[i - 1][-1], True)
+            assert not bool(recomputed.all())
+        assert torch.equal(after[~recomputed], scores[~recomputed])  # carried over
+        assert not bool((after[recomputed] == scores[recomputed]).any())  # a fresh change
+
+    delta_bytes = noise.numel() * 4 + 2 * 64 * 4  # previous [P, C, H, W] and scores [P, N], fp32
+    assert ras.memory_bytes() == std.memory_bytes() + delta_bytes
+    again, again_sets = generate(ras)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(first_sets, again_sets, strict=True))
+
+    ras = RASSession(config, patch_size=2)
+    again, _ = generate(ras)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert ras.memory_bytes() == 0

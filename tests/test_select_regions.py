@@ -51,6 +51,22 @@ def tie_free_video(b, c, grid, patch, scale, metric, device=DEVICE):
     return x.float().to(device)
 
 
+def tie_free_delta(b, c, grid, patch, scale, device=DEVICE):
+    """(signal, previous, scores) for metric delta with tie-free priorities: about a third of the tokens are copied
+    from ``previous`` (change 0: their score exp(scale * j_t / N), j a random permutation, carries over), the others
+    changed by :func:`tie_free_video`'s l2 signal (change exp(scale * (perm_t + 1/2) / N)). Carried and fresh scores
+    lie on interleaved grids, so log-priorities differ by at least scale / 2N for any integer counters."""
+    size = tuple(g * p for g, p in zip(grid, patch, strict=True))
+    n = math.prod(grid)
+    previous = torch.randn(b, c, *size, device=device)
+    copied = torch.rand(b, *grid, device=device) < 1 / 3
+    for dim, p in enumerate(patch, start=1):
+        copied = copied.repeat_interleave(p, dim)
+    signal = torch.where(copied[:, None], previous, previous + tie_free_video(b, c, grid, patch, scale, "l2", device))
+    perm = torch.stack([torch.randperm(n, device=device) for _ in range(b)])
+    return signal, previous, torch.exp(scale * perm.float() / n)
+
+
 def tie_free_signal(b, c, h, w, p, scale, metric, device=DEVICE):
     """An image [B, C, H, W] with p x p patches: :func:`tie_free_video` on the (H / p, W / p) token grid."""
     return tie_free_video(b, c, (h // p, w // p), (p, p), scale, metric, device)
@@ -136,7 +152,7 @@ def test_registered_op_matches_public_function(triton_backend):
     x = tie_free_signal(2, 4, 8, 8, 2, 0.5, "l2")
     counters = torch.randint(0, 3, (2, 16), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1, None)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "l2", op_c, 0.5, "paper", 0.3, 1, None, None, None)
     kw = dict(patch_size=2, metric="l2", mode="paper", starvation_scale=0.5, high_ratio=0.3)
     ours, ours_c, _, _ = run_both(x, 6, counters, **kw)
     assert torch.equal(got, ours) and torch.equal(op_c, ours_c)
@@ -218,7 +234,9 @@ def test_registered_op_takes_a_video(triton_backend):
     x = tie_free_video(2, 4, (3, 3, 5), (2, 1, 2), 0.5, "std")
     counters = torch.randint(0, 3, (2, 45), device=DEVICE)
     op_c = counters.clone()
-    got = torch.ops.ras_kernels.select_regions(x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1, None)
+    got = torch.ops.ras_kernels.select_regions(
+        x, 11, [2, 1, 2], "std", op_c, 0.5, "reference", 0.3, 1, None, None, None
+    )
     ref_c = counters.clone()
     ref = reference.select_regions(x, 11, patch_size=(2, 1, 2), counters=ref_c, starvation_scale=0.5, high_ratio=0.3)
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
@@ -575,7 +593,9 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
     ref_c = counters.clone()
     op = torch.ops.ras_kernels.select_regions
     fn = torch.compile(
-        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0, 1, None), backend="aot_eager", fullgraph=True
+        lambda s, c: op(s, 300, [2, 2], "std", c, 0.1, "reference", 1.0, 1, None, None, None),
+        backend="aot_eager",
+        fullgraph=True,
     )
     ours = fn(x, counters)
     ref = reference.select_regions(x, 300, counters=ref_c)
@@ -586,30 +606,46 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
 @pytest.mark.parametrize("shards", [2, 3])
 @pytest.mark.parametrize("high_ratio", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
-def test_shards_select_within_each_run_of_tokens(shards, high_ratio, video, triton_backend):
+@pytest.mark.parametrize("metric", ["std", "delta"])
+def test_shards_select_within_each_run_of_tokens(metric, shards, high_ratio, video, triton_backend):
     """The spec of ``shards`` = P, independent of the op's sharded code: P consecutive runs of N / P tokens, each a
     band of whole token rows here, so run s is the sub-signal of rows [s H / P, (s + 1) H / P) (an image) or of
     frames [s T / P, ...) (a video), and keeps K / P of its tokens as the unsharded op chooses them on that
-    sub-signal with that run's counters. The Triton path and the reference both match it exactly (tie-free data)."""
+    sub-signal with that run's counters (and, metric delta, that run's previous signal and scores, a strided view
+    updated in place). The Triton path and the reference both match it exactly (tie-free data)."""
     b, c, scale, mode = 2, 4, 0.5, "paper"
     grid, patch = ((3 * shards, 2, 3), (1, 2, 2)) if video else ((4 * shards, 5), (2, 2))
     n, k = math.prod(grid), 3 * shards
-    x = tie_free_video(b, c, grid, patch, scale, "std")
+    if metric == "delta":
+        x, previous, scores = tie_free_delta(b, c, grid, patch, scale)
+    else:
+        x, previous, scores = tie_free_video(b, c, grid, patch, scale, "std"), None, None
     counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
-    kw = dict(patch_size=patch, starvation_scale=scale, mode=mode, high_ratio=high_ratio)
+    kw = dict(patch_size=patch, metric=metric, starvation_scale=scale, mode=mode, high_ratio=high_ratio)
     expected, expected_c = [], counters.clone()
+    expected_s = None if scores is None else scores.clone()
     run, rows = n // shards, x.shape[2] // shards
     for s in range(shards):
         part = x[:, :, s * rows : (s + 1) * rows]
         part_c = expected_c[:, s * run : (s + 1) * run]  # a view: updated in place
-        expected.append(select_regions(part, k // shards, counters=part_c, **kw) + s * run)
+        delta = {}
+        if metric == "delta":
+            delta = {
+                "previous": previous[:, :, s * rows : (s + 1) * rows],
+                "scores": expected_s[:, s * run : (s + 1) * run],
+            }
+        expected.append(select_regions(part, k // shards, counters=part_c, **delta, **kw) + s * run)
     expected = torch.cat(expected, dim=1)
     for op in (select_regions, reference.select_regions):
         got_c = counters.clone()
-        got = op(x, k, counters=got_c, shards=shards, **kw)
+        got_s = None if scores is None else scores.clone()
+        delta = {} if metric != "delta" else {"previous": previous, "scores": got_s}
+        got = op(x, k, counters=got_c, shards=shards, **delta, **kw)
         check_index_shape(got, b, k, n)
         assert torch.equal(got, expected), op
         assert torch.equal(got_c, expected_c), op
+        if metric == "delta":
+            torch.testing.assert_close(got_s, expected_s, rtol=1e-6, atol=0)
 
 
 def test_shards_are_validated():
@@ -736,7 +772,7 @@ def test_random_selection_is_roughly_uniform():
 def test_registered_op_advances_the_seed(triton_backend):
     x = torch.randn(2, 1, 8, 8, device=DEVICE)
     seed = _seed(3)
-    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "random", None, 0.1, "reference", 0.3, 1, seed)
+    got = torch.ops.ras_kernels.select_regions(x, 6, [2, 2], "random", None, 0.1, "reference", 0.3, 1, seed, None, None)
     assert int(seed) == 4
     assert torch.equal(got, reference.select_regions(x, 6, metric="random", seed=_seed(3), high_ratio=0.3))
 
@@ -780,3 +816,114 @@ def test_seed_is_validated(kwargs, exc, match, torch_backend):
     """Checked before any backend runs (CPU tensors; the device case is a meta seed)."""
     with pytest.raises(exc, match=match):
         select_regions(torch.randn(1, 4, 8, 8), 3, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------- metric "delta"
+def test_delta_nan_ranks_last(triton_backend):
+    """A NaN in the signal makes its token's change NaN, which is stored in scores and ranks after every number (as
+    a NaN score of any metric); a NaN score carried over (change 0) ranks last too."""
+    previous = torch.randn(2, 3, 8, 8, device=DEVICE)  # 16 tokens of 2 x 2
+    signal = previous + torch.randn_like(previous)
+    signal[:, :, 6:, 6:] = previous[:, :, 6:, 6:]  # token 15 not recomputed
+    signal[0, 1, 2, 5] = float("nan")  # token (1, 2) = 6 of sample 0
+    scores = torch.rand(2, 16, device=DEVICE)
+    scores[1, 15] = float("nan")
+    ref_scores = scores.clone()
+    kw = dict(patch_size=2, metric="delta", previous=previous, high_ratio=1.0)  # drops the highest priority
+    ours = select_regions(signal, 15, scores=scores, **kw)
+    ref = reference.select_regions(signal, 15, scores=ref_scores, **kw)
+    assert torch.equal(ours, ref)
+    assert 6 not in ours[0].tolist() and 15 not in ours[1].tolist()
+    assert bool(scores[0, 6].isnan()) and bool(scores[1, 15].isnan())
+    torch.testing.assert_close(scores, ref_scores, equal_nan=True, rtol=1e-6, atol=0)
+
+
+def test_registered_op_declares_its_in_place_writes(triton_backend):
+    """torch.library.opcheck: the op writes exactly the arguments its schema marks mutable (counters and scores for
+    metric delta, counters and seed for random), and the fake implementation matches the real output. The delta op
+    also equals the reference (scores included)."""
+    op = torch.ops.ras_kernels.select_regions.default
+    x = torch.randn(2, 3, 4, 6, device=DEVICE)  # 6 tokens of 2 x 2
+    previous = x.clone()
+    previous[:, :, :2] += 1.0  # tokens 0-2 changed, 3-5 carried over
+    scores = torch.rand(2, 6, device=DEVICE)
+    counters = torch.randint(0, 3, (2, 6), dtype=torch.int32, device=DEVICE)
+    for args in (
+        (x, 3, [2, 2], "delta", counters.clone(), 0.1, "reference", 0.3, 1, None, previous, scores.clone()),
+        (x, 3, [2, 2], "random", counters.clone(), 0.1, "reference", 0.3, 1, _seed(5), None, None),
+    ):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    ours_c, ours_s, ref_c, ref_s = counters.clone(), scores.clone(), counters.clone(), scores.clone()
+    got = op(x, 3, [2, 2], "delta", ours_c, 0.1, "reference", 0.3, 1, None, previous, ours_s)
+    kw = dict(metric="delta", previous=previous, high_ratio=0.3)
+    assert torch.equal(got, reference.select_regions(x, 3, counters=ref_c, scores=ref_s, **kw))
+    assert torch.equal(ours_c, ref_c)
+    torch.testing.assert_close(ours_s, ref_s, rtol=1e-6, atol=0)
+    assert torch.equal(ours_s[:, 3:], scores[:, 3:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_delta_empty_batch(backend, monkeypatch):
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    x = torch.randn(0, 4, 8, 8, device=DEVICE)
+    out = select_regions(x, 5, metric="delta", previous=x.clone(), scores=torch.zeros(0, 16, device=DEVICE))
+    assert out.shape == (0, 5)
+
+
+_PREV, _SCORES = torch.zeros(1, 4, 8, 8), torch.zeros(1, 16)
+DELTA_ERRORS = [
+    pytest.param({"scores": _SCORES}, ValueError, "metric='delta' needs previous", id="no-previous"),
+    pytest.param({"previous": _PREV}, ValueError, "metric='delta' needs scores", id="no-scores"),
+    pytest.param({"metric": "std", "previous": _PREV}, ValueError, "previous is used only with", id="std-previous"),
+    pytest.param({"metric": "l2", "scores": _SCORES}, ValueError, "scores is used only with", id="l2-scores"),
+    pytest.param(
+        {"metric": "random", "seed": torch.zeros(1, dtype=torch.int64), "previous": _PREV, "scores": _SCORES},
+        ValueError,
+        "previous is used only with metric='delta', got metric='random'",
+        id="random",
+    ),
+    pytest.param({"previous": [[0.0]], "scores": _SCORES}, TypeError, "previous must be a torch.Tensor", id="p-type"),
+    pytest.param(
+        {"previous": _PREV.half(), "scores": _SCORES}, TypeError, r"previous must have dtype in \(float32\)", id="p-dt"
+    ),
+    pytest.param(
+        {"previous": _PREV[..., :6], "scores": _SCORES},
+        ValueError,
+        r"previous must have the signal's shape \(1, 4, 8, 8\), got \(1, 4, 8, 6\)",
+        id="p-shape",
+    ),
+    pytest.param({"previous": _PREV.to("meta"), "scores": _SCORES}, ValueError, "previous is on meta", id="p-device"),
+    pytest.param({"previous": _PREV, "scores": _SCORES.double()}, TypeError, "scores must have dtype", id="s-f64"),
+    pytest.param({"previous": _PREV, "scores": _SCORES.bfloat16()}, TypeError, "scores must have dtype", id="s-bf16"),
+    pytest.param(
+        {"previous": _PREV, "scores": _SCORES[:, :15]},
+        ValueError,
+        r"scores must have shape \(B, N\) = \(1, 16\)",
+        id="s-shape",
+    ),
+    pytest.param({"previous": _PREV, "scores": _SCORES[0]}, ValueError, "scores must have 2 dimensions", id="s-1d"),
+    pytest.param({"previous": _PREV, "scores": _SCORES.to("meta")}, ValueError, "scores is on meta", id="s-device"),
+    pytest.param(
+        {"previous": _PREV, "scores": torch.zeros(1, 1).expand(1, 16)},
+        ValueError,
+        "scores is written in place",
+        id="s-expanded",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs,exc,match", DELTA_ERRORS)
+def test_delta_arguments_are_validated(kwargs, exc, match, backend, monkeypatch):
+    """Checked before any backend runs: a refused call leaves the counters untouched (CPU tensors; the device cases
+    are meta tensors)."""
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    counters = torch.zeros(1, 16, dtype=torch.int32)
+    with pytest.raises(exc, match=match):
+        select_regions(torch.randn(1, 4, 8, 8), 3, **{"metric": "delta", "counters": counters, **kwargs})
+    assert not bool(counters.any())
+    assert not bool(_SCORES.any())

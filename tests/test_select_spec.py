@@ -1,7 +1,8 @@
 """Region selection against the spec written out literally (Python loops, float64).
 
 Images (spec section 4) on the torch path; videos (section 8: [B, C, T, H, W] with a (pt, ph, pw) patch, tokens in
-row-major (t, h, w) order) and rectangular image patches on both paths, on odd token grids.
+row-major (t, h, w) order) and rectangular image patches on both paths, on odd token grids; metric "delta" (each
+token's change from the previous signal, carried over where it is 0) on both paths, images and videos.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from ras_kernels import select_regions
 from ._utils import TRITON_RUNNABLE
 
 
-def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio):
+def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio, previous=None, scores=None):
     """Spec sections 4 and 8, one token at a time, on a video [B, C, T, H, W] with patch (pt, ph, pw) (an image is
-    the video with T = 1 and pt = 1). Returns (sorted active indices [B, K], updated counters or None)."""
+    the video with T = 1 and pt = 1). Metric delta: a voxel's value is the channel L2 norm of signal - previous, and
+    a token whose mean of them is 0 takes its entry of ``scores`` instead. Returns (sorted active indices [B, K],
+    updated counters or None, updated scores (the R of every token, fp32) or None)."""
     b, c, t, h, w = signal.shape
     pt, ph, pw = patch
     x = signal.double().tolist()  # x[sample][channel][t][h][w]
+    prev = None if previous is None else previous.double().tolist()
     sign = 1 if mode == "reference" else -1
     out, new_counters = [], None if counters is None else counters.clone()
+    new_scores = None if scores is None else scores.clone()
     for s in range(b):
         prio = []  # appended in token order: t-major, then h, then w
         for tz in range(t // pt):
@@ -34,12 +39,18 @@ def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio):
                         for yy in range(ty * ph, ty * ph + ph):
                             for xx in range(tx * pw, tx * pw + pw):
                                 ch = [x[s][ci][zz][yy][xx] for ci in range(c)]
+                                if metric == "delta":
+                                    ch = [v - prev[s][ci][zz][yy][xx] for ci, v in enumerate(ch)]
                                 if metric == "std":
                                     mean = sum(ch) / c
                                     vals.append(math.sqrt(sum((v - mean) ** 2 for v in ch) / (c - 1)))
                                 else:
                                     vals.append(math.sqrt(sum(v * v for v in ch)))
                     r = sum(vals) / len(vals)
+                    if metric == "delta":
+                        if r == 0:  # every voxel as before: not recomputed, the last observed change carries over
+                            r = scores[s, len(prio)].item()
+                        new_scores[s, len(prio)] = r
                     d = 0 if counters is None else counters[s, len(prio)].item()
                     prio.append(r * math.exp(sign * scale * d))
         n = len(prio)
@@ -52,17 +63,21 @@ def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio):
             for i in range(n):
                 if i not in active:
                     new_counters[s, i] += 1
-    return torch.tensor(out, dtype=torch.int64), new_counters
+    return torch.tensor(out, dtype=torch.int64), new_counters, new_scores
 
 
-def check_against_spec(signal, k, patch, metric, counters, scale, mode, high_ratio):
+def check_against_spec(signal, k, patch, metric, counters, scale, mode, high_ratio, previous=None, scores=None):
     """select_regions (on the backend in force) against :func:`literal_select` for an image (``patch`` p or
-    (ph, pw)) or a video (``patch`` (pt, ph, pw)): the indices, and ``counters`` (if any) updated in place."""
+    (ph, pw)) or a video (``patch`` (pt, ph, pw)): the indices, and ``counters`` and ``scores`` (if any) updated in
+    place."""
     if signal.dim() == 5:
         video, patch3 = signal, tuple(patch)
     else:
         video, patch3 = signal.unsqueeze(2), (1, patch, patch) if isinstance(patch, int) else (1, *patch)
-    expected, expected_counters = literal_select(video, k, patch3, metric, counters, scale, mode, high_ratio)
+    prev_video = None if previous is None else previous.reshape(video.shape)
+    expected, expected_counters, expected_scores = literal_select(
+        video, k, patch3, metric, counters, scale, mode, high_ratio, prev_video, scores
+    )
     got = select_regions(
         signal,
         k,
@@ -72,10 +87,14 @@ def check_against_spec(signal, k, patch, metric, counters, scale, mode, high_rat
         starvation_scale=scale,
         mode=mode,
         high_ratio=high_ratio,
+        previous=previous,
+        scores=scores,
     )
     assert got.dtype == torch.int64 and torch.equal(got.cpu(), expected)
     if counters is not None:
         assert torch.equal(counters, expected_counters)
+    if scores is not None:  # fp32 changes against float64 ones rounded to fp32; carried entries are exact
+        torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=0)
 
 
 CASES = [
@@ -223,3 +242,83 @@ def test_video_exact_ties_break_by_token_index(metric, mode, backend):
     signal = channels.movedim(-1, 1).contiguous().to(dev)
     for k, high_ratio in ((n // 2, 0.3), (5, 1.0), (n - 3, 0.0), (17, 0.5)):
         check_against_spec(signal, k, patch, metric, torch.randint(0, 2, (b, n), device=dev), 0.1, mode, high_ratio)
+
+
+# ---------------------------------------------------------------------------------------------- metric "delta"
+DELTA_CASES = [
+    # (B, C, token grid, patch, K, mode, high_ratio, counters dtype, signal dtype, channels-last)
+    (2, 4, (3, 5, 7), (1, 2, 2), 40, "reference", 0.3, torch.int32, torch.float32, False),  # Wan's patch
+    (1, 1, (5, 3, 1), (3, 1, 2), 15, "paper", 0.5, torch.int64, torch.float32, True),  # K = N, one channel
+    (3, 5, (3, 5, 7), (2, 3, 2), 104, "paper", 0.0, None, torch.bfloat16, False),  # K = N - 1
+    (2, 3, (7, 1, 3), (1, 3, 3), 1, "reference", 1.0, torch.int32, torch.float16, True),
+    (2, 4, (5, 7), (1, 3), 12, "reference", 0.3, torch.int32, torch.float32, True),  # image, 1 x 3 patches
+    (1, 3, (3, 5), (3, 2), 7, "paper", 1.0, torch.int64, torch.float16, False),  # image, 3 x 2 patches
+    (2, 2, (7, 9), (2, 2), 30, "reference", 0.3, torch.int64, torch.float32, False),  # image, p = 2
+    (1, 2, (1, 1), (2, 2), 1, "paper", 0.3, torch.int32, torch.float32, False),  # N = 1
+]
+
+
+def _delta_id(case):
+    b, c, grid, patch, k, mode, hr, cnt, dtype, last = case
+    return (
+        f"B{b}-C{c}-grid{'x'.join(map(str, grid))}-p{''.join(map(str, patch))}-K{k}-{mode}-hr{hr}-{str(dtype)[6:]}"
+        + ("-cl" if last else "")
+    )
+
+
+def _random_signal(b, c, size, dtype, channels_last, device):
+    if channels_last:  # channels innermost in memory
+        return torch.randn(b, *size, c, device=device).to(dtype).movedim(-1, 1)
+    return torch.randn(b, c, *size, device=device).to(dtype)
+
+
+def _token_mask_to_voxels(mask, patch):
+    """[B, *grid] per-token booleans -> [B, 1, *size] per voxel (broadcasting over channels)."""
+    for dim, p in enumerate(patch, start=1):
+        mask = mask.repeat_interleave(p, dim)
+    return mask[:, None]
+
+
+@pytest.mark.parametrize("case", DELTA_CASES, ids=[_delta_id(c) for c in DELTA_CASES])
+def test_delta_selection_follows_spec(case, backend, poison_allocations):
+    """Three steps as RAS runs them: each step recomputes a random ~60% of the tokens (fresh values) and copies the
+    others bit for bit from the previous signal, so their change is 0 and their score carries over (from the
+    random initial scores at the first step). Indices, counters and scores (in place) against the float64 spec."""
+    b, c, grid, patch, k, mode, high_ratio, cnt_dtype, dtype, channels_last = case
+    dev = _device(backend)
+    size = tuple(g * p for g, p in zip(grid, patch, strict=True))
+    n = math.prod(grid)
+    counters = None if cnt_dtype is None else torch.randint(0, 6, (b, n), dtype=cnt_dtype, device=dev)
+    scores = torch.rand(b, n, device=dev)
+    previous = _random_signal(b, c, size, dtype, channels_last, dev)
+    carried = 0
+    for _ in range(3):
+        copied = torch.rand(b, *grid, device=dev) < 0.4
+        fresh = _random_signal(b, c, size, dtype, channels_last, dev)
+        signal = torch.where(_token_mask_to_voxels(copied, patch), previous, fresh)
+        before = scores.clone()
+        check_against_spec(signal, k, patch, "delta", counters, 0.5, mode, high_ratio, previous, scores)
+        copied = copied.reshape(b, n)
+        assert torch.equal(scores[copied], before[copied])  # carried over bit for bit
+        assert not bool((scores[~copied] == before[~copied]).any())  # every recomputed token has a new score
+        carried += int(copied.sum())
+        previous = signal
+    assert carried > 0 or b * n < 4, "no token was carried over: the test would not exercise the rule"
+
+
+@pytest.mark.parametrize("where", ["signal", "previous"])
+def test_delta_one_changed_value_is_a_change(where, backend):
+    """A token that differs from the previous signal in a single channel of a single voxel, by one ulp, has a change
+    (tiny, not 0): its score is that change, not the carried one; every other token carries over."""
+    dev = _device(backend)
+    previous = torch.randn(2, 3, 6, 9, device=dev)  # (3, 3) patches: a 2 x 3 token grid
+    signal = previous.clone()
+    target = signal if where == "signal" else previous
+    target[1, 2, 4, 5] = torch.nextafter(target[1, 2, 4, 5], torch.tensor(math.inf, device=dev))  # token (1, 1)
+    scores = torch.rand(2, 6, device=dev) + 1.0
+    before = scores.clone()
+    check_against_spec(signal, 3, (3, 3), "delta", None, 0.1, "reference", 1.0, previous, scores)
+    changed = torch.zeros(2, 6, dtype=torch.bool, device=dev)
+    changed[1, 4] = True
+    assert torch.equal(scores[~changed], before[~changed])
+    assert 0 < float(scores[1, 4]) < 1e-6

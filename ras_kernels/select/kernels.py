@@ -22,6 +22,7 @@ def _lowbias32(x):
 @triton.jit
 def _region_scores(
     x_ptr,
+    prev_ptr,
     b,
     tok,
     tok_ok,
@@ -30,6 +31,11 @@ def _region_scores(
     stride_x_t,
     stride_x_h,
     stride_x_w,
+    stride_prev_b,
+    stride_prev_c,
+    stride_prev_t,
+    stride_prev_h,
+    stride_prev_w,
     C,
     HT,
     WT,
@@ -39,9 +45,11 @@ def _region_scores(
     PV2: tl.constexpr,
     BLOCK_T: tl.constexpr,
     L2: tl.constexpr,
+    DELTA: tl.constexpr,
     C_BLOCK: tl.constexpr,
 ):
-    """R [BLOCK_T] fp32 of the tokens ``tok`` of sample ``b`` (metric std or l2; see ``region_keys_kernel``)."""
+    """R [BLOCK_T] fp32 of the tokens ``tok`` of sample ``b`` (metric std or l2, or with DELTA (and L2) the change
+    d of metric delta before its carry-over; see ``region_keys_kernel``)."""
     row = tok // WT  # tt * HT + th
     tt = row // HT
     th = row - tt * HT
@@ -54,6 +62,14 @@ def _region_scores(
     pix_ptr = (
         x_ptr + b * stride_x_b + t.to(tl.int64) * stride_x_t + h.to(tl.int64) * stride_x_h + w.to(tl.int64) * stride_x_w
     )
+    if DELTA:
+        prev_pix_ptr = (
+            prev_ptr
+            + b * stride_prev_b
+            + t.to(tl.int64) * stride_prev_t
+            + h.to(tl.int64) * stride_prev_h
+            + w.to(tl.int64) * stride_prev_w
+        )
 
     # Channels run in registers: C_BLOCK unrolled loads per pixel are in flight together and the channel sums
     # need no cross-thread reduction. std is two-pass (mean, then squared deviations; the second pass re-reads
@@ -65,6 +81,8 @@ def _region_scores(
             c = zero + c0 + j
             ok = tl.where(c < C, pix_ok, False)
             v = tl.load(pix_ptr + c.to(tl.int64) * stride_x_c, mask=ok, other=0.0).to(tl.float32)
+            if DELTA:
+                v -= tl.load(prev_pix_ptr + c.to(tl.int64) * stride_prev_c, mask=ok, other=0.0).to(tl.float32)
             acc += v * v if L2 else v
     if L2:
         s = tl.sqrt_rn(acc)
@@ -87,15 +105,24 @@ def _region_scores(
 @triton.jit
 def region_keys_kernel(
     keys_ptr,
+    scores_ptr,
     x_ptr,
+    prev_ptr,
     counters_ptr,
     seed_ptr,
     stride_keys_b,
+    stride_scores_b,
+    stride_scores_n,
     stride_x_b,
     stride_x_c,
     stride_x_t,
     stride_x_h,
     stride_x_w,
+    stride_prev_b,
+    stride_prev_c,
+    stride_prev_t,
+    stride_prev_h,
+    stride_prev_w,
     stride_counters_b,
     stride_counters_n,
     C,
@@ -110,6 +137,7 @@ def region_keys_kernel(
     BLOCK_T: tl.constexpr,
     L2: tl.constexpr,
     RANDOM: tl.constexpr,
+    DELTA: tl.constexpr,
     C_BLOCK: tl.constexpr,
     HAS_COUNTERS: tl.constexpr,
 ):
@@ -128,6 +156,10 @@ def region_keys_kernel(
     RANDOM (metric ``random``): x is not read; R = (H(v_b ^ n) >> 8) * 2**-24 with H = lowbias32 and
     v_b = H(lo ^ H(hi ^ H(b + 0x9E3779B9))), lo / hi the 32-bit halves of seed[0] (int64, read only here; the
     launcher increments it), as ``reference.random_scores``.
+    DELTA (metric ``delta``, with L2): s is the channel L2 norm of x - prev (prev: the previous signal, x's shape,
+    any strides), so R is the token's change d; where d == 0 exactly (the token was not recomputed) R is the token's
+    entry of scores ([B, N] fp32, any strides) instead, and R is written back there (before the starvation factor),
+    as ``reference.region_scores``.
     """
     b = tl.program_id(1).to(tl.int64)
     # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
@@ -144,6 +176,7 @@ def region_keys_kernel(
     else:
         prio = _region_scores(
             x_ptr,
+            prev_ptr,
             b,
             tok,
             tok_ok,
@@ -152,6 +185,11 @@ def region_keys_kernel(
             stride_x_t,
             stride_x_h,
             stride_x_w,
+            stride_prev_b,
+            stride_prev_c,
+            stride_prev_t,
+            stride_prev_h,
+            stride_prev_w,
             C,
             HT,
             WT,
@@ -161,8 +199,15 @@ def region_keys_kernel(
             PV2,
             BLOCK_T,
             L2,
+            DELTA,
             C_BLOCK,
         )
+        if DELTA:
+            # d == 0 only if every voxel equals the previous signal: a copied (not recomputed) token keeps its last
+            # observed change. NaN != 0, so a NaN change is stored and ranks last, as a NaN score of any metric.
+            s_ptr = scores_ptr + b * stride_scores_b + tok.to(tl.int64) * stride_scores_n
+            prio = tl.where(prio == 0.0, tl.load(s_ptr, mask=tok_ok, other=0.0), prio)
+            tl.store(s_ptr, prio, mask=tok_ok)
 
     if HAS_COUNTERS:
         d_ptr = counters_ptr + b * stride_counters_b + tok.to(tl.int64) * stride_counters_n

@@ -19,7 +19,7 @@ from .._backend import (
 )
 from . import reference
 
-METRICS = ("std", "l2", "random")
+METRICS = ("std", "l2", "random", "delta")
 MODES = ("reference", "paper")
 # The largest N the Triton path takes: 2**17 covers Wan 720p (21 x 45 x 80 = 75,600 tokens). One program per row;
 # above 16384 keys the radix select re-reads the row from L2 in 16384-key chunks (N = 2**17: 8 chunks), and the
@@ -28,6 +28,10 @@ MODES = ("reference", "paper")
 MAX_TRITON_TOKENS = 1 << 17
 _PATCH_NAMES = {4: "(ph, pw)", 5: "(pt, ph, pw)"}
 _GRID_NAMES = {4: "(H, W)", 5: "(T, H, W)"}
+_DELTA_ARGS = {  # metric "delta"'s two tensors, as its refusal describes them
+    "previous": "the signal observed at the previous call (the signal's shape, dtype and device)",
+    "scores": "a [B, N] float32 tensor on the signal's device (each token's last observed change, updated in place)",
+}
 
 
 def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
@@ -49,7 +53,18 @@ def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
 
 
 def validate_select_args(
-    signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards=1, seed=None
+    signal,
+    num_active,
+    patch_size,
+    metric,
+    counters,
+    starvation_scale,
+    mode,
+    high_ratio,
+    shards=1,
+    seed=None,
+    previous=None,
+    scores=None,
 ) -> int:
     """Check every argument of :func:`select_regions`; return the token count N."""
     check_tensor("signal", signal)
@@ -83,6 +98,21 @@ def validate_select_args(
             raise ValueError(f"seed must have shape (1,), got {tuple(seed.shape)}")
     elif seed is not None:
         raise ValueError(f"seed is used only with metric='random', got metric={metric!r} and a seed")
+    for name, t in (("previous", previous), ("scores", scores)):
+        if metric == "delta" and t is None:
+            raise ValueError(f"metric='delta' needs {name}: {_DELTA_ARGS[name]}")
+        if metric != "delta" and t is not None:
+            raise ValueError(f"{name} is used only with metric='delta', got metric={metric!r} and a {name} tensor")
+    if metric == "delta":
+        check_tensor("previous", previous, dtypes=(signal.dtype,), device=signal.device)
+        if previous.shape != signal.shape:
+            raise ValueError(
+                f"previous must have the signal's shape {tuple(signal.shape)}, got {tuple(previous.shape)}"
+            )
+        check_tensor("scores", scores, ndim=2, dtypes=(torch.float32,), device=signal.device)
+        if tuple(scores.shape) != (b, n):
+            raise ValueError(f"scores must have shape (B, N) = ({b}, {n}), got {tuple(scores.shape)}")
+        check_no_overlap("scores", scores)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(high_ratio, (int, float)) or isinstance(high_ratio, bool) or not 0.0 <= high_ratio <= 1.0:
@@ -142,6 +172,8 @@ def launch_select(
     tuning: dict | None = None,
     shards: int = 1,
     seed: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
@@ -150,11 +182,14 @@ def launch_select(
     ``tuning`` overrides entries of :func:`select_tuning` (the benchmark compares variants with it).
     ``seed`` ([1] int64): metric ``random`` (``use_l2`` is then ignored and the signal gives only the shapes); it
     is read by the score kernel and then incremented in place (a device op, no host sync).
+    ``previous`` (the signal's shape) and ``scores`` ([B, N] fp32): metric ``delta`` (with ``use_l2``): the score
+    kernel reads the change from ``previous``, carries ``scores`` over where it is 0 and writes them back in place.
     Launches on the current device (the op runs it under the signal's device).
     """
     from . import kernels
 
     x, (pt, ph, pw) = reference.as_video(signal, patch_size)
+    prev = x if previous is None else reference.as_video(previous, patch_size)[0]  # never read without previous
     b, c, t, h, w = x.shape
     ht, wt = h // ph, w // pw
     n = (t // pt) * ht * wt
@@ -164,15 +199,24 @@ def launch_select(
     block_t = max(1, min(256 // pv2 if seed is None else 256, next_pow2(n)))
     kernels.region_keys_kernel[(cdiv(n, block_t), b)](
         keys_ptr=keys,
+        scores_ptr=scores if scores is not None else keys,  # never touched when DELTA is False
         x_ptr=x,
+        prev_ptr=prev,
         counters_ptr=counters if counters is not None else keys,  # never read when HAS_COUNTERS is False
         seed_ptr=seed if seed is not None else keys,  # never read when RANDOM is False
         stride_keys_b=keys.stride(0),
+        stride_scores_b=scores.stride(0) if scores is not None else 0,
+        stride_scores_n=scores.stride(1) if scores is not None else 0,
         stride_x_b=x.stride(0),
         stride_x_c=x.stride(1),
         stride_x_t=x.stride(2),
         stride_x_h=x.stride(3),
         stride_x_w=x.stride(4),
+        stride_prev_b=prev.stride(0),
+        stride_prev_c=prev.stride(1),
+        stride_prev_t=prev.stride(2),
+        stride_prev_h=prev.stride(3),
+        stride_prev_w=prev.stride(4),
         stride_counters_b=counters.stride(0) if counters is not None else 0,
         stride_counters_n=counters.stride(1) if counters is not None else 0,
         C=c,
@@ -187,6 +231,7 @@ def launch_select(
         BLOCK_T=block_t,
         L2=use_l2,
         RANDOM=seed is not None,
+        DELTA=previous is not None,
         C_BLOCK=min(c, 16),
         HAS_COUNTERS=counters is not None,
         num_warps=4,
@@ -265,7 +310,9 @@ def _launch(
     starvation_mode: str,
     high_ratio: float,
     shards: int,
-    seed: torch.Tensor | None = None,
+    seed: torch.Tensor | None,
+    previous: torch.Tensor | None,
+    scores: torch.Tensor | None,
 ) -> torch.Tensor:
     """The op's Triton path on validated arguments (``patch_size`` one int per grid dimension)."""
     n = math.prod([size // p for size, p in zip(signal.shape[2:], patch_size, strict=True)])
@@ -286,10 +333,12 @@ def _launch(
         num_active,
         rank_lo,
         patch_size,
-        metric == "l2",
+        metric in ("l2", "delta"),
         sign * starvation_scale,
         shards=shards,
         seed=seed if metric == "random" else None,
+        previous=previous if metric == "delta" else None,
+        scores=scores if metric == "delta" else None,
     )
 
 
@@ -303,7 +352,9 @@ def _reference(
     starvation_mode: str,
     high_ratio: float,
     shards: int,
-    seed: torch.Tensor | None = None,
+    seed: torch.Tensor | None,
+    previous: torch.Tensor | None,
+    scores: torch.Tensor | None,
 ) -> torch.Tensor:
     """The reference, taking the schema's argument names."""
     return reference.select_regions(
@@ -317,29 +368,43 @@ def _reference(
         high_ratio=high_ratio,
         shards=shards,
         seed=seed,
+        previous=previous,
+        scores=scores,
     )
 
 
 def _fake(
-    signal, num_active, patch_size, metric, counters, starvation_scale, starvation_mode, high_ratio, shards, seed=None
+    signal,
+    num_active,
+    patch_size,
+    metric,
+    counters,
+    starvation_scale,
+    starvation_mode,
+    high_ratio,
+    shards,
+    seed,
+    previous,
+    scores,
 ):
     return signal.new_empty((signal.shape[0], num_active), dtype=torch.int64)
 
 
 # No defaults in the schema: torch 2.11's ADInplaceOrView kernel indexes mutated arguments by position, so a
-# mutable argument left to its default (seed) is out of range on CUDA.
+# mutable argument left to its default (seed, scores) is out of range on CUDA: every call passes every argument.
 # The public ``mode`` is ``starvation_mode`` in the schema: an op argument named ``mode`` collides with the
 # ``mode`` parameter of torch.compile's redirect_to_mode ("got multiple values for argument 'mode'").
 _SELECT = RASOp(
     "select_regions",
     schema=(
         "(Tensor signal, int num_active, int[] patch_size, str metric, Tensor(a!)? counters, float starvation_scale, "
-        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed) -> Tensor"
+        "str starvation_mode, float high_ratio, int shards, Tensor(b!)? seed, Tensor? previous, Tensor(c!)? scores) "
+        "-> Tensor"
     ),
     launch=_launch,
     reference=_reference,
     fake=_fake,
-    mutates_args=("counters", "seed"),
+    mutates_args=("counters", "seed", "scores"),
     # No differentiable inputs: the indices have no gradient on either path, so a signal requiring grad is fine.
 )
 
@@ -356,6 +421,8 @@ def select_regions(
     high_ratio: float = 1.0,
     shards: int = 1,
     seed: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Choose the ``num_active`` patch tokens each sample recomputes at the next RAS step.
 
@@ -372,7 +439,10 @@ def select_regions(
         metric: ``"std"`` (unbiased channel std per pixel, C >= 2) or ``"l2"`` (channel L2 norm per pixel); the
             score R of a token is the mean over its pixels. ``"random"``: R is a uniform pseudo-random number in
             [0, 1) per (sample, token), drawn afresh at every call from ``seed`` (a counter-based hash,
-            ``reference.random_scores``; the signal's values are not read, it gives B and N).
+            ``reference.random_scores``; the signal's values are not read, it gives B and N). ``"delta"``: R is
+            the token's change, the mean over its pixels of the channel L2 norm of ``signal - previous`` (fp32); a
+            token whose change is exactly 0 (not recomputed: its signal equals ``previous`` bit for bit) keeps its
+            last observed change from ``scores``, and the resulting R is written back into ``scores``.
         counters: optional [B, N] int32/int64 starvation counts D, updated in place (+1 for every dropped token).
         starvation_scale: k >= 0 in the priority ``R * exp(+-k D)``.
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
@@ -384,17 +454,34 @@ def select_regions(
         seed: metric ``"random"`` only (required there, refused otherwise): a [1] int64 tensor on the signal's
             device. Its low and high 32 bits key the draw; it is read on the device (no host sync) and then
             incremented in place by 1, so the next call (or a CUDA-graph replay) draws afresh.
+        previous: metric ``"delta"`` only (required there, refused otherwise): the signal observed at the previous
+            call, with the signal's shape, dtype and device (any strides); read only.
+        scores: metric ``"delta"`` only (required there, refused otherwise): [B, N] float32 on the signal's device
+            (any strides, no two elements sharing memory), each token's last observed change (zeros at the start);
+            read and updated in place (the R above, before the starvation factor).
 
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
-    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``) without host
-    synchronisation, so it can be captured in a CUDA graph; it reads every accepted signal rank, layout and patch
-    shape in place (no copy) and supports N <= 131072 (``MAX_TRITON_TOKENS``). The selection is not
-    differentiable on either path (integer indices), so a ``signal`` that requires grad is fine.
+    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``; ``"delta"`` writes
+    ``scores`` in the first) without host synchronisation, so it can be captured in a CUDA graph; it reads every
+    accepted signal rank, layout and patch shape in place (no copy) and supports N <= 131072
+    (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so a ``signal``
+    that requires grad is fine.
     """
     validate_select_args(
-        signal, num_active, patch_size, metric, counters, starvation_scale, mode, high_ratio, shards, seed
+        signal,
+        num_active,
+        patch_size,
+        metric,
+        counters,
+        starvation_scale,
+        mode,
+        high_ratio,
+        shards,
+        seed,
+        previous,
+        scores,
     )
     if signal.shape[0] == 0:  # no sample (the reference cannot reshape an empty batch)
         if seed is not None:
@@ -402,5 +489,16 @@ def select_regions(
         return torch.empty((0, num_active), dtype=torch.int64, device=signal.device)
     patch = [patch_size] * 2 if isinstance(patch_size, int) else [int(p) for p in patch_size]  # the op's int[]
     return _SELECT(
-        signal, num_active, patch, metric, counters, float(starvation_scale), mode, float(high_ratio), shards, seed
+        signal,
+        num_active,
+        patch,
+        metric,
+        counters,
+        float(starvation_scale),
+        mode,
+        float(high_ratio),
+        shards,
+        seed,
+        previous,
+        scores,
     )

@@ -75,10 +75,23 @@ def random_scores(seed: torch.Tensor, batch: int, num_tokens: int) -> torch.Tens
 
 
 def region_scores(
-    signal: torch.Tensor, patch_size: int | Sequence[int], metric: str, seed: torch.Tensor | None = None
+    signal: torch.Tensor,
+    patch_size: int | Sequence[int],
+    metric: str,
+    seed: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token score R [B, N] (fp32): per-pixel (voxel) channel std (unbiased) or L2 norm, averaged over each
-    patch; for metric ``random``, :func:`random_scores` of ``seed`` (the signal only gives B and N)."""
+    patch; for metric ``random``, :func:`random_scores` of ``seed`` (the signal only gives B and N).
+
+    Metric ``delta``: the change d = the L2 metric of ``signal - previous`` (fp32), except that a token with d == 0
+    exactly (not recomputed: its signal equals ``previous`` bit for bit) keeps its entry of ``scores`` [B, N] (its
+    last observed change). ``scores`` is only read here; :func:`select_regions` writes R back into it.
+    """
+    if metric == "delta":
+        change = region_scores(signal.float() - previous.float(), patch_size, "l2")
+        return torch.where(change == 0, scores, change)
     x, (pt, ph, pw) = as_video(signal.float() if metric != "random" else signal, patch_size)
     if metric == "random":
         n = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)
@@ -109,6 +122,8 @@ def select_regions(
     high_ratio: float = 1.0,
     shards: int = 1,
     seed: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Active token indices [B, num_active] (int64, ascending); ``counters`` += 1 where a token is dropped.
 
@@ -118,10 +133,15 @@ def select_regions(
     would each choose from their own part of the sequence.
 
     ``metric="random"`` draws the scores from ``seed`` ([1] int64, :func:`random_scores`), then adds 1 to it in place.
+    ``metric="delta"`` ranks each token's change from ``previous`` (the carry-over of :func:`region_scores`) and
+    writes those scores into ``scores`` ([B, N] fp32) in place.
     """
-    prio = priorities(region_scores(signal, patch_size, metric, seed), counters, starvation_scale, mode)
+    r = region_scores(signal, patch_size, metric, seed, previous, scores)
+    prio = priorities(r, counters, starvation_scale, mode)
     if metric == "random":
         seed += 1
+    if metric == "delta":
+        scores.copy_(r.detach())  # state, not a result: no autograd history in it
     b, n = prio.shape
     run, keep = n // shards, num_active // shards
     order = torch.sort(prio.reshape(b * shards, run), dim=1, stable=True).indices
