@@ -1,21 +1,27 @@
-"""diffusers' context parallelism (``transformer.enable_parallelism``), which RAS does not run under yet: refused with
-a ValueError naming it, whether enabled before ``apply_ras`` or after it (at the next call), instead of each rank
-running RAS's attention on its own shard of the tokens.
+"""RAS under diffusers' Ulysses context parallelism (``transformer.enable_parallelism``), on two CPU processes with
+gloo and a real split: Flux runs (enabled before or after ``apply_ras``) and matches the one-process run with the same
+per-shard selection, with half the cache memory per rank; what RAS cannot run is refused with a ValueError naming it,
+whether enabled before ``apply_ras`` or after it (at the next call).
 
-Two CPU processes with gloo and a real Ulysses split (diffusers maps each rank to an accelerator with
-``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only machine: the workers report one device).
+diffusers maps each rank to an accelerator with ``rank % torch.accelerator.device_count()``, which is 0 on a
+CPU-only machine: the workers report one device.
 """
 
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
 
-REFUSED = "parallelism \\(enable_parallelism\\), which RAS does not support"
+from ras_models.handle import _sharding
+
+UNSUPPORTED = "parallelism \\(enable_parallelism\\), which RAS does not support for this model"
+CONFIG = {"num_steps": 4, "warmup_steps": 1, "reset_steps": (), "sample_ratio": 0.5}  # step 0 dense, 1-3 RAS
 
 
 def _free_port() -> int:
@@ -24,43 +30,117 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int) -> None:
-    from diffusers import ContextParallelConfig
+def _generate(pipe, memory: list[int] | None = None) -> torch.Tensor:
+    """Latents of a 4-step 128x128 generation (8x8 tokens, 6 text tokens); the same inputs on every rank. With
+    ``memory``, the RAS caches' bytes after each step but the last (the last one frees them) are appended to it."""
+    g = torch.Generator().manual_seed(0)
+    prompts = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
 
+    def measure(pipe, step, timestep, kwargs):
+        if memory is not None and step < 3:
+            memory.append(pipe.transformer._ras_handle.session.memory_bytes())
+        return {}
+
+    with torch.no_grad():
+        return pipe(
+            **prompts,
+            height=128,
+            width=128,
+            num_inference_steps=4,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+            callback_on_step_end=measure,
+        ).images
+
+
+def _pipeline():
+    from ._models import tiny_flux_pipeline
+
+    torch.manual_seed(0)  # the same weights in every process and run
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _worker(rank: int, port: int) -> None:
     from ras_models import RASConfig, apply_ras
 
-    from ._models import tiny_flux_pipeline
+    from ._models import tiny_wan_transformer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.accelerator.device_count = lambda: 1
     try:
-        config = RASConfig(num_steps=4, warmup_steps=1, reset_steps=(), sample_ratio=0.5)
-        g = torch.Generator().manual_seed(0)
-        prompts = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+        config = RASConfig(**CONFIG, shards=2)
         parallel = ContextParallelConfig(ulysses_degree=2)
 
-        def generate(pipe):
-            with torch.no_grad():
-                return pipe(**prompts, height=128, width=128, num_inference_steps=4, output_type="latent").images
+        single = _pipeline()  # one process, no parallelism: the reference
+        single_memory: list[int] = []
+        with apply_ras(single, config, cuda_graphs=False):
+            expected = _generate(single, single_memory)
+        assert (_generate(single) - expected).abs().max() > 1e-3  # the RAS steps did change the result
 
-        before = tiny_flux_pipeline()  # enabled, then apply_ras
-        before.set_progress_bar_config(disable=True)
+        before = _pipeline()  # enabled, then apply_ras: RAS's patches go beneath diffusers' hooks
         before.transformer.enable_parallelism(config=parallel)
-        generate(before)  # the split runs (both ranks take part)
-        with pytest.raises(ValueError, match=REFUSED):
-            apply_ras(before, config)
-        assert not hasattr(before.transformer, "_ras_handle")  # refused before any patch
-
-        after = tiny_flux_pipeline()  # apply_ras, then enabled
-        after.set_progress_bar_config(disable=True)
-        handle = apply_ras(after, config)
+        memory: list[int] = []
+        with apply_ras(before, config, cuda_graphs=False):
+            got = _generate(before, memory)
+        after = _pipeline()  # apply_ras, then enabled: diffusers' hooks wrap RAS's patches
+        handle = apply_ras(after, config, cuda_graphs=False)
         after.transformer.enable_parallelism(config=parallel)
-        with pytest.raises(ValueError, match=REFUSED):
-            generate(after)
+        got_after = _generate(after)
         handle.remove()
+        for name, latents in (("before", got), ("after", got_after)):
+            diff = (latents - expected).abs().max().item()
+            print(f"rank {rank} enabled {name} apply_ras: max |2 ranks - 1 process| = {diff:.3g}")
+            torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+        ratio = max(memory) / max(single_memory)
+        print(f"rank {rank}: cache bytes per rank {max(memory)}, one process {max(single_memory)}: {ratio}")
+        assert ratio == 0.5
+
+        with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
+            apply_ras(before, RASConfig(**CONFIG))
+        assert not hasattr(before.transformer, "_ras_handle")  # refused before any patch
+        mismatched = _pipeline()
+        handle = apply_ras(mismatched, RASConfig(**CONFIG))
+        mismatched.transformer.enable_parallelism(config=parallel)
+        with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
+            _generate(mismatched)
+        handle.remove()
+
+        wan = tiny_wan_transformer()  # a family whose adapter does not run under context parallelism yet
+        wan.enable_parallelism(config=parallel)
+        with pytest.raises(ValueError, match=UNSUPPORTED):
+            apply_ras(wan, config)
     finally:
         dist.destroy_process_group()
 
 
-def test_context_parallelism_is_refused_before_and_after_apply():
+def test_flux_ulysses_matches_one_process_and_refuses_what_it_cannot_run():
     mp.spawn(_worker, args=(_free_port(),), nprocs=2)
+
+
+def _model(parallel, heads: int = 4) -> SimpleNamespace:
+    return SimpleNamespace(_parallel_config=parallel, config=SimpleNamespace(num_attention_heads=heads))
+
+
+@pytest.mark.parametrize(
+    "parallel, heads, shards, supported, match",
+    [
+        (ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2)), 4, 1, True, UNSUPPORTED),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 4, 2, False, UNSUPPORTED),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2)), 4, 2, True, "ring_degree=2"),
+        (
+            ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True)),
+            4,
+            2,
+            True,
+            "ulysses_anything=True",
+        ),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 3, 2, True, "3 attention"),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 4, 4, True, "shards=2"),
+    ],
+    ids=["tensor-parallel", "unsupported-family", "ring", "ulysses-anything", "heads", "shards"],
+)
+def test_refused_parallelism(parallel, heads, shards, supported, match):
+    with pytest.raises(ValueError, match=match):
+        _sharding(_model(parallel, heads), shards, supported)
