@@ -55,8 +55,8 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
     ``pipe.enable_model_cpu_offload()`` composes, before or after ``apply_ras``. Accelerate hooks on the
     transformer's submodules (``enable_sequential_cpu_offload``, a ``device_map``) are refused. Replacing a patched
     attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise. diffusers'
-    Ulysses context parallelism (``transformer.enable_parallelism``) composes on Flux, before or after ``apply_ras``,
-    with ``RASConfig(shards=P)`` for degree P (docs/parallel.md); other parallelism raises ValueError.
+    Ulysses context parallelism (``transformer.enable_parallelism``) composes on Flux and Wan, before or after
+    ``apply_ras``, with ``RASConfig(shards=P)`` for degree P (docs/parallel.md); other parallelism raises ValueError.
 
     Args:
         target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``,

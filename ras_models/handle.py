@@ -23,24 +23,26 @@ def _get(obj: object, name: str) -> object:
     return type(obj) if name == "__class__" else vars(obj).get(name, _MISSING)
 
 
-def _places(obj: object, name: str) -> list[tuple[object, str]]:
+def _places(obj: object, name: str, root: bool = False) -> list[tuple[object, str]]:
     """Where the value of ``obj.name`` can sit, outermost first. A module's own ``forward`` moves beneath hooks:
-    accelerate's (``enable_model_cpu_offload``) keep it in ``_old_forward`` and move it back when they are removed
-    (diffusers removes and re-installs them after every pipeline call); diffusers' HookRegistry (e.g. the
-    context-parallel split and gather hooks of ``enable_parallelism``) keeps it in its innermost hook's function
-    reference and calls it from there, so a patch must sit there to run between the hooks and the module."""
+    for the model itself (``root``), accelerate's (``enable_model_cpu_offload``) keep it in ``_old_forward`` and move
+    it back when they are removed (diffusers removes and re-installs them after every pipeline call; on a submodule,
+    such a hook is refused: ``RASHandle.check``); diffusers' HookRegistry (e.g. the context-parallel split and gather
+    hooks of ``enable_parallelism``) keeps it in its innermost hook's function reference and calls it from there, so
+    a patch must sit there to run between the hooks and the module."""
     places = [(obj, name)]
     if name == "forward" and isinstance(obj, torch.nn.Module):
-        places.append((obj, "_old_forward"))
+        if root:
+            places.append((obj, "_old_forward"))
         refs = getattr(vars(obj).get("_diffusers_hook"), "_fn_refs", None)
         if refs:
             places.append((refs[0], "forward" if refs[0].original_forward is None else "original_forward"))
     return places
 
 
-def _home(obj: object, name: str) -> tuple[object, str]:
+def _home(obj: object, name: str, root: bool = False) -> tuple[object, str]:
     """The innermost place of ``obj.name`` that holds a value now (``obj.name`` itself if none does)."""
-    return next((p for p in reversed(_places(obj, name)) if _get(*p) is not _MISSING), (obj, name))
+    return next((p for p in reversed(_places(obj, name, root)) if _get(*p) is not _MISSING), (obj, name))
 
 
 def _sharding(model: torch.nn.Module, shards: int, supported: bool) -> Sharding | None:
@@ -56,8 +58,8 @@ def _sharding(model: torch.nn.Module, shards: int, supported: bool) -> Sharding 
     if cp is None or not supported:
         raise ValueError(
             f"the {name} runs under diffusers' parallelism (enable_parallelism), which RAS does not support for this "
-            "model: RAS runs under context parallelism (ContextParallelConfig(ulysses_degree=P)) on Flux only; apply "
-            "RAS to a model without enable_parallelism"
+            "model: RAS runs under context parallelism (ContextParallelConfig(ulysses_degree=P)) on Flux and Wan; "
+            "apply RAS to a model without enable_parallelism"
         )
     if cp.ring_degree > 1 or cp.ulysses_anything:
         raise ValueError(
@@ -83,15 +85,15 @@ class _Patch:
     """``new`` set in place of ``obj.name`` at its innermost place (:func:`_places`); ``old`` was there before
     (``_MISSING``: nothing, the class's)."""
 
-    def __init__(self, obj: object, name: str, new: object):
-        self.obj, self.name, self.new = obj, name, new
-        holder, attr = _home(obj, name)
+    def __init__(self, obj: object, name: str, new: object, root: bool):
+        self.obj, self.name, self.new, self.root = obj, name, new, root
+        holder, attr = _home(obj, name, root)
         self.old = _get(holder, attr)
         setattr(holder, attr, new)
 
     def slot(self) -> tuple[object, str] | None:
         """Where our value sits now (None: something replaced it)."""
-        return next((p for p in _places(self.obj, self.name) if _get(*p) is self.new), None)
+        return next((p for p in _places(self.obj, self.name, self.root) if _get(*p) is self.new), None)
 
     def undo(self) -> None:
         """Put the old value back where ours sits; leave a value someone else put there since alone."""
@@ -114,8 +116,9 @@ class _Patches:
     def __init__(self):
         self.items: list[_Patch] = []
 
-    def set(self, obj: object, name: str, value: object) -> None:
-        self.items.append(_Patch(obj, name, value))
+    def set(self, obj: object, name: str, value: object, root: bool = False) -> None:
+        """``root``: ``obj`` is the model itself (see :func:`_places`)."""
+        self.items.append(_Patch(obj, name, value, root))
 
     def undo(self) -> None:
         while self.items:
@@ -246,7 +249,8 @@ class RASHandle:
         A module's own ``forward`` is wrapped beneath the hooks installed on it (an accelerate offload hook, diffusers'
         context-parallel hooks), and is found beneath those installed later too (:func:`_places`).
         """
-        self._patches.set(obj, name, _wrapped(getattr(*_home(obj, name)), wrapper))
+        root = obj is self.model
+        self._patches.set(obj, name, _wrapped(getattr(*_home(obj, name, root)), wrapper), root)
 
     def watch(self, path: str) -> torch.nn.Module:
         """The model's submodule at ``path``; :meth:`check` raises if it is later replaced there (a module whose

@@ -18,9 +18,11 @@ N = (H / p) * (W / p) image tokens in row-major patch order; K the step's active
 Under diffusers' Ulysses context parallelism of degree S (``sharding``, set by the handle from the model's
 ``enable_parallelism``; ``RASConfig.shards`` = S), rank r holds the r-th of S consecutive runs of N / S tokens and
 keeps K / S of them (per-shard selection): ``gather`` / ``gather_rows`` / ``scatter_output`` work on its N / S rows
-(``batch_index``: local indices [B, K / S]), and ``attend`` exchanges q/k/v for all K rows of H / S heads, caches the
-whole sequence of those heads (written at the global indices ``kv_index``) and exchanges the output back. Every
-rank observes the same guided output, so all of them choose the same active set.
+(``batch_index``: local indices [B, K / S]; ``gather`` / ``gather_rows`` also take all N rows, with the global
+indices ``kv_index``, for a model whose plan splits the sequence after them, as Wan's does), and ``attend``
+exchanges q/k/v for all K rows of H / S heads, caches the whole sequence of those heads (written at ``kv_index``)
+and exchanges the output back. Every rank observes the same guided output, so all of them choose the same active
+set.
 """
 
 from __future__ import annotations
@@ -253,23 +255,31 @@ class RASSession:
 
     def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
         """The step's rows of ``x`` [B, N, D] plus the same rows of ``add`` [1 or B, N, D] (summed in fp32), in one
-        pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result."""
+        pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result. Under context
+        parallelism: this rank's rows [B, K / S, D] of its shard [B, N / S, D], or all K rows of all N."""
         self._require_step("gather")
-        self._check_rows("x", x, 3, self.shard_tokens)
-        return gather_tokens(x, self.batch_index, add=add)
+        check_tensor("x", x, ndim=3)
+        rows = self.num_tokens if x.shape[1] == self.num_tokens else self.shard_tokens
+        self._check_rows("x", x, 3, rows)
+        return gather_tokens(x, self._index_into(rows), add=add)
+
+    def _index_into(self, rows: int) -> torch.Tensor:
+        """The step's indices into ``rows`` tokens: all N (``kv_index``) or this rank's shard (``batch_index``)."""
+        return self.kv_index if rows == self.num_tokens else self.batch_index
 
     def gather_rows(self, table: torch.Tensor) -> torch.Tensor:
         """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. complex RoPE frequencies);
-        the table itself on a dense step (it broadcasts)."""
+        the table itself on a dense step (it broadcasts). Under context parallelism, of this rank's shard [1 or B,
+        N / S, ...] or of all N tokens, as :meth:`gather`."""
         self._require_step("gather_rows")
         check_tensor("table", table)
         batch, n = self.shape_key[0], self.shard_tokens
-        if table.dim() < 2 or table.shape[0] not in (1, batch) or table.shape[1] != n:
+        if table.dim() < 2 or table.shape[0] not in (1, batch) or table.shape[1] not in (n, self.num_tokens):
             raise ValueError(f"table must have shape (1 or B={batch}, N={n}, ...), got {tuple(table.shape)}")
         if self.is_dense:
             return table
         real = torch.view_as_real(table) if table.is_complex() else table
-        rows = gather_tokens(real.reshape(*real.shape[:2], -1), self.batch_index)
+        rows = gather_tokens(real.reshape(*real.shape[:2], -1), self._index_into(table.shape[1]))
         rows = rows.view(*rows.shape[:2], *real.shape[2:])
         return torch.view_as_complex(rows) if table.is_complex() else rows
 

@@ -1,7 +1,7 @@
 """RAS under diffusers' Ulysses context parallelism (``transformer.enable_parallelism``), on two CPU processes with
-gloo and a real split: Flux runs (enabled before or after ``apply_ras``) and matches the one-process run with the same
-per-shard selection, with half the cache memory per rank; what RAS cannot run is refused with a ValueError naming it,
-whether enabled before ``apply_ras`` or after it (at the next call).
+gloo and a real split: Flux and Wan run (enabled before or after ``apply_ras``) and match the one-process run with
+the same per-shard selection, with half the cache memory per rank; what RAS cannot run is refused with a ValueError
+naming it, whether enabled before ``apply_ras`` or after it (at the next call).
 
 diffusers maps each rank to an accelerator with ``rank % torch.accelerator.device_count()``, which is 0 on a
 CPU-only machine: the workers report one device.
@@ -31,33 +31,35 @@ def _free_port() -> int:
 
 
 def _generate(pipe, memory: list[int] | None = None) -> torch.Tensor:
-    """Latents of a 4-step 128x128 generation (8x8 tokens, 6 text tokens); the same inputs on every rank. With
-    ``memory``, the RAS caches' bytes after each step but the last (the last one frees them) are appended to it."""
+    """Latents of a 4-step generation, the same inputs on every rank: Flux 128x128 (8x8 tokens, 6 text tokens); Wan
+    9 frames of 64x96 (3x4x6 tokens) with CFG (two calls per step). With ``memory``, the RAS caches' bytes after each
+    step but the last (the last one frees them) are appended to it."""
     g = torch.Generator().manual_seed(0)
-    prompts = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+    if type(pipe).__name__ == "FluxPipeline":
+        inputs = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+        inputs |= {"height": 128, "width": 128}
+    else:
+        inputs = {"prompt_embeds": torch.randn(1, 8, 16, generator=g), "guidance_scale": 5.0}
+        inputs |= {"negative_prompt_embeds": torch.randn(1, 8, 16, generator=g), "num_frames": 9}
+        inputs |= {"height": 64, "width": 96}
 
     def measure(pipe, step, timestep, kwargs):
         if memory is not None and step < 3:
             memory.append(pipe.transformer._ras_handle.session.memory_bytes())
         return {}
 
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        return pipe(
-            **prompts,
-            height=128,
-            width=128,
-            num_inference_steps=4,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(1),
-            callback_on_step_end=measure,
-        ).images
+        out = pipe(**inputs, num_inference_steps=4, output_type="latent", generator=generator,
+                   callback_on_step_end=measure)  # fmt: skip
+    return out[0]
 
 
-def _pipeline():
-    from ._models import tiny_flux_pipeline
+def _pipeline(family: str):
+    from ._models import tiny_flux_pipeline, tiny_wan_pipeline
 
     torch.manual_seed(0)  # the same weights in every process and run
-    pipe = tiny_flux_pipeline()
+    pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -65,57 +67,50 @@ def _pipeline():
 def _worker(rank: int, port: int) -> None:
     from ras_models import RASConfig, apply_ras
 
-    from ._models import tiny_wan_transformer
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.accelerator.device_count = lambda: 1
     try:
         config = RASConfig(**CONFIG, shards=2)
         parallel = ContextParallelConfig(ulysses_degree=2)
+        for family in ("flux", "wan"):
+            single = _pipeline(family)  # one process, no parallelism: the reference
+            single_memory: list[int] = []
+            with apply_ras(single, config, cuda_graphs=False):
+                expected = _generate(single, single_memory)
+            assert (_generate(single) - expected).abs().max() > 1e-3  # the RAS steps did change the result
 
-        single = _pipeline()  # one process, no parallelism: the reference
-        single_memory: list[int] = []
-        with apply_ras(single, config, cuda_graphs=False):
-            expected = _generate(single, single_memory)
-        assert (_generate(single) - expected).abs().max() > 1e-3  # the RAS steps did change the result
-
-        before = _pipeline()  # enabled, then apply_ras: RAS's patches go beneath diffusers' hooks
-        before.transformer.enable_parallelism(config=parallel)
-        memory: list[int] = []
-        with apply_ras(before, config, cuda_graphs=False):
-            got = _generate(before, memory)
-        after = _pipeline()  # apply_ras, then enabled: diffusers' hooks wrap RAS's patches
-        handle = apply_ras(after, config, cuda_graphs=False)
-        after.transformer.enable_parallelism(config=parallel)
-        got_after = _generate(after)
-        handle.remove()
-        for name, latents in (("before", got), ("after", got_after)):
-            diff = (latents - expected).abs().max().item()
-            print(f"rank {rank} enabled {name} apply_ras: max |2 ranks - 1 process| = {diff:.3g}")
-            torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
-        ratio = max(memory) / max(single_memory)
-        print(f"rank {rank}: cache bytes per rank {max(memory)}, one process {max(single_memory)}: {ratio}")
-        assert ratio == 0.5
+            before = _pipeline(family)  # enabled, then apply_ras: RAS's patches go beneath diffusers' hooks
+            before.transformer.enable_parallelism(config=parallel)
+            memory: list[int] = []
+            with apply_ras(before, config, cuda_graphs=False):
+                got = _generate(before, memory)
+            after = _pipeline(family)  # apply_ras, then enabled: diffusers' hooks wrap RAS's patches
+            handle = apply_ras(after, config, cuda_graphs=False)
+            after.transformer.enable_parallelism(config=parallel)
+            got_after = _generate(after)
+            handle.remove()
+            for name, latents in (("before", got), ("after", got_after)):
+                diff = (latents - expected).abs().max().item()
+                print(f"{family} rank {rank} enabled {name} apply_ras: max |2 ranks - 1 process| = {diff:.3g}")
+                torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+            ratio = max(memory) / max(single_memory)
+            print(f"{family} rank {rank}: cache bytes per rank {max(memory)}, one process {max(single_memory)}")
+            assert ratio == 0.5
 
         with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
             apply_ras(before, RASConfig(**CONFIG))
         assert not hasattr(before.transformer, "_ras_handle")  # refused before any patch
-        mismatched = _pipeline()
+        mismatched = _pipeline("flux")
         handle = apply_ras(mismatched, RASConfig(**CONFIG))
         mismatched.transformer.enable_parallelism(config=parallel)
         with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
             _generate(mismatched)
         handle.remove()
-
-        wan = tiny_wan_transformer()  # a family whose adapter does not run under context parallelism yet
-        wan.enable_parallelism(config=parallel)
-        with pytest.raises(ValueError, match=UNSUPPORTED):
-            apply_ras(wan, config)
     finally:
         dist.destroy_process_group()
 
 
-def test_flux_ulysses_matches_one_process_and_refuses_what_it_cannot_run():
+def test_ulysses_matches_one_process_and_refuses_what_it_cannot_run():
     mp.spawn(_worker, args=(_free_port(),), nprocs=2)
 
 
