@@ -54,7 +54,9 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
 
     ``pipe.enable_model_cpu_offload()`` composes, before or after ``apply_ras``. Accelerate hooks on the
     transformer's submodules (``enable_sequential_cpu_offload``, a ``device_map``) are refused. Replacing a patched
-    attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise.
+    attribute later (``set_attn_processor``, ``fuse_qkv_projections``, ...) makes the next call raise. diffusers'
+    Ulysses context parallelism (``transformer.enable_parallelism``) composes on Flux and Wan, before or after
+    ``apply_ras``, with ``RASConfig(shards=P)`` for degree P (docs/parallel.md); other parallelism raises ValueError.
 
     Args:
         target: ``StableDiffusion3Pipeline``/``SD3Transformer2DModel``, ``LuminaPipeline``/``LuminaNextDiT2DModel``,
@@ -96,7 +98,7 @@ def apply_ras(target, config: RASConfig | None = None, *, cuda_graphs: bool = Tr
         raise TypeError(f"apply_ras needs a pipeline with a .scheduler; {type(target).__name__} has none")
     refuse_submodule_hooks(transformer)
     session = RASSession(config, patch_size=adapter.patch_size(transformer), max_shapes=max_shapes)
-    handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs)
+    handle = RASHandle(session, transformer, cuda_graphs=cuda_graphs, context_parallel=adapter.context_parallel)
     try:
         install(adapter(handle, transformer))
         if transformer is not target:

@@ -89,6 +89,10 @@ class ModelAdapter:
     transformer_class: ClassVar[type]  # the diffusers (or custom) transformer class handled
     family: ClassVar[str]  # the family's name in error messages, e.g. "SD3"
     preset: ClassVar[Callable[[], RASConfig]] = RASConfig  # the config apply_ras uses when given none
+    # Whether RAS runs this model under diffusers' Ulysses context parallelism (``enable_parallelism``); see
+    # ``docs/parallel.md``. Its gather, rotary and scatter points and its attention then see this rank's shard of the
+    # tokens, and ``RASSession.attend`` exchanges them for all the tokens of this rank's heads.
+    context_parallel: ClassVar[bool] = False
     token_patch: ClassVar[int | None] = None  # a token's side in latent pixels; None: transformer.config.patch_size
     gather_at: ClassVar[str]  # module path of the gather point
     rope_at: ClassVar[str | None] = None  # module path of the rotary tables' source, if the model has one
@@ -240,6 +244,7 @@ def install(adapter: ModelAdapter) -> None:
     signature = inspect.signature(transformer.forward)
 
     def forward(original, *args, **kwargs):
+        handle.check()
         bound = signature.bind(*args, **kwargs)
         for name, reason in adapter.unsupported.items():
             if bound.arguments.get(name) is not None:

@@ -14,11 +14,21 @@ elementwise work fused: LayerNorm + modulation, gate + residual + LayerNorm + mo
 single-stream output projection without the [attention, MLP] concatenation), and ``cache_context_calls`` (the call
 names: with ``true_cfg_scale > 1`` the pipeline's "cond" and "uncond" calls keep their own caches and compute the
 step's one active set). The K/V caches hold image keys after QK-norm and RoPE.
+
+Under diffusers' Ulysses context parallelism (``enable_parallelism(config=ContextParallelConfig(ulysses_degree=S))``,
+before or after ``apply_ras``, with ``RASConfig(shards=S)``): Flux's ``_cp_plan`` splits the transformer's inputs
+(image and text tokens, their ids) at the root's forward and gathers the output of ``proj_out``, through diffusers'
+hooks (HookRegistry), which replace those modules' ``forward``. RAS's patches of these two modules sit beneath the
+hooks, between them and the module (``ras_models.handle._places``), whichever came first: the patched root forward
+sees this rank's shard (its img_ids are all-gathered once per generation to place the tokens), ``proj_out``'s scatter
+fills this rank's N / S rows of the output cache and diffusers' gather then assembles all N. Between the two,
+everything works on the rank's rows; ``RASSession.attend`` does the Ulysses exchange (docs/parallel.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
@@ -163,6 +173,15 @@ def _latent_size(img_ids: torch.Tensor, tokens: int) -> tuple[int, int]:
     return TOKEN_PATCH * rows, TOKEN_PATCH * cols
 
 
+def _all_ids(ids: object, group) -> object:
+    """Every rank's shard of ``ids`` [n, 3] (2-D: the ids diffusers' context parallelism splits) in rank order."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return ids  # _latent_size explains what it needs
+    shards = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, ids.contiguous(), group=group)
+    return torch.cat(shards)
+
+
 class FluxAdapter(ModelAdapter):
     transformer_class = FluxTransformer2DModel
     family = "Flux"
@@ -183,6 +202,7 @@ class FluxAdapter(ModelAdapter):
         ("controlnet_block_samples", "controlnet_single_block_samples"), "ControlNet residuals cover every image token"
     )
     cache_context_calls = True
+    context_parallel = True
 
     def check(self) -> None:
         if self.transformer.config.patch_size != 1:
@@ -199,7 +219,7 @@ class FluxAdapter(ModelAdapter):
         RoPE: [1 or B, (T + K) * H, d / 2] complex."""
         cos, sin = original(ids)  # [T + N, d] each, every pair's angle twice
         freqs = torch.complex(cos[:, ::2], sin[:, ::2])
-        text = ids.shape[0] - self.session.num_tokens
+        text = ids.shape[0] - self.session.shard_tokens
         image = self.session.gather_rows(freqs[None, text:])  # [1 or B, K, d / 2]
         rows = torch.cat([freqs[None, :text].expand(image.shape[0], -1, -1), image], dim=1)
         heads = self.transformer.config.num_attention_heads
@@ -207,8 +227,11 @@ class FluxAdapter(ModelAdapter):
 
     def begin_call(self, arguments: dict[str, object]) -> dict[str, object]:
         session, tokens = self.session, arguments["hidden_states"].shape[1]
-        if session.shape_key is None or tokens != session.num_tokens:  # once per generation
-            size = _latent_size(arguments.get("img_ids"), tokens)
+        if session.shape_key is None or tokens != session.shard_tokens:  # once per generation
+            ids, sharding = arguments.get("img_ids"), session.sharding
+            if sharding is not None:  # this rank's shard of the tokens: place them with every rank's ids
+                ids, tokens = _all_ids(ids, sharding.group), tokens * sharding.size
+            size = _latent_size(ids, tokens)
         else:
             size = session.shape_key[1:3]
         return {"latent_size": size, "call": self.context}

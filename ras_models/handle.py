@@ -9,12 +9,9 @@ import types
 import torch
 
 from .graphs import StepGraphs
-from .session import RASSession
+from .session import RASSession, Sharding
 
 _MISSING = object()
-# accelerate's hooks (``enable_model_cpu_offload``) keep the forward they wrap in ``_old_forward`` and move it back
-# to ``forward`` when they are removed; diffusers removes and re-installs them after every pipeline call.
-_FORWARD_SLOTS = ("forward", "_old_forward")
 
 
 def _wrapped(original, wrapper):
@@ -26,40 +23,90 @@ def _get(obj: object, name: str) -> object:
     return type(obj) if name == "__class__" else vars(obj).get(name, _MISSING)
 
 
-def _refuse_parallelism(model: torch.nn.Module) -> None:
-    """Raise ValueError if diffusers' context or tensor parallelism is enabled on ``model`` (``enable_parallelism``):
-    each rank would run RAS's attention on its own shard of the tokens only."""
-    if getattr(model, "_parallel_config", None) is not None:
+def _places(obj: object, name: str, root: bool = False) -> list[tuple[object, str]]:
+    """Where the value of ``obj.name`` can sit, outermost first. A module's own ``forward`` moves beneath hooks:
+    for the model itself (``root``), accelerate's (``enable_model_cpu_offload``) keep it in ``_old_forward`` and move
+    it back when they are removed (diffusers removes and re-installs them after every pipeline call; on a submodule,
+    such a hook is refused: ``RASHandle.check``); diffusers' HookRegistry (e.g. the context-parallel split and gather
+    hooks of ``enable_parallelism``) keeps it in its innermost hook's function reference and calls it from there, so
+    a patch must sit there to run between the hooks and the module."""
+    places = [(obj, name)]
+    if name == "forward" and isinstance(obj, torch.nn.Module):
+        if root:
+            places.append((obj, "_old_forward"))
+        refs = getattr(vars(obj).get("_diffusers_hook"), "_fn_refs", None)
+        if refs:
+            places.append((refs[0], "forward" if refs[0].original_forward is None else "original_forward"))
+    return places
+
+
+def _home(obj: object, name: str, root: bool = False) -> tuple[object, str]:
+    """The innermost place of ``obj.name`` that holds a value now (``obj.name`` itself if none does)."""
+    return next((p for p in reversed(_places(obj, name, root)) if _get(*p) is not _MISSING), (obj, name))
+
+
+def _sharding(model: torch.nn.Module, shards: int, supported: bool) -> Sharding | None:
+    """This rank's :class:`Sharding` if diffusers' context parallelism is enabled on ``model``
+    (``enable_parallelism``), None if no parallelism is; raise ValueError for what RAS cannot run: tensor
+    parallelism, context parallelism on a family whose adapter does not support it (``supported``), ring attention,
+    ``ulysses_anything``, heads not divisible by the degree, or ``RASConfig.shards`` other than the degree."""
+    parallel = getattr(model, "_parallel_config", None)
+    if parallel is None:
+        return None
+    name = type(model).__name__
+    cp = parallel.context_parallel_config
+    if cp is None or not supported:
         raise ValueError(
-            f"the {type(model).__name__} runs under diffusers' parallelism (enable_parallelism), which RAS does not "
-            "support yet: its attention would see only this rank's tokens; apply RAS to a model without "
-            "enable_parallelism"
+            f"the {name} runs under diffusers' parallelism (enable_parallelism), which RAS does not support for this "
+            "model: RAS runs under context parallelism (ContextParallelConfig(ulysses_degree=P)) on Flux and Wan; "
+            "apply RAS to a model without enable_parallelism"
         )
+    if cp.ring_degree > 1 or cp.ulysses_anything:
+        raise ValueError(
+            f"RAS supports diffusers' Ulysses context parallelism with equal shards only, got ring_degree="
+            f"{cp.ring_degree}, ulysses_anything={cp.ulysses_anything} (ring attention would need the log-sum-exp of "
+            "RAS's cached attention); use ContextParallelConfig(ulysses_degree=P)"
+        )
+    size = cp.ulysses_degree
+    heads = model.config.num_attention_heads
+    if heads % size:
+        raise ValueError(f"the {name}'s {heads} attention heads are not divisible by ulysses_degree={size}")
+    if shards != size:
+        raise ValueError(
+            f"the {name} runs under Ulysses context parallelism of degree {size}, so each rank holds 1/{size} of the "
+            f"image tokens: set RASConfig(shards={size}) (got shards={shards}) so that every rank keeps the same "
+            "count of its own tokens"
+        )
+    group = cp._ulysses_mesh.get_group()
+    return Sharding(group, torch.distributed.get_rank(group), size)
 
 
 class _Patch:
-    """``obj.name`` set to ``new`` on the instance; ``old`` was there before (``_MISSING``: nothing, the class's)."""
+    """``new`` set in place of ``obj.name`` at its innermost place (:func:`_places`); ``old`` was there before
+    (``_MISSING``: nothing, the class's)."""
 
-    def __init__(self, obj: object, name: str, new: object, slots: tuple[str, ...]):
-        self.obj, self.name, self.new, self.slots = obj, name, new, slots
-        self.old = _get(obj, name)
-        setattr(obj, name, new)
+    def __init__(self, obj: object, name: str, new: object, root: bool):
+        self.obj, self.name, self.new, self.root = obj, name, new, root
+        holder, attr = _home(obj, name, root)
+        self.old = _get(holder, attr)
+        setattr(holder, attr, new)
 
-    def slot(self) -> str | None:
+    def slot(self) -> tuple[object, str] | None:
         """Where our value sits now (None: something replaced it)."""
-        return next((s for s in self.slots if _get(self.obj, s) is self.new), None)
+        return next((p for p in _places(self.obj, self.name, self.root) if _get(*p) is self.new), None)
 
     def undo(self) -> None:
         """Put the old value back where ours sits; leave a value someone else put there since alone."""
         slot = self.slot()
         if slot is None:
             return
+        holder, attr = slot
         if self.old is not _MISSING:
-            setattr(self.obj, slot, self.old)
-        elif slot == self.name:
-            delattr(self.obj, slot)
-        else:  # an instance forward moved into accelerate's _old_forward: the class's forward goes there instead
-            setattr(self.obj, slot, types.MethodType(getattr(type(self.obj), self.name), self.obj))
+            setattr(holder, attr, self.old)
+        elif slot == (self.obj, self.name):
+            delattr(holder, attr)
+        else:  # an instance forward that moved beneath a hook: the class's forward goes there instead
+            setattr(holder, attr, types.MethodType(getattr(type(self.obj), self.name), self.obj))
 
 
 class _Patches:
@@ -69,8 +116,9 @@ class _Patches:
     def __init__(self):
         self.items: list[_Patch] = []
 
-    def set(self, obj: object, name: str, value: object, slots: tuple[str, ...] | None = None) -> None:
-        self.items.append(_Patch(obj, name, value, slots or (name,)))
+    def set(self, obj: object, name: str, value: object, root: bool = False) -> None:
+        """``root``: ``obj`` is the model itself (see :func:`_places`)."""
+        self.items.append(_Patch(obj, name, value, root))
 
     def undo(self) -> None:
         while self.items:
@@ -84,10 +132,14 @@ class RASHandle:
     :meth:`observe` after each step and :meth:`reset` before each generation.
     """
 
-    def __init__(self, session: RASSession, model: torch.nn.Module, *, cuda_graphs: bool = True):
+    def __init__(
+        self, session: RASSession, model: torch.nn.Module, *, cuda_graphs: bool = True, context_parallel: bool = False
+    ):
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
-        _refuse_parallelism(model)  # before anything is patched; check() repeats it at every call
+        self.context_parallel = context_parallel  # whether the model's adapter runs under Ulysses (see _sharding)
+        # Before anything is patched; check() repeats it at every call (enable_parallelism may come after apply_ras).
+        session.sharding = _sharding(model, session.config.shards, context_parallel)
         self.session = session
         self.model = model
         self.graphs = StepGraphs() if cuda_graphs else None
@@ -111,9 +163,9 @@ class RASHandle:
         latent. ``call`` names the call within the step (see ``RASSession.begin_step``). Neither is passed on.
         Graphs are used for CUDA inputs under ``torch.no_grad()`` (pipelines sample that way); a step shape's first
         call runs eagerly and is captured right after, later ones replay. An exception in the step aborts the generation
-        (:meth:`abort`).
+        (:meth:`abort`). The caller runs :meth:`check` first (the patched forward does, before its adapter reads the
+        call's arguments).
         """
-        self.check()
         if not isinstance(hidden_states, torch.Tensor):
             raise TypeError(f"hidden_states must be a torch.Tensor [B, C, H, W], got {type(hidden_states).__name__}")
         if latent_size is None and hidden_states.dim() != 4:
@@ -138,7 +190,9 @@ class RASHandle:
             raise
 
     def _use_graphs(self, hidden_states: torch.Tensor) -> bool:
-        return self.graphs is not None and hidden_states.is_cuda and not torch.is_grad_enabled()
+        # Not under context parallelism: steps with collectives have not been captured or measured yet.
+        sharded = self.session.sharding is not None
+        return self.graphs is not None and hidden_states.is_cuda and not torch.is_grad_enabled() and not sharded
 
     def _drop_stale_graphs(self) -> None:
         """At a call's first step in a generation (for one model: step 0; Wan 2.2's second expert: its first step):
@@ -157,8 +211,9 @@ class RASHandle:
     def check(self) -> None:
         """Raise RuntimeError if an attribute this handle patched was replaced since (e.g. by
         ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense; a
-        ValueError if diffusers' parallelism was enabled on the model since (:func:`_refuse_parallelism`)."""
-        _refuse_parallelism(self.model)
+        ValueError if diffusers' parallelism was enabled on the model since in a way RAS cannot run (:func:`_sharding`);
+        otherwise takes this rank's part of the context parallelism into the session."""
+        self.session.sharding = _sharding(self.model, self.session.config.shards, self.context_parallel)
         # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
         for path, parent, attr, module in self._watched:
             if getattr(parent, attr, None) is not module:
@@ -191,15 +246,11 @@ class RASHandle:
     def wrap_method(self, obj: object, name: str, wrapper) -> None:
         """Replace the bound method ``obj.name`` by ``wrapper(original, *args, **kwargs)`` on this instance.
 
-        The model's own ``forward`` is wrapped beneath an accelerate offload hook when one is installed (in its
-        ``_old_forward``), and is found there or in ``forward`` as the hook is re-installed or removed.
+        A module's own ``forward`` is wrapped beneath the hooks installed on it (an accelerate offload hook, diffusers'
+        context-parallel hooks), and is found beneath those installed later too (:func:`_places`).
         """
-        slots = None
-        if obj is self.model and name == "forward":
-            slots = _FORWARD_SLOTS
-            if "_old_forward" in vars(obj):
-                name = "_old_forward"
-        self._patches.set(obj, name, _wrapped(getattr(obj, name), wrapper), slots)
+        root = obj is self.model
+        self._patches.set(obj, name, _wrapped(getattr(*_home(obj, name, root)), wrapper), root)
 
     def watch(self, path: str) -> torch.nn.Module:
         """The model's submodule at ``path``; :meth:`check` raises if it is later replaced there (a module whose

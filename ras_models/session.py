@@ -14,12 +14,22 @@ A generation of T steps, from the model's side::
 Shapes: B is the transformer batch, P prompts with B a multiple of P (CFG copies of a prompt share its active
 set: row r of the batch belongs to prompt r % P, as diffusers' ``torch.cat([x] * 2)`` lays them out);
 N = (H / p) * (W / p) image tokens in row-major patch order; K the step's active count.
+
+Under diffusers' Ulysses context parallelism of degree S (``sharding``, set by the handle from the model's
+``enable_parallelism``; ``RASConfig.shards`` = S), rank r holds the r-th of S consecutive runs of N / S tokens and
+keeps K / S of them (per-shard selection): ``gather`` / ``gather_rows`` / ``scatter_output`` work on its N / S rows
+(``batch_index``: local indices [B, K / S]; ``gather`` / ``gather_rows`` also take all N rows, with the global
+indices ``kv_index``, for a model whose plan splits the sequence after them, as Wan's does), and ``attend``
+exchanges q/k/v for all K rows of H / S heads, caches the whole sequence of those heads (written at ``kv_index``)
+and exchanges the output back. Every rank observes the same guided output, so all of them choose the same active
+set.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +42,15 @@ from .config import RASConfig, require_int
 def _require_size(name: str, value: object) -> None:
     if not isinstance(value, torch.SymInt):  # a size torch.compile traces symbolically is checked where it is real
         require_int(name, value, 1)
+
+
+class Sharding(NamedTuple):
+    """This rank's part of diffusers' Ulysses context parallelism: rank ``rank`` of ``size`` in ``group`` holds the
+    ``rank``-th of ``size`` consecutive runs of the image tokens (``RASSession.sharding``)."""
+
+    group: object  # torch.distributed.ProcessGroup
+    rank: int
+    size: int
 
 
 class RASSession:
@@ -59,6 +78,7 @@ class RASSession:
         self.patch_size = patch_size
         self.keep_buffers = keep_buffers
         self.max_shapes = max_shapes
+        self.sharding: Sharding | None = None  # this rank's part of context parallelism (RASHandle sets it)
         self.counters: torch.Tensor | None = None
         self.release()
         self.reset()
@@ -71,7 +91,8 @@ class RASSession:
         self.schedule: list[int] | None = None
         self.shape_key: tuple | None = None  # (batch, latent height, latent width, device) of this generation
         self.active: torch.Tensor | None = None  # [P, K] for the current step, None when dense
-        self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes
+        self.batch_index: torch.Tensor | None = None  # [B, N or K] rows this forward computes (of this rank's shard)
+        self.kv_index: torch.Tensor | None = None  # the same rows' indices in the whole sequence (K/V cache rows)
         self.call: object = None  # the transformer call now running (begin_step's ``call``)
         self.new_call = False  # whether that call runs for the first time in this generation
         self._calls: set = set()  # the calls begun in the current step
@@ -140,7 +161,13 @@ class RASSession:
 
     @property
     def num_active(self) -> int:
+        """The rows this rank computes at the current step (K, or K / S under context parallelism)."""
         return self.batch_index.shape[1]
+
+    @property
+    def shard_tokens(self) -> int:
+        """The image tokens of this rank's shard (N, or N / S under context parallelism)."""
+        return self.num_tokens // (1 if self.sharding is None else self.sharding.size)
 
     def _require_step(self, call: str) -> None:
         if not self._calls:
@@ -216,7 +243,16 @@ class RASSession:
             prompts = self.active.shape[0]
             # In place: a captured step graph reads this buffer.
             index.view(batch // prompts, prompts, k).copy_(self.active.expand(batch // prompts, prompts, k))
-        self.batch_index = index
+        self.batch_index = self.kv_index = index
+        if self.sharding is not None:  # this rank's K / S indices (ascending, its own shard's) less its offset
+            rank, size = self.sharding.rank, self.sharding.size
+            local = self._index.get((shape_key, k, rank))
+            if local is None:
+                local = torch.empty(batch, k // size, dtype=index.dtype, device=device)
+                self._index[(shape_key, k, rank)] = local
+            rows = k // size
+            torch.sub(index[:, rank * rows : (rank + 1) * rows], rank * (n // size), out=local)
+            self.batch_index = local
         self.call, self.new_call = call, first_run
         self._calls.add(call)
         self._seen.add(call)
@@ -238,23 +274,31 @@ class RASSession:
 
     def gather(self, x: torch.Tensor, *, add: torch.Tensor | None = None) -> torch.Tensor:
         """The step's rows of ``x`` [B, N, D] plus the same rows of ``add`` [1 or B, N, D] (summed in fp32), in one
-        pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result."""
+        pass; [B, K, D]. On a dense step every row is gathered, which also yields a contiguous result. Under context
+        parallelism: this rank's rows [B, K / S, D] of its shard [B, N / S, D], or all K rows of all N."""
         self._require_step("gather")
-        self._check_rows("x", x, 3, self.num_tokens)
-        return gather_tokens(x, self.batch_index, add=add)
+        check_tensor("x", x, ndim=3)
+        rows = self.num_tokens if x.shape[1] == self.num_tokens else self.shard_tokens
+        self._check_rows("x", x, 3, rows)
+        return gather_tokens(x, self._index_into(rows), add=add)
+
+    def _index_into(self, rows: int) -> torch.Tensor:
+        """The step's indices into ``rows`` tokens: all N (``kv_index``) or this rank's shard (``batch_index``)."""
+        return self.kv_index if rows == self.num_tokens else self.batch_index
 
     def gather_rows(self, table: torch.Tensor) -> torch.Tensor:
         """Active rows of a per-token table [1 or B, N, ...] shared by the layers (e.g. complex RoPE frequencies);
-        the table itself on a dense step (it broadcasts)."""
+        the table itself on a dense step (it broadcasts). Under context parallelism, of this rank's shard [1 or B,
+        N / S, ...] or of all N tokens, as :meth:`gather`."""
         self._require_step("gather_rows")
         check_tensor("table", table)
-        batch, n = self.shape_key[0], self.num_tokens
-        if table.dim() < 2 or table.shape[0] not in (1, batch) or table.shape[1] != n:
+        batch, n = self.shape_key[0], self.shard_tokens
+        if table.dim() < 2 or table.shape[0] not in (1, batch) or table.shape[1] not in (n, self.num_tokens):
             raise ValueError(f"table must have shape (1 or B={batch}, N={n}, ...), got {tuple(table.shape)}")
         if self.is_dense:
             return table
         real = torch.view_as_real(table) if table.is_complex() else table
-        rows = gather_tokens(real.reshape(*real.shape[:2], -1), self.batch_index)
+        rows = gather_tokens(real.reshape(*real.shape[:2], -1), self._index_into(table.shape[1]))
         rows = rows.view(*rows.shape[:2], *real.shape[2:])
         return torch.view_as_complex(rows) if table.is_complex() else rows
 
@@ -270,9 +314,29 @@ class RASSession:
         scale: float | None = None,
     ) -> torch.Tensor:
         """Attention for layer ``key``: q [B, Lq, Hq, d] over the layer's whole-image K/V cache (refreshed with
-        the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d]."""
+        the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d].
+
+        Under context parallelism every argument holds this rank's rows (K / S, T / S, ...) of all heads: diffusers'
+        Ulysses all-to-all turns each into all rows (in rank order: ascending token order, as the shards are
+        consecutive) of H / S heads, the cache [B, N, Hkv / S, d] is refreshed at the global indices, and the output
+        is exchanged back to this rank's rows of all heads. The order of the queries and of the extra keys does not
+        matter to attention, so each may mix the ranks' text and image rows.
+        """
         self._require_step("attend")
         self._check_rows("k", k, 4, self.num_active)
+        if self.sharding is not None:
+            from diffusers.models.attention_dispatch import _all_to_all_dim_exchange as exchange
+
+            group = self.sharding.group
+            q, k, v, k_extra, v_extra = (
+                None if t is None else exchange(t, scatter_idx=2, gather_idx=1, group=group)
+                for t in (q, k, v, k_extra, v_extra)
+            )
+            out = self._attend(key, q, k, v, k_extra, v_extra, scale)
+            return exchange(out, scatter_idx=1, gather_idx=2, group=group)
+        return self._attend(key, q, k, v, k_extra, v_extra, scale)
+
+    def _attend(self, key, q, k, v, k_extra, v_extra, scale) -> torch.Tensor:
         b, _, hkv, d = k.shape
         # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
         cache_key = (self.shape_key, self.call, key, hkv, d, k.dtype)
@@ -290,11 +354,12 @@ class RASSession:
             self._kv[cache_key] = caches
         scales = dict(zip(("k_cache_scale", "v_cache_scale"), caches[2:], strict=False))
         return cached_kv_attention(
-            q, k, v, caches[0], caches[1], self.batch_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
+            q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
         )
 
     def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
-        """Merge the step's per-token output [B, K, F] into the output cache; returns all N rows [B, N, F].
+        """Merge the step's per-token output [B, K, F] into the output cache; returns all N rows [B, N, F] (under
+        context parallelism: this rank's K / S and N / S rows).
 
         The returned tensor is the cache itself: valid until the next step's scatter_output.
         """
@@ -306,7 +371,7 @@ class RASSession:
         if cache is None:
             if not self.is_dense:
                 raise RuntimeError(f"no output cache at RAS step {self.step}: a dense step must run first")
-            cache = torch.empty(b, self.num_tokens, f, dtype=out.dtype, device=out.device)
+            cache = torch.empty(b, self.shard_tokens, f, dtype=out.dtype, device=out.device)
             self._out[out_key] = cache
         scatter_tokens(cache, self.batch_index, out)
         return cache

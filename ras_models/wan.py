@@ -22,6 +22,16 @@ graphs and is removed with it. Calls are named (expert, cache context), so each 
 expert's first step in a generation is dense (the session's rule for a call that has not run yet); the next step's
 set is chosen by the usual rule.
 
+Under diffusers' Ulysses context parallelism (``enable_parallelism(config=ContextParallelConfig(ulysses_degree=S))``,
+before or after ``apply_ras``, with ``RASConfig(shards=S)``): Wan's ``_cp_plan`` splits the output of ``rope`` and
+the input of ``blocks.0`` along the sequence and gathers the output of ``proj_out``, through diffusers' hooks, and
+RAS's patches sit beneath them (``ras_models.handle._places``). So every rank embeds all N tokens and gathers all K
+active rows (of the embedding and of the rotary tables, with the global indices); the split then hands rank r the
+r-th K / S of them, which per-shard selection makes exactly the active rows of its own shard (the set is ascending).
+The blocks run on those rows, ``RASSession.attend`` does the Ulysses exchange for the self-attention (the
+cross-attention keeps diffusers' processor, which runs it locally: every rank holds the whole text), ``proj_out``'s
+scatter fills this rank's N / S rows of the output cache and diffusers' gather assembles all N (docs/parallel.md).
+
 Refused: patch sizes other than (1, 2, 2), per-token timesteps (Wan 2.2 TI2V's ``expand_timesteps``), attention
 processors other than ``WanAttnProcessor``, diffusers' caches.
 """
@@ -91,6 +101,7 @@ class WanAdapter(ModelAdapter):
     processor_hint = " (reset with transformer.set_attn_processor(WanAttnProcessor()))"
     scatter_at = "proj_out"
     cache_context_calls = True
+    context_parallel = True
 
     def __init__(self, handle: RASHandle, transformer: torch.nn.Module, expert: str = "transformer", leader=None):
         super().__init__(handle, transformer)
@@ -160,7 +171,8 @@ class WanAdapter(ModelAdapter):
         if getattr(second, "_ras_handle", None) is not None:
             raise RuntimeError("RAS is already applied to pipe.transformer_2; call remove() on its handle first")
         refuse_submodule_hooks(second, "transformer_2")
-        handle = RASHandle(self.session, second, cuda_graphs=self.handle.graphs is not None)
+        graphs = self.handle.graphs is not None
+        handle = RASHandle(self.session, second, cuda_graphs=graphs, context_parallel=self.context_parallel)
         handle.graphs = self.handle.graphs  # one set: graph keys name the expert, and abort() clears them all
         self.handle.on_remove(handle.remove)  # first: a failure below is undone by apply_ras's remove()
         install(type(self)(handle, second, expert="transformer_2", leader=self))

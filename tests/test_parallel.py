@@ -1,21 +1,27 @@
-"""diffusers' context parallelism (``transformer.enable_parallelism``), which RAS does not run under yet: refused with
-a ValueError naming it, whether enabled before ``apply_ras`` or after it (at the next call), instead of each rank
-running RAS's attention on its own shard of the tokens.
+"""RAS under diffusers' Ulysses context parallelism (``transformer.enable_parallelism``), on two CPU processes with
+gloo and a real split: Flux and Wan run (enabled before or after ``apply_ras``) and match the one-process run with
+the same per-shard selection, with half the cache memory per rank; what RAS cannot run is refused with a ValueError
+naming it, whether enabled before ``apply_ras`` or after it (at the next call).
 
-Two CPU processes with gloo and a real Ulysses split (diffusers maps each rank to an accelerator with
-``rank % torch.accelerator.device_count()``, which is 0 on a CPU-only machine: the workers report one device).
+diffusers maps each rank to an accelerator with ``rank % torch.accelerator.device_count()``, which is 0 on a
+CPU-only machine: the workers report one device.
 """
 
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
 
-REFUSED = "parallelism \\(enable_parallelism\\), which RAS does not support"
+from ras_models.handle import _sharding
+
+UNSUPPORTED = "parallelism \\(enable_parallelism\\), which RAS does not support for this model"
+CONFIG = {"num_steps": 4, "warmup_steps": 1, "reset_steps": (), "sample_ratio": 0.5}  # step 0 dense, 1-3 RAS
 
 
 def _free_port() -> int:
@@ -24,43 +30,112 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _generate(pipe, memory: list[int] | None = None) -> torch.Tensor:
+    """Latents of a 4-step generation, the same inputs on every rank: Flux 128x128 (8x8 tokens, 6 text tokens); Wan
+    9 frames of 64x96 (3x4x6 tokens) with CFG (two calls per step). With ``memory``, the RAS caches' bytes after each
+    step but the last (the last one frees them) are appended to it."""
+    g = torch.Generator().manual_seed(0)
+    if type(pipe).__name__ == "FluxPipeline":
+        inputs = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+        inputs |= {"height": 128, "width": 128}
+    else:
+        inputs = {"prompt_embeds": torch.randn(1, 8, 16, generator=g), "guidance_scale": 5.0}
+        inputs |= {"negative_prompt_embeds": torch.randn(1, 8, 16, generator=g), "num_frames": 9}
+        inputs |= {"height": 64, "width": 96}
+
+    def measure(pipe, step, timestep, kwargs):
+        if memory is not None and step < 3:
+            memory.append(pipe.transformer._ras_handle.session.memory_bytes())
+        return {}
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        out = pipe(**inputs, num_inference_steps=4, output_type="latent", generator=generator,
+                   callback_on_step_end=measure)  # fmt: skip
+    return out[0]
+
+
+def _pipeline(family: str):
+    from ._models import tiny_flux_pipeline, tiny_wan_pipeline
+
+    torch.manual_seed(0)  # the same weights in every process and run
+    pipe = tiny_flux_pipeline() if family == "flux" else tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _worker(rank: int, port: int) -> None:
-    from diffusers import ContextParallelConfig
-
     from ras_models import RASConfig, apply_ras
-
-    from ._models import tiny_flux_pipeline
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.accelerator.device_count = lambda: 1
     try:
-        config = RASConfig(num_steps=4, warmup_steps=1, reset_steps=(), sample_ratio=0.5)
-        g = torch.Generator().manual_seed(0)
-        prompts = {"prompt_embeds": torch.randn(1, 6, 24, generator=g), "pooled_prompt_embeds": torch.randn(1, 16)}
+        config = RASConfig(**CONFIG, shards=2)
         parallel = ContextParallelConfig(ulysses_degree=2)
+        for family in ("flux", "wan"):
+            single = _pipeline(family)  # one process, no parallelism: the reference
+            single_memory: list[int] = []
+            with apply_ras(single, config, cuda_graphs=False):
+                expected = _generate(single, single_memory)
+            assert (_generate(single) - expected).abs().max() > 1e-3  # the RAS steps did change the result
 
-        def generate(pipe):
-            with torch.no_grad():
-                return pipe(**prompts, height=128, width=128, num_inference_steps=4, output_type="latent").images
+            before = _pipeline(family)  # enabled, then apply_ras: RAS's patches go beneath diffusers' hooks
+            before.transformer.enable_parallelism(config=parallel)
+            memory: list[int] = []
+            with apply_ras(before, config, cuda_graphs=False):
+                got = _generate(before, memory)
+            after = _pipeline(family)  # apply_ras, then enabled: diffusers' hooks wrap RAS's patches
+            handle = apply_ras(after, config, cuda_graphs=False)
+            after.transformer.enable_parallelism(config=parallel)
+            got_after = _generate(after)
+            handle.remove()
+            for name, latents in (("before", got), ("after", got_after)):
+                diff = (latents - expected).abs().max().item()
+                print(f"{family} rank {rank} enabled {name} apply_ras: max |2 ranks - 1 process| = {diff:.3g}")
+                torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+            ratio = max(memory) / max(single_memory)
+            print(f"{family} rank {rank}: cache bytes per rank {max(memory)}, one process {max(single_memory)}")
+            assert ratio == 0.5
 
-        before = tiny_flux_pipeline()  # enabled, then apply_ras
-        before.set_progress_bar_config(disable=True)
-        before.transformer.enable_parallelism(config=parallel)
-        generate(before)  # the split runs (both ranks take part)
-        with pytest.raises(ValueError, match=REFUSED):
-            apply_ras(before, config)
+        with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
+            apply_ras(before, RASConfig(**CONFIG))
         assert not hasattr(before.transformer, "_ras_handle")  # refused before any patch
-
-        after = tiny_flux_pipeline()  # apply_ras, then enabled
-        after.set_progress_bar_config(disable=True)
-        handle = apply_ras(after, config)
-        after.transformer.enable_parallelism(config=parallel)
-        with pytest.raises(ValueError, match=REFUSED):
-            generate(after)
+        mismatched = _pipeline("flux")
+        handle = apply_ras(mismatched, RASConfig(**CONFIG))
+        mismatched.transformer.enable_parallelism(config=parallel)
+        with pytest.raises(ValueError, match="set RASConfig\\(shards=2\\)"):
+            _generate(mismatched)
         handle.remove()
     finally:
         dist.destroy_process_group()
 
 
-def test_context_parallelism_is_refused_before_and_after_apply():
+def test_ulysses_matches_one_process_and_refuses_what_it_cannot_run():
     mp.spawn(_worker, args=(_free_port(),), nprocs=2)
+
+
+def _model(parallel, heads: int = 4) -> SimpleNamespace:
+    return SimpleNamespace(_parallel_config=parallel, config=SimpleNamespace(num_attention_heads=heads))
+
+
+@pytest.mark.parametrize(
+    "parallel, heads, shards, supported, match",
+    [
+        (ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2)), 4, 1, True, UNSUPPORTED),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 4, 2, False, UNSUPPORTED),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2)), 4, 2, True, "ring_degree=2"),
+        (
+            ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True)),
+            4,
+            2,
+            True,
+            "ulysses_anything=True",
+        ),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 3, 2, True, "3 attention"),
+        (ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)), 4, 4, True, "shards=2"),
+    ],
+    ids=["tensor-parallel", "unsupported-family", "ring", "ulysses-anything", "heads", "shards"],
+)
+def test_refused_parallelism(parallel, heads, shards, supported, match):
+    with pytest.raises(ValueError, match=match):
+        _sharding(_model(parallel, heads), shards, supported)
