@@ -317,8 +317,28 @@ def _video(family: str, args, full: bool) -> tuple[object, int | None]:
     return args.resolution or ((480, 832) if full else (64, 96)), args.frames or (81 if full else 9)
 
 
-def run_random_weights(args) -> None:
+def _ulysses_device(args) -> torch.device:
+    """``--ulysses P``: join the process group torchrun set up (or the caller's; NCCL on CUDA, else gloo), one rank
+    per GPU (``LOCAL_RANK``); only rank 0 prints."""
+    import os
+
+    import torch.distributed as dist
+
     device = torch.device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_world_size() != args.ulysses:
+        raise ValueError(f"--ulysses {args.ulysses} needs as many processes, got {dist.get_world_size()}")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        torch.cuda.set_device(device)
+    if dist.get_rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    return device
+
+
+def run_random_weights(args) -> None:
+    device = _ulysses_device(args) if args.ulysses > 1 else torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
     dtype = resolve_dtype(args.dtype, device)
     family = LAYOUTS[args.model][0]
@@ -329,13 +349,25 @@ def run_random_weights(args) -> None:
     pipe = build_pipeline(transformer, second, two_experts)
     n = num_tokens(pipe, size, frames)
     configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
+    description = f"{args.model}, {'published' if full else 'tiny'} config, random weights"
+    if args.ulysses > 1:
+        from dataclasses import replace
+
+        from diffusers import ContextParallelConfig
+
+        # The dense baseline runs under the same context parallelism; RAS picks K / P tokens per shard.
+        for model in (transformer, second):
+            if model is not None:
+                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses))
+        configs = [replace(config, shards=args.ulysses) for config in configs]
+        description += f", diffusers Ulysses context parallelism over {args.ulysses} processes (rank 0's times)"
     steps = configs[0].num_steps
     loop = None
     if args.loop and family in ("sd3", "lumina"):  # Flux and Wan: pipe(...) only
         loop = Loop(transformer, size // pipe.vae_scale_factor, args.seed)
     inputs = prompt_inputs(transformer, 1, args.seed)
     bench = Bench(pipe, inputs, size=size, steps=steps, repeats=args.repeats, seed=args.seed, loop=loop, frames=frames)
-    _report(args, bench, family, configs, f"{args.model}, {'published' if full else 'tiny'} config, random weights")
+    _report(args, bench, family, configs, description)
 
 
 def run_pretrained(args) -> None:
@@ -446,6 +478,15 @@ def main(argv: list[str] | None = None) -> None:
         "measured per-step times of this shorter run, labelled as an estimate (e.g. Wan 14B: --steps 12 "
         "--extrapolate-to 50)",
     )
+    parser.add_argument(
+        "--ulysses",
+        type=int,
+        default=1,
+        metavar="P",
+        help="Flux and Wan under diffusers' Ulysses context parallelism over P processes, launched by torchrun "
+        "(e.g. torchrun --nproc-per-node 2 -m bench.e2e --model wan --ulysses 2): dense and RAS (shards=P) alike, "
+        "eager (no CUDA graphs, no compiled or TaylorSeer baseline); rank 0 prints",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")
     parser.add_argument("--prompt", default="a photo of a red cat on a blue sofa")
@@ -463,9 +504,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.extrapolate_to is not None and args.extrapolate_to < 2:
         parser.error(f"--extrapolate-to must be at least 2 steps, got {args.extrapolate_to}")
+    if args.ulysses < 1:
+        parser.error(f"--ulysses must be at least 1, got {args.ulysses}")
+    if args.ulysses > 1:
+        if LAYOUTS[args.model][0] not in ("flux", "wan") or args.pretrained:
+            parser.error("--ulysses runs the random-weight Flux and Wan layouts only")
+        if args.taylorseer or args.compile_baseline:
+            parser.error("--ulysses runs no TaylorSeer or compiled baseline")
+        args.graphs, args.compile_baseline = "off", False
     if args.pretrained:
         run_pretrained(args)
-    elif demo_cpu.applies(args):
+    elif demo_cpu.applies(args) and args.ulysses == 1:
         demo_cpu.run(args)
     else:
         run_random_weights(args)

@@ -110,6 +110,51 @@ def _worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+def _bench_worker(rank: int, port: int, out: str) -> None:
+    import contextlib
+    import io
+
+    from bench import e2e
+    from ras_models import apply_ras
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.accelerator.device_count = lambda: 1
+    printed, handles = io.StringIO(), []
+
+    def apply(*args, **kwargs):
+        handles.append(apply_ras(*args, **kwargs))
+        return handles[-1]
+
+    e2e.apply_ras = apply
+    try:
+        with contextlib.redirect_stdout(printed):
+            e2e.main(
+                ["--model", "wan", "--no-full", "--device", "cpu", "--ulysses", "2", "--steps", "10", "--ratio", "0.5"]
+                + ["--frames", "5", "--resolution", "32x48", "--repeats", "1"]
+            )
+    finally:
+        dist.destroy_process_group()
+    # RAS ran sharded: this rank's part of diffusers' Ulysses split, with per-shard selection.
+    assert [(h.session.sharding.rank, h.session.sharding.size, h.session.config.shards) for h in handles] == [
+        (rank, 2, 2)
+    ]
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(printed.getvalue())
+
+
+def test_bench_e2e_under_ulysses(tmp_path):
+    """``torchrun --nproc-per-node 2 -m bench.e2e --model wan --ulysses 2`` (here two spawned gloo processes): the
+    dense pipeline and RAS with shards = 2 run under the same context parallelism; rank 0 prints the table."""
+    out = tmp_path / "rank0.txt"
+    mp.spawn(_bench_worker, args=(_free_port(), str(out)), nprocs=2)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [row.split("|")[1].strip() for row in rows] == ["diffusers dense eager", "RAS ratio 0.5 (static, eager)"]
+    tokens = float(rows[1].split("|")[2].strip().rstrip("%"))
+    # 10 steps of the Wan preset: 8 dense steps of 12 tokens, 2 RAS steps of 6 (3 on each rank's shard of 6).
+    assert tokens == pytest.approx(100 * (8 * 12 + 2 * 6) / (10 * 12), abs=0.05)
+
+
 def test_ulysses_matches_one_process_and_refuses_what_it_cannot_run():
     mp.spawn(_worker, args=(_free_port(),), nprocs=2)
 
