@@ -845,7 +845,8 @@ def test_registered_op_declares_its_in_place_writes(triton_backend):
     op = torch.ops.ras_kernels.select_regions.default
     x = torch.randn(2, 3, 4, 6, device=DEVICE)  # 6 tokens of 2 x 2
     previous = x.clone()
-    previous[:, :, :2] += 1.0  # tokens 0-2 changed, 3-5 carried over
+    # Tokens 0-2 changed, each by its own amount (equal changes would tie their priorities), 3-5 carried over.
+    previous[:, :, :2] += 0.5 + torch.rand_like(previous[:, :, :2])
     scores = torch.rand(2, 6, device=DEVICE)
     counters = torch.randint(0, 3, (2, 6), dtype=torch.int32, device=DEVICE)
     for args in (
