@@ -121,10 +121,38 @@ def _shape_rows(name: str, s: dict, tf: float) -> list[Row]:
     return out
 
 
+# fp8 K/V caches (RASConfig(kv_cache="fp8")) against bf16 caches, the whole op: Flux and Wan 2.1 1.3B / 14B at a
+# quarter of the tokens active (480x832x81: 32,760 tokens).
+FP8_SHAPES = (
+    ("Flux", dict(FLUX, kk=1024)),
+    ("Wan 1.3B", dict(b=1, n=32760, kk=8190, t=0, hq=12, hkv=12, d=128)),
+    ("Wan 14B", dict(b=1, n=32760, kk=8190, t=0, hq=40, hkv=40, d=128)),
+)
+
+
+def _fp8_rows(name: str, s: dict, tf: float) -> list[Row]:
+    from ras_kernels.attention import ops, reference
+
+    q, kn, vn, kc, vc, idx, ke, ve = _inputs(**s)
+    scale = s["d"] ** -0.5
+    (kc8, ks), (vc8, vs) = reference.quantize_fp8(kc), reference.quantize_fp8(vc)
+    extra = dict(k_extra=ke, v_extra=ve, scale=scale)
+    bf16 = graph_ms(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, **extra))
+    fp8 = graph_ms(
+        lambda: ops.cached_kv_attention(q, kn, vn, kc8, vc8, idx, k_cache_scale=ks, v_cache_scale=vs, **extra)
+    )
+    return [
+        Row("cached_kv_attention fp8 caches", _shape_str(name, s), fp8, bf16, "bf16 caches", "TFLOP/s", _flops(s), tf)
+    ]
+
+
 def rows(ceilings: dict) -> list[Row]:
     out = []
     for name, s in _shapes():
         out += _shape_rows(name, s, ceilings["TFLOP/s"])
+    if torch.cuda.get_device_capability() >= (8, 9):
+        for name, s in FP8_SHAPES:
+            out += _fp8_rows(name, s, ceilings["TFLOP/s"])
     return out
 
 
@@ -236,6 +264,9 @@ def main() -> None:
     for i, (name, s) in enumerate(_shapes()):
         lines = format_table(_shape_rows(name, s, ceilings["TFLOP/s"])).splitlines()
         print("\n".join(lines if i == 0 else lines[2:]), flush=True)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        for name, s in FP8_SHAPES:
+            print("\n".join(format_table(_fp8_rows(name, s, ceilings["TFLOP/s"])).splitlines()[2:]), flush=True)
     from ras_kernels.attention import ops
 
     for key, cfg in ops._tuned_attn_kernel().cache.items():
