@@ -352,6 +352,26 @@ def test_training_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch
     assert torch.isfinite(torch.tensor(record["dit_loss_last200"]))
 
 
+def test_training_runs_without_cudnn_attention(tmp_path, monkeypatch, flush_denormals):
+    """The DiT trains with PyTorch's cuDNN attention backend off (its backward crashed on an H200, see
+    train.no_cudnn_attention), and the setting is restored afterwards."""
+    seen = []
+    loss_and_grads = train.loss_and_grads
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return loss_and_grads(*args)
+
+    monkeypatch.setattr(train, "loss_and_grads", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    train.main(
+        ["--tiny", "--steps", "2", "--classifier-steps", "0", "--batch", "2", "--validate", "0", "--device", "cpu"]
+        + ["--no-compile", "--out", str(tmp_path)]
+    )
+    assert seen == [False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_classifier_augmentation_keeps_the_scene_readable():
     images = data.render(_scenes(8, 4), 32)
     out = train.augment(images, torch.Generator().manual_seed(0))
