@@ -545,7 +545,8 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
     out = tmp_path / "docs"
     runs = evaluate.main(
         ["--weights", str(tmp_path / "w"), "--samples", "2", "--steps", "6", "--ratios", "0.25"]
-        + ["--variants", "reference", "--no-floor", "--first-block-cache", "--taylorseer", "2", "--stack-steps", "0"]
+        + ["--variants", "reference", "forecast", "metric-delta", "--no-floor", "--first-block-cache"]
+        + ["--taylorseer", "2", "--stack-steps", "0"]
         + ["--device", "cpu", "--report", str(out / "frontier.md"), "--grid", str(out / "grid.png")]
         + ["--json", str(out / "frontier.json"), "--plot", str(out / "frontier.png"), "--grid-samples", "1"]
     )
@@ -556,6 +557,8 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
     ras = records[1]
     assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
     assert {"psnr", "loc_px", "found", "detail_err", "objects"} <= set(ras["metrics"])
+    categories = {r["variant"]: r["category"] for r in records if r["kind"] == "ras"}
+    assert categories == {"reference": "RAS std", "forecast": "RAS forecast", "metric-delta": "RAS delta"}
     assert "](frontier.png)" in (out / "frontier.md").read_text()
     image_module = pytest.importorskip("PIL.Image")
     with image_module.open(out / "frontier.png") as im:
