@@ -103,13 +103,21 @@ def _assert_kernels_close(eager, reference):
     assert (eager.float() - reference.float()).abs().max() < 0.02 * reference.float().abs().max()
 
 
-# reuse "linear" (the forecast of left-out tokens) reads the step from a device buffer: replays must follow it.
-FAMILY_REUSE = [("sd3", "copy"), ("lumina", "copy"), ("sd3", "linear")]
+# The selection rules and the forecast of left-out tokens keep state on the device (metric "random": its seed;
+# "delta": the previous output and scores; reuse "linear": the step and the output history) that every replay
+# must read and advance without the host.
+FAMILY_OPTIONS = [
+    pytest.param("sd3", {}, id="sd3"),
+    pytest.param("lumina", {}, id="lumina"),
+    pytest.param("sd3", {"reuse": "linear"}, id="sd3-reuse-linear"),
+    pytest.param("sd3", {"metric": "random", "seed": 3}, id="sd3-metric-random"),
+    pytest.param("sd3", {"metric": "delta"}, id="sd3-metric-delta"),
+]
 
 
-@pytest.mark.parametrize("family, reuse", FAMILY_REUSE)
-def test_cuda_graphs_match_eager_and_triton_matches_torch(family, reuse, monkeypatch):
-    config = replace(CONFIG, reuse=reuse)
+@pytest.mark.parametrize("family, options", FAMILY_OPTIONS)
+def test_cuda_graphs_match_eager_and_triton_matches_torch(family, options, monkeypatch):
+    config = replace(CONFIG, **options)
     model = _model(family)
     x, kwargs = _inputs(family, model, 32)
     x = x.cuda().half()
@@ -132,9 +140,9 @@ def test_cuda_graphs_match_eager_and_triton_matches_torch(family, reuse, monkeyp
         torch.testing.assert_close(out, eager, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family, reuse", FAMILY_REUSE)
-def test_generation_without_host_sync(family, reuse):
-    config = replace(CONFIG, reuse=reuse)
+@pytest.mark.parametrize("family, options", FAMILY_OPTIONS)
+def test_generation_without_host_sync(family, options):
+    config = replace(CONFIG, **options)
     model = _model(family)
     x, kwargs = _inputs(family, model, 32)
     x = x.cuda().half()
