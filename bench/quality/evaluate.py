@@ -89,7 +89,12 @@ def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Te
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-sample SSIM [B] (Wang et al. 2004) of images in [-1, 1] mapped to [0, 1]: Gaussian window 11 / 1.5,
-    K1 = 0.01, K2 = 0.03, per channel over the valid windows, averaged over channels and positions; in float64."""
+    K1 = 0.01, K2 = 0.03, per channel over the valid windows, averaged over channels and positions; in float64.
+    Clips [B, C, F, H, W]: the mean over their frames."""
+    if x.dim() == 5:
+        fold = (x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
+        frames = (t.transpose(1, 2).reshape(fold) for t in (x, ref))
+        return ssim(*frames, window, sigma).view(x.shape[0], x.shape[2]).mean(dim=1)
     a, b = _unit(x).double(), _unit(ref).double()
     c = a.shape[1]
     w = _gaussian_window(window, sigma, c, a.device)
@@ -165,6 +170,67 @@ def object_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict
         name: (torch.stack(values, dim=1) * present).sum(dim=1) / count
         for name, values in (("loc_px", loc), ("found", found), ("detail_err", detail))
     }
+
+
+def video_errors(videos: torch.Tensor, scenes: data.Scenes) -> dict[str, torch.Tensor]:
+    """Errors of clips ``videos`` [B, 3, F, S, S] in [-1, 1] against the requested video ``scenes``, per clip [B]:
+
+    * ``traj_px``: trajectory error, whether each object is where the caption's motion puts it in every frame. Per
+      frame and requested object: the distance in pixels between the object's true centre in the render of the
+      requested clip (``data.positions``: start cell, jitter, constant velocity) and the centroid of the pixels
+      within ``COLOUR_TOLERANCE`` of the requested colour inside a window one cell side wide centred there; an
+      object with fewer than ``MIN_PIXELS`` such pixels in a frame is missing there and counts half the window side
+      (a centroid inside the window is never farther along an axis). Mean over frames and objects. The jitter is not
+      in the caption, so a model that follows the caption exactly can be up to ``data.JITTER`` x S per axis off;
+      the render itself scores below a pixel (a triangle's centroid is 1/6 of its radius from its centre, a striped
+      object's lies on its bright columns). The windows of two objects never reach the other object
+      (``data.COMPATIBLE`` keeps their paths a cell side apart along one axis), so two objects of one colour do not
+      mix. Why: it reads the motion (a static or wrongly moving object scores the distance it lags) and the binding
+      of colour to trajectory, continuously, with no trained model.
+    * ``found``: share of (frame, object) pairs in which the object was found.
+    * ``flicker``: mean absolute frame-to-frame change, in [0, 1] units, of the pixels that are background in every
+      frame of the render of the requested clip (they equal the render of the clip without its objects); mean over
+      those pixels, channels and the F - 1 frame pairs. 0 for a perfectly static background, as the data's; region-
+      adaptive sampling refreshes the background tokens rarely, and stale or drifting cached tokens show up here.
+    """
+    b, _, frames, s, _ = videos.shape
+    dev = videos.device
+    scenes = scenes.to(dev)
+    x = _unit(videos)  # [B, 3, F, S, S]
+    centres = data.positions(scenes, frames) * s  # [B, M, F, 2] in pixels
+    rgb = torch.tensor(data.COLOUR_RGB, device=dev)[scenes.colour]  # [B, M, 3]
+    pix = torch.arange(s, device=dev, dtype=torch.float32) + 0.5
+    half = s / 6
+    errors, found = [], []
+    for j in range(data.MAX_OBJECTS):
+        cx, cy = centres[:, j, :, 0, None, None], centres[:, j, :, 1, None, None]  # [B, F, 1, 1]
+        inside = ((pix.view(1, 1, s, 1) - cy).abs() < half) & ((pix.view(1, 1, 1, s) - cx).abs() < half)
+        colour = (x - rgb[:, j, :, None, None, None]).norm(dim=1) < COLOUR_TOLERANCE  # [B, F, S, S]
+        mask = (inside & colour).float()
+        count = mask.sum(dim=(2, 3))  # [B, F]
+        my = (mask * pix.view(1, 1, s, 1)).sum(dim=(2, 3)) / count.clamp(min=1)
+        mx = (mask * pix.view(1, 1, 1, s)).sum(dim=(2, 3)) / count.clamp(min=1)
+        hit = count >= MIN_PIXELS
+        errors.append(torch.where(hit, torch.hypot(mx - cx[..., 0, 0], my - cy[..., 0, 0]), half).mean(dim=1))
+        found.append(hit.float().mean(dim=1))
+    present = scenes.present.float()
+    count = present.sum(dim=1)
+    empty = scenes[:]
+    empty.count = torch.zeros_like(scenes.count)
+    render = data.render(scenes, s, "video", frames)
+    background = (render - data.render(empty, s, "video", frames)).abs().amax(dim=(1, 2)) == 0  # [B, S, S]
+    change = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2))  # [B, S, S]
+    flicker = (change * background).sum(dim=(1, 2)) / background.sum(dim=(1, 2)).clamp(min=1)
+    return {
+        "traj_px": (torch.stack(errors, dim=1) * present).sum(dim=1) / count,
+        "found": (torch.stack(found, dim=1) * present).sum(dim=1) / count,
+        "flicker": flicker,
+    }
+
+
+def sample_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict[str, torch.Tensor]:
+    """The style's per-sample errors: :func:`video_errors` for clips, :func:`object_errors` for images."""
+    return video_errors(images, scenes) if style == "video" else object_errors(images, scenes, style)
 
 
 # ---- sampling ----
