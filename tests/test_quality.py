@@ -682,3 +682,104 @@ def test_video_errors_have_known_answers():
     torch.testing.assert_close(evaluate.psnr(bright, dim), torch.full((16,), -10 * math.log10(0.1**2 / 2)))
     per_frame = torch.stack([evaluate.ssim(bright[:, :, f], dim[:, :, f]) for f in range(frames)], dim=1)
     torch.testing.assert_close(evaluate.ssim(bright, dim), per_frame.mean(dim=1))
+
+
+def test_wan_model_follows_wan_pipeline_conventions():
+    config = qmodel.default_config(arch="wan")
+    assert config["style"] == "video" and config["classifier"] is None
+    assert config["dit"]["text_dim"] == config["encoder"]["width"]
+    assert config["encoder"]["vocab_size"] == len(data.VOCAB)
+    with torch.device("meta"):
+        full = qmodel.build(config, adaln_zero=False)
+    assert full.num_tokens == 8 * 16 * 16 and full.sample_shape == (3, 8, 32, 32)
+    params = sum(p.numel() for m in full.modules().values() for p in m.parameters())
+    assert 5e6 < params < 15e6
+    with pytest.raises(ValueError, match="video"):
+        qmodel.default_config(arch="wan", style="detail")
+    with pytest.raises(ValueError, match="video"):
+        qmodel.default_config(arch="flux", style="video")
+    tiny = qmodel.build(qmodel.default_config(arch="wan", tiny=True))
+    scenes = _clips(2, 0)
+    ids = data.tokens(scenes)
+    x = torch.randn(2, *tiny.sample_shape, generator=torch.Generator().manual_seed(1))
+    assert torch.count_nonzero(tiny.predict(x, torch.full((2,), 0.5), ids)) == 0  # adaLN-Zero start
+    torch.manual_seed(0)
+    tiny = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
+
+    def sampler(guidance: float) -> evaluate.PipelineSampler:
+        return evaluate.make_sampler(
+            tiny, ids, x, guidance=guidance, device=torch.device("cpu"), dtype=torch.float32, batch=2, graphs=False
+        )
+
+    # The pipeline asked for these height, width and frame counts lays out latents of the clips' shape.
+    wan = sampler(1.0)
+    latents = wan.pipe.prepare_latents(2, 3, **wan.size, dtype=torch.float32, device=torch.device("cpu"))
+    assert latents.shape == x.shape
+    uncond = torch.full_like(ids, data.PAD_ID)
+    with torch.no_grad():
+        # Two steps without guidance: WanPipeline's default sigmas with shift 1 are linspace(1, 1/1000, 2), then 0.
+        images, _ = wan.generate(2)
+        first = x + (0.001 - 1) * tiny.predict(x, torch.ones(2), ids)
+        expected = first - 0.001 * tiny.predict(first, torch.full((2,), 0.001), ids)
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+        # One step with guidance 3: the "cond" and "uncond" calls combined as uncond + 3 (cond - uncond).
+        guided, _ = sampler(3.0).generate(1)
+        cond, free = tiny.predict(x, torch.ones(2), ids), tiny.predict(x, torch.ones(2), uncond)
+        torch.testing.assert_close(guided, x - (free + 3 * (cond - free)), atol=1e-4, rtol=1e-4)
+
+
+def test_wan_training_smoke_run(tmp_path, flush_denormals):
+    record = train.main(
+        ["--arch", "wan", "--tiny", "--steps", "2", "--batch", "2", "--validate", "2", "--guidance", "1", "3"]
+        + ["--no-compile", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    assert record["dit_steps"] == 2 and record["classifier_steps"] == 0 and "--arch wan" in record["reproduce"]
+    assert set(record["validation"]) == {"1", "3"} and record["guidance"] in (1.0, 3.0)
+    assert set(record["validation"]["1"]) == {"traj_px", "found", "flicker"}
+    loaded = qmodel.load(tmp_path)
+    assert loaded.arch == "wan" and loaded.style == "video" and loaded.classifier is None
+    assert set(loaded.modules()) == {"transformer", "caption_encoder"}
+    assert all(torch.isfinite(p).all() for m in loaded.modules().values() for p in m.parameters())
+
+
+def test_wan_frontier_end_to_end_toy_scale(tmp_path):
+    models = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
+    qmodel.save(models, tmp_path / "w", {"guidance": 2.0})
+    out = tmp_path / "docs"
+    runs = evaluate.main(
+        ["--weights", str(tmp_path / "w"), "--samples", "2", "--steps", "6", "--ratios", "0.25"]
+        + ["--first-block-cache", "0.2", "--taylorseer", "2", "--stack-steps", "4", "--stack-ratios", "0.5"]
+        + ["--device", "cpu", "--report", str(out / "frontier-wan.md"), "--grid", str(out / "grid.png")]
+        + ["--json", str(out / "frontier-wan.json"), "--plot", str(out / "frontier-wan.png"), "--grid-samples", "1"]
+    )
+    names = [r.name for r in runs]
+    assert names[:4] == ["dense 6 steps", "RAS 1.0 (all tokens)", "RAS 0.25 reference", "RAS 0.25 metric-random"]
+    assert {"FirstBlockCache 0.2", "TaylorSeer 2", "RAS 0.5 reference, 4 steps"} <= set(names)
+    records = json.loads((out / "frontier-wan.json").read_text())
+    assert [r["name"] for r in records] == names
+    by_name = {r["name"]: r for r in records}
+    assert by_name["RAS 1.0 (all tokens)"]["metrics"]["psnr"] > 60  # the RAS path computing every token
+    ras = by_name["RAS 0.25 reference"]
+    assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
+    assert {"psnr", "ssim", "traj_px", "found", "flicker"} <= set(ras["metrics"]) and "objects" not in ras["metrics"]
+    assert ras["metrics"]["psnr"] < by_name["RAS 1.0 (all tokens)"]["metrics"]["psnr"]
+    report = (out / "frontier-wan.md").read_text()
+    assert "Wan-architecture video study" in report and "trajectory error (px)" in report
+    assert "](frontier-wan.png)" in report
+    image_module = pytest.importorskip("PIL.Image")
+    with image_module.open(out / "frontier-wan.png") as im:
+        assert im.size[0] == 3 * 420
+    with image_module.open(out / "grid.png") as im:  # one row of clips, each its 4 frames side by side
+        columns = len(evaluate.grid_columns(runs))
+        assert im.size == (columns * 4 * 32 + (columns + 1) * 4, 32 + 2 * 4)
+
+
+def test_shipped_wan_weights_load():
+    if not qmodel.has_weights(WEIGHTS_WAN):
+        pytest.skip(
+            "Wan study weights not trained yet (GPU): python -m bench.quality.train --arch wan "
+            "(writes bench/quality/weights-wan)"
+        )
+    models = qmodel.load(WEIGHTS_WAN)
+    record = json.loads((WEIGHTS_WAN / qmodel.CONFIG_FILE).read_text())
+    assert models.arch == "wan" and "reproduce" in record["training"]

@@ -324,60 +324,79 @@ class Sampler:
 
 
 class PipelineSampler:
-    """Sampling through diffusers' own ``FluxPipeline`` (the Flux study): no text encoders and no VAE, so the
-    pipeline takes the caption encoder's states as ``prompt_embeds`` (the all-padding caption's as the negative
-    prompt) and the packed initial noise as ``latents``, and returns packed latents (``output_type="latent"``),
-    which are the images. ``FlowMatchEulerDiscreteScheduler`` with shift 1 and no dynamic shifting gives the uniform
-    sigmas of :class:`Sampler`; classifier-free guidance is the pipeline's ``true_cfg_scale`` (a "cond" and an
-    "uncond" transformer call of P prompts each per step; the pipeline keeps its latents in the model dtype).
+    """Sampling through diffusers' own pipelines: ``FluxPipeline`` (the Flux study) or ``WanPipeline`` (the Wan
+    study). No text encoders and no VAE, so the pipeline takes the caption encoder's states as ``prompt_embeds``
+    (the all-padding caption's as ``negative_prompt_embeds``) and the initial noise as ``latents``, and returns
+    latents (``output_type="latent"``), which are the images or clips. The scheduler is
+    ``FlowMatchEulerDiscreteScheduler`` with shift 1 and no dynamic shifting.
+
+    * Flux: the latents are packed (2 x 2 patches); FluxPipeline passes its own uniform sigmas 1 - i / S (those of
+      :class:`Sampler`); classifier-free guidance is its ``true_cfg_scale`` (a "cond" and an "uncond" transformer call
+      of P prompts each per step); the pipeline keeps its latents in the model dtype; height = width = 8 x S.
+    * Wan: the latents are the clips [P, 3, F, S, S]; WanPipeline takes the scheduler's default timesteps, sigmas
+      linspace(1, 1/1000, steps) then 0 (so its last step runs from sigma 0.001 to 0); classifier-free guidance is
+      its ``guidance_scale`` (a "cond" and an "uncond" call per step, above 1); it keeps its latents in float32.
+      Without a VAE it falls back to the Wan VAE's factors, so it is asked for height = width = 8 x S and
+      num_frames = 4 x (F - 1) + 1 (``model.WAN_VAE_FACTOR_*``) and checks them against the latents given.
 
     ``generate(steps, method)`` runs each chunk of prompts inside ``method(pipe)`` (a context manager factory: RAS
     or a diffusers cache; ``None`` for dense), entered once for the warm-up and the timed pass.
     """
 
     def __init__(self, models, ids: torch.Tensor, noise: torch.Tensor, *, guidance, device, dtype, batch, graphs):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, WanPipeline
 
         self.models, self.guidance, self.device = models, guidance, device
         self.graphs = graphs and device.type == "cuda"  # RAS's cuda_graphs (the pipeline itself runs eagerly)
-        self.pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=models.transformer,
-        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        self.wan = models.arch == "wan"
+        side = noise.shape[-1]
+        if self.wan:
+            self.pipe = WanPipeline(
+                tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=models.transformer
+            )
+            self.size = dict(
+                height=side * qmodel.WAN_VAE_FACTOR_SPATIAL,
+                width=side * qmodel.WAN_VAE_FACTOR_SPATIAL,
+                num_frames=qmodel.WAN_VAE_FACTOR_TEMPORAL * (noise.shape[2] - 1) + 1,
+            )
+        else:
+            self.pipe = FluxPipeline(
+                scheduler=scheduler,
+                vae=None,
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                transformer=models.transformer,
+            )
+            self.size = dict(height=side * qmodel.FLUX_VAE_FACTOR, width=side * qmodel.FLUX_VAE_FACTOR)
         self.pipe.set_progress_bar_config(disable=True)
-        self.side = noise.shape[-1] * qmodel.FLUX_VAE_FACTOR  # the pipeline's height and width
         self.chunks = []
         with torch.no_grad():
             for lo in range(0, ids.shape[0], batch):
                 chunk = ids[lo : lo + batch].to(device)
                 states, pooled = models.encoder(chunk)
                 uncond, uncond_pooled = models.encoder(torch.full_like(chunk, data.PAD_ID))
-                x = noise[lo : lo + batch].to(device, dtype)
-                latents = FluxPipeline._pack_latents(x, *x.shape)
-                self.chunks.append(
-                    (latents, states.to(dtype), pooled.to(dtype), uncond.to(dtype), uncond_pooled.to(dtype))
-                )
+                inputs = dict(prompt_embeds=states.to(dtype), negative_prompt_embeds=uncond.to(dtype))
+                x = noise[lo : lo + batch].to(device, torch.float32 if self.wan else dtype)
+                if self.wan:
+                    inputs["latents"] = x
+                else:
+                    inputs["latents"] = FluxPipeline._pack_latents(x, *x.shape)
+                    inputs["pooled_prompt_embeds"] = pooled.to(dtype)
+                    inputs["negative_pooled_prompt_embeds"] = uncond_pooled.to(dtype)
+                self.chunks.append(inputs)
 
-    def _generate_chunk(self, chunk, steps: int) -> torch.Tensor:
-        latents, states, pooled, uncond, uncond_pooled = chunk
+    def _generate_chunk(self, inputs: dict, steps: int) -> torch.Tensor:
+        guidance = {"guidance_scale" if self.wan else "true_cfg_scale": self.guidance}
         out = self.pipe(
-            prompt_embeds=states,
-            pooled_prompt_embeds=pooled,
-            negative_prompt_embeds=uncond,
-            negative_pooled_prompt_embeds=uncond_pooled,
-            true_cfg_scale=self.guidance,
-            height=self.side,
-            width=self.side,
-            num_inference_steps=steps,
-            latents=latents,
-            output_type="latent",
-        ).images
-        return self.pipe._unpack_latents(out, self.side, self.side, qmodel.FLUX_VAE_FACTOR).float()
+            **inputs, **guidance, **self.size, num_inference_steps=steps, output_type="latent", return_dict=False
+        )[0]
+        if self.wan:
+            return out.float()
+        side = self.size["height"]
+        return self.pipe._unpack_latents(out, side, side, qmodel.FLUX_VAE_FACTOR).float()
 
     @torch.no_grad()
     def generate(self, steps: int, method=None) -> tuple[torch.Tensor, float]:
@@ -398,9 +417,9 @@ class PipelineSampler:
 
 
 def make_sampler(models, ids, noise, *, guidance, device, dtype, batch, graphs):
-    """The architecture's sampler: :class:`Sampler` (SD3, its own Euler loop) or :class:`PipelineSampler` (Flux,
-    diffusers' FluxPipeline)."""
-    cls = PipelineSampler if models.arch == "flux" else Sampler
+    """The architecture's sampler: :class:`Sampler` (SD3, its own Euler loop) or :class:`PipelineSampler` (Flux and
+    Wan, diffusers' FluxPipeline and WanPipeline)."""
+    cls = Sampler if models.arch == "sd3" else PipelineSampler
     return cls(models, ids, noise, guidance=guidance, device=device, dtype=dtype, batch=batch, graphs=graphs)
 
 
@@ -468,8 +487,8 @@ def run_all(sampler: Sampler, args, num_tokens: int) -> list[Run]:
 
 @torch.no_grad()
 def score_runs(runs: list[Run], models, scenes: data.Scenes, device, batch: int) -> None:
-    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores, per-object
-    errors (:func:`object_errors`); each with its standard error."""
+    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores (not for
+    Wan, which has no classifier), the style's errors (:func:`sample_errors`); each with its standard error."""
     targets = data.labels(scenes)
     dense = {r.group: r for r in runs if r.kind == "dense"}
     for run in runs:
@@ -477,10 +496,10 @@ def score_runs(runs: list[Run], models, scenes: data.Scenes, device, batch: int)
         per: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, run.images.shape[0], batch):
             x = run.images[lo : lo + batch].to(device)
-            logits = models.classifier(x.clamp(-1, 1))
-            tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
-            values = qmodel.score(logits, tgt)
-            values.update(object_errors(x, scenes[lo : lo + batch], models.style))
+            values = sample_errors(x, scenes[lo : lo + batch], models.style)
+            if models.classifier is not None:
+                tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
+                values.update(qmodel.score(models.classifier(x.clamp(-1, 1)), tgt))
             if run is not ref:
                 y = ref.images[lo : lo + batch].to(device)
                 values["psnr"], values["ssim"] = psnr(x, y), ssim(x, y)
@@ -527,18 +546,22 @@ def grid_columns(runs: list[Run]) -> list[Run]:
 
 
 def make_grid(columns: list[Run], samples: int, scale: int = 2, gap: int = 4) -> torch.Tensor:
-    """Rows = the first ``samples`` prompts, columns = ``columns``; uint8 [H, W, 3] on a white background."""
-    size = columns[0].images.shape[-1] * scale
-    rows = min(samples, columns[0].images.shape[0])
-    height = rows * size + (rows + 1) * gap
-    width = len(columns) * size + (len(columns) + 1) * gap
+    """Rows = the first ``samples`` prompts, columns = ``columns``; uint8 [H, W, 3] on a white background. A clip
+    [3, F, S, S] shows as its frames side by side."""
+    first = columns[0].images
+    h, w = first.shape[-2] * scale, first.shape[-1] * scale * (first.shape[2] if first.dim() == 5 else 1)
+    rows = min(samples, first.shape[0])
+    height = rows * h + (rows + 1) * gap
+    width = len(columns) * w + (len(columns) + 1) * gap
     canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
     for c, run in enumerate(columns):
         for r in range(rows):
             img = _unit(run.images[r]).mul(255).round().to(torch.uint8)
+            if img.dim() == 4:  # [3, F, S, S] -> [3, S, F * S]
+                img = img.permute(0, 2, 1, 3).flatten(2)
             img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
-            y, x = gap + r * (size + gap), gap + c * (size + gap)
-            canvas[y : y + size, x : x + size] = img
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y : y + h, x : x + w] = img
     return canvas
 
 
@@ -702,17 +725,21 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="bench/quality/weights", help="folder written by bench.quality.train")
-    p.add_argument("--json", default="docs/frontier.json", help="Flux: the runs' records")
-    p.add_argument("--plot", default="docs/frontier.png", help="Flux: the frontier plot")
     p.add_argument(
-        "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux: FirstBlockCache thresholds"
+        "--json", default=None, help="Flux, Wan: the runs' records (default docs/frontier.json, -wan.json for Wan)"
     )
-    p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux: TaylorSeer cache intervals")
-    p.add_argument("--stack-steps", type=int, default=None, help="Flux: steps of RAS on fewer steps (default S / 2)")
-    p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux: their ratios")
+    p.add_argument("--plot", default=None, help="Flux, Wan: the frontier plot (default docs/frontier.png, -wan.png)")
+    p.add_argument(
+        "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux, Wan: FirstBlockCache thresholds"
+    )
+    p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux, Wan: TaylorSeer cache intervals")
+    p.add_argument(
+        "--stack-steps", type=int, default=None, help="Flux, Wan: steps of RAS on fewer steps (default S / 2)"
+    )
+    p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux, Wan: their ratios")
     p.add_argument("--samples", type=int, default=256, help="prompts (default 256)")
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux: 28)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux, Wan: 28)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FLUX_VARIANTS), default=None)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
@@ -721,8 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on CUDA, else fp32")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="CUDA graphs (CUDA only)")
-    p.add_argument("--report", default=None, help="default docs/quality.md; Flux: docs/frontier.md")
-    p.add_argument("--grid", default=None, help="default docs/quality_grid.png; Flux: docs/frontier_grid.png")
+    p.add_argument("--report", default=None, help="default docs/quality.md; Flux: docs/frontier.md; Wan: -wan.md")
+    p.add_argument(
+        "--grid", default=None, help="default docs/quality_grid.png; Flux: docs/frontier_grid.png; Wan: -wan_grid.png"
+    )
     p.add_argument("--grid-samples", type=int, default=6)
     return p
 
@@ -740,14 +769,17 @@ def main(argv: list[str] | None = None) -> list[Run]:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     models = qmodel.load(args.weights, device, dtype)
-    flux = models.arch == "flux"
-    args.steps = args.steps or ([28] if flux else [28, 10])
-    args.variants = args.variants or list(FLUX_VARIANTS if flux else VARIANTS)
-    args.report = args.report or ("docs/frontier.md" if flux else "docs/quality.md")
-    args.grid = args.grid or ("docs/frontier_grid.png" if flux else "docs/quality_grid.png")
-    if flux:
+    frontier_run = models.arch in ("flux", "wan")  # through the diffusers pipeline: the frontier
+    args.steps = args.steps or ([28] if frontier_run else [28, 10])
+    args.variants = args.variants or list(FLUX_VARIANTS if frontier_run else VARIANTS)
+    stem = "docs/frontier" + ("-wan" if models.arch == "wan" else "")
+    args.report = args.report or (stem + ".md" if frontier_run else "docs/quality.md")
+    args.grid = args.grid or (stem + "_grid.png" if frontier_run else "docs/quality_grid.png")
+    args.json = args.json or stem + ".json"
+    args.plot = args.plot or stem + ".png"
+    if frontier_run:
         args.stack_steps = args.stack_steps if args.stack_steps is not None else args.steps[0] // 2
-    if any(s < 2 for s in args.steps) or (flux and args.stack_steps == 1):
+    if any(s < 2 for s in args.steps) or (frontier_run and args.stack_steps == 1):
         parser.error("--steps and --stack-steps values must be >= 2")
     if any(not 0 < r <= 1 for r in [*args.ratios, *args.stack_ratios]):
         parser.error("--ratios and --stack-ratios values must be in (0, 1]")
@@ -757,7 +789,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     gen = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
     scenes = data.sample_scenes(args.samples, gen, models.style)
     ids, captions = data.tokens(scenes), data.captions(scenes)
-    noise = torch.randn(args.samples, 3, size, size, generator=gen)
+    noise = torch.randn(args.samples, *models.sample_shape, generator=gen)
     print(
         f"[eval] {environment(device)}; {models.arch}, {args.samples} prompts, steps {args.steps}, ratios "
         f"{args.ratios}, variants {args.variants}",
@@ -769,7 +801,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         models, ids, noise, guidance=args.guidance, device=device, dtype=dtype, batch=args.batch, graphs=args.graphs
     )
     try:
-        if flux:
+        if frontier_run:
             from .frontier import run_frontier
 
             runs = run_frontier(sampler, args, models.num_tokens)
@@ -781,10 +813,10 @@ def main(argv: list[str] | None = None) -> list[Run]:
     columns = grid_columns(runs)
     write_png(args.grid, make_grid(columns, args.grid_samples))
     rows = min(args.grid_samples, args.samples)
-    if flux:
+    if frontier_run:
         from . import frontier
 
-        render = object_errors(data.render(scenes, size, models.style), scenes, models.style)
+        render = sample_errors(data.render(scenes, size, models.style, models.frames), scenes, models.style)
         recs = frontier.write(runs, args, models, device, {k: v.mean().item() for k, v in render.items()})
         print("\n" + frontier.table(recs))
         written = f"{args.report}, {args.json}, {args.plot} and {args.grid}"
