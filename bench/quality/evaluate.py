@@ -14,6 +14,10 @@ For each step count (default 28 and 10) it samples the same prompts from the sam
 Each run is compared with the dense run of its step count: PSNR and SSIM (mean over samples), the task scores of the
 scene classifier (``model.score``), and the speedup (dense time / run time, whole batched generation, same card,
 same process). Timed runs follow an untimed warm-up pass on CUDA (Triton autotuning and CUDA-graph capture).
+
+Flux and Wan weights take the frontier path instead (``frontier``): sampling through FluxPipeline or WanPipeline
+(:class:`PipelineSampler`), RAS against fewer dense steps and diffusers' caches, scored by :func:`object_errors`
+(Flux) or :func:`video_errors` (Wan, clips).
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@
   the pipeline's ``true_cfg_scale``): 10.0 M parameters, 22.5 MB saved with the caption encoder and classifier.
   A double block holds ~36 width^2 parameters and a single block ~15, so its per-token cost over the image stream
   (4 x 18 + 8 x 15 = 192 width^2) is about that of the SD3 study's 10 blocks (180 width^2).
+* The Wan DiT (``--arch wan``): diffusers' ``WanTransformer3DModel`` on 8-frame 32 x 32 RGB clips [B, 3, 8, 32, 32],
+  the "latent" of ``WanPipeline`` without a VAE (patch (1, 2, 2): 8 x 16 x 16 = 2048 tokens), 8 blocks of width 256
+  (4 heads x 64, feed-forward 1024), ``text_dim`` = the caption encoder's width: 9.1 M parameters, 18.7 MB saved
+  with the caption encoder. Per image token its blocks hold 8 x 14 width^2 = 7.3 M weights, the Flux model's 7.1 M.
+  No classifier: the video metrics (``evaluate.video_errors``) are computed from the pixels.
 * :class:`CaptionEncoder`: caption token ids -> learned word, position and phrase embeddings -> a small pre-norm
   transformer; gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
 * :class:`SceneClassifier`: a small CNN that reads a scene back (per grid cell: shape or empty, colour, size,
@@ -20,7 +25,7 @@
 
 Weights: ``config.json`` (model configuration + training record) and safetensors shards of at most 15 MiB
 (``weights-0000i-of-0000n.safetensors``; parameters in bf16, buffers as built), keys prefixed ``transformer.``,
-``caption_encoder.`` and ``classifier.``.
+``caption_encoder.`` and (not for Wan) ``classifier.``.
 """
 
 from __future__ import annotations
