@@ -29,7 +29,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -269,7 +269,10 @@ class Bench:
                 self.pipe.transformer.disable_cache()
         for config in configs:
             for graphs in graph_modes:
-                label = f"RAS ratio {config.sample_ratio} ({config.schedule}{', CUDA graphs' if graphs else ', eager'})"
+                details = [config.schedule, "CUDA graphs" if graphs else "eager"]
+                if config.kv_cache is not None:
+                    details.append(f"{config.kv_cache} K/V caches")
+                label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
                 with apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
                     results.append(self.measure(label, handle, config))
         return results, dense
@@ -337,6 +340,13 @@ def _ulysses_device(args) -> torch.device:
     return device
 
 
+def ras_configs(family: str, args, num_tokens: int, shards: int = 1) -> list:
+    """The RAS runs' configs: the family's preset at each ``--ratio`` (``--steps``, ``--schedule``), with
+    ``--kv-cache`` and ``shards``."""
+    presets = [preset(family, args.steps, r, num_tokens, args.schedule) for r in args.ratio]
+    return [replace(config, kv_cache=args.kv_cache, shards=shards) for config in presets]
+
+
 def run_random_weights(args) -> None:
     device = _ulysses_device(args) if args.ulysses > 1 else torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
@@ -348,18 +358,15 @@ def run_random_weights(args) -> None:
     second = build_transformer(args.model, full, device, dtype) if two_experts else None
     pipe = build_pipeline(transformer, second, two_experts)
     n = num_tokens(pipe, size, frames)
-    configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
+    configs = ras_configs(family, args, n, shards=args.ulysses)
     description = f"{args.model}, {'published' if full else 'tiny'} config, random weights"
     if args.ulysses > 1:
-        from dataclasses import replace
-
         from diffusers import ContextParallelConfig
 
         # The dense baseline runs under the same context parallelism; RAS picks K / P tokens per shard.
         for model in (transformer, second):
             if model is not None:
                 model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses))
-        configs = [replace(config, shards=args.ulysses) for config in configs]
         description += f", diffusers Ulysses context parallelism over {args.ulysses} processes (rank 0's times)"
     steps = configs[0].num_steps
     loop = None
@@ -380,7 +387,7 @@ def run_pretrained(args) -> None:
     family = family_of(pipe.transformer)
     size, frames = _video(family, args, True)
     n = num_tokens(pipe, size, frames)
-    configs = [preset(family, args.steps, r, n, args.schedule) for r in args.ratio]
+    configs = ras_configs(family, args, n)
     with torch.no_grad():
         inputs = encode_prompt(pipe, args.prompt)
     steps = configs[0].num_steps
@@ -486,6 +493,13 @@ def main(argv: list[str] | None = None) -> None:
         help="Flux and Wan under diffusers' Ulysses context parallelism over P processes, launched by torchrun "
         "(e.g. torchrun --nproc-per-node 2 -m bench.e2e --model wan --ulysses 2): dense and RAS (shards=P) alike, "
         "eager (no CUDA graphs, no compiled or TaylorSeer baseline); rank 0 prints",
+    )
+    parser.add_argument(
+        "--kv-cache",
+        choices=("fp8",),
+        default=None,
+        help="RASConfig.kv_cache of the RAS runs: fp8 K/V caches (half the memory, a slower attention op; for "
+        "layouts whose bf16 caches do not fit, e.g. Wan 14B at 720p); default: the model's dtype",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

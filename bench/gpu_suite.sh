@@ -13,6 +13,8 @@
 #            wan-1.3b.json); runs only when named                                                      ~6 min
 #   e2e-wan14b      optional, Wan 2.1 14B and Wan 2.2 A14B (two 14B experts) at 480x832, 81 frames: 12 measured steps
 #                   each and the 50-step estimates (--extrapolate-to 50, labelled as estimates)       ~9 min
+#   e2e-wan14b-720  optional, Wan 2.1 14B at 720x1280, 81 frames (75,600 tokens), RAS 0.25 with fp8 K/V caches (bf16
+#                   caches would take 115 GiB): 6 measured steps and the 50-step estimate                   ~7 min (est.)
 #   e2e-ulysses     optional, two GPUs: Flux.1-dev at 2048^2 and Wan 2.1 14B (12 steps + 50-step estimates) under
 #                   diffusers' Ulysses context parallelism, dense and RAS 0.25 (torchrun, docs/parallel.md)  ~8 min
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
@@ -35,7 +37,7 @@ python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(),
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
 # A part runs when named, or with "all" unless it is optional or a half of another part.
 halves=" e2e-sd3 e2e-lumina e2e-flux e2e-wan first-call soak "
-optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-ulysses "
+optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses "
 want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$optional" != *" $1 "* && "$halves" != *" $1 "* ]]; }; }
 plot() {
   jsons=()
@@ -74,6 +76,10 @@ if want e2e-wan14b; then
     e2e --model $model --frames 81 --steps 12 --extrapolate-to 50 --ratio 0.25 0.125 --repeats 1 \
       --no-compile-baseline --json "$out/$model-12steps.json" | tee -a "$out/e2e.md"
   done
+fi
+if want e2e-wan14b-720; then
+  e2e --model wan-14b --resolution 720x1280 --frames 81 --steps 6 --extrapolate-to 50 --ratio 0.25 --kv-cache fp8 \
+    --repeats 1 --no-compile-baseline --json "$out/wan-14b-720p-6steps.json" | tee -a "$out/e2e.md"
 fi
 if want e2e-ulysses; then
   for args in "--model flux --resolution 2048" "--model wan-14b --frames 81 --steps 12 --extrapolate-to 50"; do

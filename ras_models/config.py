@@ -9,6 +9,7 @@ from ras_kernels.select.ops import METRICS, MODES  # select_regions owns the rul
 
 SCHEDULES = ("static", "dynamic")
 KV_CACHES = (None, "fp8")
+REUSES = ("copy", "linear")
 
 
 def require_int(name: str, value: object, low: int, high: int | None = None) -> None:
@@ -58,6 +59,11 @@ class RASConfig:
         kv_cache: ``None`` (the K/V caches in the model's dtype) or ``"fp8"``: e4m3 values with an fp32 scale per
             (token, head), half the cache memory of bf16 (``cached_kv_attention``'s fp8 caches; CUDA compute
             capability >= 8.9, a head dim the attention kernel runs).
+        reuse: what a token left out of a RAS step outputs: ``"copy"`` (its cached output, the RAS rule) or
+            ``"linear"`` (a first-order forecast: its last two computed outputs, at steps s1 < s2, extrapolated
+            along the step index to the current step s, v2 + (v2 - v1) (s - s2) / (s2 - s1); a copy while it has
+            been computed only once in the generation). ``"linear"`` keeps the previous output, two step stamps and
+            a result buffer per token beside the output cache.
     """
 
     sample_ratio: float = 0.5
@@ -76,6 +82,7 @@ class RASConfig:
     shards: int = 1
     seed: int = 0
     kv_cache: str | None = None
+    reuse: str = "copy"
 
     def __post_init__(self) -> None:
         _require_float("sample_ratio", self.sample_ratio, "a float in (0, 1]", lambda v: 0 < v <= 1)
@@ -103,6 +110,8 @@ class RASConfig:
         require_int("RASConfig.seed", self.seed, 0, 2**31 - 1)
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"RASConfig.kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.reuse not in REUSES:
+            raise ValueError(f"RASConfig.reuse must be one of {REUSES}, got {self.reuse!r}")
         if self.seed and self.metric != "random":
             raise ValueError(
                 f"RASConfig.seed is used by metric='random' only; got seed={self.seed} with {self.metric!r}"

@@ -129,11 +129,20 @@ class StepGraphs:
         return result
 
     def drop_keys(self, predicate: Callable[[object], bool]) -> None:
-        """Destroy the graphs (of every group) whose ``run`` key satisfies ``predicate``. Their memory stays in their
-        group's pool, which the group's later captures reuse."""
-        for entry in self._groups.values():
+        """Destroy the graphs (of every group) whose ``run`` key satisfies ``predicate``. A group left without graphs
+        is dropped with its pool: PyTorch frees a pool once no graph captured into it is alive, and refuses a new
+        capture into it (an internal assert) until then. A group that keeps graphs keeps its pool, whose freed
+        memory its later captures reuse."""
+        destroyed = False
+        for group in list(self._groups):
+            entry = self._groups[group]
             for full_key in [full_key for full_key in entry.graphs if predicate(full_key[0])]:
                 del entry.graphs[full_key]
+                destroyed = True
+            if not entry.graphs:
+                del self._groups[group]
+        if destroyed:
+            torch.cuda.empty_cache()  # return the dropped pools' memory (see the class docstring)
 
     def groups(self) -> tuple[object, ...]:
         """The groups holding graphs."""

@@ -27,6 +27,7 @@ set.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -111,7 +112,8 @@ class RASSession:
         self._shapes: OrderedDict[tuple, None] = OrderedDict()  # shape keys held, least recently used first
         # Every buffer is keyed by its generation's shape key first, so a shape's buffers are freed together.
         self._kv: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (K, V) caches, and their row scales when fp8
-        self._out: dict[tuple, torch.Tensor] = {}
+        # The output cache, and with reuse "linear" the forecast's state (see _new_output_state).
+        self._out: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._index: dict[tuple, torch.Tensor] = {}
         # metric "delta": (previous guided output, per-token scores [P, N] fp32), see _delta_state.
         self._delta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -253,9 +255,25 @@ class RASSession:
             rows = k // size
             torch.sub(index[:, rank * rows : (rank + 1) * rows], rank * (n // size), out=local)
             self.batch_index = local
+        if self.config.reuse == "linear":
+            self._prepare_forecast(shape_key, call, first_run)
         self.call, self.new_call = call, first_run
         self._calls.add(call)
         self._seen.add(call)
+
+    def _prepare_forecast(self, shape_key: tuple, call: object, first_run: bool) -> None:
+        """Reuse "linear": the current step index into the device scalar the forecast reads (outside any captured
+        graph, which reads the buffer); at a call's first step in a generation, its tokens' last-computed stamps
+        back to "never", so nothing is extrapolated from an earlier generation's outputs."""
+        step = self._index.get((shape_key, "step"))
+        if step is None:
+            step = torch.zeros(1, dtype=torch.float32, device=shape_key[3])
+            self._index[(shape_key, "step")] = step
+        step.fill_(self.step)
+        if first_run:
+            for key, state in self._out.items():
+                if key[:2] == (shape_key, call):
+                    state[2].fill_(math.inf)
 
     def _drop_selection(self) -> None:
         """Make the current step dense and undo its selection's counter update (+1 for every token it dropped)."""
@@ -359,22 +377,52 @@ class RASSession:
 
     def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
         """Merge the step's per-token output [B, K, F] into the output cache; returns all N rows [B, N, F] (under
-        context parallelism: this rank's K / S and N / S rows).
+        context parallelism: this rank's K / S and N / S rows): the step's rows and, for the others, their cached
+        output (``RASConfig.reuse`` "copy") or its first-order forecast ("linear").
 
-        The returned tensor is the cache itself: valid until the next step's scatter_output.
+        The returned tensor is a buffer of the session: valid until the next step's scatter_output.
         """
         self._require_step("scatter_output")
         self._check_rows("out", out, 3, self.num_active)
         b, _, f = out.shape
         out_key = (self.shape_key, self.call, f, out.dtype)
-        cache = self._out.get(out_key)
-        if cache is None:
+        state = self._out.get(out_key)
+        if state is None:
             if not self.is_dense:
                 raise RuntimeError(f"no output cache at RAS step {self.step}: a dense step must run first")
-            cache = torch.empty(b, self.shard_tokens, f, dtype=out.dtype, device=out.device)
-            self._out[out_key] = cache
-        scatter_tokens(cache, self.batch_index, out)
-        return cache
+            state = self._new_output_state(b, f, out.dtype, out.device)
+            self._out[out_key] = state
+        if len(state) == 1:
+            scatter_tokens(state[0], self.batch_index, out)
+            return state[0]
+        return self._forecast(state, out)
+
+    def _new_output_state(self, b: int, f: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The output cache [B, N, F]; with reuse "linear" also each token's previous computed output [B, N, F],
+        the steps of its last and previous computations [B, N] fp32 (inf: never) and the result buffer."""
+        cache = torch.empty(b, self.shard_tokens, f, dtype=dtype, device=device)
+        if self.config.reuse == "copy":
+            return (cache,)
+        never = torch.full((b, self.shard_tokens), math.inf, dtype=torch.float32, device=device)
+        return cache, torch.empty_like(cache), never, torch.empty_like(never), torch.empty_like(cache)
+
+    def _forecast(self, state: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        """Reuse "linear": shift the step's rows into the history (last -> previous, new -> last, with their step
+        stamps), then every token's last output extrapolated along the step index, v2 + (v2 - v1) (s - s2) / (s2 -
+        s1), with (s1, v1), (s2, v2) its previous and last computations and s the current step: a factor of 0 (a
+        copy) where it has no previous computation (s1 "never", or not before s2) and for the step's own rows
+        (s = s2). Static shapes and a device-side step (see _prepare_forecast), so a captured step graph replays it."""
+        last, prev, stamp_last, stamp_prev, result = state
+        rows = self.batch_index.long()
+        step = self._index[(self.shape_key, "step")]
+        scatter_tokens(prev, rows, gather_tokens(last, rows))
+        scatter_tokens(last, rows, out)
+        stamp_prev.scatter_(1, rows, stamp_last.gather(1, rows))
+        stamp_last.scatter_(1, rows, step.expand(rows.shape))
+        gap = stamp_last - stamp_prev
+        factor = torch.where(gap > 0, (step - stamp_last) / gap, 0.0)  # gap is -inf or nan without a previous
+        forecast = torch.addcmul(last.float(), last.float() - prev.float(), factor.unsqueeze(-1))
+        return result.copy_(forecast)
 
     # ---- after the step ----
     def observe(self, guided: torch.Tensor) -> None:
@@ -454,7 +502,8 @@ class RASSession:
         return state
 
     def memory_bytes(self) -> int:
-        """Bytes held by the K/V and output caches and by metric delta's buffers now."""
-        tensors = [t for caches in self._kv.values() for t in caches] + list(self._out.values())
+        """Bytes held by the K/V and output caches (reuse "linear": with the forecast's state) and by metric delta's
+        buffers now."""
+        tensors = [t for buffers in (*self._kv.values(), *self._out.values()) for t in buffers]
         tensors += [t for pair in self._delta.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)

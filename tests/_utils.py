@@ -3,6 +3,7 @@ that more than one file makes (attention against the fp32 reference, region sele
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import types
@@ -127,15 +128,26 @@ def backend_cases(cases, triton) -> list:
 def fake_cuda_graphs(monkeypatch) -> types.SimpleNamespace:
     """CUDA graph bookkeeping on the CPU: every "capture" records its pool and replays by running the step eagerly;
     no-grad steps use the graphs whatever their device. Returns the record: ``pools`` (one item per capture) and
-    ``emptied`` (one item per ``torch.cuda.empty_cache``)."""
+    ``emptied`` (one item per ``torch.cuda.empty_cache``). As PyTorch's allocator does, a capture into a pool all of
+    whose graphs were destroyed fails."""
     from ras_models import RASHandle, graphs
 
     record = types.SimpleNamespace(pools=[], emptied=[])
+    live = collections.Counter()  # pool -> graphs alive
 
     class FakeGraph:
+        pool = None  # set once captured
+
         def __init__(self, fn, args, kwargs, pool):
-            self.fn = fn
+            if pool in live and live[pool] == 0:
+                raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED (capture into a released pool)")
+            self.fn, self.pool = fn, pool
+            live[pool] += 1
             record.pools.append(pool)
+
+        def __del__(self):
+            if self.pool is not None:
+                live[self.pool] -= 1
 
         def replay(self, args, kwargs):
             return self.fn(*args, **kwargs)

@@ -112,6 +112,8 @@ def test_shards_apply_the_counts_to_each_run(schedule):
         ("seed", True, TypeError),
         ("kv_cache", "bf16", ValueError),
         ("kv_cache", "FP8", ValueError),
+        ("reuse", "quadratic", ValueError),
+        ("reuse", None, ValueError),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value, exc):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,8 +103,13 @@ def _assert_kernels_close(eager, reference):
     assert (eager.float() - reference.float()).abs().max() < 0.02 * reference.float().abs().max()
 
 
-@pytest.mark.parametrize("family", ["sd3", "lumina"])
-def test_cuda_graphs_match_eager_and_triton_matches_torch(family, monkeypatch):
+# reuse "linear" (the forecast of left-out tokens) reads the step from a device buffer: replays must follow it.
+FAMILY_REUSE = [("sd3", "copy"), ("lumina", "copy"), ("sd3", "linear")]
+
+
+@pytest.mark.parametrize("family, reuse", FAMILY_REUSE)
+def test_cuda_graphs_match_eager_and_triton_matches_torch(family, reuse, monkeypatch):
+    config = replace(CONFIG, reuse=reuse)
     model = _model(family)
     x, kwargs = _inputs(family, model, 32)
     x = x.cuda().half()
@@ -112,13 +118,13 @@ def test_cuda_graphs_match_eager_and_triton_matches_torch(family, monkeypatch):
     kwargs = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
     selections = _SameSelections(monkeypatch)
     with torch.no_grad():
-        with apply_ras(model, CONFIG, cuda_graphs=False) as h:
+        with apply_ras(model, config, cuda_graphs=False) as h:
             eager = _generate(family, model, x, kwargs, h, 10)
         monkeypatch.setenv("RAS_BACKEND", "torch")
-        with selections.replayed(), apply_ras(model, CONFIG, cuda_graphs=False) as h:
+        with selections.replayed(), apply_ras(model, config, cuda_graphs=False) as h:
             reference = _generate(family, model, x, kwargs, h, 10)
         monkeypatch.setenv("RAS_BACKEND", "auto")
-        with apply_ras(model, CONFIG, cuda_graphs=True) as h:
+        with apply_ras(model, config, cuda_graphs=True) as h:
             graphed = [_generate(family, model, x, kwargs, h, 10) for _ in range(3)]
             assert len(h.graphs) == 2  # dense and one RAS shape, captured once and replayed afterwards
     _assert_kernels_close(eager, reference)
@@ -126,14 +132,15 @@ def test_cuda_graphs_match_eager_and_triton_matches_torch(family, monkeypatch):
         torch.testing.assert_close(out, eager, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["sd3", "lumina"])
-def test_generation_without_host_sync(family):
+@pytest.mark.parametrize("family, reuse", FAMILY_REUSE)
+def test_generation_without_host_sync(family, reuse):
+    config = replace(CONFIG, reuse=reuse)
     model = _model(family)
     x, kwargs = _inputs(family, model, 32)
     x = x.cuda().half()
     kwargs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
     kwargs = {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
-    with torch.no_grad(), apply_ras(model, CONFIG, cuda_graphs=True) as h:
+    with torch.no_grad(), apply_ras(model, config, cuda_graphs=True) as h:
         _generate(family, model, x, kwargs, h, 10)  # first generation: eager runs and captures
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

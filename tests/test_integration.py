@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -66,7 +67,8 @@ def sample(model, noise, steps, ras=None, trace=None):
     return x
 
 
-def test_ratio_one_reproduces_plain_model(torch_backend):
+@pytest.mark.parametrize("reuse", ["copy", "linear"])
+def test_ratio_one_reproduces_plain_model(reuse, torch_backend):
     model = TinyDiT().eval()
     noise = torch.randn(2, 4, 16, 16)
     with torch.no_grad():
@@ -75,7 +77,9 @@ def test_ratio_one_reproduces_plain_model(torch_backend):
             model,
             noise,
             6,
-            RASSession(RASConfig(num_steps=6, warmup_steps=1, reset_steps=(), sample_ratio=1.0), patch_size=2),
+            RASSession(
+                RASConfig(num_steps=6, warmup_steps=1, reset_steps=(), sample_ratio=1.0, reuse=reuse), patch_size=2
+            ),
         )
     torch.testing.assert_close(ras, plain, atol=1e-5, rtol=0)
 
@@ -176,3 +180,64 @@ def test_delta_metric_state(torch_backend, monkeypatch):
     again, _ = generate(ras)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     assert ras.memory_bytes() == 0
+
+
+def _run_calls(session, values, switch, history):
+    """One generation of a model-free "transformer" through ``session``: call "a" at steps < ``switch``, call "b"
+    from there on (as Wan 2.2's two experts), each returning ``values[step]`` [B, N, F] at its active rows. Returns
+    the rows scatter_output gave per step, and appends each computed (step, row, value) to ``history[call]`` (a
+    dict token -> list) so that the forecast can be recomputed independently."""
+    b, n, f = values.shape[1:]
+    outputs = []
+    for step in range(session.config.num_steps):
+        call = "a" if step < switch else "b"
+        session.begin_step(b, 16, 16, "cpu", call)
+        rows = session.batch_index
+        new = values[step].gather(1, rows[..., None].expand(-1, -1, f))
+        outputs.append(session.scatter_output(new).clone())
+        for i in range(b):
+            for j, token in enumerate(rows[i].tolist()):
+                history[call].setdefault((i, token), []).append((step, new[i, j].double()))
+        guided = rearrange(outputs[-1], "b (y x) (p q c) -> b c (y p) (x q)", y=8, p=2, q=2)
+        session.observe(guided)
+    return outputs
+
+
+def _forecast_spec(history: list, step: int) -> torch.Tensor:
+    """A token's output at ``step`` under reuse "linear", from its computed (step, value) pairs in this generation:
+    the value if computed at ``step``, else the line through its last two computations at ``step`` (the last value
+    when it has one)."""
+    (s2, v2) = history[-1]
+    if s2 == step or len(history) < 2:
+        return v2
+    s1, v1 = history[-2]
+    return v2 + (v2 - v1) * (step - s2) / (s2 - s1)
+
+
+def test_linear_reuse_forecasts_each_token_from_its_last_two_computations(torch_backend):
+    """reuse="linear" against a float64 spec written from the definition, over two generations in kept buffers
+    (CUDA graphs keep them): the second expert-like call "b" starts later in the second generation, so stale step
+    stamps from the first would feed the forecast if a call's first step did not reset them. Values that are linear
+    in the step index are forecast exactly (up to rounding); "copy" would give the last computed value."""
+    config = RASConfig(num_steps=10, warmup_steps=2, reset_steps=(6,), sample_ratio=0.25, reuse="linear")
+    session = RASSession(config, patch_size=2, keep_buffers=True)
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(10, 2, 64, 16, generator=g)
+    a, slope = torch.randint(-8, 8, (1, 2, 64, 16), generator=g), torch.randint(-4, 4, (1, 2, 64, 16), generator=g)
+    linear = (a + slope * torch.arange(10).view(10, 1, 1, 1)).float()
+    forecasts = 0
+    for values, switch in ((random, 4), (random, 7), (linear, 10)):  # linear: call "a" only
+        session.reset()
+        history = {"a": {}, "b": {}}
+        outputs = _run_calls(session, values, switch, history)
+        for step, out in enumerate(outputs):
+            calls = history["a" if step < switch else "b"]
+            expected = torch.stack(
+                [torch.stack([_forecast_spec([h for h in calls[(i, t)] if h[0] <= step], step) for t in range(64)])
+                 for i in range(2)]
+            )  # fmt: skip
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+            if values is linear:  # up to fp32 rounding of factors such as 2/3
+                torch.testing.assert_close(out, values[step], atol=1e-4, rtol=1e-6)
+            forecasts += int((out != values[step]).any()) if values is random else 0
+    assert forecasts > 0  # the random values' RAS steps did not simply recompute everything

@@ -352,6 +352,26 @@ def test_training_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch
     assert torch.isfinite(torch.tensor(record["dit_loss_last200"]))
 
 
+def test_training_runs_without_cudnn_attention(tmp_path, monkeypatch, flush_denormals):
+    """The DiT trains with PyTorch's cuDNN attention backend off (its backward crashed on an H200, see
+    train.no_cudnn_attention), and the setting is restored afterwards."""
+    seen = []
+    loss_and_grads = train.loss_and_grads
+
+    def spy(*args):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return loss_and_grads(*args)
+
+    monkeypatch.setattr(train, "loss_and_grads", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    train.main(
+        ["--tiny", "--steps", "2", "--classifier-steps", "0", "--batch", "2", "--validate", "0", "--device", "cpu"]
+        + ["--no-compile", "--out", str(tmp_path)]
+    )
+    assert seen == [False, False]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_classifier_augmentation_keeps_the_scene_readable():
     images = data.render(_scenes(8, 4), 32)
     out = train.augment(images, torch.Generator().manual_seed(0))
@@ -525,7 +545,8 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
     out = tmp_path / "docs"
     runs = evaluate.main(
         ["--weights", str(tmp_path / "w"), "--samples", "2", "--steps", "6", "--ratios", "0.25"]
-        + ["--variants", "reference", "--no-floor", "--first-block-cache", "--taylorseer", "2", "--stack-steps", "0"]
+        + ["--variants", "reference", "forecast", "metric-delta", "--no-floor", "--first-block-cache"]
+        + ["--taylorseer", "2", "--stack-steps", "0"]
         + ["--device", "cpu", "--report", str(out / "frontier.md"), "--grid", str(out / "grid.png")]
         + ["--json", str(out / "frontier.json"), "--plot", str(out / "frontier.png"), "--grid-samples", "1"]
     )
@@ -536,6 +557,8 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
     ras = records[1]
     assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
     assert {"psnr", "loc_px", "found", "detail_err", "objects"} <= set(ras["metrics"])
+    categories = {r["variant"]: r["category"] for r in records if r["kind"] == "ras"}
+    assert categories == {"reference": "RAS std", "forecast": "RAS forecast", "metric-delta": "RAS delta"}
     assert "](frontier.png)" in (out / "frontier.md").read_text()
     image_module = pytest.importorskip("PIL.Image")
     with image_module.open(out / "frontier.png") as im:
@@ -763,6 +786,13 @@ def test_wan_frontier_end_to_end_toy_scale(tmp_path):
     assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
     assert {"psnr", "ssim", "traj_px", "found", "flicker"} <= set(ras["metrics"]) and "objects" not in ras["metrics"]
     assert ras["metrics"]["psnr"] < by_name["RAS 1.0 (all tokens)"]["metrics"]["psnr"]
+    categories = {r["variant"]: r["category"] for r in records if r["kind"] == "ras"}
+    assert categories == {
+        "reference": "RAS std",
+        "metric-random": "RAS random",
+        "metric-delta": "RAS delta",
+        "forecast": "RAS forecast",
+    }
     report = (out / "frontier-wan.md").read_text()
     assert "Wan-architecture video study" in report and "trajectory error (px)" in report
     assert "](frontier-wan.png)" in report

@@ -488,7 +488,7 @@ def test_fp8_kv_caches_halve_and_more(torch_backend):
         assert kq.dtype == vq.dtype == torch.float8_e4m3fn and kq.shape == k.shape and vq.shape == v.shape
         assert ks.dtype == vs.dtype == torch.float32 and ks.shape == vs.shape == k.shape[:3]
     kv_elements = sum(k.numel() + v.numel() for k, v in full_kv.values())
-    out_bytes = sum(t.numel() * t.element_size() for t in out.values())
+    out_bytes = sum(t.numel() * t.element_size() for cache in out.values() for t in cache)
     d = next(iter(full_kv.values()))[0].shape[-1]
     assert full_bytes == 4 * kv_elements + out_bytes
     assert fp8_bytes == kv_elements * (1 + 4 / d) + out_bytes

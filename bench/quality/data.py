@@ -24,7 +24,7 @@ Two styles share the parameters, captions, vocabulary and classifier targets (``
   one carries 1-pixel vertical stripes (period 2 pixels), detail at the scale of a single token's 2 x 2 patch.
 * ``video`` (the Wan study's): clips of ``frames`` frames (``render(..., frames=F)`` gives [B, 3, F, S, S]). The
   background is the detail style's (a flat wall or a sky over a wall) and identical in every frame; one or two
-  objects (the detail style's shapes, colours and stripes, radius 7% or 10% of the side: about 4.5 or 6.4 pixels
+  objects (the detail style's shapes, colours and stripes, radius 10% or 12% of the side: about 6.4 or 7.7 pixels
   across at 32 x 32) each move in a straight line at constant speed, from their start cell (centre plus jitter) to
   the centre of the neighbouring cell in ``direction`` (one cell side over the clip: about 1.5 pixels a frame at
   32 x 32 and 8 frames). The two objects' paths keep their centres at least a cell side apart along one axis in

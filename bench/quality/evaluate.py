@@ -44,7 +44,7 @@ from . import model as qmodel
 from .train import _sync
 
 VARIANTS = ("reference", "paper", "no-starvation", "random")
-FLUX_VARIANTS = ("reference", "metric-random")
+FLUX_VARIANTS = ("reference", "metric-random", "metric-delta", "forecast")
 EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
 RANDOM_METRIC_SEED = 7  # RASConfig.seed of the metric-random variant
 
@@ -60,7 +60,10 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
       model output, so every RAS step drops the tokens of highest noise score: a uniformly random set, drawn afresh
       every step and for every prompt (same warm-up, resets and token counts as the other variants);
     * ``metric-random``: the package's ``metric="random"`` (a uniform random score per token, fresh every RAS step,
-      seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged).
+      seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged);
+    * ``metric-delta``: ``metric="delta"`` (each token's last observed change of the guided output);
+    * ``forecast``: ``reuse="linear"`` (left-out tokens get the line through their last two computed outputs
+      instead of a copy; the selection as ``reference``).
     """
     from bench.e2e import preset
 
@@ -73,6 +76,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         "no-starvation": {"starvation_scale": 0.0},
         "random": {"starvation_scale": 0.0, "high_ratio": 1.0},
         "metric-random": {"metric": "random", "seed": RANDOM_METRIC_SEED},
+        "metric-delta": {"metric": "delta"},
+        "forecast": {"reuse": "linear"},
     }[variant]
     return dataclasses.replace(config, **overrides)
 
@@ -668,7 +673,7 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
         f"{cfg['patch_size']} ({(models.image_size // cfg['patch_size']) ** 2} image tokens), {cfg['num_layers']} "
         f"blocks, width {cfg['num_attention_heads'] * cfg['attention_head_dim']} ({cfg['num_attention_heads']} heads "
         f"x {cfg['attention_head_dim']}), {n_params / 1e6:.1f} M parameters; caption encoder over a "
-        f"{len(data.VOCAB)}-word vocabulary.",
+        f"{models.encoder.embed.num_embeddings}-word vocabulary.",
         f"- Training: {training.get('dit_steps', '?')} DiT steps (batch {training.get('batch', '?')}, seed "
         f"{training.get('seed', '?')}, {training.get('dit_seconds', '?')} s on {training.get('device', '?')}); "
         f"final loss {training.get('dit_loss_last200', '?')}; reproduce with `{training.get('reproduce', '?')}`.",

@@ -9,7 +9,8 @@ dense run at the longest step count S:
 
 * ``dense S steps``: the reference; ``RAS 1.0 (all tokens)``: the RAS code path computing every token;
 * ``RAS r reference`` (the ``RASConfig.flux`` or ``RASConfig.wan`` preset, resets moved to S steps in proportion:
-  std metric, mode reference) and ``RAS r metric-random`` (``metric="random"``) at each ratio r;
+  std metric, mode reference), ``RAS r metric-random`` (``metric="random"``), ``RAS r metric-delta``
+  (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``) at each ratio r;
 * ``dense N steps (equal time)``: as many dense steps as fit in the time of ``RAS r reference``;
 * ``FirstBlockCache t`` (``FirstBlockCacheConfig(threshold=t)``: the blocks after the first are skipped while the
   first block's output residual changes by less than t, relative) and ``TaylorSeer i``
@@ -46,6 +47,8 @@ CATEGORIES = {  # category -> colour of its points
     "dense, fewer steps": (90, 90, 90),
     "RAS std": (31, 119, 180),
     "RAS random": (255, 127, 14),
+    "RAS delta": (23, 190, 207),
+    "RAS forecast": (140, 86, 75),
     "RAS on fewer steps": (148, 103, 189),
     "FirstBlockCache": (44, 160, 44),
     "TaylorSeer": (214, 39, 40),
@@ -142,7 +145,9 @@ def category(record: dict) -> str | None:
     if kind == "stack":
         return "RAS on fewer steps"
     if kind == "ras":
-        return "RAS random" if record["variant"] == "metric-random" else "RAS std"
+        return {"metric-random": "RAS random", "metric-delta": "RAS delta", "forecast": "RAS forecast"}.get(
+            record["variant"], "RAS std"
+        )
     if kind == "cache":
         return name.split()[0]
     return None  # the reference and the floor: not points of the frontier
@@ -252,7 +257,7 @@ def plot(recs: list[dict], path: str | Path) -> None:
         sheet.paste(panel, (k * W, 0))
     draw = ImageDraw.Draw(sheet)
     for k, (name, colour) in enumerate(CATEGORIES.items()):
-        x = MARGIN + 190 * k
+        x = MARGIN + 150 * k
         draw.ellipse([x, H + 8, x + 8, H + 16], fill=colour)
         draw.text((x + 12, H + 5), name, fill=colour)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -20,18 +20,22 @@ default mean 1 puts 35% of the samples above t = 0.8, where only the caption tel
 and shape each has (at mean 0, 8%: a first run learned backgrounds and sizes but not layout or binding). The model
 predicts v = eps - x_0 from (x_t, 1000 t, caption); captions are dropped (all padding) with probability
 ``--cfg-dropout`` so that sampling can use classifier-free guidance. bf16 autocast on CUDA, each joint-attention
-block torch.compiled (``--compile``, on by default; training falls back to eager if the first compiled step fails),
-AdamW, linear warm-up then cosine decay to 10%, gradient clipping at 1, EMA of the weights (the EMA is what is
-saved, in bf16).
+block torch.compiled (``--compile``, on by default; training falls back to eager if the first compiled step fails
+with a compiler error), PyTorch's cuDNN attention backend off while training (:func:`no_cudnn_attention`), AdamW,
+linear warm-up then cosine decay to 10%, gradient clipping at 1, EMA of the weights (the EMA is what is saved, in
+bf16).
 
 The classifier trains first, on scenes degraded the way samples are (see :func:`augment`). After the DiT, the saved
 weights sample held-out prompts (not the evaluation's) at each ``--guidance`` scale; the scale whose samples the
-classifier reads best is recorded for sampling, with the scores of every scale.
+classifier reads best is recorded for sampling, with the scores of every scale. Wan (video clips) has no classifier:
+its DiT gets the whole budget, and the scale with the smallest trajectory error (``evaluate.video_errors``) is
+recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import sys
@@ -169,6 +173,20 @@ def compile_blocks(models, on: bool = True) -> None:
             del block.forward
 
 
+@contextlib.contextmanager
+def no_cudnn_attention():
+    """PyTorch's cuDNN attention backend off inside (the previous setting restored after). On an H200 with torch
+    2.11.0+cu130 its backward hit an illegal memory access in the first training step of the Flux model (bf16,
+    batch 128, 3 heads x 64, 1024 image + 32 text tokens), compiled or eager; with cuDNN off SDPA picks its flash
+    or memory-efficient kernels, which train it. Sampling keeps cuDNN (forward only)."""
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
 def train_dit(models, args, device, deadline: float) -> dict:
     """Rectified-flow training of the DiT and caption encoder; the EMA weights are copied into the models."""
     transformer = models.transformer.to(device).train()
@@ -211,7 +229,8 @@ def train_dit(models, args, device, deadline: float) -> dict:
         try:
             loss = loss_and_grads(models, opt, *batch)
         except Exception as error:  # a compiler failure shows in the first step; train eagerly instead
-            if not (compiled and step == 0):
+            # Not after a device error: the CUDA context is unusable then, eager steps included.
+            if not (compiled and step == 0) or isinstance(error, torch.AcceleratorError):
                 raise
             log(f"[dit] torch.compile failed ({type(error).__name__}: {error}); training eagerly")
             compile_blocks(models, on=False)
@@ -263,7 +282,6 @@ def choose_guidance(weights_dir, args, device) -> dict:
     gen = torch.Generator().manual_seed(args.seed * 1000 + 4)  # CPU, as the evaluation's prompts; another seed
     scenes = data.sample_scenes(args.validate, gen, models.style)
     noise = torch.randn(args.validate, *models.sample_shape, generator=gen)
-    targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
     batch = min(args.validate, 128)
     sampler = make_sampler(
         models, data.tokens(scenes), noise, guidance=0.0, device=device, dtype=dtype, batch=batch, graphs=False
@@ -275,6 +293,7 @@ def choose_guidance(weights_dir, args, device) -> dict:
         if models.classifier is None:
             values = video_errors(images.to(device), scenes)
         else:
+            targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
             values = qmodel.score(models.classifier(images.to(device).clamp(-1, 1)), targets)
         scores[scale] = {k: round(v.mean().item(), 4) for k, v in values.items()}
         log(f"[validate] guidance {scale:g}: {scores[scale]} ({seconds:.1f}s)")
@@ -402,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
         held_out = torch.Generator(device).manual_seed(args.seed * 1000 + 3)
         record["classifier_clean"] = classifier_accuracy(models, 64 if args.tiny else 1024, held_out)
         log(f"[classifier] on clean held-out scenes: {record['classifier_clean']}")
-    record.update(train_dit(models, args, device, start + budget - reserve))
+    with no_cudnn_attention():
+        record.update(train_dit(models, args, device, start + budget - reserve))
     import diffusers
 
     record.update(
