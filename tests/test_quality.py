@@ -705,6 +705,8 @@ def test_video_errors_have_known_answers():
     torch.testing.assert_close(evaluate.psnr(bright, dim), torch.full((16,), -10 * math.log10(0.1**2 / 2)))
     per_frame = torch.stack([evaluate.ssim(bright[:, :, f], dim[:, :, f]) for f in range(frames)], dim=1)
     torch.testing.assert_close(evaluate.ssim(bright, dim), per_frame.mean(dim=1))
+    with pytest.raises(ValueError, match="videos"):
+        evaluate.video_errors(render[:, :, 0], scenes)
 
 
 def test_wan_model_follows_wan_pipeline_conventions():

@@ -14,7 +14,8 @@ generator's device), :func:`render` rasterises them (anti-aliased signed-distanc
 caption token ids directly from the parameters, :func:`phrases` the phrase of each caption word, :func:`labels` the
 classifier targets. Images are RGB in [-1, 1].
 
-Two styles share the parameters, captions, vocabulary and classifier targets (``STYLES``):
+Three styles share the parameters, captions (the video style adds each object's motion), vocabulary and classifier
+targets (``STYLES``):
 
 * ``shapes`` (the SD3 study's): the scenes above.
 * ``detail`` (the Flux study's): where region-adaptive sampling should matter, large smooth regions beside a few small
@@ -218,10 +219,10 @@ def positions(scenes: Scenes, frames: int) -> torch.Tensor:
     constant speed by one cell side in ``scenes.direction`` over the clip (frame f at f / (frames - 1) of the way)."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
         raise ValueError(f"frames must be an int >= 2, got {frames!r}")
-    dev = scenes.count.device
-    centre = _centres(scenes)  # [B, M, 2]
     if scenes.direction is None:
         raise ValueError("positions needs scenes drawn in the video style (scenes.direction is None)")
+    dev = scenes.count.device
+    centre = _centres(scenes)  # [B, M, 2]
     progress = torch.arange(frames, device=dev, dtype=torch.float32) / (frames - 1)  # [F]
     step = _table(DIRECTION_STEP, dev)[scenes.direction] / 3  # [B, M, 2]
     return centre[:, :, None] + progress[None, None, :, None] * step[:, :, None]

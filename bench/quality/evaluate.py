@@ -202,7 +202,9 @@ def video_errors(videos: torch.Tensor, scenes: data.Scenes) -> dict[str, torch.T
       those pixels, channels and the F - 1 frame pairs. 0 for a perfectly static background, as the data's; region-
       adaptive sampling refreshes the background tokens rarely, and stale or drifting cached tokens show up here.
     """
-    b, _, frames, s, _ = videos.shape
+    if videos.dim() != 5 or videos.shape[1] != 3 or videos.shape[3] != videos.shape[4]:
+        raise ValueError(f"videos must be clips [B, 3, F, S, S], got {tuple(videos.shape)}")
+    frames, s = videos.shape[2], videos.shape[-1]
     dev = videos.device
     scenes = scenes.to(dev)
     x = _unit(videos)  # [B, 3, F, S, S]
@@ -346,7 +348,8 @@ class PipelineSampler:
       linspace(1, 1/1000, steps) then 0 (so its last step runs from sigma 0.001 to 0); classifier-free guidance is
       its ``guidance_scale`` (a "cond" and an "uncond" call per step, above 1); it keeps its latents in float32.
       Without a VAE it falls back to the Wan VAE's factors, so it is asked for height = width = 8 x S and
-      num_frames = 4 x (F - 1) + 1 (``model.WAN_VAE_FACTOR_*``) and checks them against the latents given.
+      num_frames = 4 x (F - 1) + 1 (``model.WAN_VAE_FACTOR_*``); given latents, it does not check them against
+      those (the tests do).
 
     ``generate(steps, method)`` runs each chunk of prompts inside ``method(pipe)`` (a context manager factory: RAS
     or a diffusers cache; ``None`` for dense), entered once for the warm-up and the timed pass.
