@@ -765,6 +765,25 @@ def test_wan_training_smoke_run(tmp_path, flush_denormals):
     assert loaded.arch == "wan" and loaded.style == "video" and loaded.classifier is None
     assert set(loaded.modules()) == {"transformer", "caption_encoder"}
     assert all(torch.isfinite(p).all() for m in loaded.modules().values() for p in m.parameters())
+    # In bf16, the modules diffusers keeps in float32 for Wan stay float32 (the rotary tables at full precision).
+    half = qmodel.load(tmp_path, dtype=torch.bfloat16)
+    rope = half.transformer.rope
+    assert rope.freqs_cos.dtype == torch.float32 and half.transformer.blocks[0].scale_shift_table.dtype == torch.float32
+    assert half.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(rope.freqs_cos, loaded.transformer.rope.freqs_cos, atol=1e-7, rtol=0)
+    scenes = _clips(1, 0)
+    sampler = evaluate.make_sampler(
+        half,
+        data.tokens(scenes),
+        torch.randn(1, *half.sample_shape),
+        guidance=2.0,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        batch=1,
+        graphs=False,
+    )
+    clip, _ = sampler.generate(2)
+    assert clip.shape == (1, *half.sample_shape) and torch.isfinite(clip).all()
 
 
 def test_wan_frontier_end_to_end_toy_scale(tmp_path):

@@ -388,7 +388,9 @@ def has_weights(weights_dir: str | Path) -> bool:
 
 def load(weights_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> QualityModels:
     """The saved models, in eval mode, on ``device``: the DiT and caption encoder in ``dtype``, the classifier in
-    float32 (it scores images; it is not timed)."""
+    float32 (it scores images; it is not timed). The DiT's modules that diffusers keeps in float32 when it loads the
+    model in a lower precision (``_keep_in_fp32_modules``: Wan's rotary tables, time embedder, norms and modulation
+    tables; none for SD3 and Flux) stay in float32, as ``from_pretrained(torch_dtype=...)`` would leave them."""
     from safetensors.torch import load_file
 
     root = Path(weights_dir)
@@ -403,7 +405,14 @@ def load(weights_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float
     for prefix, module in models.modules().items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         module.load_state_dict(part, strict=True)
-    models.transformer.to(device=device, dtype=dtype).eval()
+    keep = models.transformer._keep_in_fp32_modules or []
+    for name, tensor in [*models.transformer.named_parameters(), *models.transformer.named_buffers()]:
+        if not tensor.is_floating_point():
+            tensor.data = tensor.data.to(device)
+        else:
+            fp32 = any(module in name.split(".") for module in keep)
+            tensor.data = tensor.data.to(device=device, dtype=torch.float32 if fp32 else dtype)
+    models.transformer.eval()
     models.encoder.to(device=device, dtype=dtype).eval()
     if models.classifier is not None:
         models.classifier.to(device=device, dtype=torch.float32).eval()
