@@ -575,3 +575,262 @@ def test_shipped_flux_weights_load():
     record = json.loads((WEIGHTS_FLUX / qmodel.CONFIG_FILE).read_text())
     assert models.arch == "flux" and "reproduce" in record["training"]
     assert sum((WEIGHTS_FLUX / name).stat().st_size for name in record["shards"]) < 40e6
+
+
+# ---- the Wan study: video clips, video metrics, the Wan DiT through WanPipeline ----
+WEIGHTS_WAN = WEIGHTS.parent / "weights-wan"
+
+
+def _clips(n: int, seed: int) -> data.Scenes:
+    return data.sample_scenes(n, torch.Generator().manual_seed(seed), "video")
+
+
+def _expected_centres(scenes: data.Scenes, frames: int, size: int) -> torch.Tensor:
+    """Object centres [B, M, F, 2] in pixels, from the parameters by plain arithmetic: the start cell's centre plus
+    the offset, then one cell side in the caption's direction over the clip."""
+    out = torch.zeros(len(scenes), data.MAX_OBJECTS, frames, 2)
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    for i in range(len(scenes)):
+        for j in range(data.MAX_OBJECTS):
+            cell = int(scenes.cell[i, j])
+            dx, dy = step[data.DIRECTIONS[scenes.direction[i, j]]]
+            for f in range(frames):
+                x = (cell % 3 + 0.5) / 3 + float(scenes.offset[i, j, 0]) + dx * f / (frames - 1) / 3
+                y = (cell // 3 + 0.5) / 3 + float(scenes.offset[i, j, 1]) + dy * f / (frames - 1) / 3
+                out[i, j, f] = torch.tensor([x * size, y * size])
+    return out
+
+
+def test_video_clips_are_deterministic_with_a_static_background_and_moving_objects():
+    a, b, c = _clips(16, 3), _clips(16, 3), _clips(16, 4)
+    clips = data.render(a, 32, "video", 8)
+    assert clips.shape == (16, 3, 8, 32, 32) and clips.min() >= -1 and clips.max() <= 1
+    assert torch.equal(clips, data.render(b, 32, "video", 8)) and torch.equal(data.tokens(a), data.tokens(b))
+    assert not torch.equal(clips, data.render(c, 32, "video", 8))
+    assert set(a.count.tolist()) <= {1, 2}
+    # Without its objects a clip is the same picture in every frame.
+    empty = a[:]
+    empty.count = torch.zeros_like(a.count)
+    background = data.render(empty, 32, "video", 8)
+    assert torch.equal(background, background[:, :, :1].expand_as(background))
+    # Plain objects show their colour at the centre computed independently, frame by frame.
+    plain = _clips(32, 5)
+    plain.texture.zero_()
+    video = (data.render(plain, 32, "video", 8) + 1) / 2
+    centres = _expected_centres(plain, 8, 32)
+    for i in range(len(plain)):
+        for j in range(int(plain.count[i])):
+            rgb = torch.tensor(data.COLOUR_RGB[plain.colour[i, j]])
+            for f in range(8):
+                x, y = centres[i, j, f].tolist()
+                torch.testing.assert_close(video[i, :, f, int(y), int(x)], rgb, atol=1e-5, rtol=0)
+        if plain.count[i] == 2:  # two objects stay a cell side apart along one axis (less the jitter) in every frame
+            gap = (centres[i, 0] - centres[i, 1]).abs().amax(dim=-1)
+            assert gap.min() >= 32 * (1 / 3 - 2 * data.JITTER) - 1e-4
+    with pytest.raises(ValueError, match="frames"):
+        data.render(a, 32, "video")
+    with pytest.raises(ValueError, match="frames"):
+        data.render(_scenes(2, 0), 32, "shapes", frames=8)
+
+
+def test_video_captions_state_the_motion():
+    scenes = _clips(32, 6)
+    for i, caption in enumerate(data.captions(scenes)):
+        phrases = []
+        for j in range(int(scenes.count[i])):
+            striped = "striped " if data.OBJECT_TEXTURES[scenes.texture[i, j]] == "striped" else ""
+            phrases.append(
+                f"a {data.SIZES[scenes.size[i, j]]} {data.COLOURS[scenes.colour[i, j]]} {striped}"
+                f"{data.SHAPES[scenes.shape[i, j]]} {data.CELLS[scenes.cell[i, j]]} moving "
+                f"{data.DIRECTIONS[scenes.direction[i, j]]}"
+            )
+        background = (
+            f"on a {data.BACKGROUND_TEXTURES[scenes.background_texture[i]]} "
+            f"{data.BACKGROUNDS[scenes.background[i]]} background"
+        )
+        assert caption == " and ".join(phrases) + " " + background
+    ids = data.tokens(scenes)
+    assert torch.equal(data.tokenize(data.decode(ids)), ids)
+    assert data.VOCAB[: len(data.IMAGE_VOCAB)] == data.IMAGE_VOCAB  # image captions keep their ids
+    # Each move ends on the grid.
+    cells, directions = scenes.cell[:, :2].flatten().tolist(), scenes.direction[:, :2].flatten().tolist()
+    for cell, direction in zip(cells, directions, strict=True):
+        dx, dy = data.DIRECTION_STEP[direction]
+        assert 0 <= cell % 3 + dx < 3 and 0 <= cell // 3 + dy < 3
+
+
+def _paint(scenes: data.Scenes, centres: torch.Tensor, size: int, frames: int) -> torch.Tensor:
+    """Hand-made clips [B, 3, F, S, S]: a flat background (the darkest one) with each object a disc of radius 2.5
+    pixels in its colour, centred at ``centres`` [B, M, F, 2] (pixels)."""
+    out = torch.full((len(scenes), 3, frames, size, size), data.BACKGROUND_RGB[0][0])
+    pix = torch.arange(size) + 0.5
+    for i in range(len(scenes)):
+        for j in range(int(scenes.count[i])):
+            for f in range(frames):
+                x, y = centres[i, j, f].tolist()
+                disc = (pix[:, None] - y) ** 2 + (pix[None, :] - x) ** 2 <= 2.5**2
+                out[i, :, f][:, disc] = torch.tensor(data.COLOUR_RGB[scenes.colour[i, j]])[:, None]
+    return out * 2 - 1
+
+
+def test_video_errors_have_known_answers():
+    scenes = _clips(16, 8)
+    s, frames = 32, 8
+    render = data.render(scenes, s, "video", frames)
+    exact = evaluate.video_errors(render, scenes)
+    assert exact["found"].mean() > 0.99 and torch.equal(exact["flicker"], torch.zeros(16))
+    assert exact["traj_px"].max() < 1.0  # the render: centroids within a pixel of the true centres
+    centres = _expected_centres(scenes, frames, s)
+    painted = evaluate.video_errors(_paint(scenes, centres, s, frames), scenes)
+    assert torch.equal(painted["found"], torch.ones(16)) and painted["traj_px"].max() < 0.3
+    # Every object 3 pixels to the right and 1 down of its true path: the trajectory error is the shift.
+    shifted = evaluate.video_errors(_paint(scenes, centres + torch.tensor([3.0, 1.0]), s, frames), scenes)
+    torch.testing.assert_close(shifted["traj_px"], torch.full((16,), math.hypot(3, 1)), atol=0.3, rtol=0)
+    # Objects moving at 3/4 of the requested speed lag by 1/4 x f / (F - 1) of a cell side in frame f.
+    start = centres[:, :, :1]
+    slow = evaluate.video_errors(_paint(scenes, start + (centres - start) * 0.75, s, frames), scenes)
+    lag = sum(0.25 * f / (frames - 1) * s / 3 for f in range(frames)) / frames
+    torch.testing.assert_close(slow["traj_px"], torch.full((16,), lag), atol=0.3, rtol=0)
+    # No objects at all: every frame of every object counts the penalty, half the window side.
+    blank = evaluate.video_errors(torch.full_like(render, -1.0), scenes)
+    assert torch.equal(blank["found"], torch.zeros(16))
+    torch.testing.assert_close(blank["traj_px"], torch.full((16,), s / 6))
+    # Flicker: the background brightened by 0.1 (in [0, 1] units) in every other frame changes by 0.1 per frame.
+    flicker = render.clone()
+    flicker[:, :, 1::2] += 0.2
+    torch.testing.assert_close(evaluate.video_errors(flicker, scenes)["flicker"], torch.full((16,), 0.1))
+    # PSNR and SSIM take clips: PSNR over every pixel, SSIM the mean over frames (values kept below 1 - 0.2).
+    dim, bright = render * 0.5, render * 0.5
+    bright[:, :, 1::2] += 0.2
+    torch.testing.assert_close(evaluate.psnr(bright, dim), torch.full((16,), -10 * math.log10(0.1**2 / 2)))
+    per_frame = torch.stack([evaluate.ssim(bright[:, :, f], dim[:, :, f]) for f in range(frames)], dim=1)
+    torch.testing.assert_close(evaluate.ssim(bright, dim), per_frame.mean(dim=1))
+    with pytest.raises(ValueError, match="videos"):
+        evaluate.video_errors(render[:, :, 0], scenes)
+
+
+def test_wan_model_follows_wan_pipeline_conventions():
+    config = qmodel.default_config(arch="wan")
+    assert config["style"] == "video" and config["classifier"] is None
+    assert config["dit"]["text_dim"] == config["encoder"]["width"]
+    assert config["encoder"]["vocab_size"] == len(data.VOCAB)
+    with torch.device("meta"):
+        full = qmodel.build(config, adaln_zero=False)
+    assert full.num_tokens == 8 * 16 * 16 and full.sample_shape == (3, 8, 32, 32)
+    params = sum(p.numel() for m in full.modules().values() for p in m.parameters())
+    assert 5e6 < params < 15e6
+    with pytest.raises(ValueError, match="video"):
+        qmodel.default_config(arch="wan", style="detail")
+    with pytest.raises(ValueError, match="video"):
+        qmodel.default_config(arch="flux", style="video")
+    tiny = qmodel.build(qmodel.default_config(arch="wan", tiny=True))
+    scenes = _clips(2, 0)
+    ids = data.tokens(scenes)
+    x = torch.randn(2, *tiny.sample_shape, generator=torch.Generator().manual_seed(1))
+    assert torch.count_nonzero(tiny.predict(x, torch.full((2,), 0.5), ids)) == 0  # adaLN-Zero start
+    torch.manual_seed(0)
+    tiny = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
+
+    def sampler(guidance: float) -> evaluate.PipelineSampler:
+        return evaluate.make_sampler(
+            tiny, ids, x, guidance=guidance, device=torch.device("cpu"), dtype=torch.float32, batch=2, graphs=False
+        )
+
+    # The pipeline asked for these height, width and frame counts lays out latents of the clips' shape.
+    wan = sampler(1.0)
+    latents = wan.pipe.prepare_latents(2, 3, **wan.size, dtype=torch.float32, device=torch.device("cpu"))
+    assert latents.shape == x.shape
+    uncond = torch.full_like(ids, data.PAD_ID)
+    with torch.no_grad():
+        # Two steps without guidance: WanPipeline's default sigmas with shift 1 are linspace(1, 1/1000, 2), then 0.
+        images, _ = wan.generate(2)
+        first = x + (0.001 - 1) * tiny.predict(x, torch.ones(2), ids)
+        expected = first - 0.001 * tiny.predict(first, torch.full((2,), 0.001), ids)
+        torch.testing.assert_close(images, expected, atol=1e-4, rtol=1e-4)
+        # One step with guidance 3: the "cond" and "uncond" calls combined as uncond + 3 (cond - uncond).
+        guided, _ = sampler(3.0).generate(1)
+        cond, free = tiny.predict(x, torch.ones(2), ids), tiny.predict(x, torch.ones(2), uncond)
+        torch.testing.assert_close(guided, x - (free + 3 * (cond - free)), atol=1e-4, rtol=1e-4)
+
+
+def test_wan_training_smoke_run(tmp_path, flush_denormals):
+    record = train.main(
+        ["--arch", "wan", "--tiny", "--steps", "2", "--batch", "2", "--validate", "2", "--guidance", "1", "3"]
+        + ["--no-compile", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    assert record["dit_steps"] == 2 and record["classifier_steps"] == 0 and "--arch wan" in record["reproduce"]
+    assert set(record["validation"]) == {"1", "3"} and record["guidance"] in (1.0, 3.0)
+    assert set(record["validation"]["1"]) == {"traj_px", "found", "flicker"}
+    loaded = qmodel.load(tmp_path)
+    assert loaded.arch == "wan" and loaded.style == "video" and loaded.classifier is None
+    assert set(loaded.modules()) == {"transformer", "caption_encoder"}
+    assert all(torch.isfinite(p).all() for m in loaded.modules().values() for p in m.parameters())
+    # In bf16, the modules diffusers keeps in float32 for Wan stay float32 (the rotary tables at full precision).
+    half = qmodel.load(tmp_path, dtype=torch.bfloat16)
+    rope = half.transformer.rope
+    assert rope.freqs_cos.dtype == torch.float32 and half.transformer.blocks[0].scale_shift_table.dtype == torch.float32
+    assert half.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(rope.freqs_cos, loaded.transformer.rope.freqs_cos, atol=1e-7, rtol=0)
+    scenes = _clips(1, 0)
+    sampler = evaluate.make_sampler(
+        half,
+        data.tokens(scenes),
+        torch.randn(1, *half.sample_shape),
+        guidance=2.0,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        batch=1,
+        graphs=False,
+    )
+    clip, _ = sampler.generate(2)
+    assert clip.shape == (1, *half.sample_shape) and torch.isfinite(clip).all()
+
+
+def test_wan_frontier_end_to_end_toy_scale(tmp_path):
+    models = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
+    qmodel.save(models, tmp_path / "w", {"guidance": 2.0})
+    out = tmp_path / "docs"
+    runs = evaluate.main(
+        ["--weights", str(tmp_path / "w"), "--samples", "2", "--steps", "6", "--ratios", "0.25"]
+        + ["--first-block-cache", "0.2", "--taylorseer", "2", "--stack-steps", "4", "--stack-ratios", "0.5"]
+        + ["--device", "cpu", "--report", str(out / "frontier-wan.md"), "--grid", str(out / "grid.png")]
+        + ["--json", str(out / "frontier-wan.json"), "--plot", str(out / "frontier-wan.png"), "--grid-samples", "1"]
+    )
+    names = [r.name for r in runs]
+    assert names[:4] == ["dense 6 steps", "RAS 1.0 (all tokens)", "RAS 0.25 reference", "RAS 0.25 metric-random"]
+    assert {"FirstBlockCache 0.2", "TaylorSeer 2", "RAS 0.5 reference, 4 steps"} <= set(names)
+    records = json.loads((out / "frontier-wan.json").read_text())
+    assert [r["name"] for r in records] == names
+    by_name = {r["name"]: r for r in records}
+    assert by_name["RAS 1.0 (all tokens)"]["metrics"]["psnr"] > 60  # the RAS path computing every token
+    ras = by_name["RAS 0.25 reference"]
+    assert ras["category"] == "RAS std" and ras["tokens"] < 1 and ras["speedup"] > 0
+    assert {"psnr", "ssim", "traj_px", "found", "flicker"} <= set(ras["metrics"]) and "objects" not in ras["metrics"]
+    assert ras["metrics"]["psnr"] < by_name["RAS 1.0 (all tokens)"]["metrics"]["psnr"]
+    categories = {r["variant"]: r["category"] for r in records if r["kind"] == "ras"}
+    assert categories == {
+        "reference": "RAS std",
+        "metric-random": "RAS random",
+        "metric-delta": "RAS delta",
+        "forecast": "RAS forecast",
+    }
+    report = (out / "frontier-wan.md").read_text()
+    assert "Wan-architecture video study" in report and "trajectory error (px)" in report
+    assert "](frontier-wan.png)" in report
+    image_module = pytest.importorskip("PIL.Image")
+    with image_module.open(out / "frontier-wan.png") as im:
+        assert im.size[0] == 3 * 420
+    with image_module.open(out / "grid.png") as im:  # one row of clips, each its 4 frames side by side
+        columns = len(evaluate.grid_columns(runs))
+        assert im.size == (columns * 4 * 32 + (columns + 1) * 4, 32 + 2 * 4)
+
+
+def test_shipped_wan_weights_load():
+    if not qmodel.has_weights(WEIGHTS_WAN):
+        pytest.skip(
+            "Wan study weights not trained yet (GPU): python -m bench.quality.train --arch wan "
+            "(writes bench/quality/weights-wan)"
+        )
+    models = qmodel.load(WEIGHTS_WAN)
+    record = json.loads((WEIGHTS_WAN / qmodel.CONFIG_FILE).read_text())
+    assert models.arch == "wan" and "reproduce" in record["training"]

@@ -14,7 +14,8 @@ generator's device), :func:`render` rasterises them (anti-aliased signed-distanc
 caption token ids directly from the parameters, :func:`phrases` the phrase of each caption word, :func:`labels` the
 classifier targets. Images are RGB in [-1, 1].
 
-Two styles share the parameters, captions, vocabulary and classifier targets (``STYLES``):
+Three styles share the parameters, captions (the video style adds each object's motion), vocabulary and classifier
+targets (``STYLES``):
 
 * ``shapes`` (the SD3 study's): the scenes above.
 * ``detail`` (the Flux study's): where region-adaptive sampling should matter, large smooth regions beside a few small
@@ -22,6 +23,16 @@ Two styles share the parameters, captions, vocabulary and classifier targets (``
   towards the horizon at 60% of the height) above a flat, darker wall; striped and checkered backgrounds are not
   drawn. Objects are small (radius 5% or 7.5% of the side: about 6 or 10 pixels across at 64 x 64) and a striped
   one carries 1-pixel vertical stripes (period 2 pixels), detail at the scale of a single token's 2 x 2 patch.
+* ``video`` (the Wan study's): clips of ``frames`` frames (``render(..., frames=F)`` gives [B, 3, F, S, S]). The
+  background is the detail style's (a flat wall or a sky over a wall) and identical in every frame; one or two
+  objects (the detail style's shapes, colours and stripes, radius 10% or 12% of the side: about 6.4 or 7.7 pixels
+  across at 32 x 32) each move in a straight line at constant speed, from their start cell (centre plus jitter) to
+  the centre of the neighbouring cell in ``direction`` (one cell side over the clip: about 1.5 pixels a frame at
+  32 x 32 and 8 frames). The two objects' paths keep their centres at least a cell side apart along one axis in
+  every frame (``COMPATIBLE``), so they never overlap. The caption adds the motion after each object's start cell::
+
+      a small red circle top left moving right and a big blue striped square bottom moving up on a plain gray
+      background
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ COLOUR_RGB = (
 SIZES = ("small", "big")
 SIZE_RADIUS = (0.1, 0.145)  # share of the image side
 DETAIL_RADIUS = (0.05, 0.075)  # the same, in the detail style
+VIDEO_RADIUS = (0.1, 0.12)  # the same, in the video style
 OBJECT_TEXTURES = ("plain", "striped")
 BACKGROUNDS = ("black", "gray", "green", "blue", "brown", "purple")
 BACKGROUND_RGB = (
@@ -61,17 +73,24 @@ MAX_OBJECTS = 3
 JITTER = 0.02  # largest object offset from its cell centre, share of the side (big objects stay inside their cell)
 MAX_TOKENS = 32
 PAD = "<pad>"
-STYLES = ("shapes", "detail")
-SMOOTH_BACKGROUNDS = ("plain", "gradient")  # the background textures of the detail style
+STYLES = ("shapes", "detail", "video")
+SMOOTH_BACKGROUNDS = ("plain", "gradient")  # the background textures of the detail and video styles
 HORIZON = 0.6  # share of the height where the detail style's sky meets its wall
 
-VOCAB: tuple[str, ...] = tuple(
+DIRECTIONS = ("left", "right", "up", "down")  # the video style's motions
+DIRECTION_STEP = ((-1, 0), (1, 0), (0, -1), (0, 1))  # (column, row) step of each direction, in cells
+MAX_CLIP_OBJECTS = 2
+
+IMAGE_VOCAB: tuple[str, ...] = tuple(
     dict.fromkeys(
         [PAD, "a", "and", "on", "background", *SIZES, *SHAPES, *OBJECT_TEXTURES, *BACKGROUND_TEXTURES]
         + [*COLOURS, *BACKGROUNDS]
         + [word for cell in CELLS for word in cell.split()]
     )
 )
+# The video captions' words come last, so the ids (and the embedding tables of weights trained on image captions,
+# which hold len(IMAGE_VOCAB) rows) stay as they were.
+VOCAB: tuple[str, ...] = tuple(dict.fromkeys([*IMAGE_VOCAB, "moving", *DIRECTIONS]))
 WORD_ID = {word: i for i, word in enumerate(VOCAB)}
 PAD_ID = WORD_ID[PAD]
 
@@ -90,6 +109,7 @@ class Scenes:
     background: torch.Tensor  # [B] index into BACKGROUNDS
     background_texture: torch.Tensor  # [B] index into BACKGROUND_TEXTURES
     phase: torch.Tensor  # [B] in [0, 1): phase of the background stripes / checks
+    direction: torch.Tensor | None = None  # [B, M] index into DIRECTIONS: the video style's motion (else None)
 
     def __len__(self) -> int:
         return self.count.shape[0]
@@ -99,12 +119,15 @@ class Scenes:
         """[B, M] bool: which object slots are drawn."""
         return torch.arange(MAX_OBJECTS, device=self.count.device) < self.count[:, None]
 
+    def _map(self, fn) -> Scenes:
+        return Scenes(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+
     def to(self, device) -> Scenes:
-        return Scenes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self._map(lambda t: t.to(device))
 
     def __getitem__(self, index) -> Scenes:
         """The scenes selected by ``index`` (a slice, index tensor or bool mask over the batch)."""
-        return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return self._map(lambda t: t[index])
 
 
 def _check_style(style: str) -> None:
@@ -123,24 +146,86 @@ def sample_scenes(n: int, generator: torch.Generator | None = None, style: str =
     def randint(high: int, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randint(0, high, shape, generator=generator, device=device)
 
-    count = torch.randint(1, m + 1, (n,), generator=generator, device=device)
-    cell = torch.rand(n, len(CELLS), generator=generator, device=device).argsort(dim=1)[:, :m]
-    # Drawn slots in reading order (the caption's order), unused slots after them.
-    drawn = torch.arange(m, device=device) < count[:, None]
-    cell = torch.where(drawn, cell, cell + len(CELLS)).sort(dim=1).values % len(CELLS)
+    if style == "video":
+        count = torch.randint(1, MAX_CLIP_OBJECTS + 1, (n,), generator=generator, device=device)
+        cell, direction = _sample_moves(n, generator, device)
+    else:
+        count = torch.randint(1, m + 1, (n,), generator=generator, device=device)
+        cell = torch.rand(n, len(CELLS), generator=generator, device=device).argsort(dim=1)[:, :m]
+        # Drawn slots in reading order (the caption's order), unused slots after them.
+        drawn = torch.arange(m, device=device) < count[:, None]
+        cell = torch.where(drawn, cell, cell + len(CELLS)).sort(dim=1).values % len(CELLS)
+        direction = None
     shape = randint(len(SHAPES), (n, m))
     colour = randint(len(COLOURS), (n, m))
     size = randint(len(SIZES), (n, m))
     texture = randint(len(OBJECT_TEXTURES), (n, m))
     offset = (torch.rand(n, m, 2, generator=generator, device=device) * 2 - 1) * JITTER
     background = randint(len(BACKGROUNDS), (n,))
-    if style == "detail":
+    if style in ("detail", "video"):
         smooth = _table(tuple(BACKGROUND_TEXTURES.index(t) for t in SMOOTH_BACKGROUNDS), device, torch.int64)
         background_texture = smooth[randint(len(SMOOTH_BACKGROUNDS), (n,))]
     else:
         background_texture = randint(len(BACKGROUND_TEXTURES), (n,))
     phase = torch.rand(n, generator=generator, device=device)
-    return Scenes(count, cell, shape, colour, size, texture, offset, background, background_texture, phase)
+    return Scenes(count, cell, shape, colour, size, texture, offset, background, background_texture, phase, direction)
+
+
+def _compatible(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether moves ``a`` and ``b`` ((start cell, direction) each) keep their centres at least a cell side apart
+    along one axis throughout the clip. The Chebyshev distance of two linear paths is convex and piecewise linear in
+    time, with its kinks at multiples of 1/2, 1/3 or 1/4 of the clip (unit steps between integer cells), so checking
+    the multiples of 1/24 is exact."""
+    for k in range(25):
+        t = k / 24
+        (ca, da), (cb, db) = a, b
+        ax, ay = ca % 3 + t * DIRECTION_STEP[da][0], ca // 3 + t * DIRECTION_STEP[da][1]
+        bx, by = cb % 3 + t * DIRECTION_STEP[db][0], cb // 3 + t * DIRECTION_STEP[db][1]
+        if max(abs(ax - bx), abs(ay - by)) < 1 - 1e-9:
+            return False
+    return True
+
+
+# The video style's moves: (start cell, direction) pairs whose end cell is on the grid (24 of 36), and which pairs of
+# them two objects of one clip may make.
+MOVES = tuple(
+    (cell, d)
+    for cell in range(len(CELLS))
+    for d, (dx, dy) in enumerate(DIRECTION_STEP)
+    if 0 <= cell % 3 + dx < 3 and 0 <= cell // 3 + dy < 3
+)
+COMPATIBLE = tuple(tuple(_compatible(a, b) for b in MOVES) for a in MOVES)
+
+
+def _sample_moves(n: int, generator: torch.Generator | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start cells and directions [n, MAX_OBJECTS] of the video style: slots 0 and 1 a compatible pair of moves in
+    reading order of their start cells (slot 1 unused in a one-object clip), slot 2 unused on a third cell."""
+    moves = _table(MOVES, device, torch.int64)  # [24, 2]
+    first = torch.randint(0, len(MOVES), (n,), generator=generator, device=device)
+    weights = _table(COMPATIBLE, device)[first]  # [n, 24]: 1.0 where compatible with the first move
+    second = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    pair = moves[torch.stack([first, second], dim=1)]  # [n, 2, (cell, direction)]
+    order = pair[..., 0].argsort(dim=1)
+    pair = pair.gather(1, order[..., None].expand(n, 2, 2))
+    score = torch.rand(n, len(CELLS), generator=generator, device=device).scatter(1, pair[..., 0], 2.0)
+    third = score.argmin(dim=1, keepdim=True)  # a random cell that neither move starts from
+    cell = torch.cat([pair[..., 0], third], dim=1)
+    direction = torch.cat([pair[..., 1], torch.zeros_like(third)], dim=1)
+    return cell, direction
+
+
+def positions(scenes: Scenes, frames: int) -> torch.Tensor:
+    """Object centres [B, M, frames, 2] as (x, y) shares of the side: the cell centre plus the offset, moved at
+    constant speed by one cell side in ``scenes.direction`` over the clip (frame f at f / (frames - 1) of the way)."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+        raise ValueError(f"frames must be an int >= 2, got {frames!r}")
+    if scenes.direction is None:
+        raise ValueError("positions needs scenes drawn in the video style (scenes.direction is None)")
+    dev = scenes.count.device
+    centre = _centres(scenes)  # [B, M, 2]
+    progress = torch.arange(frames, device=dev, dtype=torch.float32) / (frames - 1)  # [F]
+    step = _table(DIRECTION_STEP, dev)[scenes.direction] / 3  # [B, M, 2]
+    return centre[:, :, None] + progress[None, None, :, None] * step[:, :, None]
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}
@@ -156,15 +241,40 @@ def _table(values, device, dtype=torch.float32) -> torch.Tensor:
     return table
 
 
-def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tensor:
+RADIUS = {"shapes": SIZE_RADIUS, "detail": DETAIL_RADIUS, "video": VIDEO_RADIUS}  # object radii of each style
+
+
+def _centres(scenes: Scenes) -> torch.Tensor:
+    """Object centres [B, M, 2] at the start: (x, y) shares of the side, the cell centre plus the offset."""
+    cell = scenes.cell
+    return torch.stack([(cell % 3).float() + 0.5, (cell // 3).float() + 0.5], dim=-1) / 3 + scenes.offset
+
+
+def render(scenes: Scenes, size: int = 64, style: str = "shapes", frames: int | None = None) -> torch.Tensor:
     """Rasterise ``scenes`` in ``style`` into RGB images [B, 3, size, size] in [-1, 1] (float32, on the scenes'
-    device)."""
+    device); the video style into clips [B, 3, frames, size, size] (Wan's latent layout [B, C, F, H, W])."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
         raise ValueError(f"size must be an int >= 16, got {size!r}")
     _check_style(style)
+    if style != "video":
+        if frames is not None:
+            raise ValueError(f"frames applies to the video style only, got frames={frames!r} for style {style!r}")
+        return _render(scenes, _centres(scenes), size, style)
+    if frames is None or scenes.direction is None:
+        raise ValueError("the video style needs frames (an int >= 2) and scenes drawn in the video style")
+    path = positions(scenes, frames)  # [B, M, F, 2]
+    b = len(scenes)
+    per_frame = scenes._map(lambda t: t.repeat_interleave(frames, dim=0))  # row b * F + f: clip b, frame f
+    images = _render(per_frame, path.transpose(1, 2).flatten(0, 1), size, style)  # [B * F, 3, S, S]
+    return images.view(b, frames, 3, size, size).transpose(1, 2)
+
+
+def _render(scenes: Scenes, centres: torch.Tensor, size: int, style: str) -> torch.Tensor:
+    """Images [B, 3, size, size] of ``scenes`` with their objects at ``centres`` [B, M, 2]."""
     dev, b, s = scenes.count.device, len(scenes), size
     pix = torch.arange(s, device=dev, dtype=torch.float32)
     coord = (pix + 0.5) / s  # pixel centres, share of the side
+    smooth = style in ("detail", "video")
 
     # Background: colour times a texture factor.
     period = max(s // 8, 2)
@@ -173,7 +283,7 @@ def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tenso
     cols = pix.view(1, 1, s) + shift
     stripes = ((rows // (period // 2)) % 2).expand(b, s, s)
     checks = ((rows // period + cols // period) % 2).expand(b, s, s)
-    if style == "detail":  # sky lightening towards the horizon, over a flat wall
+    if smooth:  # sky lightening towards the horizon, over a flat wall
         gradient = torch.where(coord < HORIZON, 0.7 + 0.8 * coord / HORIZON, 0.8)
     else:
         gradient = 0.55 + 0.9 * coord
@@ -186,9 +296,8 @@ def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tenso
     image = (base[:, :, None, None] * factor).clamp(0, 1)
 
     # Objects: signed distances (share of the side) of the four shapes, picked per slot, anti-aliased over a pixel.
-    radius = _table(DETAIL_RADIUS if style == "detail" else SIZE_RADIUS, dev)[scenes.size][..., None, None]
-    cx = ((scenes.cell % 3).float() + 0.5) / 3 + scenes.offset[..., 0]
-    cy = ((scenes.cell // 3).float() + 0.5) / 3 + scenes.offset[..., 1]
+    radius = _table(RADIUS[style], dev)[scenes.size][..., None, None]
+    cx, cy = centres[..., 0], centres[..., 1]
     dx = coord.view(1, 1, 1, s) - cx[..., None, None]  # [B, M, 1, S]
     dy = coord.view(1, 1, s, 1) - cy[..., None, None]  # [B, M, S, 1]
     adx, ady = dx.abs(), dy.abs()
@@ -203,7 +312,7 @@ def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tenso
     sdf = sdf.gather(-1, scenes.shape[..., None, None, None].expand(*sdf.shape[:-1], 1))[..., 0]
     alpha = (0.5 - sdf * s).clamp(0, 1) * scenes.present[..., None, None]  # [B, M, S, S]
 
-    if style == "detail":  # 1-pixel vertical stripes, half as bright
+    if smooth:  # 1-pixel vertical stripes, half as bright
         pattern, depth = (pix % 2).view(1, s).expand(s, s), 0.5
     else:  # broad diagonal stripes
         pattern, depth = ((pix.view(s, 1) + pix.view(1, s)) // max(s // 16, 1)) % 2, 0.4  # [S, S]
@@ -217,7 +326,8 @@ def render(scenes: Scenes, size: int = 64, style: str = "shapes") -> torch.Tenso
 
 
 def tokens(scenes: Scenes) -> torch.Tensor:
-    """Caption token ids [B, MAX_TOKENS] (int64, padded with ``PAD_ID``), built from the parameters on-device."""
+    """Caption token ids [B, MAX_TOKENS] (int64, padded with ``PAD_ID``), built from the parameters on-device (video
+    scenes: each object's phrase ends in "moving" and its direction)."""
     dev = scenes.count.device
     present = scenes.present
 
@@ -241,8 +351,10 @@ def tokens(scenes: Scenes) -> torch.Tensor:
             where(on, ids(SHAPES)[scenes.shape[:, j]]),
             where(on, first[scenes.cell[:, j]]),
             where(on, second[scenes.cell[:, j]]),
-            where(j + 1 < scenes.count, WORD_ID["and"]),
         ]
+        if scenes.direction is not None:  # the video style: "moving <direction>"
+            words += [where(on, WORD_ID["moving"]), where(on, ids(DIRECTIONS)[scenes.direction[:, j]])]
+        words.append(where(j + 1 < scenes.count, WORD_ID["and"]))
         slots.append(torch.stack(words, dim=1))
     always = torch.ones_like(scenes.count, dtype=torch.bool)
     tail = [

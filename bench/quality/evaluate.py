@@ -14,6 +14,10 @@ For each step count (default 28 and 10) it samples the same prompts from the sam
 Each run is compared with the dense run of its step count: PSNR and SSIM (mean over samples), the task scores of the
 scene classifier (``model.score``), and the speedup (dense time / run time, whole batched generation, same card,
 same process). Timed runs follow an untimed warm-up pass on CUDA (Triton autotuning and CUDA-graph capture).
+
+Flux and Wan weights take the frontier path instead (``frontier``): sampling through FluxPipeline or WanPipeline
+(:class:`PipelineSampler`), RAS against fewer dense steps and diffusers' caches, scored by :func:`object_errors`
+(Flux) or :func:`video_errors` (Wan, clips).
 """
 
 from __future__ import annotations
@@ -94,7 +98,12 @@ def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Te
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per-sample SSIM [B] (Wang et al. 2004) of images in [-1, 1] mapped to [0, 1]: Gaussian window 11 / 1.5,
-    K1 = 0.01, K2 = 0.03, per channel over the valid windows, averaged over channels and positions; in float64."""
+    K1 = 0.01, K2 = 0.03, per channel over the valid windows, averaged over channels and positions; in float64.
+    Clips [B, C, F, H, W]: the mean over their frames."""
+    if x.dim() == 5:
+        fold = (x.shape[0] * x.shape[2], x.shape[1], *x.shape[3:])
+        frames = (t.transpose(1, 2).reshape(fold) for t in (x, ref))
+        return ssim(*frames, window, sigma).view(x.shape[0], x.shape[2]).mean(dim=1)
     a, b = _unit(x).double(), _unit(ref).double()
     c = a.shape[1]
     w = _gaussian_window(window, sigma, c, a.device)
@@ -170,6 +179,69 @@ def object_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict
         name: (torch.stack(values, dim=1) * present).sum(dim=1) / count
         for name, values in (("loc_px", loc), ("found", found), ("detail_err", detail))
     }
+
+
+def video_errors(videos: torch.Tensor, scenes: data.Scenes) -> dict[str, torch.Tensor]:
+    """Errors of clips ``videos`` [B, 3, F, S, S] in [-1, 1] against the requested video ``scenes``, per clip [B]:
+
+    * ``traj_px``: trajectory error, whether each object is where the caption's motion puts it in every frame. Per
+      frame and requested object: the distance in pixels between the object's true centre in the render of the
+      requested clip (``data.positions``: start cell, jitter, constant velocity) and the centroid of the pixels
+      within ``COLOUR_TOLERANCE`` of the requested colour inside a window one cell side wide centred there; an
+      object with fewer than ``MIN_PIXELS`` such pixels in a frame is missing there and counts half the window side
+      (a centroid inside the window is never farther along an axis). Mean over frames and objects. The jitter is not
+      in the caption, so a model that follows the caption exactly can be up to ``data.JITTER`` x S per axis off;
+      the render itself scores below a pixel (a triangle's centroid is 1/6 of its radius from its centre, a striped
+      object's lies on its bright columns). The windows of two objects never reach the other object
+      (``data.COMPATIBLE`` keeps their paths a cell side apart along one axis), so two objects of one colour do not
+      mix. Why: it reads the motion (a static or wrongly moving object scores the distance it lags) and the binding
+      of colour to trajectory, continuously, with no trained model.
+    * ``found``: share of (frame, object) pairs in which the object was found.
+    * ``flicker``: mean absolute frame-to-frame change, in [0, 1] units, of the pixels that are background in every
+      frame of the render of the requested clip (they equal the render of the clip without its objects); mean over
+      those pixels, channels and the F - 1 frame pairs. 0 for a perfectly static background, as the data's; region-
+      adaptive sampling refreshes the background tokens rarely, and stale or drifting cached tokens show up here.
+    """
+    if videos.dim() != 5 or videos.shape[1] != 3 or videos.shape[3] != videos.shape[4]:
+        raise ValueError(f"videos must be clips [B, 3, F, S, S], got {tuple(videos.shape)}")
+    frames, s = videos.shape[2], videos.shape[-1]
+    dev = videos.device
+    scenes = scenes.to(dev)
+    x = _unit(videos)  # [B, 3, F, S, S]
+    centres = data.positions(scenes, frames) * s  # [B, M, F, 2] in pixels
+    rgb = torch.tensor(data.COLOUR_RGB, device=dev)[scenes.colour]  # [B, M, 3]
+    pix = torch.arange(s, device=dev, dtype=torch.float32) + 0.5
+    half = s / 6
+    errors, found = [], []
+    for j in range(data.MAX_OBJECTS):
+        cx, cy = centres[:, j, :, 0, None, None], centres[:, j, :, 1, None, None]  # [B, F, 1, 1]
+        inside = ((pix.view(1, 1, s, 1) - cy).abs() < half) & ((pix.view(1, 1, 1, s) - cx).abs() < half)
+        colour = (x - rgb[:, j, :, None, None, None]).norm(dim=1) < COLOUR_TOLERANCE  # [B, F, S, S]
+        mask = (inside & colour).float()
+        count = mask.sum(dim=(2, 3))  # [B, F]
+        my = (mask * pix.view(1, 1, s, 1)).sum(dim=(2, 3)) / count.clamp(min=1)
+        mx = (mask * pix.view(1, 1, 1, s)).sum(dim=(2, 3)) / count.clamp(min=1)
+        hit = count >= MIN_PIXELS
+        errors.append(torch.where(hit, torch.hypot(mx - cx[..., 0, 0], my - cy[..., 0, 0]), half).mean(dim=1))
+        found.append(hit.float().mean(dim=1))
+    present = scenes.present.float()
+    count = present.sum(dim=1)
+    empty = scenes[:]
+    empty.count = torch.zeros_like(scenes.count)
+    render = data.render(scenes, s, "video", frames)
+    background = (render - data.render(empty, s, "video", frames)).abs().amax(dim=(1, 2)) == 0  # [B, S, S]
+    change = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 2))  # [B, S, S]
+    flicker = (change * background).sum(dim=(1, 2)) / background.sum(dim=(1, 2)).clamp(min=1)
+    return {
+        "traj_px": (torch.stack(errors, dim=1) * present).sum(dim=1) / count,
+        "found": (torch.stack(found, dim=1) * present).sum(dim=1) / count,
+        "flicker": flicker,
+    }
+
+
+def sample_errors(images: torch.Tensor, scenes: data.Scenes, style: str) -> dict[str, torch.Tensor]:
+    """The style's per-sample errors: :func:`video_errors` for clips, :func:`object_errors` for images."""
+    return video_errors(images, scenes) if style == "video" else object_errors(images, scenes, style)
 
 
 # ---- sampling ----
@@ -263,60 +335,80 @@ class Sampler:
 
 
 class PipelineSampler:
-    """Sampling through diffusers' own ``FluxPipeline`` (the Flux study): no text encoders and no VAE, so the
-    pipeline takes the caption encoder's states as ``prompt_embeds`` (the all-padding caption's as the negative
-    prompt) and the packed initial noise as ``latents``, and returns packed latents (``output_type="latent"``),
-    which are the images. ``FlowMatchEulerDiscreteScheduler`` with shift 1 and no dynamic shifting gives the uniform
-    sigmas of :class:`Sampler`; classifier-free guidance is the pipeline's ``true_cfg_scale`` (a "cond" and an
-    "uncond" transformer call of P prompts each per step; the pipeline keeps its latents in the model dtype).
+    """Sampling through diffusers' own pipelines: ``FluxPipeline`` (the Flux study) or ``WanPipeline`` (the Wan
+    study). No text encoders and no VAE, so the pipeline takes the caption encoder's states as ``prompt_embeds``
+    (the all-padding caption's as ``negative_prompt_embeds``) and the initial noise as ``latents``, and returns
+    latents (``output_type="latent"``), which are the images or clips. The scheduler is
+    ``FlowMatchEulerDiscreteScheduler`` with shift 1 and no dynamic shifting.
+
+    * Flux: the latents are packed (2 x 2 patches); FluxPipeline passes its own uniform sigmas 1 - i / S (those of
+      :class:`Sampler`); classifier-free guidance is its ``true_cfg_scale`` (a "cond" and an "uncond" transformer call
+      of P prompts each per step); the pipeline keeps its latents in the model dtype; height = width = 8 x S.
+    * Wan: the latents are the clips [P, 3, F, S, S]; WanPipeline takes the scheduler's default timesteps, sigmas
+      linspace(1, 1/1000, steps) then 0 (so its last step runs from sigma 0.001 to 0); classifier-free guidance is
+      its ``guidance_scale`` (a "cond" and an "uncond" call per step, above 1); it keeps its latents in float32.
+      Without a VAE it falls back to the Wan VAE's factors, so it is asked for height = width = 8 x S and
+      num_frames = 4 x (F - 1) + 1 (``model.WAN_VAE_FACTOR_*``); given latents, it does not check them against
+      those (the tests do).
 
     ``generate(steps, method)`` runs each chunk of prompts inside ``method(pipe)`` (a context manager factory: RAS
     or a diffusers cache; ``None`` for dense), entered once for the warm-up and the timed pass.
     """
 
     def __init__(self, models, ids: torch.Tensor, noise: torch.Tensor, *, guidance, device, dtype, batch, graphs):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, WanPipeline
 
         self.models, self.guidance, self.device = models, guidance, device
         self.graphs = graphs and device.type == "cuda"  # RAS's cuda_graphs (the pipeline itself runs eagerly)
-        self.pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=models.transformer,
-        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+        self.wan = models.arch == "wan"
+        side = noise.shape[-1]
+        if self.wan:
+            self.pipe = WanPipeline(
+                tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=models.transformer
+            )
+            self.size = dict(
+                height=side * qmodel.WAN_VAE_FACTOR_SPATIAL,
+                width=side * qmodel.WAN_VAE_FACTOR_SPATIAL,
+                num_frames=qmodel.WAN_VAE_FACTOR_TEMPORAL * (noise.shape[2] - 1) + 1,
+            )
+        else:
+            self.pipe = FluxPipeline(
+                scheduler=scheduler,
+                vae=None,
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                transformer=models.transformer,
+            )
+            self.size = dict(height=side * qmodel.FLUX_VAE_FACTOR, width=side * qmodel.FLUX_VAE_FACTOR)
         self.pipe.set_progress_bar_config(disable=True)
-        self.side = noise.shape[-1] * qmodel.FLUX_VAE_FACTOR  # the pipeline's height and width
         self.chunks = []
         with torch.no_grad():
             for lo in range(0, ids.shape[0], batch):
                 chunk = ids[lo : lo + batch].to(device)
                 states, pooled = models.encoder(chunk)
                 uncond, uncond_pooled = models.encoder(torch.full_like(chunk, data.PAD_ID))
-                x = noise[lo : lo + batch].to(device, dtype)
-                latents = FluxPipeline._pack_latents(x, *x.shape)
-                self.chunks.append(
-                    (latents, states.to(dtype), pooled.to(dtype), uncond.to(dtype), uncond_pooled.to(dtype))
-                )
+                inputs = dict(prompt_embeds=states.to(dtype), negative_prompt_embeds=uncond.to(dtype))
+                x = noise[lo : lo + batch].to(device, torch.float32 if self.wan else dtype)
+                if self.wan:
+                    inputs["latents"] = x
+                else:
+                    inputs["latents"] = FluxPipeline._pack_latents(x, *x.shape)
+                    inputs["pooled_prompt_embeds"] = pooled.to(dtype)
+                    inputs["negative_pooled_prompt_embeds"] = uncond_pooled.to(dtype)
+                self.chunks.append(inputs)
 
-    def _generate_chunk(self, chunk, steps: int) -> torch.Tensor:
-        latents, states, pooled, uncond, uncond_pooled = chunk
+    def _generate_chunk(self, inputs: dict, steps: int) -> torch.Tensor:
+        guidance = {"guidance_scale" if self.wan else "true_cfg_scale": self.guidance}
         out = self.pipe(
-            prompt_embeds=states,
-            pooled_prompt_embeds=pooled,
-            negative_prompt_embeds=uncond,
-            negative_pooled_prompt_embeds=uncond_pooled,
-            true_cfg_scale=self.guidance,
-            height=self.side,
-            width=self.side,
-            num_inference_steps=steps,
-            latents=latents,
-            output_type="latent",
-        ).images
-        return self.pipe._unpack_latents(out, self.side, self.side, qmodel.FLUX_VAE_FACTOR).float()
+            **inputs, **guidance, **self.size, num_inference_steps=steps, output_type="latent", return_dict=False
+        )[0]
+        if self.wan:
+            return out.float()
+        side = self.size["height"]
+        return self.pipe._unpack_latents(out, side, side, qmodel.FLUX_VAE_FACTOR).float()
 
     @torch.no_grad()
     def generate(self, steps: int, method=None) -> tuple[torch.Tensor, float]:
@@ -337,9 +429,9 @@ class PipelineSampler:
 
 
 def make_sampler(models, ids, noise, *, guidance, device, dtype, batch, graphs):
-    """The architecture's sampler: :class:`Sampler` (SD3, its own Euler loop) or :class:`PipelineSampler` (Flux,
-    diffusers' FluxPipeline)."""
-    cls = PipelineSampler if models.arch == "flux" else Sampler
+    """The architecture's sampler: :class:`Sampler` (SD3, its own Euler loop) or :class:`PipelineSampler` (Flux and
+    Wan, diffusers' FluxPipeline and WanPipeline)."""
+    cls = Sampler if models.arch == "sd3" else PipelineSampler
     return cls(models, ids, noise, guidance=guidance, device=device, dtype=dtype, batch=batch, graphs=graphs)
 
 
@@ -407,8 +499,8 @@ def run_all(sampler: Sampler, args, num_tokens: int) -> list[Run]:
 
 @torch.no_grad()
 def score_runs(runs: list[Run], models, scenes: data.Scenes, device, batch: int) -> None:
-    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores, per-object
-    errors (:func:`object_errors`); each with its standard error."""
+    """Fill ``run.metrics``: per-sample PSNR/SSIM vs the dense run of the group, classifier task scores (not for
+    Wan, which has no classifier), the style's errors (:func:`sample_errors`); each with its standard error."""
     targets = data.labels(scenes)
     dense = {r.group: r for r in runs if r.kind == "dense"}
     for run in runs:
@@ -416,10 +508,10 @@ def score_runs(runs: list[Run], models, scenes: data.Scenes, device, batch: int)
         per: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, run.images.shape[0], batch):
             x = run.images[lo : lo + batch].to(device)
-            logits = models.classifier(x.clamp(-1, 1))
-            tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
-            values = qmodel.score(logits, tgt)
-            values.update(object_errors(x, scenes[lo : lo + batch], models.style))
+            values = sample_errors(x, scenes[lo : lo + batch], models.style)
+            if models.classifier is not None:
+                tgt = {k: v[lo : lo + batch].to(device) for k, v in targets.items()}
+                values.update(qmodel.score(models.classifier(x.clamp(-1, 1)), tgt))
             if run is not ref:
                 y = ref.images[lo : lo + batch].to(device)
                 values["psnr"], values["ssim"] = psnr(x, y), ssim(x, y)
@@ -466,18 +558,22 @@ def grid_columns(runs: list[Run]) -> list[Run]:
 
 
 def make_grid(columns: list[Run], samples: int, scale: int = 2, gap: int = 4) -> torch.Tensor:
-    """Rows = the first ``samples`` prompts, columns = ``columns``; uint8 [H, W, 3] on a white background."""
-    size = columns[0].images.shape[-1] * scale
-    rows = min(samples, columns[0].images.shape[0])
-    height = rows * size + (rows + 1) * gap
-    width = len(columns) * size + (len(columns) + 1) * gap
+    """Rows = the first ``samples`` prompts, columns = ``columns``; uint8 [H, W, 3] on a white background. A clip
+    [3, F, S, S] shows as its frames side by side."""
+    first = columns[0].images
+    h, w = first.shape[-2] * scale, first.shape[-1] * scale * (first.shape[2] if first.dim() == 5 else 1)
+    rows = min(samples, first.shape[0])
+    height = rows * h + (rows + 1) * gap
+    width = len(columns) * w + (len(columns) + 1) * gap
     canvas = torch.full((height, width, 3), 255, dtype=torch.uint8)
     for c, run in enumerate(columns):
         for r in range(rows):
             img = _unit(run.images[r]).mul(255).round().to(torch.uint8)
+            if img.dim() == 4:  # [3, F, S, S] -> [3, S, F * S]
+                img = img.permute(0, 2, 1, 3).flatten(2)
             img = img.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0)
-            y, x = gap + r * (size + gap), gap + c * (size + gap)
-            canvas[y : y + size, x : x + size] = img
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y : y + h, x : x + w] = img
     return canvas
 
 
@@ -580,7 +676,7 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
         f"{cfg['patch_size']} ({(models.image_size // cfg['patch_size']) ** 2} image tokens), {cfg['num_layers']} "
         f"blocks, width {cfg['num_attention_heads'] * cfg['attention_head_dim']} ({cfg['num_attention_heads']} heads "
         f"x {cfg['attention_head_dim']}), {n_params / 1e6:.1f} M parameters; caption encoder over a "
-        f"{len(data.VOCAB)}-word vocabulary.",
+        f"{models.encoder.embed.num_embeddings}-word vocabulary.",
         f"- Training: {training.get('dit_steps', '?')} DiT steps (batch {training.get('batch', '?')}, seed "
         f"{training.get('seed', '?')}, {training.get('dit_seconds', '?')} s on {training.get('device', '?')}); "
         f"final loss {training.get('dit_loss_last200', '?')}; reproduce with `{training.get('reproduce', '?')}`.",
@@ -641,17 +737,21 @@ def write_report(path: Path, grid_path: Path, runs, args, models, device, dtype,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="bench/quality/weights", help="folder written by bench.quality.train")
-    p.add_argument("--json", default="docs/frontier.json", help="Flux: the runs' records")
-    p.add_argument("--plot", default="docs/frontier.png", help="Flux: the frontier plot")
     p.add_argument(
-        "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux: FirstBlockCache thresholds"
+        "--json", default=None, help="Flux, Wan: the runs' records (default docs/frontier.json, -wan.json for Wan)"
     )
-    p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux: TaylorSeer cache intervals")
-    p.add_argument("--stack-steps", type=int, default=None, help="Flux: steps of RAS on fewer steps (default S / 2)")
-    p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux: their ratios")
+    p.add_argument("--plot", default=None, help="Flux, Wan: the frontier plot (default docs/frontier.png, -wan.png)")
+    p.add_argument(
+        "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux, Wan: FirstBlockCache thresholds"
+    )
+    p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux, Wan: TaylorSeer cache intervals")
+    p.add_argument(
+        "--stack-steps", type=int, default=None, help="Flux, Wan: steps of RAS on fewer steps (default S / 2)"
+    )
+    p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux, Wan: their ratios")
     p.add_argument("--samples", type=int, default=256, help="prompts (default 256)")
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux: 28)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux, Wan: 28)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FLUX_VARIANTS), default=None)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
@@ -660,8 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on CUDA, else fp32")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="CUDA graphs (CUDA only)")
-    p.add_argument("--report", default=None, help="default docs/quality.md; Flux: docs/frontier.md")
-    p.add_argument("--grid", default=None, help="default docs/quality_grid.png; Flux: docs/frontier_grid.png")
+    p.add_argument("--report", default=None, help="default docs/quality.md; Flux: docs/frontier.md; Wan: -wan.md")
+    p.add_argument(
+        "--grid", default=None, help="default docs/quality_grid.png; Flux: docs/frontier_grid.png; Wan: -wan_grid.png"
+    )
     p.add_argument("--grid-samples", type=int, default=6)
     return p
 
@@ -679,14 +781,17 @@ def main(argv: list[str] | None = None) -> list[Run]:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     models = qmodel.load(args.weights, device, dtype)
-    flux = models.arch == "flux"
-    args.steps = args.steps or ([28] if flux else [28, 10])
-    args.variants = args.variants or list(FLUX_VARIANTS if flux else VARIANTS)
-    args.report = args.report or ("docs/frontier.md" if flux else "docs/quality.md")
-    args.grid = args.grid or ("docs/frontier_grid.png" if flux else "docs/quality_grid.png")
-    if flux:
+    frontier_run = models.arch in ("flux", "wan")  # through the diffusers pipeline: the frontier
+    args.steps = args.steps or ([28] if frontier_run else [28, 10])
+    args.variants = args.variants or list(FLUX_VARIANTS if frontier_run else VARIANTS)
+    stem = "docs/frontier" + ("-wan" if models.arch == "wan" else "")
+    args.report = args.report or (stem + ".md" if frontier_run else "docs/quality.md")
+    args.grid = args.grid or (stem + "_grid.png" if frontier_run else "docs/quality_grid.png")
+    args.json = args.json or stem + ".json"
+    args.plot = args.plot or stem + ".png"
+    if frontier_run:
         args.stack_steps = args.stack_steps if args.stack_steps is not None else args.steps[0] // 2
-    if any(s < 2 for s in args.steps) or (flux and args.stack_steps == 1):
+    if any(s < 2 for s in args.steps) or (frontier_run and args.stack_steps == 1):
         parser.error("--steps and --stack-steps values must be >= 2")
     if any(not 0 < r <= 1 for r in [*args.ratios, *args.stack_ratios]):
         parser.error("--ratios and --stack-ratios values must be in (0, 1]")
@@ -696,7 +801,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     gen = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
     scenes = data.sample_scenes(args.samples, gen, models.style)
     ids, captions = data.tokens(scenes), data.captions(scenes)
-    noise = torch.randn(args.samples, 3, size, size, generator=gen)
+    noise = torch.randn(args.samples, *models.sample_shape, generator=gen)
     print(
         f"[eval] {environment(device)}; {models.arch}, {args.samples} prompts, steps {args.steps}, ratios "
         f"{args.ratios}, variants {args.variants}",
@@ -708,7 +813,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         models, ids, noise, guidance=args.guidance, device=device, dtype=dtype, batch=args.batch, graphs=args.graphs
     )
     try:
-        if flux:
+        if frontier_run:
             from .frontier import run_frontier
 
             runs = run_frontier(sampler, args, models.num_tokens)
@@ -720,10 +825,10 @@ def main(argv: list[str] | None = None) -> list[Run]:
     columns = grid_columns(runs)
     write_png(args.grid, make_grid(columns, args.grid_samples))
     rows = min(args.grid_samples, args.samples)
-    if flux:
+    if frontier_run:
         from . import frontier
 
-        render = object_errors(data.render(scenes, size, models.style), scenes, models.style)
+        render = sample_errors(data.render(scenes, size, models.style, models.frames), scenes, models.style)
         recs = frontier.write(runs, args, models, device, {k: v.mean().item() for k, v in render.items()})
         print("\n" + frontier.table(recs))
         written = f"{args.report}, {args.json}, {args.plot} and {args.grid}"

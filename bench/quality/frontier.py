@@ -1,14 +1,16 @@
-"""The speed-quality frontier of the Flux study (issue 14): RAS against fewer dense steps and diffusers' step caches.
+"""The speed-quality frontier of the Flux and Wan studies (issue 14): RAS against fewer dense steps and diffusers'
+step caches.
 
-``python -m bench.quality.evaluate --weights bench/quality/weights-flux`` runs it (the weights' ``arch`` picks this
-path); ``python -m bench.quality.frontier docs/frontier.json --out docs/frontier.png`` redraws the plot from the
-records the run wrote. All runs sample the same prompts from the same noise through ``FluxPipeline``
-(:class:`~bench.quality.evaluate.PipelineSampler`) and are compared with the dense run at the longest step count S:
+``python -m bench.quality.evaluate --weights bench/quality/weights-flux`` (or ``weights-wan``) runs it (the weights'
+``arch`` picks this path); ``python -m bench.quality.frontier docs/frontier.json --out docs/frontier.png`` redraws
+the plot from the records the run wrote. All runs sample the same prompts from the same noise through
+``FluxPipeline`` or ``WanPipeline`` (:class:`~bench.quality.evaluate.PipelineSampler`) and are compared with the
+dense run at the longest step count S:
 
 * ``dense S steps``: the reference; ``RAS 1.0 (all tokens)``: the RAS code path computing every token;
-* ``RAS r reference`` (``RASConfig.flux`` preset: std metric, mode reference), ``RAS r metric-random``
-  (``metric="random"``), ``RAS r metric-delta`` (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``)
-  at each ratio r;
+* ``RAS r reference`` (the ``RASConfig.flux`` or ``RASConfig.wan`` preset, resets moved to S steps in proportion:
+  std metric, mode reference), ``RAS r metric-random`` (``metric="random"``), ``RAS r metric-delta``
+  (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``) at each ratio r;
 * ``dense N steps (equal time)``: as many dense steps as fit in the time of ``RAS r reference``;
 * ``FirstBlockCache t`` (``FirstBlockCacheConfig(threshold=t)``: the blocks after the first are skipped while the
   first block's output residual changes by less than t, relative) and ``TaylorSeer i``
@@ -16,9 +18,14 @@ records the run wrote. All runs sample the same prompts from the same noise thro
   extrapolated by a first-order Taylor series between full steps every i);
 * stacks: ``dense M steps`` and ``RAS r reference, M steps`` (RAS on fewer steps, M = ``--stack-steps``).
 
-diffusers 0.42.1's other caches for Flux are left out: MagCache needs magnitude ratios calibrated per checkpoint
-and scheduler (its published ratios are Flux.1-dev's), FasterCache's defaults target guidance-distilled or
-CFG-batched video models and need per-model tuning of its skip ranges.
+diffusers 0.42.1's other caches are left out: MagCache needs magnitude ratios calibrated per checkpoint and
+scheduler (its published ratios are Flux.1-dev's), FasterCache's defaults target guidance-distilled or CFG-batched
+video models and need per-model tuning of its skip ranges. Both caches used here support Wan in diffusers 0.42.1
+(FirstBlockCache through its registry entry for ``WanTransformerBlock``, TaylorSeer through its default
+``^blocks.*attn`` pattern); RAS refuses to run together with a diffusers cache, so each is its own run.
+
+The metric columns and plot panels follow the architecture (``METRICS``): Flux's per-object errors
+(``evaluate.object_errors``) or Wan's video errors (``evaluate.video_errors``).
 """
 
 from __future__ import annotations
@@ -46,7 +53,28 @@ CATEGORIES = {  # category -> colour of its points
     "FirstBlockCache": (44, 160, 44),
     "TaylorSeer": (214, 39, 40),
 }
-PANELS = (("psnr", "PSNR vs dense (dB)"), ("loc_px", "localisation error (px)"), ("detail_err", "detail error"))
+METRICS = {  # arch -> the sample metrics of its table: (key, column header, scale, digits)
+    "flux": (
+        ("loc_px", "localisation error (px)", 1, 2),
+        ("found", "objects found (%)", 100, 1),
+        ("detail_err", "detail error", 1, 3),
+        ("objects", "objects ok (%)", 100, 1),
+    ),
+    "wan": (
+        ("traj_px", "trajectory error (px)", 1, 2),
+        ("found", "objects found (%)", 100, 1),
+        ("flicker", "static flicker", 1, 4),
+    ),
+}
+PANELS = {  # arch -> the plot's panels (metric key, label)
+    "flux": (("psnr", "PSNR vs dense (dB)"), ("loc_px", "localisation error (px)"), ("detail_err", "detail error")),
+    "wan": (("psnr", "PSNR vs dense (dB)"), ("traj_px", "trajectory error (px)"), ("flicker", "static flicker")),
+}
+
+
+def arch_of(recs: list[dict]) -> str:
+    """The architecture of a run's records: Wan's carry the trajectory error."""
+    return "wan" if any("traj_px" in r["metrics"] for r in recs) else "flux"
 
 
 @contextlib.contextmanager
@@ -64,6 +92,7 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
 
     steps = args.steps[0]
     transformer = sampler.models.transformer
+    family = sampler.models.arch  # the RAS preset: RASConfig.flux or RASConfig.wan
     runs: list[Run] = []
 
     def run(name: str, kind: str, n: int, method=None, config=None, ratio=None, variant=None) -> Run:
@@ -75,7 +104,7 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
         return out
 
     def ras(n: int, ratio: float, variant: str, kind: str, name: str) -> Run:
-        config = ras_config(n, ratio, num_tokens, variant, family="flux")
+        config = ras_config(n, ratio, num_tokens, variant, family=family)
         method = lambda pipe: apply_ras(pipe, config, cuda_graphs=sampler.graphs)  # noqa: E731
         return run(name, kind, n, method, config, ratio, variant)
 
@@ -94,7 +123,7 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
     for base in [r for r in runs if r.kind == "ras" and r.variant == args.variants[0]]:
         fewer = min(steps - 1, max(1, round(base.seconds / per_step)))
         dense_at(fewer).metrics.setdefault("equal_to", []).append(f"{base.ratio:g}")
-    warmup = ras_config(steps, 0.5, num_tokens, "reference", family="flux").warmup_steps
+    warmup = ras_config(steps, 0.5, num_tokens, "reference", family=family).warmup_steps
     for threshold in args.first_block_cache:
         config = FirstBlockCacheConfig(threshold=threshold)
         run(f"FirstBlockCache {threshold:g}", "cache", steps, lambda pipe, c=config: cached(transformer, c))
@@ -148,23 +177,24 @@ def records(runs: list[Run]) -> list[dict]:
 
 
 def table(recs: list[dict]) -> str:
+    metrics = METRICS[arch_of(recs)]
+    header = " | ".join(label for _, label, _, _ in metrics)
     lines = [
-        "| run | steps | tokens computed | time (s) | speedup | PSNR vs dense (dB) | SSIM vs dense | "
-        "localisation error (px) | objects found (%) | detail error | objects ok (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| run | steps | tokens computed | time (s) | speedup | PSNR vs dense (dB) | SSIM vs dense | {header} |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(metrics),
     ]
 
-    def pm(m: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    def pm(m: dict, key: str, scale: float, digits: int) -> str:
         return f"{scale * m[key]:.{digits}f} ± {scale * m[key + '_se']:.{digits}f}"
 
     for r in recs:
         m = r["metrics"]
         name = r["name"] + (f" (equal time: RAS {', '.join(m['equal_to'])})" if "equal_to" in m else "")
         quality = "reference | reference" if r["kind"] == "dense" else f"{m['psnr']:.2f} | {m['ssim']:.4f}"
+        values = " | ".join(pm(m, key, scale, digits) for key, _, scale, digits in metrics)
         lines.append(
             f"| {name} | {r['steps']} | {100 * r['tokens']:.1f}% | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
-            f"{quality} | {pm(m, 'loc_px')} | {pm(m, 'found', 100, 1)} | {pm(m, 'detail_err', 1, 3)} | "
-            f"{pm(m, 'objects', 100, 1)} |"
+            f"{quality} | {values} |"
         )
     return "\n".join(lines)
 
@@ -219,9 +249,9 @@ def _tag(record: dict) -> str:
 
 
 def plot(recs: list[dict], path: str | Path) -> None:
-    """Speedup vs each of ``PANELS``, every variant a point coloured by category, labelled by its ratio, its cache
-    setting or (dense) its step count; a legend row below."""
-    panels = [_panel(recs, key, label) for key, label in PANELS]
+    """Speedup vs each of the architecture's ``PANELS``, every variant a point coloured by category, labelled by
+    its ratio, its cache setting or (dense) its step count; a legend row below."""
+    panels = [_panel(recs, key, label) for key, label in PANELS[arch_of(recs)]]
     sheet = Image.new("RGB", (W * len(panels), H + 30), "white")
     for k, panel in enumerate(panels):
         sheet.paste(panel, (k * W, 0))
@@ -243,18 +273,27 @@ def write(runs: list[Run], args, models, device, render_floor: dict) -> list[dic
     plot(recs, args.plot)
     training = models.training or {}
     floor = ", ".join(f"{k} {v:.3f}" for k, v in render_floor.items())
+    if models.arch == "wan":
+        title, metric_fn, model_name = "Wan-architecture video study", "video_errors", "WanTransformer3DModel"
+        sampling = (
+            f"`WanPipeline` with CFG {args.guidance:g} (cond and uncond calls), its default sigmas "
+            "linspace(1, 0.001, S) then 0"
+        )
+    else:
+        title, metric_fn, model_name = "Flux-architecture study", "object_errors", "FluxTransformer2DModel"
+        sampling = f"`FluxPipeline` with true CFG {args.guidance:g}, uniform sigmas"
     lines = [
-        "# Speed-quality frontier: Flux-architecture study (issue 14)",
+        f"# Speed-quality frontier: {title} (issue 14)",
         "",
         f"Generated by `python -m bench.quality.evaluate --weights {args.weights} --samples {args.samples}` on "
         f"{environment(device)}; every number below was measured by that run. Variants and metrics: "
-        "`bench/quality/frontier.py` and `bench.quality.evaluate.object_errors`; the study: docs/quality.md.",
+        f"`bench/quality/frontier.py` and `bench.quality.evaluate.{metric_fn}`; the study: docs/quality.md.",
         "",
-        f"- Model: `FluxTransformer2DModel` trained for {training.get('dit_steps', '?')} steps "
+        f"- Model: `{model_name}` trained for {training.get('dit_steps', '?')} steps "
         f"({training.get('dit_seconds', '?')} s); reproduce with `{training.get('reproduce', '?')}`.",
-        f"- Sampling: {args.samples} prompts of {models.style} scenes, `FluxPipeline` with true CFG "
-        f"{args.guidance:g}, uniform sigmas; RAS CUDA graphs {'on' if args.graphs else 'off'}, the pipeline eager.",
-        f"- Metrics of the requested scenes' own renders (the floor of the object metrics): {floor}.",
+        f"- Sampling: {args.samples} prompts of {models.style} scenes, {sampling}; RAS CUDA graphs "
+        f"{'on' if args.graphs else 'off'}, the pipeline eager.",
+        f"- Metrics of the requested scenes' own renders (the floor of the sample metrics): {floor}.",
         "",
         table(recs),
         "",

@@ -13,6 +13,11 @@
   the pipeline's ``true_cfg_scale``): 10.0 M parameters, 22.5 MB saved with the caption encoder and classifier.
   A double block holds ~36 width^2 parameters and a single block ~15, so its per-token cost over the image stream
   (4 x 18 + 8 x 15 = 192 width^2) is about that of the SD3 study's 10 blocks (180 width^2).
+* The Wan DiT (``--arch wan``): diffusers' ``WanTransformer3DModel`` on 8-frame 32 x 32 RGB clips [B, 3, 8, 32, 32],
+  the "latent" of ``WanPipeline`` without a VAE (patch (1, 2, 2): 8 x 16 x 16 = 2048 tokens), 8 blocks of width 256
+  (4 heads x 64, feed-forward 1024), ``text_dim`` = the caption encoder's width: 9.1 M parameters, 18.7 MB saved
+  with the caption encoder. Per image token its blocks hold 8 x 14 width^2 = 7.3 M weights, the Flux model's 7.1 M.
+  No classifier: the video metrics (``evaluate.video_errors``) are computed from the pixels.
 * :class:`CaptionEncoder`: caption token ids -> learned word, position and phrase embeddings -> a small pre-norm
   transformer; gives the joint-attention states [B, L, 128] and the pooled vector [B, 64]. Trained with the DiT.
 * :class:`SceneClassifier`: a small CNN that reads a scene back (per grid cell: shape or empty, colour, size,
@@ -20,7 +25,7 @@
 
 Weights: ``config.json`` (model configuration + training record) and safetensors shards of at most 15 MiB
 (``weights-0000i-of-0000n.safetensors``; parameters in bf16, buffers as built), keys prefixed ``transformer.``,
-``caption_encoder.`` and ``classifier.``.
+``caption_encoder.`` and (not for Wan) ``classifier.``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,23 @@ FLUX_DIT = dict(
 )
 FLUX_IMAGE_SIZE = 64
 FLUX_VAE_FACTOR = 8  # FluxPipeline without a VAE divides the requested height and width by 8
+WAN_DIT = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=64,
+    in_channels=3,
+    out_channels=3,
+    text_dim=128,
+    ffn_dim=1024,
+    num_layers=8,
+    rope_max_seq_len=64,
+)
+WAN_IMAGE_SIZE = 32
+WAN_FRAMES = 8  # frames of a clip: 8 x 16 x 16 = 2048 tokens
+# WanPipeline without a VAE falls back to the Wan VAE's factors: latent frames (num_frames - 1) // 4 + 1, latent
+# height and width height // 8 and width // 8.
+WAN_VAE_FACTOR_TEMPORAL = 4
+WAN_VAE_FACTOR_SPATIAL = 8
 ENCODER = dict(width=128, layers=2, heads=4, pooled=64)
 CLASSIFIER = dict(width=32)
 
@@ -88,6 +110,7 @@ TINY_FLUX_DIT = dict(
     pooled_projection_dim=16,
     axes_dims_rope=(4, 6, 6),
 )
+TINY_WAN_DIT = dict(WAN_DIT, num_attention_heads=2, attention_head_dim=16, text_dim=32, ffn_dim=64, num_layers=2)
 TINY_ENCODER = dict(width=32, layers=1, heads=2, pooled=16)
 TINY_CLASSIFIER = dict(width=8)
 
@@ -96,23 +119,34 @@ SHARD_BYTES = 15 * 2**20
 SHARD_PATTERN = "weights-*-of-*.safetensors"
 
 
-ARCHS = ("sd3", "flux")
+ARCHS = ("sd3", "flux", "wan")
+DEFAULT_STYLE = {"sd3": "shapes", "flux": "detail", "wan": "video"}
 
 
 def default_config(
     *, arch: str = "sd3", tiny: bool = False, layers: int | None = None, style: str | None = None
 ) -> dict:
-    """The model configuration: ``{"arch", "style", "image_size", "dit", "encoder", "classifier"}``; ``layers`` sets
-    the SD3 blocks or the Flux double-stream blocks, ``style`` the scenes' (``data.STYLES``; default ``shapes`` for
-    SD3, ``detail`` for Flux)."""
+    """The model configuration: ``{"arch", "style", "image_size", "dit", "encoder", "classifier"}`` (Wan: also
+    ``"frames"``, and no classifier: ``"classifier"`` is None); ``layers`` sets the SD3 blocks, the Flux
+    double-stream blocks or the Wan blocks, ``style`` the scenes' (``data.STYLES``; default ``DEFAULT_STYLE``: the
+    video style is Wan's, and Wan's only)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    style = style or ("detail" if arch == "flux" else "shapes")
+    style = style or DEFAULT_STYLE[arch]
     if style not in data.STYLES:
         raise ValueError(f"style must be one of {data.STYLES}, got {style!r}")
+    if (style == "video") != (arch == "wan"):
+        raise ValueError(f"style 'video' goes with arch 'wan' and only with it, got style {style!r} for arch {arch!r}")
+    encoder = dict(TINY_ENCODER if tiny else ENCODER)
+    extra = {}
     if arch == "flux":
         dit = dict(TINY_FLUX_DIT if tiny else FLUX_DIT)
         size = 32 if tiny else FLUX_IMAGE_SIZE
+    elif arch == "wan":
+        dit = dict(TINY_WAN_DIT if tiny else WAN_DIT)
+        size = 16 if tiny else WAN_IMAGE_SIZE
+        encoder["vocab_size"] = len(data.VOCAB)  # the motion words
+        extra["frames"] = 4 if tiny else WAN_FRAMES
     else:
         dit = dict(TINY_DIT if tiny else DIT)
         size = dit["sample_size"]
@@ -124,9 +158,10 @@ def default_config(
         "arch": arch,
         "style": style,
         "image_size": size,
+        **extra,
         "dit": dit,
-        "encoder": dict(TINY_ENCODER if tiny else ENCODER),
-        "classifier": dict(TINY_CLASSIFIER if tiny else CLASSIFIER),
+        "encoder": encoder,
+        "classifier": None if arch == "wan" else dict(TINY_CLASSIFIER if tiny else CLASSIFIER),
     }
 
 
@@ -140,7 +175,7 @@ class CaptionEncoder(nn.Module):
     each object's colour, shape, size and texture to its cell from the first step.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, pooled: int, vocab_size: int = len(data.VOCAB)):
+    def __init__(self, width: int, layers: int, heads: int, pooled: int, vocab_size: int = len(data.IMAGE_VOCAB)):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, width)
         self.position = nn.Parameter(torch.randn(data.MAX_TOKENS, width))
@@ -204,7 +239,7 @@ class SceneClassifier(nn.Module):
 class QualityModels:
     transformer: nn.Module
     encoder: CaptionEncoder
-    classifier: SceneClassifier
+    classifier: SceneClassifier | None  # None for Wan: its video metrics are computed from the pixels
     config: dict
     training: dict = field(default_factory=dict)  # the training record saved with the weights
 
@@ -221,15 +256,31 @@ class QualityModels:
         return self.config.get("style", "shapes")
 
     @property
+    def frames(self) -> int | None:
+        """Frames of a clip (Wan), None for image models."""
+        return self.config.get("frames")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (3, S, S), or (3, F, S, S) for a clip (Wan's latent layout)."""
+        s = self.image_size
+        return (3, s, s) if self.frames is None else (3, self.frames, s, s)
+
+    @property
     def num_tokens(self) -> int:
-        """Image tokens of one image: 2 x 2 pixel patches for both architectures."""
-        return (self.image_size // 2) ** 2
+        """Image tokens of one sample: 2 x 2 pixel patches for every architecture, in every frame of a clip."""
+        return (self.image_size // 2) ** 2 * (self.frames or 1)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The velocity v = eps - x_0 [B, 3, S, S] of images ``x`` [B, 3, S, S] at noise levels ``t`` [B] in [0, 1]
-        for caption ids [B, L], in each architecture's pipeline conventions: SD3 takes the image and timestep
-        1000 t; Flux takes FluxPipeline's packed tokens, its image and text position ids, and t itself."""
+        """The velocity v = eps - x_0 of samples ``x`` [B, *sample_shape] at noise levels ``t`` [B] in [0, 1] for
+        caption ids [B, L], in each architecture's pipeline conventions: SD3 takes the image and timestep 1000 t;
+        Flux takes FluxPipeline's packed tokens, its image and text position ids, and t itself; Wan takes the clip
+        [B, C, F, H, W], timestep 1000 t and the caption states as WanPipeline passes them (no pooled vector)."""
         states, pooled = self.encoder(ids)
+        if self.arch == "wan":
+            return self.transformer(
+                hidden_states=x, timestep=t * 1000, encoder_hidden_states=states, return_dict=False
+            )[0]
         kwargs = dict(encoder_hidden_states=states, pooled_projections=pooled, return_dict=False)
         if self.arch == "sd3":
             return self.transformer(hidden_states=x, timestep=t * 1000, **kwargs)[0]
@@ -244,30 +295,49 @@ class QualityModels:
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks (Flux: double-stream, then single-stream)."""
+        if self.arch == "wan":
+            return list(self.transformer.blocks)
         return [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", [])]
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer, "caption_encoder": self.encoder, "classifier": self.classifier}
+        out = {"transformer": self.transformer, "caption_encoder": self.encoder, "classifier": self.classifier}
+        return {name: module for name, module in out.items() if module is not None}
 
 
 def build(config: dict, *, adaln_zero: bool = True) -> QualityModels:
     """Fresh models: PyTorch's default initialisation, then (unless ``adaln_zero=False``, e.g. for a random-weight
     model whose output should depend on its input) adaLN-Zero: see :func:`adaln_zero_`."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
-    cls = FluxTransformer2DModel if config.get("arch", "sd3") == "flux" else SD3Transformer2DModel
-    transformer = cls(**config["dit"])
+    classes = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel}
+    arch = config.get("arch", "sd3")
+    transformer = classes[arch](**config["dit"])
     if adaln_zero:
         adaln_zero_(transformer)
     encoder = CaptionEncoder(**config["encoder"])
-    classifier = SceneClassifier(config["image_size"], **config["classifier"])
+    classifier = None if config["classifier"] is None else SceneClassifier(config["image_size"], **config["classifier"])
     return QualityModels(transformer, encoder, classifier, copy.deepcopy(config))
 
 
 def adaln_zero_(transformer: nn.Module) -> None:
     """Zero the adaptive-norm modulations and the output projection (DiT's adaLN-Zero): every block starts as the
-    identity and the model predicts zero, which makes short training runs markedly more stable."""
+    identity and the model predicts zero, which makes short training runs markedly more stable.
+
+    Wan's blocks take their modulations (shift, scale and gate of the self-attention and of the feed-forward) as the
+    sum of a learned per-block table and one projection of the time embedding shared by all blocks
+    (``condition_embedder.time_proj``); zeroing both zeroes them all. Its cross-attention adds to the residual
+    stream without a gate, so its output projection is zeroed too. The final norm is modulated by the time embedding
+    itself (no projection to zero); the zeroed output projection makes the prediction zero all the same."""
     with torch.no_grad():
+        if hasattr(transformer, "blocks"):  # Wan
+            zero = [transformer.condition_embedder.time_proj, transformer.proj_out]
+            for block in transformer.blocks:
+                block.scale_shift_table.zero_()
+                zero.append(block.attn2.to_out[0])
+            for linear in zero:
+                linear.weight.zero_()
+                linear.bias.zero_()
+            return
         norms = [n for block in transformer.transformer_blocks for n in (block.norm1, block.norm1_context)]
         norms += [block.norm for block in getattr(transformer, "single_transformer_blocks", [])]  # Flux
         for norm in norms:
@@ -318,7 +388,9 @@ def has_weights(weights_dir: str | Path) -> bool:
 
 def load(weights_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> QualityModels:
     """The saved models, in eval mode, on ``device``: the DiT and caption encoder in ``dtype``, the classifier in
-    float32 (it scores images; it is not timed)."""
+    float32 (it scores images; it is not timed). The DiT's modules that diffusers keeps in float32 when it loads the
+    model in a lower precision (``_keep_in_fp32_modules``: Wan's rotary tables, time embedder, norms and modulation
+    tables; none for SD3 and Flux) stay in float32, as ``from_pretrained(torch_dtype=...)`` would leave them."""
     from safetensors.torch import load_file
 
     root = Path(weights_dir)
@@ -333,9 +405,17 @@ def load(weights_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float
     for prefix, module in models.modules().items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         module.load_state_dict(part, strict=True)
-    models.transformer.to(device=device, dtype=dtype).eval()
+    keep = models.transformer._keep_in_fp32_modules or []
+    for name, tensor in [*models.transformer.named_parameters(), *models.transformer.named_buffers()]:
+        if not tensor.is_floating_point():
+            tensor.data = tensor.data.to(device)
+        else:
+            fp32 = any(module in name.split(".") for module in keep)
+            tensor.data = tensor.data.to(device=device, dtype=torch.float32 if fp32 else dtype)
+    models.transformer.eval()
     models.encoder.to(device=device, dtype=dtype).eval()
-    models.classifier.to(device=device, dtype=torch.float32).eval()
+    if models.classifier is not None:
+        models.classifier.to(device=device, dtype=torch.float32).eval()
     return models
 
 

@@ -3,9 +3,11 @@
     python -m bench.quality.train --out bench/quality/weights     # GPU: everything within --minutes (8.6)
     python -m bench.quality.train --steps 6000 --classifier-steps 2500 --seed 0 --out bench/quality/weights
     python -m bench.quality.train --arch flux                     # the Flux DiT on detail scenes: weights-flux
+    python -m bench.quality.train --arch wan                      # the Wan DiT on video clips: weights-wan
 
 ``--arch`` picks the DiT (``model.default_config``); everything else is one code path: the scenes (``--style``,
-default per architecture), the caption encoder trained with the DiT, the classifier, the loop, saving.
+default per architecture), the caption encoder trained with the DiT, the classifier (none for Wan, whose video
+metrics are computed from the pixels), the loop, saving.
 
 With ``--minutes`` the DiT's step count is fixed early (from the measured time of steps 10..40, before the
 learning-rate warm-up ends, so the schedule is that of a run given ``--steps``); the saved ``config.json`` records
@@ -25,7 +27,9 @@ bf16).
 
 The classifier trains first, on scenes degraded the way samples are (see :func:`augment`). After the DiT, the saved
 weights sample held-out prompts (not the evaluation's) at each ``--guidance`` scale; the scale whose samples the
-classifier reads best is recorded for sampling, with the scores of every scale.
+classifier reads best is recorded for sampling, with the scores of every scale. Wan (video clips) has no classifier:
+its DiT gets the whole budget, and the scale with the smallest trajectory error (``evaluate.video_errors``) is
+recorded.
 """
 
 from __future__ import annotations
@@ -51,10 +55,11 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def scene_batch(n: int, generator: torch.Generator, size: int, style: str):
-    """Images [n, 3, size, size], caption ids [n, L] and classifier targets of ``n`` fresh scenes of ``style``."""
+def scene_batch(n: int, generator: torch.Generator, size: int, style: str, frames: int | None = None):
+    """Images [n, 3, size, size] (video: clips [n, 3, frames, size, size]), caption ids [n, L] and classifier targets
+    of ``n`` fresh scenes of ``style``."""
     scenes = data.sample_scenes(n, generator, style)
-    return data.render(scenes, size, style), data.tokens(scenes), data.labels(scenes)
+    return data.render(scenes, size, style, frames), data.tokens(scenes), data.labels(scenes)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -212,13 +217,14 @@ def train_dit(models, args, device, deadline: float) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(step, total or 10**9, args.warmup)
-        images, ids, _ = scene_batch(args.batch, generator, models.image_size, models.style)
+        images, ids, _ = scene_batch(args.batch, generator, models.image_size, models.style, models.frames)
         b = images.shape[0]
         drop = torch.rand(b, generator=generator, device=device) < args.cfg_dropout
         ids = torch.where(drop[:, None], torch.full_like(ids, data.PAD_ID), ids)
         t = torch.sigmoid(args.t_mean + torch.randn(b, generator=generator, device=device))
         noise = torch.randn(images.shape, generator=generator, device=device)
-        x_t = (1 - t.view(b, 1, 1, 1)) * images + t.view(b, 1, 1, 1) * noise
+        tb = t.view(b, *[1] * (images.dim() - 1))  # broadcast over the sample dimensions
+        x_t = (1 - tb) * images + tb * noise
         batch = (x_t, t, ids, noise - images, device)
         try:
             loss = loss_and_grads(models, opt, *batch)
@@ -265,18 +271,17 @@ def train_dit(models, args, device, deadline: float) -> dict:
 @torch.no_grad()
 def choose_guidance(weights_dir, args, device) -> dict:
     """Sample ``--validate`` held-out prompts (dense, ``VALIDATION_STEPS`` Euler steps, from the saved weights as
-    the evaluation loads them) at each ``--guidance`` scale and score them with the saved classifier. Returns the
-    scale with the most requested objects read right (ties: more whole scenes right, then the smaller scale) and
-    the scores of every scale."""
-    from .evaluate import make_sampler
+    the evaluation loads them) at each ``--guidance`` scale and score them: with the saved classifier (SD3, Flux),
+    or by the video metrics (Wan: ``evaluate.video_errors``). Returns the scale with the most requested objects read
+    right (ties: more whole scenes right, then the smaller scale), for Wan the smallest trajectory error (ties: less
+    flicker, then the smaller scale), and the scores of every scale."""
+    from .evaluate import make_sampler, video_errors
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models = qmodel.load(weights_dir, device, dtype)
     gen = torch.Generator().manual_seed(args.seed * 1000 + 4)  # CPU, as the evaluation's prompts; another seed
     scenes = data.sample_scenes(args.validate, gen, models.style)
-    size = models.image_size
-    noise = torch.randn(args.validate, 3, size, size, generator=gen)
-    targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
+    noise = torch.randn(args.validate, *models.sample_shape, generator=gen)
     batch = min(args.validate, 128)
     sampler = make_sampler(
         models, data.tokens(scenes), noise, guidance=0.0, device=device, dtype=dtype, batch=batch, graphs=False
@@ -285,10 +290,17 @@ def choose_guidance(weights_dir, args, device) -> dict:
     for scale in args.guidance:
         sampler.guidance = scale
         images, seconds = sampler.generate(VALIDATION_STEPS)
-        logits = models.classifier(images.to(device).clamp(-1, 1))
-        scores[scale] = {k: round(v.mean().item(), 4) for k, v in qmodel.score(logits, targets).items()}
+        if models.classifier is None:
+            values = video_errors(images.to(device), scenes)
+        else:
+            targets = {k: v.to(device) for k, v in data.labels(scenes).items()}
+            values = qmodel.score(models.classifier(images.to(device).clamp(-1, 1)), targets)
+        scores[scale] = {k: round(v.mean().item(), 4) for k, v in values.items()}
         log(f"[validate] guidance {scale:g}: {scores[scale]} ({seconds:.1f}s)")
-    best = max(args.guidance, key=lambda g: (scores[g]["objects"], scores[g]["scene"], -g))
+    if models.classifier is None:
+        best = min(args.guidance, key=lambda g: (scores[g]["traj_px"], scores[g]["flicker"], g))
+    else:
+        best = max(args.guidance, key=lambda g: (scores[g]["objects"], scores[g]["scene"], -g))
     log(f"[validate] guidance {best:g} recorded for sampling")
     return {"guidance": best, "validation": {f"{g:g}": v for g, v in scores.items()}}
 
@@ -322,12 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=qmodel.ARCHS, default="sd3", help="the DiT architecture (default sd3)")
     p.add_argument(
-        "--style", choices=data.STYLES, default=None, help="scenes (default: shapes for sd3, detail for flux)"
+        "--style", choices=data.STYLES, default=None, help="scenes (default: shapes, detail, video for sd3, flux, wan)"
     )
     p.add_argument("--minutes", type=float, default=8.6, help="wall-clock budget of the whole run (default 8.6)")
     p.add_argument("--steps", type=int, default=None, help="DiT steps (overrides --minutes for the DiT)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output folder (default bench/quality/weights, -flux for flux)")
+    p.add_argument("--out", default=None, help="output folder (default bench/quality/weights, -flux / -wan for those)")
     p.add_argument("--batch", type=int, default=128, help="DiT batch (default 128)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (default 200)")
@@ -350,8 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=2500)
     p.add_argument("--classifier-batch", type=int, default=256)
     p.add_argument("--classifier-lr", type=float, default=1e-3)
-    p.add_argument("--layers", type=int, default=None, help="SD3 blocks / Flux double blocks (default 10 / 4)")
-    p.add_argument("--tiny", action="store_true", help="toy configuration (32x32, width 32) for CPU tests")
+    p.add_argument(
+        "--layers", type=int, default=None, help="SD3 blocks / Flux double blocks / Wan blocks (default 10 / 4 / 8)"
+    )
+    p.add_argument("--tiny", action="store_true", help="toy configuration (32x32 or 16x16, width 32) for CPU tests")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -400,10 +414,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.arch} DiT {n_dit / 1e6:.2f} M parameters, {config['style']} scenes {config['image_size']}, "
         f"seed {args.seed}"
     )
-    record = train_classifier(models, args, device, start + 0.1 * budget)
-    held_out = torch.Generator(device).manual_seed(args.seed * 1000 + 3)
-    record["classifier_clean"] = classifier_accuracy(models, 64 if args.tiny else 1024, held_out)
-    log(f"[classifier] on clean held-out scenes: {record['classifier_clean']}")
+    if models.classifier is None:  # Wan: the video metrics need no classifier
+        record = {"classifier_steps": 0}
+    else:
+        record = train_classifier(models, args, device, start + 0.1 * budget)
+        held_out = torch.Generator(device).manual_seed(args.seed * 1000 + 3)
+        record["classifier_clean"] = classifier_accuracy(models, 64 if args.tiny else 1024, held_out)
+        log(f"[classifier] on clean held-out scenes: {record['classifier_clean']}")
     with no_cudnn_attention():
         record.update(train_dit(models, args, device, start + budget - reserve))
     import diffusers
