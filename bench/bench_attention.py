@@ -189,12 +189,15 @@ def sweep() -> None:
         print("| " + " | ".join(_sweep_cells(name, s, configs)) + " |", flush=True)
 
 
-# Shape families for the shipped table: (name, B, N cache rows, T extra rows, Hq, Hkv, d, extra masked).
+# Shape families for the shipped table: (name, B, N cache rows, T extra rows, Hq, Hkv, d, extra masked, fp8 K/V).
 TUNE_FAMILIES = (
-    ("SD3 joint", 2, 4096, 333, 24, 24, 64, False),
-    ("Lumina self", 2, 4096, 0, 32, 8, 72, False),
-    ("Lumina cross", 2, 0, 256, 32, 8, 72, True),
-    ("d=128 joint", 2, 4096, 512, 24, 24, 128, False),
+    ("SD3 joint", 2, 4096, 333, 24, 24, 64, False, False),
+    ("Lumina self", 2, 4096, 0, 32, 8, 72, False, False),
+    ("Lumina cross", 2, 0, 256, 32, 8, 72, True, False),
+    ("d=128 joint", 2, 4096, 512, 24, 24, 128, False, False),
+    ("d=128 self", 1, 4096, 0, 12, 12, 128, False, False),  # Wan
+    ("d=128 joint fp8", 2, 4096, 512, 24, 24, 128, False, True),  # RASConfig(kv_cache="fp8"); sm >= 8.9
+    ("d=128 self fp8", 1, 4096, 0, 12, 12, 128, False, True),
 )
 TUNE_BUCKETS = tuple(1 << i for i in range(6, 16))  # query-length buckets 64 .. 32768
 
@@ -211,10 +214,18 @@ def tune(path: str) -> None:
 
     major, minor = torch.cuda.get_device_capability()
     table = {}
-    for name, b, n, t, hq, hkv, d, masked in TUNE_FAMILIES:
+    from ras_kernels.attention import reference
+
+    for name, b, n, t, hq, hkv, d, masked, fp8 in TUNE_FAMILIES:
+        if fp8 and (major, minor) < (8, 9):
+            continue
         for bucket in TUNE_BUCKETS:
             lq = max(1, bucket * 3 // 4)
             q, _, _, kc, vc, _, ke, ve = _inputs(b, n, 0, t, hq, hkv, d, lq=lq)
+            scales = (None, None)
+            if fp8:
+                (kc, ks), (vc, vs) = reference.quantize_fp8(kc), reference.quantize_fp8(vc)
+                scales = (ks, vs)
             mask = torch.rand(b, t, device="cuda") < 0.8 if masked else None
             if masked:
                 mask[:, 0] = True
@@ -223,12 +234,12 @@ def tune(path: str) -> None:
             for bm, bn, w, st in ops.GPU_CONFIGS:
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
                 try:
-                    ms = graph_ms(lambda args=args, cfg=cfg: ops._launch_attention(*args, cfg))
+                    ms = graph_ms(lambda args=args, cfg=cfg, sc=scales: ops._launch_attention(*args, cfg, *sc))
                 except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
                     continue
                 timings.append((ms, [bm, bn, w, st]))
             ms, best = min(timings)
-            key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, masked)
+            key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, masked, fp8)
             table[key] = best
             print(f"{name:13s} Lq={lq:6d} key {key}: {best} {ms * 1e3:.1f} us", flush=True)
     record = {

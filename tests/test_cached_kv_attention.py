@@ -475,6 +475,9 @@ def test_shipped_configs(monkeypatch):
                     assert config is not None, (d, lq, extra, mask)
                     key = ops.tuned_config_key(d, ops._lq_bucket(lq), extra, mask)
                     assert [config[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")] == table[key]
+    # fp8 caches have keys of their own: a 16-bit entry never applies to them (the table has none: the autotuner).
+    assert ops._chosen_config(None, 128, 2048, True, False) is not None
+    assert ops._chosen_config(None, 128, 2048, True, False, kv_fp8=True) is None
     monkeypatch.setattr(ops, "_arch", lambda device: "sm00")  # another card: the autotuner
     assert ops._chosen_config(None, 64, 1024, True, False) is None
     monkeypatch.setenv("RAS_ATTN_AUTOTUNE", "0")

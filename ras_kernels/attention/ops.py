@@ -206,9 +206,11 @@ def _lq_bucket(lq: int) -> int:
     return min(max(64, 1 << max(lq - 1, 1).bit_length()), 1 << 16)
 
 
-def tuned_config_key(d: int, lq_bucket: int, has_extra: bool, has_mask: bool) -> str:
-    """The key of the shipped config table (tuned_configs.json): the autotuner's key, 16-bit dtypes alike."""
-    return f"d{d}-lq{lq_bucket}-{'extra' if has_extra else 'noextra'}-{'mask' if has_mask else 'nomask'}"
+def tuned_config_key(d: int, lq_bucket: int, has_extra: bool, has_mask: bool, kv_fp8: bool = False) -> str:
+    """The key of the shipped config table (tuned_configs.json): the autotuner's key, 16-bit dtypes alike; fp8 K/V
+    keys end in ``-fp8`` (their tiles are converted in registers, so the best config differs)."""
+    key = f"d{d}-lq{lq_bucket}-{'extra' if has_extra else 'noextra'}-{'mask' if has_mask else 'nomask'}"
+    return key + "-fp8" if kv_fp8 else key
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on the GPU; the autotuner picks per key.
@@ -243,7 +245,9 @@ def _default_config(d: int) -> dict:
 _AUTOTUNE_MODES = ("1", "0", "tune")
 
 
-def _chosen_config(device: torch.device, d: int, lq_bucket: int, has_extra: bool, has_mask: bool) -> dict | None:
+def _chosen_config(
+    device: torch.device, d: int, lq_bucket: int, has_extra: bool, has_mask: bool, kv_fp8: bool = False
+) -> dict | None:
     """The launch config from ``RAS_ATTN_AUTOTUNE``: unset or ``1``, the shipped table's entry for this card's
     architecture (tuned_configs.json, written by ``python -m bench.bench_attention --tune``), else None (the
     autotuner, whose results Triton caches on disk); ``0``, one fixed config per head dim; ``tune``, always None."""
@@ -254,7 +258,7 @@ def _chosen_config(device: torch.device, d: int, lq_bucket: int, has_extra: bool
         return _default_config(d)
     if mode == "tune":
         return None
-    entry = _shipped_configs(_arch(device)).get(tuned_config_key(d, lq_bucket, has_extra, has_mask))
+    entry = _shipped_configs(_arch(device)).get(tuned_config_key(d, lq_bucket, has_extra, has_mask, kv_fp8))
     if entry is None:
         return None
     bm, bn, warps, stages = entry
@@ -397,8 +401,9 @@ def _launch_attention(
         config = _FP32_CONFIG
     elif config is None:
         config = _chosen_config(
-            q.device, consts["HEAD_DIM"], _lq_bucket(q.shape[1]), consts["HAS_EXTRA"], consts["HAS_MASK"]
-        )
+            q.device, consts["HEAD_DIM"], _lq_bucket(q.shape[1]), consts["HAS_EXTRA"], consts["HAS_MASK"],
+            consts["KV_FP8"],
+        )  # fmt: skip
     if config is None:
         _tuned_attn_kernel()[grid](**args, **consts)
     else:
