@@ -420,9 +420,10 @@ class RASSession:
         stamp_prev.scatter_(1, rows, stamp_last.gather(1, rows))
         stamp_last.scatter_(1, rows, step.expand(rows.shape))
         gap = stamp_last - stamp_prev
-        factor = torch.where(gap > 0, (step - stamp_last) / gap, 0.0)  # gap is -inf or nan without a previous
-        forecast = torch.addcmul(last.float(), last.float() - prev.float(), factor.unsqueeze(-1))
-        return result.copy_(forecast)
+        factor = torch.where(gap > 0, (step - stamp_last) / gap, 0.0).unsqueeze(-1)  # gap -inf / nan: no previous
+        forecast = torch.addcmul(last.float(), last.float() - prev.float(), factor)
+        # Where the factor is 0, the last output itself: a never-written (or non-finite) previous must not leak in.
+        return result.copy_(torch.where(factor != 0, forecast, last))
 
     # ---- after the step ----
     def observe(self, guided: torch.Tensor) -> None:

@@ -214,7 +214,7 @@ def _forecast_spec(history: list, step: int) -> torch.Tensor:
     return v2 + (v2 - v1) * (step - s2) / (s2 - s1)
 
 
-def test_linear_reuse_forecasts_each_token_from_its_last_two_computations(torch_backend):
+def test_linear_reuse_forecasts_each_token_from_its_last_two_computations(torch_backend, poison_allocations):
     """reuse="linear" against a float64 spec written from the definition, over two generations in kept buffers
     (CUDA graphs keep them): the second expert-like call "b" starts later in the second generation, so stale step
     stamps from the first would feed the forecast if a call's first step did not reset them. Values that are linear
