@@ -421,7 +421,8 @@ class RASSession:
         stamp_last.scatter_(1, rows, step.expand(rows.shape))
         gap = stamp_last - stamp_prev
         factor = torch.where(gap > 0, (step - stamp_last) / gap, 0.0).unsqueeze(-1)  # gap -inf / nan: no previous
-        forecast = torch.addcmul(last.float(), last.float() - prev.float(), factor)
+        v2 = last.float()
+        forecast = torch.addcmul(v2, v2 - prev.float(), factor)
         # Where the factor is 0, the last output itself: a never-written (or non-finite) previous must not leak in.
         return result.copy_(torch.where(factor != 0, forecast, last))
 

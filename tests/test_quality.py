@@ -54,22 +54,29 @@ def test_scene_invariants_and_token_round_trip():
     assert torch.equal(pad, pad.cummax(dim=1).values)
 
 
+def _caption_spec(scenes, i: int) -> str:
+    """Scene ``i``'s caption by plain string formatting of its parameters (video scenes: each object's motion after
+    its start cell)."""
+    phrases = []
+    for j in range(int(scenes.count[i])):
+        striped = "striped " if data.OBJECT_TEXTURES[scenes.texture[i, j]] == "striped" else ""
+        motion = "" if scenes.direction is None else f" moving {data.DIRECTIONS[scenes.direction[i, j]]}"
+        phrases.append(
+            f"a {data.SIZES[scenes.size[i, j]]} {data.COLOURS[scenes.colour[i, j]]} {striped}"
+            f"{data.SHAPES[scenes.shape[i, j]]} {data.CELLS[scenes.cell[i, j]]}{motion}"
+        )
+    background = (
+        f"on a {data.BACKGROUND_TEXTURES[scenes.background_texture[i]]} "
+        f"{data.BACKGROUNDS[scenes.background[i]]} background"
+    )
+    return " and ".join(phrases) + " " + background
+
+
 def test_captions_describe_the_parameters():
     """The vectorised token builder against plain string formatting of the same parameters."""
     scenes = _scenes(32, 1)
     for i, caption in enumerate(data.captions(scenes)):
-        phrases = []
-        for j in range(int(scenes.count[i])):
-            striped = "striped " if data.OBJECT_TEXTURES[scenes.texture[i, j]] == "striped" else ""
-            phrases.append(
-                f"a {data.SIZES[scenes.size[i, j]]} {data.COLOURS[scenes.colour[i, j]]} {striped}"
-                f"{data.SHAPES[scenes.shape[i, j]]} {data.CELLS[scenes.cell[i, j]]}"
-            )
-        background = (
-            f"on a {data.BACKGROUND_TEXTURES[scenes.background_texture[i]]} "
-            f"{data.BACKGROUNDS[scenes.background[i]]} background"
-        )
-        assert caption == " and ".join(phrases) + " " + background
+        assert caption == _caption_spec(scenes, i)
 
 
 def test_objects_are_listed_in_reading_order():
@@ -458,7 +465,6 @@ def test_shipped_dense_sample_is_deterministic_and_on_task():
 
 
 # ---- the Flux study: detail scenes, per-object metrics, the Flux DiT and the frontier ----
-WEIGHTS_FLUX = WEIGHTS.parent / "weights-flux"
 
 
 def test_detail_scenes_are_deterministic_smooth_and_hold_small_striped_objects():
@@ -565,20 +571,21 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
         assert im.size[0] == 3 * 420
 
 
-def test_shipped_flux_weights_load():
-    if not qmodel.has_weights(WEIGHTS_FLUX):
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+def test_shipped_study_weights_load(arch):
+    weights = WEIGHTS.parent / f"weights-{arch}"
+    if not qmodel.has_weights(weights):
         pytest.skip(
-            "Flux study weights not trained yet (GPU): python -m bench.quality.train --arch flux "
-            "(writes bench/quality/weights-flux)"
+            f"{arch.capitalize()} study weights not trained yet (GPU): python -m bench.quality.train --arch {arch} "
+            f"(writes bench/quality/weights-{arch})"
         )
-    models = qmodel.load(WEIGHTS_FLUX)
-    record = json.loads((WEIGHTS_FLUX / qmodel.CONFIG_FILE).read_text())
-    assert models.arch == "flux" and "reproduce" in record["training"]
-    assert sum((WEIGHTS_FLUX / name).stat().st_size for name in record["shards"]) < 40e6
+    models = qmodel.load(weights)
+    record = json.loads((weights / qmodel.CONFIG_FILE).read_text())
+    assert models.arch == arch and "reproduce" in record["training"]
+    assert sum((weights / name).stat().st_size for name in record["shards"]) < 40e6
 
 
 # ---- the Wan study: video clips, video metrics, the Wan DiT through WanPipeline ----
-WEIGHTS_WAN = WEIGHTS.parent / "weights-wan"
 
 
 def _clips(n: int, seed: int) -> data.Scenes:
@@ -636,19 +643,7 @@ def test_video_clips_are_deterministic_with_a_static_background_and_moving_objec
 def test_video_captions_state_the_motion():
     scenes = _clips(32, 6)
     for i, caption in enumerate(data.captions(scenes)):
-        phrases = []
-        for j in range(int(scenes.count[i])):
-            striped = "striped " if data.OBJECT_TEXTURES[scenes.texture[i, j]] == "striped" else ""
-            phrases.append(
-                f"a {data.SIZES[scenes.size[i, j]]} {data.COLOURS[scenes.colour[i, j]]} {striped}"
-                f"{data.SHAPES[scenes.shape[i, j]]} {data.CELLS[scenes.cell[i, j]]} moving "
-                f"{data.DIRECTIONS[scenes.direction[i, j]]}"
-            )
-        background = (
-            f"on a {data.BACKGROUND_TEXTURES[scenes.background_texture[i]]} "
-            f"{data.BACKGROUNDS[scenes.background[i]]} background"
-        )
-        assert caption == " and ".join(phrases) + " " + background
+        assert caption == _caption_spec(scenes, i)
     ids = data.tokens(scenes)
     assert torch.equal(data.tokenize(data.decode(ids)), ids)
     assert data.VOCAB[: len(data.IMAGE_VOCAB)] == data.IMAGE_VOCAB  # image captions keep their ids
@@ -823,14 +818,3 @@ def test_wan_frontier_end_to_end_toy_scale(tmp_path):
     with image_module.open(out / "grid.png") as im:  # one row of clips, each its 4 frames side by side
         columns = len(evaluate.grid_columns(runs))
         assert im.size == (columns * 4 * 32 + (columns + 1) * 4, 32 + 2 * 4)
-
-
-def test_shipped_wan_weights_load():
-    if not qmodel.has_weights(WEIGHTS_WAN):
-        pytest.skip(
-            "Wan study weights not trained yet (GPU): python -m bench.quality.train --arch wan "
-            "(writes bench/quality/weights-wan)"
-        )
-    models = qmodel.load(WEIGHTS_WAN)
-    record = json.loads((WEIGHTS_WAN / qmodel.CONFIG_FILE).read_text())
-    assert models.arch == "wan" and "reproduce" in record["training"]

@@ -44,7 +44,12 @@ from . import model as qmodel
 from .train import _sync
 
 VARIANTS = ("reference", "paper", "no-starvation", "random")
-FLUX_VARIANTS = ("reference", "metric-random", "metric-delta", "forecast")
+FRONTIER_VARIANTS = (  # the Flux and Wan studies (through their pipelines)
+    "reference",
+    "metric-random",
+    "metric-delta",
+    "forecast",
+)
 EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
 RANDOM_METRIC_SEED = 7  # RASConfig.seed of the metric-random variant
 
@@ -67,8 +72,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
     """
     from bench.e2e import preset
 
-    if variant not in (*VARIANTS, *FLUX_VARIANTS):
-        raise ValueError(f"variant must be one of {(*VARIANTS, *FLUX_VARIANTS)}, got {variant!r}")
+    if variant not in (*VARIANTS, *FRONTIER_VARIANTS):
+        raise ValueError(f"variant must be one of {(*VARIANTS, *FRONTIER_VARIANTS)}, got {variant!r}")
     config = preset(family, steps, ratio, num_tokens)
     overrides = {
         "reference": {},
@@ -753,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux, Wan: 28)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FLUX_VARIANTS), default=None)
+    p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FRONTIER_VARIANTS), default=None)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the training record's, or 4)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts and initial noise)")
@@ -783,7 +788,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
     models = qmodel.load(args.weights, device, dtype)
     frontier_run = models.arch in ("flux", "wan")  # through the diffusers pipeline: the frontier
     args.steps = args.steps or ([28] if frontier_run else [28, 10])
-    args.variants = args.variants or list(FLUX_VARIANTS if frontier_run else VARIANTS)
+    args.variants = args.variants or list(FRONTIER_VARIANTS if frontier_run else VARIANTS)
     stem = "docs/frontier" + ("-wan" if models.arch == "wan" else "")
     args.report = args.report or (stem + ".md" if frontier_run else "docs/quality.md")
     args.grid = args.grid or (stem + "_grid.png" if frontier_run else "docs/quality_grid.png")
