@@ -43,6 +43,28 @@ def _rebuild(value, tensors):
     return value
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every capture on ``device`` runs on. cuBLAS and cuBLASLt keep a workspace per (handle,
+    stream), made at the stream's first matmul and kept for the process (32 MiB and more on Hopper). Made inside a
+    capture, it comes from that graph's private pool and keeps the pool reserved after its graphs are destroyed;
+    with a new stream per capture every dropped generation shape left one pool behind (the GPU suite's
+    alternating-shapes test: +70 MB per shape switch). So captures share one stream per device, and its
+    workspaces are made here, outside any capture, by two small matmuls (cuBLAS and cuBLASLt's bias epilogue)."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            a = torch.ones(16, 16, device=device, dtype=torch.float16)
+            torch.nn.functional.linear(a @ a, a, a[0])
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _CAPTURE_STREAMS[device] = stream
+    return stream
+
+
 class _Graph:
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, pool):
         inputs, _ = _split((args, kwargs))
@@ -53,13 +75,13 @@ class _Graph:
         self.static_inputs = [t.to(device, copy=True) if t.device.type == "cpu" else t.clone() for t in inputs]
         static_args, static_kwargs = _rebuild((args, kwargs), iter(self.static_inputs))
         self.graph = torch.cuda.CUDAGraph()
-        # Captured on a side stream of the inputs' device (torch.cuda.graph's default capture stream is made once,
+        # Captured on the side stream of the inputs' device (torch.cuda.graph's default capture stream is made once,
         # on the device current then: with models on two devices it would record this one's work on another
         # device's stream). Not through torch.cuda.graph: it synchronises the device and empties the allocator's
         # cache before every capture, so each step shape met in a first generation would hand back the memory of
         # the eager steps and allocate it again.
         current = torch.cuda.current_stream(device)
-        stream = torch.cuda.Stream(device)
+        stream = _capture_stream(device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             self.graph.capture_begin(pool=pool)

@@ -81,6 +81,7 @@ class RASSession:
         self.max_shapes = max_shapes
         self.sharding: Sharding | None = None  # this rank's part of context parallelism (RASHandle sets it)
         self.counters: torch.Tensor | None = None
+        self.seed: torch.Tensor | None = None
         self.release()
         self.reset()
 
@@ -98,9 +99,12 @@ class RASSession:
         self.new_call = False  # whether that call runs for the first time in this generation
         self._calls: set = set()  # the calls begun in the current step
         self._seen: set = set()  # the calls begun in this generation
-        # metric "random": the [1] int64 seed of select_regions, made from config.seed at the generation's first
-        # selection (so every generation draws the same sequence) and advanced by select_regions at each one.
-        self.seed: torch.Tensor | None = None
+        # metric "random": the [1] int64 seed of select_regions, set to config.seed's stream at every generation's
+        # start (so every generation draws the same sequence) and advanced by select_regions at each selection. It
+        # is made once, at the first selection, and refilled in place after that: a new tensor would be a
+        # host-to-device copy, a host sync in the middle of a generation.
+        if self.seed is not None:
+            self.seed.fill_(self.config.seed << 32)
         if self.counters is not None:
             self.counters.zero_()
         if not self.keep_buffers:
@@ -452,7 +456,7 @@ class RASSession:
             prompts = guided.shape[0]
             if self.counters is None or self.counters.shape != (prompts, self.num_tokens):
                 self.counters = torch.zeros(prompts, self.num_tokens, dtype=torch.int32, device=guided.device)
-            if cfg.metric == "random" and self.seed is None:
+            if cfg.metric == "random" and (self.seed is None or self.seed.device != guided.device):
                 # The high 32 bits pick the stream, the low 32 count the selections: seeds s and s + 1 share no draw.
                 self.seed = torch.tensor([cfg.seed << 32], dtype=torch.int64, device=guided.device)
             self.active = select_regions(

@@ -209,8 +209,10 @@ def _flux_pipeline():
 
 def _check_pipeline(pipe, config: RASConfig, generate, graphs: int, monkeypatch) -> None:
     """``generate()`` dense, with RAS on the Triton kernels eagerly, on the torch path with the same selections, and
-    three times with CUDA graphs (``graphs`` captured in the first, none after): the graphs replay the eager result
-    exactly, the two backends differ only by rounding, RAS changed the result, and remove() restored the model."""
+    three times with CUDA graphs (``graphs`` held after each: captured in the first, replayed after, except that
+    Wan 2.2 drops an expert's graphs with its caches when the other expert starts and captures them again in the
+    next generation): the graphs replay the eager result exactly, the two backends differ only by rounding, RAS
+    changed the result, and remove() restored the model."""
     selections = _SameSelections(monkeypatch)
     with torch.no_grad():
         dense = generate()
@@ -224,7 +226,7 @@ def _check_pipeline(pipe, config: RASConfig, generate, graphs: int, monkeypatch)
             graphed = [generate()]
             captured = len(h.graphs)
             graphed += [generate() for _ in range(2)]
-            assert captured == len(h.graphs) == graphs  # replayed, never re-captured
+            assert captured == len(h.graphs) == graphs  # no graph accumulates over generations
         again = generate()
     torch.testing.assert_close(again, dense, atol=0, rtol=0)  # remove() restored the model
     assert (reference.float() - dense.float()).abs().max() > 1e-2  # RAS ran
@@ -335,4 +337,6 @@ def test_wan_pipeline_graphs_match_eager_and_triton_matches_torch(monkeypatch):
             generator=generator, output_type="latent",
         ).frames  # fmt: skip
 
-    _check_pipeline(pipe, config, generate, 8, monkeypatch)  # 2 experts x 2 calls x (dense, RAS) step shapes
+    # Held after a generation: the second expert's, 2 calls x (dense, RAS) step shapes (the first expert's 4 are
+    # dropped at the switch).
+    _check_pipeline(pipe, config, generate, 4, monkeypatch)

@@ -26,7 +26,7 @@ from ._models import tiny_wan_i2v_pipeline, tiny_wan_pipeline, tiny_wan_transfor
 from ._utils import DEVICE, backend_cases, fake_cuda_graphs
 from .test_flux import _config, _recording, _spec_count  # the spec settings as a dict, its RASConfig and schedule
 
-ATOL = 1e-4  # the same computation in another order (fp32)
+ATOL = 2e-4  # the same computation in another order (fp32; 1.3e-4 seen on an H200 over the CFG oracle's steps)
 # fp8 caches: a key element that the two computations put on either side of an e4m3 rounding boundary differs by
 # one e4m3 step (2^-3 relative); rare, but it moves the output more than fp32 reordering does.
 FP8_ATOL = 2e-3
