@@ -577,6 +577,37 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
         assert im.size[0] == 3 * 420
 
 
+def test_equal_time_table_models_published_times_from_step_counts():
+    """The published layout's times: Flux's preset at 8 steps (warm-up 4, resets round(12 * 8 / 28) = 3 (inside the
+    warm-up) and round(20 * 8 / 28) = 6: RAS steps 4, 5, 7). Dense steps 100 ms + 10 ms outside; the RAS run's dense
+    steps 90 ms, RAS steps 30 ms, 5 ms outside. Each time below is counted by hand."""
+    from bench.quality import frontier
+
+    ras_steps = [90.0] * 4 + [30.0, 30.0, 90.0, 30.0]
+    e2e = {
+        "runs": [
+            {"name": "diffusers dense eager", "ratio": None, "step_ms": [100.0] * 8, "total_ms": 810.0},
+            {"name": "RAS ratio 0.25", "ratio": 0.25, "step_ms": ras_steps, "total_ms": 5.0 + sum(ras_steps)},
+        ]
+    }
+    times = frontier.published_times(e2e, "flux")
+    assert times == {"dense": (100.0, 10.0), 0.25: (90.0, 30.0, 5.0)}
+
+    def record(kind, steps, ratio=None, psnr=0.0):
+        metrics = {"psnr": psnr, "loc_px": 1.0, "loc_px_se": 0.1}
+        return {"name": f"{kind} {steps} {ratio}", "kind": kind, "steps": steps, "ratio": ratio, "metrics": metrics}
+
+    recs = [record("dense", 8), record("ras", 8, 0.25, 30.0), record("ras", 8, 0.5), record("cache", 8)]
+    recs += [record("equal-time", 4, psnr=29.0), record("equal-time", 5, psnr=33.0)]
+    assert frontier.published_ms(recs[0], times, "flux") == 810.0
+    assert frontier.published_ms(recs[1], times, "flux") == 5.0 + 5 * 90.0 + 3 * 30.0  # 545 ms
+    assert frontier.published_ms(recs[2], times, "flux") is None  # ratio 0.5 not measured
+    assert frontier.published_ms(recs[3], times, "flux") is None  # a diffusers cache
+    rows = frontier.equal_time_table(recs, e2e, "flux").splitlines()[2:]
+    # 545 ms fits (545 - 10) / 100 = 5.35 dense steps: the 5-step run (33 dB) is the rival, not the 4-step one.
+    assert rows == ["| ras 8 0.25 | 1.49x | 5.3 | dense 5 steps | 30.00 / 33.00 | -3.00 | 1.00 ± 0.10 / 1.00 ± 0.10 |"]
+
+
 @pytest.mark.parametrize("arch", ["flux", "wan"])
 def test_shipped_study_weights_load(arch):
     weights = WEIGHTS.parent / f"weights-{arch}"

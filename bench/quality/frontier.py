@@ -176,6 +176,82 @@ def records(runs: list[Run]) -> list[dict]:
     return out
 
 
+def pm(m: dict, key: str, scale: float = 1, digits: int = 2) -> str:
+    """A sample metric with its standard error."""
+    return f"{scale * m[key]:.{digits}f} ± {scale * m[key + '_se']:.{digits}f}"
+
+
+def published_times(e2e: dict, family: str) -> dict:
+    """Measured times of the published layout (Flux.1-dev, Wan 2.1 1.3B) from a ``bench.e2e`` JSON record, in ms:
+    ``dense``: (diffusers' median step, the call's time outside its steps); per measured ratio r: (the median
+    dense step and the median RAS step of the RAS run, its time outside the steps). Which steps of a RAS run are
+    RAS steps follows from the family's preset at the run's step count."""
+    from statistics import median
+
+    from bench.pipelines import preset
+
+    dense = next(r for r in e2e["runs"] if r["ratio"] is None and "eager" in r["name"])
+    times = {"dense": (median(dense["step_ms"]), dense["total_ms"] - sum(dense["step_ms"]))}
+    for run in e2e["runs"]:
+        if run["ratio"] is None:
+            continue
+        config = preset(family, len(run["step_ms"]), run["ratio"], 1)
+        ras = [ms for i, ms in enumerate(run["step_ms"]) if config.is_ras_step(i)]
+        full = [ms for i, ms in enumerate(run["step_ms"]) if not config.is_ras_step(i)]
+        times[run["ratio"]] = (median(full), median(ras), run["total_ms"] - sum(run["step_ms"]))
+    return times
+
+
+def published_ms(record: dict, times: dict, family: str) -> float | None:
+    """A frontier run's modelled time on the published layout: its dense and RAS steps at the measured per-step
+    times (the RAS rules cost as the std rule: same token counts). None where no time was measured: diffusers'
+    caches, and ratios the ``bench.e2e`` record lacks."""
+    from bench.pipelines import preset
+
+    steps = record["steps"]
+    if record["kind"] in ("dense", "equal-time"):
+        step, outside = times["dense"]
+        return outside + steps * step
+    if record["kind"] not in ("ras", "stack") or record["ratio"] not in times:
+        return None
+    full, ras, outside = times[record["ratio"]]
+    config = preset(family, steps, record["ratio"], 1)
+    n_ras = sum(config.is_ras_step(i) for i in range(steps))
+    return outside + (steps - n_ras) * full + n_ras * ras
+
+
+def equal_time_table(recs: list[dict], e2e: dict, family: str) -> str:
+    """RAS against fewer dense steps at equal time on the published layout: each RAS run's modelled speedup
+    (``published_ms``), the dense step count N* that fits in its modelled time, and the measured dense run with the
+    most steps not above N* (it takes no longer, so RAS must beat it to win at equal time)."""
+    times = published_times(e2e, family)
+    key, label = METRICS[family][0][:2]
+    reference = next(r for r in recs if r["kind"] == "dense")
+    dense_ms = published_ms(reference, times, family)
+    step, outside = times["dense"]
+    fewer = sorted((r for r in recs if r["kind"] == "equal-time"), key=lambda r: r["steps"])
+    lines = [
+        f"| run | modelled speedup | dense steps at equal time | dense run compared | PSNR RAS / dense (dB) | "
+        f"difference (dB) | {label} RAS / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        ms = published_ms(r, times, family)
+        if r["kind"] not in ("ras", "stack") or ms is None:
+            continue
+        n_star = (ms - outside) / step
+        rival = next((d for d in reversed(fewer) if d["steps"] <= n_star), None)
+        if rival is None:
+            lines.append(f"| {r['name']} | {dense_ms / ms:.2f}x | {n_star:.1f} | none measured | | | |")
+            continue
+        a, b = r["metrics"], rival["metrics"]
+        lines.append(
+            f"| {r['name']} | {dense_ms / ms:.2f}x | {n_star:.1f} | dense {rival['steps']} steps | "
+            f"{a['psnr']:.2f} / {b['psnr']:.2f} | {a['psnr'] - b['psnr']:+.2f} | {pm(a, key)} / {pm(b, key)} |"
+        )
+    return "\n".join(lines)
+
+
 def table(recs: list[dict]) -> str:
     metrics = METRICS[arch_of(recs)]
     header = " | ".join(label for _, label, _, _ in metrics)
@@ -183,9 +259,6 @@ def table(recs: list[dict]) -> str:
         f"| run | steps | tokens computed | time (s) | speedup | PSNR vs dense (dB) | SSIM vs dense | {header} |",
         "|---|---|---|---|---|---|---|" + "---|" * len(metrics),
     ]
-
-    def pm(m: dict, key: str, scale: float, digits: int) -> str:
-        return f"{scale * m[key]:.{digits}f} ± {scale * m[key + '_se']:.{digits}f}"
 
     for r in recs:
         m = r["metrics"]
@@ -311,8 +384,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the frontier plot from an evaluation's JSON records.")
     parser.add_argument("json", help="the records bench.quality.evaluate wrote (--json)")
     parser.add_argument("--out", default="docs/frontier.png")
+    parser.add_argument(
+        "--published",
+        default=None,
+        help="a bench.e2e JSON record of the published layout (docs/e2e-results/): print the equal-time table of "
+        "RAS against fewer dense steps at its modelled speeds instead of drawing",
+    )
     args = parser.parse_args(argv)
-    plot(json.loads(Path(args.json).read_text()), args.out)
+    recs = json.loads(Path(args.json).read_text())
+    if args.published:
+        print(equal_time_table(recs, json.loads(Path(args.published).read_text()), arch_of(recs)))
+        return
+    plot(recs, args.out)
     print(f"wrote {args.out}")
 
 
