@@ -129,8 +129,10 @@ class RASConfig:
 
     @classmethod
     def flux(cls, **overrides) -> RASConfig:
-        """Flux.1: 28 steps, 4 warm-up, resets at 12 and 20, static sample_ratio 0.25 (SD3's reference schedule; no
-        Flux quality study yet)."""
+        """Flux.1: 28 steps, 4 warm-up, resets at 12 and 20, static sample_ratio 0.25 (SD3's reference schedule).
+        On the Flux-architecture quality model (docs/quality.md, issue 14) ``metric="random"`` lands closer to dense
+        than this std rule at every ratio; the preset keeps std until the Flux.1-dev speed rows are measured with
+        it."""
         base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20))
         return replace(base, **overrides)
 
@@ -142,7 +144,8 @@ class RASConfig:
         the dense steps stay at the same points of it (warm-up over its first 1/7, the resets after 3/7 and 5/7) and
         the error that RAS steps accumulate between two resets spans the same stretch of it (the proportional
         values are 7.1, 21.4 and 35.7, rounded). Dense steps are then 9 of 50 (18%, the reference 6 of 28: 21%); on
-        Wan 2.2 A14B the second expert's first step is dense too. No Wan quality study has tuned it yet."""
+        Wan 2.2 A14B the second expert's first step is dense too. The Wan-architecture quality model (docs/quality.md,
+        issue 14) picks no other rule: random raises PSNR and background flicker alike."""
         base = cls(sample_ratio=0.25, num_steps=50, warmup_steps=7, reset_steps=(21, 36))
         return replace(base, **overrides)
 
