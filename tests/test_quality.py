@@ -835,6 +835,28 @@ def test_wan_training_smoke_run(tmp_path, flush_denormals):
     assert clip.shape == (1, *half.sample_shape) and torch.isfinite(clip).all()
 
 
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+def test_frontier_taylorseer_predicts_steps(arch):
+    """The frontier's TaylorSeer changes a generation: it predicts the attention outputs of every other step after
+    the warm-up (diffusers' default module patterns miss Wan's attn1 / attn2, and then it changes nothing)."""
+    from bench.quality import frontier
+
+    models = qmodel.build(qmodel.default_config(arch=arch, tiny=True), adaln_zero=False)
+    scenes = data.sample_scenes(2, torch.Generator().manual_seed(1), models.style)
+    noise = torch.randn(2, *models.sample_shape, generator=torch.Generator().manual_seed(5))
+    sampler = evaluate.make_sampler(
+        models, data.tokens(scenes), noise, guidance=2.0, device=torch.device("cpu"), dtype=torch.float32, batch=2,
+        graphs=False,
+    )  # fmt: skip
+    try:
+        dense, _ = sampler.generate(6)
+        config = frontier.taylorseer(2, 2, arch)
+        cached, _ = sampler.generate(6, lambda pipe: frontier.cached(models.transformer, config))
+    finally:
+        sampler.close()
+    assert (cached - dense).abs().max() > 1e-3
+
+
 def test_wan_frontier_end_to_end_toy_scale(tmp_path):
     models = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
     qmodel.save(models, tmp_path / "w", {"guidance": 2.0})

@@ -21,8 +21,10 @@ dense run at the longest step count S:
 diffusers 0.42.1's other caches are left out: MagCache needs magnitude ratios calibrated per checkpoint and
 scheduler (its published ratios are Flux.1-dev's), FasterCache's defaults target guidance-distilled or CFG-batched
 video models and need per-model tuning of its skip ranges. Both caches used here support Wan in diffusers 0.42.1
-(FirstBlockCache through its registry entry for ``WanTransformerBlock``, TaylorSeer through its default
-``^blocks.*attn`` pattern); RAS refuses to run together with a diffusers cache, so each is its own run.
+(FirstBlockCache through its registry entry for ``WanTransformerBlock``; TaylorSeer through the attention modules
+named in ``TAYLORSEER_MODULES``: its default patterns are matched whole, so ``^blocks.*attn`` misses Wan's ``attn1``
+and ``attn2`` and, left to them, TaylorSeer changes nothing on Wan); RAS refuses to run together with a
+diffusers cache, so each is its own run.
 
 The metric columns and plot panels follow the architecture (``METRICS``): Flux's per-object errors
 (``evaluate.object_errors``) or Wan's video errors (``evaluate.video_errors``).
@@ -66,6 +68,8 @@ METRICS = {  # arch -> the sample metrics of its table: (key, column header, sca
         ("flicker", "static flicker", 1, 4),
     ),
 }
+# arch -> TaylorSeerCacheConfig.cache_identifiers (None: diffusers' defaults, which cover Flux's blocks)
+TAYLORSEER_MODULES = {"flux": None, "wan": [r"^blocks\.\d+\.attn[12]$"]}
 PANELS = {  # arch -> the plot's panels (metric key, label)
     "flux": (("psnr", "PSNR vs dense (dB)"), ("loc_px", "localisation error (px)"), ("detail_err", "detail error")),
     "wan": (("psnr", "PSNR vs dense (dB)"), ("traj_px", "trajectory error (px)"), ("flicker", "static flicker")),
@@ -87,8 +91,21 @@ def cached(transformer, config):
         transformer.disable_cache()
 
 
+def taylorseer(interval: int, warmup: int, family: str):
+    """The frontier's TaylorSeer: full steps every ``interval`` after ``warmup`` dense ones, first order, on the
+    family's attention modules (``TAYLORSEER_MODULES``)."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(
+        cache_interval=interval,
+        disable_cache_before_step=warmup,
+        max_order=1,
+        cache_identifiers=TAYLORSEER_MODULES[family],
+    )
+
+
 def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
-    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig
 
     steps = args.steps[0]
     transformer = sampler.models.transformer
@@ -128,7 +145,7 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
         config = FirstBlockCacheConfig(threshold=threshold)
         run(f"FirstBlockCache {threshold:g}", "cache", steps, lambda pipe, c=config: cached(transformer, c))
     for interval in args.taylorseer:
-        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=warmup, max_order=1)
+        config = taylorseer(interval, warmup, family)
         run(f"TaylorSeer {interval}", "cache", steps, lambda pipe, c=config: cached(transformer, c))
     if args.stack_steps:
         m = args.stack_steps
