@@ -3,9 +3,11 @@
 The oracle shares no code with the adapter: it replaces the transformer's forward by a plain-PyTorch re-implementation
 of one RAS call, written from the spec and diffusers' Flux blocks. Per call it keeps, per layer, a K/V cache of image
 keys after QK-norm and RoPE (complex-number rotation), writes the active rows, attends [text; active image] queries
-over [text; whole cached image] keys, and merges the active rows into its output cache. With ``true_cfg_scale > 1``
-the first and second call of a step ("cond", "uncond") keep separate state. The next step's tokens come from the guided
-output handed to ``scheduler.step``, unpacked with diffusers' own ``_unpack_latents``.
+over [text; whole cached image] keys, and keeps every token's computed outputs with their steps: a token left out
+of a step outputs its last one (reuse "copy") or the line through its last two at the step index (reuse "linear").
+With ``true_cfg_scale > 1`` the first and second call of a step ("cond", "uncond") keep separate state. The next
+step's tokens come from the guided output handed to ``scheduler.step``, unpacked with diffusers' own
+``_unpack_latents``.
 """
 
 from __future__ import annotations
@@ -133,11 +135,22 @@ class FluxOracle:
             h = h + gate[:, None] * block.proj_out(torch.cat([out, block.act_mlp(block.proj_mlp(nh))], 2))
             c, x = h[:, :text], h[:, text:]
         out = t.proj_out(t.norm_out(x, temb))
-        if self.active is None:
-            state["out"] = out.new_full((b, n, out.shape[2]), float("nan"))
+        history = state.setdefault("history", {})  # (batch row, token) -> this call's computed (step, output)s
         for i in range(b):
-            state["out"][i, rows[i]] = out[i]
-        return (state["out"].clone(),)
+            for j, token in enumerate(rows[i].tolist()):
+                history.setdefault((i, token), []).append((self.step, out[i, j].double()))
+        reused = [[self._reuse(history[(i, token)]) for token in range(n)] for i in range(b)]
+        return (torch.stack([torch.stack(row) for row in reused]).to(out.dtype),)
+
+    def _reuse(self, history: list) -> torch.Tensor:
+        """A token's output at this step from its computed (step, output) pairs in this call: the output computed
+        now, else with reuse "copy" the last one, with "linear" the line through the last two at this step (the
+        last one while there is only one)."""
+        s2, v2 = history[-1]
+        if s2 == self.step or self.cfg.get("reuse", "copy") == "copy" or len(history) < 2:
+            return v2
+        s1, v1 = history[-2]
+        return v2 + (v2 - v1) * (self.step - s2) / (s2 - s1)
 
     def _step(self, model_output, *args, **kwargs):
         h, w = self.latent_hw
@@ -178,6 +191,11 @@ CASES = {
         True, 2, True, {"height": 192, "width": 128},
         {"steps": 7, "warmup": 2, "resets": (4,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"},
     ),
+    "2prompts-truecfg-linear": (
+        True, 2, True, {"height": 128, "width": 192},
+        {"steps": 10, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
+         "reuse": "linear"},
+    ),
 }  # fmt: skip
 
 
@@ -191,12 +209,14 @@ def _config(cfg: dict) -> RASConfig:
         mode=cfg["mode"],
         end_step=cfg.get("end"),
         kv_cache=cfg.get("kv_cache"),
+        reuse=cfg.get("reuse", "copy"),
     )
 
 
-# Every case on the plain-PyTorch path; two (both modes; the interpreter is slow) also on the Triton kernels.
+# Every case on the plain-PyTorch path; three (both modes, both reuses; the interpreter is slow) also on Triton.
 @pytest.mark.parametrize(
-    "case,backend", backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare"))
+    "case,backend",
+    backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare", "2prompts-truecfg-linear")),
 )
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
