@@ -56,6 +56,26 @@ def _rotate(x, freqs):
     return torch.view_as_real(pairs * freqs[:, :, None]).flatten(-2).to(x.dtype)
 
 
+def reused_outputs(history: dict, rows, out, n: int, step: int, cfg: dict) -> torch.Tensor:
+    """One call's output [B, n, F] at ``step``, given its computed rows ``out`` [B, K, F] at token indices ``rows``
+    [B, K]; ``history`` maps (batch row, token) to the call's computed (step, output) pairs so far in the generation
+    and gains this step's. A token left out outputs its last computed output (reuse "copy") or, with "linear", the
+    line through its last two at ``step`` (the last one while it has only one)."""
+    for i in range(out.shape[0]):
+        for j, token in enumerate(rows[i].tolist()):
+            history.setdefault((i, token), []).append((step, out[i, j].double()))
+
+    def reused(pairs: list) -> torch.Tensor:
+        s2, v2 = pairs[-1]
+        if s2 == step or cfg.get("reuse", "copy") == "copy" or len(pairs) < 2:
+            return v2
+        s1, v1 = pairs[-2]
+        return v2 + (v2 - v1) * (step - s2) / (s2 - s1)
+
+    rows_out = [torch.stack([reused(history[(i, token)]) for token in range(n)]) for i in range(out.shape[0])]
+    return torch.stack(rows_out).to(out.dtype)
+
+
 class FluxOracle:
     """A FluxPipeline whose transformer runs RAS literally (see the module docstring)."""
 
@@ -135,22 +155,7 @@ class FluxOracle:
             h = h + gate[:, None] * block.proj_out(torch.cat([out, block.act_mlp(block.proj_mlp(nh))], 2))
             c, x = h[:, :text], h[:, text:]
         out = t.proj_out(t.norm_out(x, temb))
-        history = state.setdefault("history", {})  # (batch row, token) -> this call's computed (step, output)s
-        for i in range(b):
-            for j, token in enumerate(rows[i].tolist()):
-                history.setdefault((i, token), []).append((self.step, out[i, j].double()))
-        reused = [[self._reuse(history[(i, token)]) for token in range(n)] for i in range(b)]
-        return (torch.stack([torch.stack(row) for row in reused]).to(out.dtype),)
-
-    def _reuse(self, history: list) -> torch.Tensor:
-        """A token's output at this step from its computed (step, output) pairs in this call: the output computed
-        now, else with reuse "copy" the last one, with "linear" the line through the last two at this step (the
-        last one while there is only one)."""
-        s2, v2 = history[-1]
-        if s2 == self.step or self.cfg.get("reuse", "copy") == "copy" or len(history) < 2:
-            return v2
-        s1, v1 = history[-2]
-        return v2 + (v2 - v1) * (self.step - s2) / (s2 - s1)
+        return (reused_outputs(state.setdefault("history", {}), rows, out, n, self.step, self.cfg),)
 
     def _step(self, model_output, *args, **kwargs):
         h, w = self.latent_hw
