@@ -3,9 +3,11 @@
 The oracle shares no code with the adapter: it replaces the transformer's forward by a plain-PyTorch re-implementation
 of one RAS call, written from the spec and diffusers' Flux blocks. Per call it keeps, per layer, a K/V cache of image
 keys after QK-norm and RoPE (complex-number rotation), writes the active rows, attends [text; active image] queries
-over [text; whole cached image] keys, and merges the active rows into its output cache. With ``true_cfg_scale > 1``
-the first and second call of a step ("cond", "uncond") keep separate state. The next step's tokens come from the guided
-output handed to ``scheduler.step``, unpacked with diffusers' own ``_unpack_latents``.
+over [text; whole cached image] keys, and keeps every token's computed outputs with their steps: a token left out
+of a step outputs its last one (reuse "copy") or the line through its last two at the step index (reuse "linear").
+With ``true_cfg_scale > 1`` the first and second call of a step ("cond", "uncond") keep separate state. The next
+step's tokens come from the guided output handed to ``scheduler.step``, unpacked with diffusers' own
+``_unpack_latents``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ def _rotate(x, freqs):
     """RoPE as a complex rotation of consecutive channel pairs: x [B, L, H, d], freqs [1 or B, L, d/2] complex."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * freqs[:, :, None]).flatten(-2).to(x.dtype)
+
+
+def reused_outputs(history: dict, rows, out, n: int, step: int, cfg: dict) -> torch.Tensor:
+    """One call's output [B, n, F] at ``step``, given its computed rows ``out`` [B, K, F] at token indices ``rows``
+    [B, K]; ``history`` maps (batch row, token) to the call's computed (step, output) pairs so far in the generation
+    and gains this step's. A token left out outputs its last computed output (reuse "copy") or, with "linear", the
+    line through its last two at ``step`` (the last one while it has only one)."""
+    for i in range(out.shape[0]):
+        for j, token in enumerate(rows[i].tolist()):
+            history.setdefault((i, token), []).append((step, out[i, j].double()))
+
+    def reused(pairs: list) -> torch.Tensor:
+        s2, v2 = pairs[-1]
+        if s2 == step or cfg.get("reuse", "copy") == "copy" or len(pairs) < 2:
+            return v2
+        s1, v1 = pairs[-2]
+        return v2 + (v2 - v1) * (step - s2) / (s2 - s1)
+
+    rows_out = [torch.stack([reused(history[(i, token)]) for token in range(n)]) for i in range(out.shape[0])]
+    return torch.stack(rows_out).to(out.dtype)
 
 
 class FluxOracle:
@@ -133,11 +155,7 @@ class FluxOracle:
             h = h + gate[:, None] * block.proj_out(torch.cat([out, block.act_mlp(block.proj_mlp(nh))], 2))
             c, x = h[:, :text], h[:, text:]
         out = t.proj_out(t.norm_out(x, temb))
-        if self.active is None:
-            state["out"] = out.new_full((b, n, out.shape[2]), float("nan"))
-        for i in range(b):
-            state["out"][i, rows[i]] = out[i]
-        return (state["out"].clone(),)
+        return (reused_outputs(state.setdefault("history", {}), rows, out, n, self.step, self.cfg),)
 
     def _step(self, model_output, *args, **kwargs):
         h, w = self.latent_hw
@@ -178,6 +196,11 @@ CASES = {
         True, 2, True, {"height": 192, "width": 128},
         {"steps": 7, "warmup": 2, "resets": (4,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"},
     ),
+    "2prompts-truecfg-linear": (
+        True, 2, True, {"height": 128, "width": 192},
+        {"steps": 10, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
+         "reuse": "linear"},
+    ),
 }  # fmt: skip
 
 
@@ -191,12 +214,14 @@ def _config(cfg: dict) -> RASConfig:
         mode=cfg["mode"],
         end_step=cfg.get("end"),
         kv_cache=cfg.get("kv_cache"),
+        reuse=cfg.get("reuse", "copy"),
     )
 
 
-# Every case on the plain-PyTorch path; two (both modes; the interpreter is slow) also on the Triton kernels.
+# Every case on the plain-PyTorch path; three (both modes, both reuses; the interpreter is slow) also on Triton.
 @pytest.mark.parametrize(
-    "case,backend", backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare"))
+    "case,backend",
+    backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare", "2prompts-truecfg-linear")),
 )
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)

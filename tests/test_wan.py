@@ -4,7 +4,8 @@ The oracle shares no code with the adapter: it replaces each expert's forward by
 one RAS call, written from the spec and diffusers' Wan blocks. Tokens are the (frame, row, column) cells of the
 (1, 2, 2) patch grid in the model's flattening order. Per call it keeps, per layer, a K/V cache of keys after QK-norm
 and RoPE (complex-number rotation), writes the active rows, attends the active queries over the whole cache, runs
-diffusers' cross-attention on the active rows, and merges the active rows into its output cache. Calls are keyed by
+diffusers' cross-attention on the active rows, and keeps every token's computed outputs (a token left out outputs
+its last one, or with reuse "linear" the line through its last two at the step index). Calls are keyed by
 (expert, order within the step), so "cond" and "uncond" and the two experts of Wan 2.2 keep separate state. The
 next step's tokens come from the guided 5-D output handed to ``scheduler.step``: per voxel the channel std, averaged
 over each token's 2x2 voxels of its frame, then the priority, a stable sort and the band. Dense steps: the schedule's,
@@ -24,7 +25,7 @@ from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_wan_i2v_pipeline, tiny_wan_pipeline, tiny_wan_transformer
 from ._utils import DEVICE, backend_cases, fake_cuda_graphs
-from .test_flux import _config, _recording, _spec_count  # the spec settings as a dict, its RASConfig and schedule
+from .test_flux import _config, _recording, _spec_count, reused_outputs  # the spec as a dict: config, schedule, reuse
 
 ATOL = 2e-4  # the same computation in another order (fp32; 1.3e-4 seen on an H200 over the CFG oracle's steps)
 # fp8 caches: a key element that the two computations put on either side of an e4m3 rounding boundary differs by
@@ -158,11 +159,8 @@ class WanOracle:
             x = (x.float() + block.ffn(nx).float() * c_gate).type_as(x)
         shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         out = t.proj_out((t.norm_out(x.float()) * (1 + scale) + shift).type_as(x))
-        if self.active is None:
-            state["out"] = out.new_full((b, n, out.shape[2]), float("nan"))
-        for j in range(b):
-            state["out"][j, rows[j]] = out[j]
-        video = rearrange(state["out"], "b (f y x) (p q c) -> b c f (y p) (x q)", f=frames, y=rows_, p=2, q=2)
+        out = reused_outputs(state.setdefault("history", {}), rows, out, n, self.step, self.cfg)
+        video = rearrange(out, "b (f y x) (p q c) -> b c f (y p) (x q)", f=frames, y=rows_, p=2, q=2)
         return (video,)
 
     def _step(self, model_output, *args, **kwargs):
@@ -199,6 +197,11 @@ CASES = {
         1, 2, 5.0, {"num_frames": 9, "height": 64, "width": 96},
         {"steps": 8, "warmup": 2, "resets": (5,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference",
          "kv_cache": "fp8"},
+    ),
+    "2.2-experts-cfg-linear": (
+        2, 2, 4.0, {"num_frames": 9, "height": 64, "width": 96},
+        {"steps": 9, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
+         "reuse": "linear"},
     ),
     "2.2-experts-reference": (
         2, 1, 3.0, {"num_frames": 5, "height": 64, "width": 64},
