@@ -63,7 +63,9 @@ class RASConfig:
             ``"linear"`` (a first-order forecast: its last two computed outputs, at steps s1 < s2, extrapolated
             along the step index to the current step s, v2 + (v2 - v1) (s - s2) / (s2 - s1); a copy while it has
             been computed only once in the generation). ``"linear"`` keeps the previous output, two step stamps and
-            a result buffer per token beside the output cache.
+            a result buffer per token beside the output cache. Measured in docs/quality.md: far worse than the
+            copy under strong classifier-free guidance (each call's forecast diverges and the guidance scale
+            amplifies it), level with it at guidance 2.
     """
 
     sample_ratio: float = 0.5
