@@ -603,6 +603,13 @@ def test_equal_time_table_models_published_times_from_step_counts():
     assert frontier.published_ms(recs[1], times, "flux") == 5.0 + 5 * 90.0 + 3 * 30.0  # 545 ms
     assert frontier.published_ms(recs[2], times, "flux") is None  # ratio 0.5 not measured
     assert frontier.published_ms(recs[3], times, "flux") is None  # a diffusers cache
+    modelled = [(r["name"], round(r["speedup"], 4)) for r in frontier.published(recs, e2e, "flux")]
+    assert modelled == [  # the runs it models, at dense 810 ms over theirs: RAS 545 ms, dense 4 and 5 steps 410, 510
+        ("dense 8 None", 1.0),
+        ("ras 8 0.25", round(810 / 545, 4)),
+        ("equal-time 4 None", round(810 / 410, 4)),
+        ("equal-time 5 None", round(810 / 510, 4)),
+    ]
     rows = frontier.equal_time_table(recs, e2e, "flux").splitlines()[2:]
     # 545 ms fits (545 - 10) / 100 = 5.35 dense steps: the 5-step run (33 dB) is the rival, not the 4-step one.
     assert rows == ["| ras 8 0.25 | 1.49x | 5.3 | dense 5 steps | 30.00 / 33.00 | -3.00 | 1.00 ± 0.10 / 1.00 ± 0.10 |"]

@@ -68,6 +68,7 @@ METRICS = {  # arch -> the sample metrics of its table: (key, column header, sca
         ("flicker", "static flicker", 1, 4),
     ),
 }
+LAYOUTS = {"flux": "Flux.1-dev", "wan": "Wan 2.1 1.3B"}  # arch -> the published layout its speeds are modelled on
 # arch -> TaylorSeerCacheConfig.cache_identifiers (None: diffusers' defaults, which cover Flux's blocks)
 TAYLORSEER_MODULES = {"flux": None, "wan": [r"^blocks\.\d+\.attn[12]$"]}
 PANELS = {  # arch -> the plot's panels (metric key, label)
@@ -237,6 +238,19 @@ def published_ms(record: dict, times: dict, family: str) -> float | None:
     return outside + (steps - n_ras) * full + n_ras * ras
 
 
+def published(recs: list[dict], e2e: dict, family: str) -> list[dict]:
+    """The records whose time ``published_ms`` models, their ``speedup`` the modelled one on the published layout
+    (the dense reference included, at 1)."""
+    times = published_times(e2e, family)
+    dense_ms = published_ms(next(r for r in recs if r["kind"] == "dense"), times, family)
+    out = []
+    for r in recs:
+        ms = published_ms(r, times, family)
+        if ms is not None:
+            out.append({**r, "speedup": dense_ms / ms})
+    return out
+
+
 def equal_time_table(recs: list[dict], e2e: dict, family: str) -> str:
     """RAS against fewer dense steps at equal time on the published layout: each RAS run's modelled speedup
     (``published_ms``), the dense step count N* that fits in its modelled time, and the measured dense run with the
@@ -292,7 +306,7 @@ def table(recs: list[dict]) -> str:
 W, H, MARGIN = 420, 360, 56
 
 
-def _panel(recs: list[dict], key: str, label: str) -> Image.Image:
+def _panel(recs: list[dict], key: str, label: str, xlabel: str) -> Image.Image:
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     points = [(r["speedup"], r["metrics"][key], r) for r in recs if r["category"] and key in r["metrics"]]
@@ -319,7 +333,7 @@ def _panel(recs: list[dict], key: str, label: str) -> Image.Image:
         _, y = xy(0, value)
         draw.line([MARGIN - 4, y, MARGIN, y], fill="black")
         draw.text((6, y - 6), f"{value:.3g}", fill="black")
-    draw.text((W // 2 - 60, H - MARGIN + 22), "speedup over dense", fill="black")
+    draw.text((W // 2 - 3 * len(xlabel), H - MARGIN + 22), xlabel, fill="black")
     draw.text((MARGIN, 12), label, fill="black")
     for x, y, r in points:
         px, py = xy(x, y)
@@ -338,10 +352,10 @@ def _tag(record: dict) -> str:
     return f"{record['ratio']:g}"
 
 
-def plot(recs: list[dict], path: str | Path) -> None:
+def plot(recs: list[dict], path: str | Path, xlabel: str = "speedup over dense") -> None:
     """Speedup vs each of the architecture's ``PANELS``, every variant a point coloured by category, labelled by
     its ratio, its cache setting or (dense) its step count; a legend row below."""
-    panels = [_panel(recs, key, label) for key, label in PANELS[arch_of(recs)]]
+    panels = [_panel(recs, key, label, xlabel) for key, label in PANELS[arch_of(recs)]]
     sheet = Image.new("RGB", (W * len(panels), H + 30), "white")
     for k, panel in enumerate(panels):
         sheet.paste(panel, (k * W, 0))
@@ -405,14 +419,16 @@ def main(argv: list[str] | None = None) -> None:
         "--published",
         default=None,
         help="a bench.e2e JSON record of the published layout (docs/e2e-results/): print the equal-time table of "
-        "RAS against fewer dense steps at its modelled speeds instead of drawing",
+        "RAS against fewer dense steps at its modelled speeds, and draw the runs it models at those speeds",
     )
     args = parser.parse_args(argv)
     recs = json.loads(Path(args.json).read_text())
     if args.published:
-        print(equal_time_table(recs, json.loads(Path(args.published).read_text()), arch_of(recs)))
-        return
-    plot(recs, args.out)
+        e2e, family = json.loads(Path(args.published).read_text()), arch_of(recs)
+        print(equal_time_table(recs, e2e, family))
+        plot(published(recs, e2e, family), args.out, f"modelled speedup, {LAYOUTS[family]} layout")
+    else:
+        plot(recs, args.out)
     print(f"wrote {args.out}")
 
 
