@@ -50,6 +50,7 @@ from bench.pipelines import (
     ras_steps,
     timed_call,
 )
+from ras_kernels.select.ops import METRICS
 from ras_models import apply_ras
 
 TIMED = 'whole pipe(...) calls, output_type="latent"; text encoding and VAE decoding are outside the timed call'
@@ -272,6 +273,8 @@ class Bench:
                 details = [config.schedule, "CUDA graphs" if graphs else "eager"]
                 if config.kv_cache is not None:
                     details.append(f"{config.kv_cache} K/V caches")
+                if config.metric != "std":
+                    details.append(f"metric {config.metric}")
                 label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
                 with apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
                     results.append(self.measure(label, handle, config))
@@ -342,9 +345,12 @@ def _ulysses_device(args) -> torch.device:
 
 def ras_configs(family: str, args, num_tokens: int, shards: int = 1) -> list:
     """The RAS runs' configs: the family's preset at each ``--ratio`` (``--steps``, ``--schedule``), with
-    ``--kv-cache`` and ``shards``."""
+    ``--kv-cache``, ``--metric`` (the preset's when not given) and ``shards``."""
     presets = [preset(family, args.steps, r, num_tokens, args.schedule) for r in args.ratio]
-    return [replace(config, kv_cache=args.kv_cache, shards=shards) for config in presets]
+    return [
+        replace(config, kv_cache=args.kv_cache, metric=args.metric or config.metric, shards=shards)
+        for config in presets
+    ]
 
 
 def run_random_weights(args) -> None:
@@ -500,6 +506,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="RASConfig.kv_cache of the RAS runs: fp8 K/V caches (half the memory, a slower attention op; for "
         "layouts whose bf16 caches do not fit, e.g. Wan 14B at 720p); default: the model's dtype",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="RASConfig.metric of the RAS runs (default: the preset's; the quality studies favour random for Flux)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

@@ -93,19 +93,20 @@ def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
 
 
 def test_ras_configs_apply_the_run_options():
-    """--kv-cache and the Ulysses degree reach every RAS run's config; the rest is the family's preset."""
+    """--kv-cache, --metric and the Ulysses degree reach every RAS run's config; the rest is the family's preset."""
     import argparse
 
     from bench.pipelines import preset
 
-    args = argparse.Namespace(steps=20, ratio=[0.5, 0.25], schedule=None, kv_cache="fp8")
+    args = argparse.Namespace(steps=20, ratio=[0.5, 0.25], schedule=None, kv_cache="fp8", metric="random")
     configs = e2e.ras_configs("wan", args, 1560, shards=2)
     assert [c.sample_ratio for c in configs] == [0.5, 0.25]
-    assert all(c.kv_cache == "fp8" and c.shards == 2 for c in configs)
+    assert all(c.kv_cache == "fp8" and c.metric == "random" and c.shards == 2 for c in configs)
     expected = preset("wan", 20, 0.25, 1560)
     assert (configs[1].num_steps, configs[1].reset_steps) == (expected.num_steps, expected.reset_steps)
-    args.kv_cache = None
-    assert e2e.ras_configs("wan", args, 1560)[0].kv_cache is None
+    args.kv_cache = args.metric = None
+    config = e2e.ras_configs("wan", args, 1560)[0]
+    assert config.kv_cache is None and config.metric == expected.metric
 
 
 def test_table_adds_loop_and_torch_compile_columns():
