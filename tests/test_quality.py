@@ -429,6 +429,14 @@ def test_evaluation_rejects_bad_arguments(tmp_path, capsys):
         evaluate.ras_config(10, 0.5, 256, "best")
 
 
+def test_fp8_cache_variant_is_the_reference_with_fp8_caches():
+    import dataclasses
+
+    reference = evaluate.ras_config(28, 0.25, 2048, "reference", family="wan")
+    fp8 = evaluate.ras_config(28, 0.25, 2048, "fp8-cache", family="wan")
+    assert reference.kv_cache is None and fp8 == dataclasses.replace(reference, kv_cache="fp8")
+
+
 # ---- the shipped weights ----
 def test_shipped_weights_load_and_classifier_reads_clean_scenes():
     models = qmodel.load(WEIGHTS)

@@ -50,6 +50,9 @@ FRONTIER_VARIANTS = (  # the Flux and Wan studies (through their pipelines)
     "metric-delta",
     "forecast",
 )
+# Run only when named (--variants): fp8 K/V caches need CUDA compute capability 8.9 (or the CPU) and a kernel head dim.
+EXTRA_VARIANTS = ("fp8-cache",)
+ALL_VARIANTS = tuple(dict.fromkeys((*VARIANTS, *FRONTIER_VARIANTS, *EXTRA_VARIANTS)))
 EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
 RANDOM_METRIC_SEED = 7  # RASConfig.seed of the metric-random variant
 
@@ -68,12 +71,14 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
       seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged);
     * ``metric-delta``: ``metric="delta"`` (each token's last observed change of the guided output);
     * ``forecast``: ``reuse="linear"`` (left-out tokens get the line through their last two computed outputs
-      instead of a copy; the selection as ``reference``).
+      instead of a copy; the selection as ``reference``);
+    * ``fp8-cache``: ``kv_cache="fp8"`` (e4m3 K/V caches with per-(token, head) scales; the selection as
+      ``reference``).
     """
     from bench.e2e import preset
 
-    if variant not in (*VARIANTS, *FRONTIER_VARIANTS):
-        raise ValueError(f"variant must be one of {(*VARIANTS, *FRONTIER_VARIANTS)}, got {variant!r}")
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     config = preset(family, steps, ratio, num_tokens)
     overrides = {
         "reference": {},
@@ -83,6 +88,7 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         "metric-random": {"metric": "random", "seed": RANDOM_METRIC_SEED},
         "metric-delta": {"metric": "delta"},
         "forecast": {"reuse": "linear"},
+        "fp8-cache": {"kv_cache": "fp8"},
     }[variant]
     return dataclasses.replace(config, **overrides)
 
@@ -758,7 +764,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux, Wan: 28)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
-    p.add_argument("--variants", nargs="+", choices=(*VARIANTS, *FRONTIER_VARIANTS), default=None)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=ALL_VARIANTS,
+        default=None,
+        help="default: VARIANTS, FRONTIER_VARIANTS (Flux, Wan)",
+    )
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True, help="the RAS 1.0 row")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the training record's, or 4)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (prompts and initial noise)")

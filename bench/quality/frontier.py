@@ -51,6 +51,7 @@ CATEGORIES = {  # category -> colour of its points
     "RAS random": (255, 127, 14),
     "RAS delta": (23, 190, 207),
     "RAS forecast": (140, 86, 75),
+    "RAS fp8 caches": (188, 189, 34),
     "RAS on fewer steps": (148, 103, 189),
     "FirstBlockCache": (44, 160, 44),
     "TaylorSeer": (214, 39, 40),
@@ -163,9 +164,13 @@ def category(record: dict) -> str | None:
     if kind == "stack":
         return "RAS on fewer steps"
     if kind == "ras":
-        return {"metric-random": "RAS random", "metric-delta": "RAS delta", "forecast": "RAS forecast"}.get(
-            record["variant"], "RAS std"
-        )
+        variants = {
+            "metric-random": "RAS random",
+            "metric-delta": "RAS delta",
+            "forecast": "RAS forecast",
+            "fp8-cache": "RAS fp8 caches",
+        }
+        return variants.get(record["variant"], "RAS std")
     if kind == "cache":
         return name.split()[0]
     return None  # the reference and the floor: not points of the frontier
@@ -361,7 +366,7 @@ def plot(recs: list[dict], path: str | Path, xlabel: str = "speedup over dense")
         sheet.paste(panel, (k * W, 0))
     draw = ImageDraw.Draw(sheet)
     for k, (name, colour) in enumerate(CATEGORIES.items()):
-        x = MARGIN + 150 * k
+        x = MARGIN + 135 * k
         draw.ellipse([x, H + 8, x + 8, H + 16], fill=colour)
         draw.text((x + 12, H + 5), name, fill=colour)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
