@@ -579,10 +579,16 @@ def test_frontier_end_to_end_toy_scale(tmp_path):
     assert {"psnr", "loc_px", "found", "detail_err", "objects"} <= set(ras["metrics"])
     categories = {r["variant"]: r["category"] for r in records if r["kind"] == "ras"}
     assert categories == {"reference": "RAS std", "forecast": "RAS forecast", "metric-delta": "RAS delta"}
-    assert "](frontier.png)" in (out / "frontier.md").read_text()
+    report = (out / "frontier.md").read_text()
+    assert "](frontier.png)" in report
+    # The default --published record (Flux.1-dev's per-step times): the modelled table and plot.
+    section = report[report.index("## Equal time on the Flux.1-dev layout (modelled)") :]
+    assert "| RAS 0.25 reference | " in section and "](frontier-published.png)" in section
+    assert "TaylorSeer" not in section  # no published-layout time: left out
     image_module = pytest.importorskip("PIL.Image")
-    with image_module.open(out / "frontier.png") as im:
-        assert im.size[0] == 3 * 420
+    for plot in ("frontier.png", "frontier-published.png"):
+        with image_module.open(out / plot) as im:
+            assert im.size[0] == 3 * 420
 
 
 def test_equal_time_table_models_published_times_from_step_counts():

@@ -753,6 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", default=None, help="Flux, Wan: the frontier plot (default docs/frontier.png, -wan.png)")
     p.add_argument(
+        "--published",
+        default=None,
+        help="Flux, Wan: the bench.e2e record of the published layout whose per-step times model each run's time "
+        "there (the report's equal-time table and the plot's -published.png; default frontier.PUBLISHED's, 'none': "
+        "left out)",
+    )
+    p.add_argument(
         "--first-block-cache", type=float, nargs="*", default=[0.05, 0.2], help="Flux, Wan: FirstBlockCache thresholds"
     )
     p.add_argument("--taylorseer", type=int, nargs="*", default=[2, 4], help="Flux, Wan: TaylorSeer cache intervals")
@@ -807,7 +814,12 @@ def main(argv: list[str] | None = None) -> list[Run]:
     args.json = args.json or stem + ".json"
     args.plot = args.plot or stem + ".png"
     if frontier_run:
+        from .frontier import PUBLISHED
+
         args.stack_steps = args.stack_steps if args.stack_steps is not None else args.steps[0] // 2
+        args.published = None if args.published == "none" else args.published or PUBLISHED[models.arch]
+        if args.published and not Path(args.published).is_file():
+            parser.error(f"--published: no such file {args.published} (a bench.e2e --json record, or 'none')")
     if any(s < 2 for s in args.steps) or (frontier_run and args.stack_steps == 1):
         parser.error("--steps and --stack-steps values must be >= 2")
     if any(not 0 < r <= 1 for r in [*args.ratios, *args.stack_ratios]):

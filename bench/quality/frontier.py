@@ -70,6 +70,10 @@ METRICS = {  # arch -> the sample metrics of its table: (key, column header, sca
     ),
 }
 LAYOUTS = {"flux": "Flux.1-dev", "wan": "Wan 2.1 1.3B"}  # arch -> the published layout its speeds are modelled on
+PUBLISHED = {  # arch -> the bench.e2e record of that layout's per-step times (evaluate's --published default)
+    "flux": "docs/e2e-results/flux-1024-session11.json",
+    "wan": "docs/e2e-results/wan-1.3b-50steps-session12.json",
+}
 # arch -> TaylorSeerCacheConfig.cache_identifiers (None: diffusers' defaults, which cover Flux's blocks)
 TAYLORSEER_MODULES = {"flux": None, "wan": [r"^blocks\.\d+\.attn[12]$"]}
 PANELS = {  # arch -> the plot's panels (metric key, label)
@@ -412,6 +416,22 @@ def write(runs: list[Run], args, models, device, render_floor: dict) -> list[dic
         f"![samples]({os.path.relpath(args.grid, start=Path(args.report).parent)})",
         "",
     ]
+    if args.published:
+        e2e = json.loads(Path(args.published).read_text())
+        modelled = args.plot.removesuffix(".png") + "-published.png"
+        plot(published(recs, e2e, models.arch), modelled, f"modelled speedup, {LAYOUTS[models.arch]} layout")
+        lines += [
+            f"## Equal time on the {LAYOUTS[models.arch]} layout (modelled)",
+            "",
+            f"Each run's time modelled from the per-step times `{args.published}` measured (dense steps, RAS steps, "
+            "outside the steps; `frontier.published_ms`), against the measured dense run with the most steps that "
+            "fits in it. diffusers' caches have no such times and are left out.",
+            "",
+            equal_time_table(recs, e2e, models.arch),
+            "",
+            f"![modelled frontier]({os.path.relpath(modelled, start=Path(args.report).parent)})",
+            "",
+        ]
     Path(args.report).write_text("\n".join(lines))
     return recs
 
