@@ -479,6 +479,11 @@ def test_shipped_dense_sample_is_deterministic_and_on_task():
 
 
 # ---- the Flux study: detail scenes, per-object metrics, the Flux DiT and the frontier ----
+def _cpu_sampler(models, ids: torch.Tensor, noise: torch.Tensor, guidance: float, dtype=torch.float32):
+    """The Flux / Wan pipeline sampler on the CPU, all prompts in one batch, no CUDA graphs."""
+    return evaluate.make_sampler(
+        models, ids, noise, guidance=guidance, device=torch.device("cpu"), dtype=dtype, batch=len(ids), graphs=False
+    )
 
 
 def test_detail_scenes_are_deterministic_smooth_and_hold_small_striped_objects():
@@ -537,9 +542,7 @@ def test_flux_model_is_packed_like_flux_pipeline():
     torch.manual_seed(0)
     tiny = qmodel.build(qmodel.default_config(arch="flux", tiny=True), adaln_zero=False)
     # One velocity through the pipeline's own packing and ids equals the pipeline's one-step Euler update.
-    sampler = evaluate.make_sampler(
-        tiny, ids, x, guidance=1.0, device=torch.device("cpu"), dtype=torch.float32, batch=2, graphs=False
-    )
+    sampler = _cpu_sampler(tiny, ids, x, 1.0)
     with torch.no_grad():
         images, _ = sampler.generate(2)
         v1 = tiny.predict(x, torch.ones(2), ids)
@@ -646,10 +649,7 @@ def test_shipped_study_weights_load(arch):
     # cells; Wan: along their paths, in every frame), within the error ceilings.
     scenes = data.sample_scenes(4, torch.Generator().manual_seed(evaluate.EVAL_SEED_OFFSET + 99), models.style)
     noise = torch.randn(4, *models.sample_shape, generator=torch.Generator().manual_seed(5))
-    sampler = evaluate.make_sampler(
-        models, data.tokens(scenes), noise, guidance=float(record["training"]["guidance"]),
-        device=torch.device("cpu"), dtype=torch.float32, batch=4, graphs=False,
-    )  # fmt: skip
+    sampler = _cpu_sampler(models, data.tokens(scenes), noise, float(record["training"]["guidance"]))
     try:
         samples, _ = sampler.generate(8)
     finally:
@@ -802,9 +802,7 @@ def test_wan_model_follows_wan_pipeline_conventions():
     tiny = qmodel.build(qmodel.default_config(arch="wan", tiny=True), adaln_zero=False)
 
     def sampler(guidance: float) -> evaluate.PipelineSampler:
-        return evaluate.make_sampler(
-            tiny, ids, x, guidance=guidance, device=torch.device("cpu"), dtype=torch.float32, batch=2, graphs=False
-        )
+        return _cpu_sampler(tiny, ids, x, guidance)
 
     # The pipeline asked for these height, width and frame counts lays out latents of the clips' shape.
     wan = sampler(1.0)
@@ -842,16 +840,7 @@ def test_wan_training_smoke_run(tmp_path, flush_denormals):
     assert half.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     torch.testing.assert_close(rope.freqs_cos, loaded.transformer.rope.freqs_cos, atol=1e-7, rtol=0)
     scenes = _clips(1, 0)
-    sampler = evaluate.make_sampler(
-        half,
-        data.tokens(scenes),
-        torch.randn(1, *half.sample_shape),
-        guidance=2.0,
-        device=torch.device("cpu"),
-        dtype=torch.bfloat16,
-        batch=1,
-        graphs=False,
-    )
+    sampler = _cpu_sampler(half, data.tokens(scenes), torch.randn(1, *half.sample_shape), 2.0, torch.bfloat16)
     clip, _ = sampler.generate(2)
     assert clip.shape == (1, *half.sample_shape) and torch.isfinite(clip).all()
 
@@ -865,10 +854,7 @@ def test_frontier_taylorseer_predicts_steps(arch):
     models = qmodel.build(qmodel.default_config(arch=arch, tiny=True), adaln_zero=False)
     scenes = data.sample_scenes(2, torch.Generator().manual_seed(1), models.style)
     noise = torch.randn(2, *models.sample_shape, generator=torch.Generator().manual_seed(5))
-    sampler = evaluate.make_sampler(
-        models, data.tokens(scenes), noise, guidance=2.0, device=torch.device("cpu"), dtype=torch.float32, batch=2,
-        graphs=False,
-    )  # fmt: skip
+    sampler = _cpu_sampler(models, data.tokens(scenes), noise, 2.0)
     try:
         dense, _ = sampler.generate(6)
         config = frontier.taylorseer(2, 2, arch)
