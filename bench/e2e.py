@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         "--metric",
         choices=METRICS,
         default=None,
-        help="RASConfig.metric of the RAS runs (default: the preset's; the quality studies favour random for Flux)",
+        help="RASConfig.metric of the RAS runs (default: the preset's: random for Flux, std for the others)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

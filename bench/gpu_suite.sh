@@ -8,9 +8,7 @@
 #            Lumina dynamic at 0.5 (e2e.md, *.json), the plot of the static runs (speedup.png)       ~6-8 min
 #            (e2e-sd3 ~3 min and e2e-lumina ~5 min run its two halves alone)
 #   e2e-flux Flux.1-dev layout at 1024^2 through pipe(...): dense eager, dense torch.compile, diffusers' TaylorSeer at
-#            intervals 3 and 5, RAS at 0.5 / 0.25 / 0.125 (e2e.md, flux-1024.json)                  ~5 min
-#   e2e-flux-random  optional, the e2e-flux RAS runs with metric random (the rule the Flux quality study favours;
-#            the preset switches once this is measured) and the dense eager baseline (flux-1024-random.json) ~3 min
+#            intervals 3 and 5, RAS at 0.5 / 0.25 / 0.125 with the preset (metric random) (e2e.md, flux-1024.json) ~5 min
 #   e2e-wan  Wan 2.1 T2V 1.3B, 480x832, 81 frames, 50 steps: dense eager and RAS at 0.25 / 0.125 (e2e.md,
 #            wan-1.3b.json); runs only when named                                                      ~6 min
 #   e2e-wan14b      optional, Wan 2.1 14B and Wan 2.2 A14B (two 14B experts) at 480x832, 81 frames: 12 measured steps
@@ -39,7 +37,7 @@ python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(),
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
 # A part runs when named, or with "all" unless it is optional or a half of another part.
 halves=" e2e-sd3 e2e-lumina e2e-flux e2e-wan first-call soak "
-optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses e2e-flux-random "
+optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses "
 want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$optional" != *" $1 "* && "$halves" != *" $1 "* ]]; }; }
 plot() {
   jsons=()
@@ -65,10 +63,6 @@ if want e2e || want e2e-lumina; then
 fi
 if want e2e || want e2e-flux; then
   e2e --model flux --ratio 0.5 0.25 0.125 --taylorseer 3 5 --json "$out/flux-1024.json" | tee -a "$out/e2e.md"
-fi
-if want e2e-flux-random; then
-  e2e --model flux --ratio 0.5 0.25 0.125 --metric random --no-compile-baseline --json "$out/flux-1024-random.json" \
-    | tee -a "$out/e2e.md"
 fi
 if want e2e-wan; then
   e2e --model wan --frames 81 --ratio 0.25 0.125 --repeats 2 --no-compile-baseline --json "$out/wan-1.3b.json" \

@@ -617,3 +617,98 @@ def test_gpu_fp8_caches_full_size(triton_backend, d, hq, hkv, t):
     if t:
         k_all, v_all = torch.cat([k_all, extra[0]], 1), torch.cat([v_all, extra[1]], 1)
     assert_attention_close(out, ref, sdpa_baseline(q, k_all, v_all, d**-0.5, None), dtype)
+
+
+# ---- RAS_ATTENTION=cudnn: cuDNN's SDPA for the calls it can take ----
+
+
+def test_attention_path_is_validated_before_any_launch(monkeypatch):
+    monkeypatch.setenv("RAS_ATTENTION", "flash")
+    q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 16, 4, 0, 2, 2, 64, torch.float32)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match="RAS_ATTENTION must be one of triton, cudnn; got 'flash'"):
+        ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
+    with pytest.raises(ValueError, match="RAS_ATTENTION"):
+        ops.flash_attention(q, k_cache, v_cache)
+    assert torch.equal(k_cache, before)  # nothing written
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({}, "cuDNN SDPA is not available"),  # CPU tensors
+        ({"hkv": 1}, "grouped-query heads"),
+        ({"d": 72}, "head dim 72"),
+        ({"mask": True}, "a key mask"),
+        ({"lse": True}, "return_lse"),
+        ({"dtype": torch.float32}, "cuDNN takes fp16 / bf16"),
+    ],
+)
+def test_cudnn_eligibility(monkeypatch, change, reason):
+    """Each rule refuses alone: on CPU tensors only the device rule applies, so the others are checked with the
+    device rule passed (as on a CUDA card with cuDNN)."""
+    if change:
+        monkeypatch.setattr(ops.torch.backends.cudnn, "is_available", lambda: True)
+        monkeypatch.setattr(ops.torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    d, hkv, dtype = change.get("d", 64), change.get("hkv", 2), change.get("dtype", torch.bfloat16)
+    q, k = torch.zeros(1, 4, 2, d, dtype=dtype), torch.zeros(1, 8, hkv, d, dtype=dtype)
+    mask = torch.ones(1, 8, dtype=torch.bool) if change.get("mask") else None
+    assert reason in ops.cudnn_ineligible(q, k, mask, change.get("lse", False))
+    if change:
+        q, k = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+        assert ops.cudnn_ineligible(q, k, None, False) is None
+
+
+@requires_triton
+def test_cudnn_request_on_an_ineligible_call_warns_and_runs_triton(triton_backend, monkeypatch):
+    monkeypatch.setenv("RAS_ATTENTION", "cudnn")
+    ops._warn_not_cudnn.cache_clear()
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(1, 33, 5, 3, 2, 2, 64, torch.float32)
+    ref, _, _, _, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+    with pytest.warns(UserWarning, match="RAS_ATTENTION=cudnn: a call with .* runs the Triton kernel"):
+        out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
+    assert_attention_close(out, ref, base, torch.float32)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "b, n, kk, t, h, d",
+    [
+        pytest.param(2, 4096, 1024, 333, 24, 64, id="sd3-d64"),
+        pytest.param(1, 4096, 1000, 512, 24, 128, id="flux-d128"),
+        pytest.param(1, 8190, 2047, 0, 12, 128, id="wan-d128"),
+    ],
+)
+def test_gpu_cudnn_path(triton_backend, monkeypatch, b, n, kk, t, h, d, dtype):
+    """RAS_ATTENTION=cudnn: the cached op (cache write included) and the plain op run cuDNN's SDPA (counted), match
+    the reference, and replay inside a CUDA graph bit-identically."""
+    monkeypatch.setenv("RAS_ATTENTION", "cudnn")
+    calls = []
+    cudnn_attend = ops._cudnn_attend
+    monkeypatch.setattr(ops, "_cudnn_attend", lambda *a: calls.append(1) or cudnn_attend(*a))
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, h, h, d, dtype, device="cuda")
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    ref, _, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
+
+    def step():
+        return ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
+
+    want = step()
+    assert len(calls) == 1
+    assert_attention_close(want, ref, base, dtype)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    k_cache.copy_(kc0)
+    v_cache.copy_(vc0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want) and torch.equal(k_cache, kc)
+    plain = ops.flash_attention(q, k_cache, v_cache)
+    assert len(calls) == 3
+    ref_plain = reference.attention(q.float(), k_cache.float(), v_cache.float(), d**-0.5)
+    assert_attention_close(plain, ref_plain, sdpa_baseline(q, k_cache, v_cache, d**-0.5), dtype)

@@ -61,7 +61,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
     """The RAS settings of one variant: the family's preset (SD3 and Flux at 28 steps: warm-up 4, resets 12 and 20;
     SD3 high_ratio 0.3; k 0.1; other step counts move the resets proportionally, as ``bench.e2e``) with:
 
-    * ``reference``: unchanged (mode "reference": priority R * exp(+k D));
+    * ``reference``: the std metric and mode "reference" (priority R * exp(+k D)): the public code's rule (Flux's
+      preset itself uses metric random);
     * ``paper``: mode "paper" (priority R * exp(-k D));
     * ``no-starvation``: starvation_scale 0 (ranking by R alone, same band);
     * ``random``: starvation_scale 0 and high_ratio 1; the tool hands ``observe`` Gaussian noise instead of the
@@ -81,7 +82,7 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         raise ValueError(f"variant must be one of {ALL_VARIANTS}, got {variant!r}")
     config = preset(family, steps, ratio, num_tokens)
     overrides = {
-        "reference": {},
+        "reference": {"metric": "std"},
         "paper": {"mode": "paper"},
         "no-starvation": {"starvation_scale": 0.0},
         "random": {"starvation_scale": 0.0, "high_ratio": 1.0},

@@ -8,9 +8,10 @@ the plot from the records the run wrote. All runs sample the same prompts from t
 dense run at the longest step count S:
 
 * ``dense S steps``: the reference; ``RAS 1.0 (all tokens)``: the RAS code path computing every token;
-* ``RAS r reference`` (the ``RASConfig.flux`` or ``RASConfig.wan`` preset, resets moved to S steps in proportion:
-  std metric, mode reference), ``RAS r metric-random`` (``metric="random"``), ``RAS r metric-delta``
-  (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``) at each ratio r;
+* ``RAS r reference`` (the ``RASConfig.flux`` or ``RASConfig.wan`` preset's schedule, resets moved to S steps in
+  proportion, with the std metric and mode reference: the public code's rule), ``RAS r metric-random``
+  (``metric="random"``), ``RAS r metric-delta`` (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``)
+  at each ratio r;
 * ``dense N steps (equal time)``: as many dense steps as fit in the time of ``RAS r reference``;
 * ``FirstBlockCache t`` (``FirstBlockCacheConfig(threshold=t)``: the blocks after the first are skipped while the
   first block's output residual changes by less than t, relative) and ``TaylorSeer i``

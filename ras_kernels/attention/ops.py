@@ -161,6 +161,7 @@ def validate_attention_args(
     if k_extra is not None:
         check_unit_stride("k_extra", k_extra)
         check_unit_stride("v_extra", v_extra)
+    requested_attention_path()
 
 
 def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
@@ -186,6 +187,7 @@ def validate_plain_attention_args(q, k, v, key_mask, scale, return_lse) -> None:
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_unit_stride(name, t)
+    requested_attention_path()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,6 +451,69 @@ def _attend(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The cuDNN path (RAS_ATTENTION=cudnn)
+# ----------------------------------------------------------------------------------------------------------------
+
+_ATTENTION_PATHS = ("triton", "cudnn")
+CUDNN_HEAD_DIMS = (64, 128)  # the head dims the cuDNN path was measured at (docs/benchmarks.md, session 15)
+
+
+def requested_attention_path() -> str:
+    """The value of ``RAS_ATTENTION`` (default ``triton``), validated."""
+    value = os.environ.get("RAS_ATTENTION", "triton").strip().lower() or "triton"
+    if value not in _ATTENTION_PATHS:
+        raise ValueError(f"RAS_ATTENTION must be one of {', '.join(_ATTENTION_PATHS)}; got {value!r}")
+    return value
+
+
+def cudnn_ineligible(q, k, key_mask, return_lse: bool) -> str | None:
+    """Why a Triton-path attention call cannot run on cuDNN's SDPA, or None when it can: it needs a CUDA device
+    with cuDNN SDPA enabled, 16-bit tensors, as many kv heads as query heads, a head dim in ``CUDNN_HEAD_DIMS``, no
+    key mask and no lse (PyTorch's SDPA returns neither)."""
+    if not (q.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()):
+        return "cuDNN SDPA is not available on this device"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
+        return f"the caches or queries are {k.dtype} / {q.dtype} (cuDNN takes fp16 / bf16)"
+    if k.shape[2] != q.shape[2]:
+        return "grouped-query heads"
+    if q.shape[-1] not in CUDNN_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (cuDNN path: {CUDNN_HEAD_DIMS})"
+    if key_mask is not None:
+        return "a key mask"
+    if return_lse:
+        return "return_lse"
+    return None
+
+
+@functools.cache
+def _warn_not_cudnn(reason: str) -> None:
+    warnings.warn(f"RAS_ATTENTION=cudnn: a call with {reason} runs the Triton kernel", stacklevel=_caller_stacklevel())
+
+
+def _use_cudnn(q, k, key_mask, return_lse: bool) -> bool:
+    """Whether this launch goes to cuDNN: RAS_ATTENTION=cudnn and the call is eligible (else one warning per
+    reason, in eager calls)."""
+    if requested_attention_path() != "cudnn":
+        return False
+    reason = cudnn_ineligible(q, k, key_mask, return_lse)
+    if reason is not None and not torch.compiler.is_compiling():
+        _warn_not_cudnn(reason)
+    return reason is None
+
+
+def _cudnn_attend(q, k, v, k_extra, v_extra, scale: float) -> torch.Tensor:
+    """cuDNN's SDPA over [k; k_extra] (one concatenated copy when there are extra keys), [B, Lq, H, d] in and
+    out; the [B, L, H, d] tensors go in as [B, H, L, d] views."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], dim=1), torch.cat([v, v_extra], dim=1)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Op definitions: both return (out, lse), lse [B, Hq, Lq] fp32 with return_lse, else an empty [0] fp32 tensor.
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -490,6 +555,8 @@ def _cached_launch(
         reference.write_cache(v_cache_scale, idx, v_row_scale)
     # The write kernel takes any head dim; stream order makes the attention launch wait for it.
     _launch_cache_write(k_cache, v_cache, idx, k_new, v_new)
+    if _use_cudnn(q, k_cache, extra_mask, return_lse):
+        return _cudnn_attend(q, k_cache, v_cache, k_extra, v_extra, scale), _no_lse(q)
     return _attend(
         q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale
     )
@@ -503,6 +570,8 @@ def _flash_launch(q, k, v, key_mask, scale: float, return_lse: bool):
     width = _kernel_head_dim(q.shape[-1])
     if width is None:  # past the kernel's head dims
         return _flash_reference(q, k, v, key_mask, scale, return_lse)
+    if _use_cudnn(q, k, key_mask, return_lse):
+        return _cudnn_attend(q, k, v, None, None, scale), _no_lse(q)
     if key_mask is None:
         return _attend(q, k, v, None, None, None, scale, return_lse, width)
     # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
