@@ -1,6 +1,7 @@
 """Benchmark of cached_kv_attention / attention against PyTorch SDPA (CUDA only).
 
     python -m bench.bench_attention            # the table (ceilings, SD3, Lumina and Flux shapes)
+    python -m bench.bench_attention --paths    # the RAS_ATTENTION paths (portable, hopper, cudnn) on the model shapes
     python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
     python -m bench.bench_attention --tune ras_kernels/attention/tuned_configs.json
                                                # the shipped table: fastest config per autotune key
@@ -20,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, device_name, format_table, graph_ms, measure_ceilings
+from bench.common import Row, device_name, format_table, graph_ms, graph_replay, measure_ceilings
 
 DTYPE = torch.bfloat16
 
@@ -156,6 +157,71 @@ def rows(ceilings: dict) -> list[Row]:
     return out
 
 
+# The whole cached op (cache write + attention) per RAS_ATTENTION path, at the layouts' RAS and dense shapes.
+PATH_SHAPES = (
+    ("SD3 0.25", dict(SD3, kk=1024)),
+    ("SD3 dense", dict(SD3, kk=4096)),
+    ("Flux 0.25", dict(FLUX, kk=1024)),
+    ("Flux dense", dict(FLUX, kk=4096)),
+    ("Wan 1.3B 0.25", dict(b=1, n=32760, kk=8190, t=0, hq=12, hkv=12, d=128)),
+    ("Wan 1.3B dense", dict(b=1, n=32760, kk=32760, t=0, hq=12, hkv=12, d=128)),
+    ("Wan 14B 0.25", dict(b=1, n=32760, kk=8190, t=0, hq=40, hkv=40, d=128)),
+)
+
+
+def _graph_stats(fn) -> tuple[float, float, float]:
+    """(min, median, max) milliseconds of ``fn`` replayed from a CUDA graph (do_bench's runs, L2 flushed)."""
+    import triton.testing
+
+    times = sorted(triton.testing.do_bench(graph_replay(fn), warmup=25, rep=200, return_mode="all"))
+    return times[0], times[len(times) // 2], times[-1]
+
+
+def _path_cells(name: str, s: dict) -> list[str]:
+    import os
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ras_kernels.attention import ops
+
+    q, kn, vn, kc, vc, idx, ke, ve = _inputs(**s)
+    stats = {}
+    for path in PATHS:
+        os.environ["RAS_ATTENTION"] = path
+        stats[path] = _graph_stats(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
+    k_all, v_all = _concat(kc, vc, ke, ve, s["hq"] // s["hkv"])
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k_all, v_all))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        stats["sdpa"] = _graph_stats(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    cells = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"]
+    for key in (*PATHS, "sdpa"):
+        lo, med, hi = stats[key]
+        cells.append(f"{lo:.3f} / {med:.3f} / {hi:.3f} ({_flops(s) / med / 1e9:.0f})")
+    return cells + [f"{stats['triton'][1] / stats[p][1]:.2f}x" for p in PATHS[1:]]
+
+
+PATHS = ("triton", "hopper", "cudnn")
+
+
+def paths() -> None:
+    """The cached op through each RAS_ATTENTION path (bf16, CUDA-graph replays) next to cuDNN's SDPA alone on the
+    pre-concatenated keys (no cache write, no concatenation: a floor for any path), TFLOP/s of the medians."""
+    import os
+
+    print("| shape | " + " | ".join(f"{n} ms min / median / max (TFLOP/s)" for n in PATHS), end="")
+    print(" | cuDNN SDPA alone | hopper / triton | cudnn / triton |")
+    print("|" + "---|" * 7)
+    before = os.environ.get("RAS_ATTENTION")
+    try:
+        for name, s in PATH_SHAPES:
+            print("| " + " | ".join(_path_cells(name, s)) + " |", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("RAS_ATTENTION", None)
+        else:
+            os.environ["RAS_ATTENTION"] = before
+
+
 SWEEP_CONFIGS = ((128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2))
 
 
@@ -257,12 +323,16 @@ def tune(path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", action="store_true", help="the RAS_ATTENTION paths on the model shapes")
     parser.add_argument("--sweep", action="store_true", help="time every kernel config on every shape")
     parser.add_argument("--tune", metavar="JSON", help="write the fastest config per autotune key to this file")
     a = parser.parse_args()
     import triton
 
     print(f"{device_name()}, torch {torch.__version__}, triton {triton.__version__}, {str(DTYPE)[6:]}")
+    if a.paths:
+        paths()
+        return
     if a.sweep:
         sweep()
         return

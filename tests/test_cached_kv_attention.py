@@ -619,96 +619,168 @@ def test_gpu_fp8_caches_full_size(triton_backend, d, hq, hkv, t):
     assert_attention_close(out, ref, sdpa_baseline(q, k_all, v_all, d**-0.5, None), dtype)
 
 
-# ---- RAS_ATTENTION=cudnn: cuDNN's SDPA for the calls it can take ----
+# ---- RAS_ATTENTION: the opt-in Hopper kernel and cuDNN paths ----
 
 
 def test_attention_path_is_validated_before_any_launch(monkeypatch):
     monkeypatch.setenv("RAS_ATTENTION", "flash")
     q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 16, 4, 0, 2, 2, 64, torch.float32)
     before = k_cache.clone()
-    with pytest.raises(ValueError, match="RAS_ATTENTION must be one of triton, cudnn; got 'flash'"):
+    with pytest.raises(ValueError, match="RAS_ATTENTION must be one of triton, hopper, cudnn; got 'flash'"):
         ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
     with pytest.raises(ValueError, match="RAS_ATTENTION"):
         ops.flash_attention(q, k_cache, v_cache)
     assert torch.equal(k_cache, before)  # nothing written
 
 
+def _path_args(d=128, hkv=2, dtype=torch.bfloat16, t=0, offset=0):
+    """q [1, 4, 2, d], k / v [1, 8, hkv, d] (k starting ``offset`` elements into its storage), extras [1, t, ...]."""
+    q = torch.zeros(1, 4, 2, d, dtype=dtype)
+    k = torch.zeros(1 * 8 * hkv * d + offset, dtype=dtype)[offset:].view(1, 8, hkv, d)
+    v = torch.zeros(1, 8, hkv, d, dtype=dtype)
+    extra = (torch.zeros(1, t, hkv, d, dtype=dtype),) * 2 if t else (None, None)
+    return q, k, v, *extra
+
+
 @pytest.mark.parametrize(
-    "change, reason",
+    "path, change, reason",
     [
-        ({}, "cuDNN SDPA is not available"),  # CPU tensors
-        ({"hkv": 1}, "grouped-query heads"),
-        ({"d": 72}, "head dim 72"),
-        ({"mask": True}, "a key mask"),
-        ({"lse": True}, "return_lse"),
-        ({"dtype": torch.float32}, "cuDNN takes fp16 / bf16"),
+        ("cudnn", {}, "cuDNN SDPA not available"),  # CPU tensors, the device rule
+        ("hopper", {}, "a device other than an sm_90 GPU"),
+        ("cudnn", {"hkv": 1}, "grouped-query heads"),
+        ("cudnn", {"d": 64}, "head dim 64 (the cudnn path runs (128,))"),
+        ("hopper", {"d": 72}, "head dim 72 (the hopper path runs (64, 128))"),
+        ("cudnn", {"mask": True}, "a key mask"),
+        ("cudnn", {"lse": True}, "return_lse"),
+        ("hopper", {"dtype": torch.float32}, "fp16 / bf16 only"),
+        ("cudnn", {"dtype": torch.float32}, "fp16 / bf16 only"),
+        ("hopper", {"offset": 4}, "not 16-byte aligned for TMA"),
     ],
 )
-def test_cudnn_eligibility(monkeypatch, change, reason):
-    """Each rule refuses alone: on CPU tensors only the device rule applies, so the others are checked with the
-    device rule passed (as on a CUDA card with cuDNN)."""
+def test_path_eligibility(monkeypatch, path, change, reason):
+    """Each rule refuses alone: with ``change`` the device rules are made to pass (as on an H200 with cuDNN), so
+    only the changed property can refuse, and the unchanged call is eligible."""
     if change:
         monkeypatch.setattr(ops.torch.backends.cudnn, "is_available", lambda: True)
         monkeypatch.setattr(ops.torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+        monkeypatch.setattr(ops.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    d, hkv, dtype = change.get("d", 64), change.get("hkv", 2), change.get("dtype", torch.bfloat16)
-    q, k = torch.zeros(1, 4, 2, d, dtype=dtype), torch.zeros(1, 8, hkv, d, dtype=dtype)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     mask = torch.ones(1, 8, dtype=torch.bool) if change.get("mask") else None
-    assert reason in ops.cudnn_ineligible(q, k, mask, change.get("lse", False))
+    args = {k: v for k, v in change.items() if k in ("d", "hkv", "dtype", "offset")}
+    assert reason in ops.path_ineligible(path, *_path_args(**args), mask, change.get("lse", False))
     if change:
-        q, k = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
-        assert ops.cudnn_ineligible(q, k, None, False) is None
+        assert ops.path_ineligible(path, *_path_args(), None, False) is None
 
 
 @requires_triton
-def test_cudnn_request_on_an_ineligible_call_warns_and_runs_triton(triton_backend, monkeypatch):
-    monkeypatch.setenv("RAS_ATTENTION", "cudnn")
-    ops._warn_not_cudnn.cache_clear()
-    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(1, 33, 5, 3, 2, 2, 64, torch.float32)
+@pytest.mark.parametrize("path", ["hopper", "cudnn"])
+def test_an_ineligible_call_warns_and_runs_the_portable_kernel(triton_backend, monkeypatch, path):
+    monkeypatch.setenv("RAS_ATTENTION", path)
+    ops._warn_other_path.cache_clear()
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(1, 33, 5, 3, 2, 2, 72, torch.float32)
     ref, _, _, _, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
-    with pytest.warns(UserWarning, match="RAS_ATTENTION=cudnn: a call with .* runs the Triton kernel"):
+    calls = []
+    monkeypatch.setattr(ops, "_launch_hopper", lambda *a: calls.append(a))
+    with pytest.warns(UserWarning, match=f"RAS_ATTENTION={path}: a call with .* runs the portable Triton kernel"):
         out = ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
     assert_attention_close(out, ref, base, torch.float32)
+    assert not calls
+
+
+HOPPER_CPU_CASES = [
+    # (B, N, K, T, Hq, Hkv, d, masked): tail tiles (N, T, Lq not multiples of the tiles), GQA, d 64 and 128
+    pytest.param(2, 70, 21, 5, 4, 2, 64, False, id="tails-gqa-T5"),
+    pytest.param(1, 64, 64, 0, 2, 2, 128, False, id="d128-KeqN"),
+    pytest.param(1, 45, 9, 40, 2, 1, 64, True, id="masked-text"),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("b, n, kk, t, hq, hkv, d, masked", HOPPER_CPU_CASES)
+def test_hopper_path_matches_reference(triton_backend, monkeypatch, b, n, kk, t, hq, hkv, d, masked):
+    """RAS_ATTENTION=hopper under the interpreter (fp16): the Hopper kernel runs (counted) and matches the
+    reference, output, lse and cache, with extra keys, a key mask that hides whole tiles, GQA and tail tiles."""
+    if not TRITON_RUNNABLE or DEVICE != "cpu":
+        pytest.skip("the interpreter run of the Hopper kernel; GPUs run test_gpu_hopper_path")
+    monkeypatch.setenv("RAS_ATTENTION", "hopper")
+    calls = []
+    launch = ops._launch_hopper
+    monkeypatch.setattr(ops, "_launch_hopper", lambda *a: calls.append(1) or launch(*a))
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, torch.float16)
+    mask = None
+    if masked:
+        mask = torch.rand(b, t) < 0.5
+        mask[:, :32] = False  # the first extra tile (32 rows under the interpreter) fully hidden
+    ref, ref_lse, kc, vc, base = expected_cached_attention(
+        q, k_new, v_new, k_cache, v_cache, idx, extra, None, extra_mask=mask
+    )
+    out, lse = ops.cached_kv_attention(
+        q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1], extra_mask=mask, return_lse=True
+    )
+    assert calls == [1]
+    assert_attention_close(out, ref, base, torch.float16)
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4)
+    # flash_attention with a key mask over all keys (an empty cache segment) and no visible key for sample 0
+    key_mask = torch.rand(b, n) < 0.7
+    key_mask[0] = False
+    out, lse = ops.flash_attention(q, k_cache, v_cache, key_mask=key_mask, return_lse=True)
+    want, want_lse = reference.attention(
+        q.float(), k_cache.float(), v_cache.float(), d**-0.5, key_mask, return_lse=True
+    )
+    assert calls == [1, 1]
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=1e-4)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
 
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("path", ["hopper", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "b, n, kk, t, h, d",
+    "b, n, kk, t, hq, hkv, d",
     [
-        pytest.param(2, 4096, 1024, 333, 24, 64, id="sd3-d64"),
-        pytest.param(1, 4096, 1000, 512, 24, 128, id="flux-d128"),
-        pytest.param(1, 8190, 2047, 0, 12, 128, id="wan-d128"),
+        pytest.param(2, 4096, 1024, 333, 24, 24, 64, id="sd3-d64"),
+        pytest.param(2, 4000, 1000, 77, 24, 8, 64, id="gqa-tails-d64"),
+        pytest.param(1, 4096, 1000, 512, 24, 24, 128, id="flux-d128"),
+        pytest.param(1, 8190, 2047, 0, 12, 12, 128, id="wan-d128"),
     ],
 )
-def test_gpu_cudnn_path(triton_backend, monkeypatch, b, n, kk, t, h, d, dtype):
-    """RAS_ATTENTION=cudnn: the cached op (cache write included) and the plain op run cuDNN's SDPA (counted), match
-    the reference, and replay inside a CUDA graph bit-identically."""
-    monkeypatch.setenv("RAS_ATTENTION", "cudnn")
+def test_gpu_attention_paths(triton_backend, monkeypatch, path, b, n, kk, t, hq, hkv, d, dtype):
+    """RAS_ATTENTION=hopper / cudnn on an H200: the path runs (counted) where eligible, the cached op (cache write
+    included) and the plain op match the reference, and the cached op replays in a CUDA graph bit-identically."""
+    if path == "hopper" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel needs an sm_90 GPU")
+    monkeypatch.setenv("RAS_ATTENTION", path)
+    # On an H200 every case is eligible for the Hopper kernel; cuDNN takes head dim 128 without grouped heads.
+    eligible = path == "hopper" or (d == 128 and hq == hkv)
     calls = []
-    cudnn_attend = ops._cudnn_attend
-    monkeypatch.setattr(ops, "_cudnn_attend", lambda *a: calls.append(1) or cudnn_attend(*a))
-    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, h, h, d, dtype, device="cuda")
+    name = "_launch_hopper" if path == "hopper" else "_cudnn_attend"
+    real = getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *a: calls.append(1) or real(*a))
+    q, k_new, v_new, k_cache, v_cache, idx, extra = _case(b, n, kk, t, hq, hkv, d, dtype, device="cuda")
     kc0, vc0 = k_cache.clone(), v_cache.clone()
     ref, _, kc, vc, base = expected_cached_attention(q, k_new, v_new, k_cache, v_cache, idx, extra, None)
 
     def step():
         return ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
 
-    want = step()
-    assert len(calls) == 1
-    assert_attention_close(want, ref, base, dtype)
-    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
-    k_cache.copy_(kc0)
-    v_cache.copy_(vc0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(got, want) and torch.equal(k_cache, kc)
-    plain = ops.flash_attention(q, k_cache, v_cache)
-    assert len(calls) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ineligible cases warn once and run the portable kernel
+        want = step()
+        assert len(calls) == int(eligible)
+        assert_attention_close(want, ref, base, dtype)
+        assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc)
+        k_cache.copy_(kc0)
+        v_cache.copy_(vc0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want) and torch.equal(k_cache, kc)
+        plain = ops.flash_attention(q, k_cache, v_cache)
     ref_plain = reference.attention(q.float(), k_cache.float(), v_cache.float(), d**-0.5)
     assert_attention_close(plain, ref_plain, sdpa_baseline(q, k_cache, v_cache, d**-0.5), dtype)

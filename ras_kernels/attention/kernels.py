@@ -345,3 +345,124 @@ def attn_fwd_kernel(
     if STORE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + pid_bh * lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_tma_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_desc,
+    v_desc,
+    b,
+    row,
+    hk,
+    key_ok,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    GUARD: tl.constexpr,
+):
+    """One key tile of the online softmax (log2 domain) for attn_fwd_tma_kernel: the [BLOCK_N, HEAD_DIM] K and V
+    tiles at rows row.. of kv head hk in batch b, read through their descriptors (rows past the tensor come back
+    as zeros). MASKED: keys outside ``key_ok`` [BLOCK_N] score -inf; GUARD: a row may have seen no visible key yet
+    (whole tiles masked by a key mask). Returns the updated (acc, m_i, l_i)."""
+    k = k_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = v_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["n_keys", "n_extra"])
+def attn_fwd_tma_kernel(
+    out_desc,
+    lse_ptr,
+    q_desc,
+    k_desc,
+    v_desc,
+    k_extra_desc,
+    v_extra_desc,
+    mask_ptr,
+    stride_mask_b,
+    stride_mask_t,
+    lq,
+    n_keys,
+    n_extra,
+    heads_q,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HAS_EXTRA: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """The op of attn_fwd_kernel for Hopper (RAS_ATTENTION=hopper): head dims 64 and 128, 16-bit q / k / v.
+
+    Every [B, L, H, d] tensor is read (and out written) through a host-side 4-D tensor descriptor with block
+    [1, rows, 1, HEAD_DIM] (TMA on sm_90): no pointer arithmetic, and rows past a segment come back as zeros.
+    The cache's full key tiles run in one ``tl.range`` loop that Triton pipelines (NUM_STAGES) and may
+    warp-specialise (WARP_SPECIALIZE: producer warps issue the loads, consumer warps the dots and the softmax);
+    then its tail tile and the extra rows, masked (bounds, and the uint8 key mask when HAS_MASK). lse, query head
+    mapping (h reads kv head h // group), qk_scale (scale * log2(e)) and the grid (cdiv(Lq, BLOCK_M), B * Hq) are
+    as in attn_fwd_kernel; out [B, Lq, Hq, d] contiguous, lse [B, Hq, Lq] fp32 (STORE_LSE).
+    """
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes a Python float as fp64 (see attn_fwd_kernel)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    row_m = pid_m * BLOCK_M
+    offs_n = tl.arange(0, BLOCK_N)
+    q = q_desc.load([b, row_m, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for start in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
+        acc, m_i, l_i = _attn_tma_tile(
+            acc, m_i, l_i, q, k_desc, v_desc, b, start, hk, offs_n, qk_scale, HEAD_DIM, BLOCK_N, False, False
+        )
+    if n_full < n_keys:
+        acc, m_i, l_i = _attn_tma_tile(
+            acc, m_i, l_i, q, k_desc, v_desc, b, n_full, hk, offs_n < n_keys - n_full, qk_scale,
+            HEAD_DIM, BLOCK_N, True, False,
+        )  # fmt: skip
+    if HAS_EXTRA:
+        mask_base = mask_ptr + tl.cast(b, tl.int64) * stride_mask_b
+        for start in range(0, n_extra, BLOCK_N):
+            key_ok = offs_n < n_extra - start
+            if HAS_MASK:
+                rows = tl.cast(start, tl.int64) + offs_n
+                key_ok = key_ok & (tl.load(mask_base + rows * stride_mask_t, mask=key_ok, other=0) != 0)
+            acc, m_i, l_i = _attn_tma_tile(
+                acc, m_i, l_i, q, k_extra_desc, v_extra_desc, b, start, hk, key_ok, qk_scale,
+                HEAD_DIM, BLOCK_N, True, HAS_MASK,
+            )  # fmt: skip
+
+    # Epilogue: normalise (a row with no visible key keeps acc = 0), store out (rows past Lq are clipped) and lse.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(out_desc.dtype)
+    out_desc.store([b, row_m, h, 0], out.reshape(1, BLOCK_M, 1, HEAD_DIM))
+    if STORE_LSE:
+        offs_m = row_m + tl.arange(0, BLOCK_M)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + tl.cast(pid_bh, tl.int64) * lq + offs_m, lse, mask=offs_m < lq)

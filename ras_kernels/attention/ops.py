@@ -413,6 +413,45 @@ def _launch_attention(
     return out, lse
 
 
+def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool):
+    """Run attn_fwd_tma_kernel (RAS_ATTENTION=hopper, eligible call: see path_ineligible) on the current device."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from . import kernels
+
+    b, lq, hq, d = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    block_m, block_n, warps, stages, ws = _HOPPER_INTERPRET_CONFIG if interpret else HOPPER_CONFIGS[d]
+    has_extra = k_extra is not None and k_extra.shape[1] > 0
+    has_mask = has_extra and extra_mask is not None
+    if k.shape[1] == 0:  # no cache rows (flash_attention with a key mask): a descriptor needs >= 1 row, never read
+        k, v = k_extra, v_extra
+        n_keys = 0
+    else:
+        n_keys = k.shape[1]
+    ke, ve = (k_extra, v_extra) if has_extra else (k, v)  # never read without HAS_EXTRA
+    mask = extra_mask.view(torch.uint8) if has_mask else lse  # never read without HAS_MASK
+
+    def desc(t, rows):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d])
+
+    kernels.attn_fwd_tma_kernel[(cdiv(lq, block_m), b * hq)](
+        out_desc=desc(out, block_m), lse_ptr=lse, q_desc=desc(q, block_m),
+        k_desc=desc(k, block_n), v_desc=desc(v, block_n), k_extra_desc=desc(ke, block_n),
+        v_extra_desc=desc(ve, block_n), mask_ptr=mask,
+        stride_mask_b=mask.stride(0) if has_mask else 0, stride_mask_t=mask.stride(1) if has_mask else 0,
+        lq=lq, n_keys=n_keys, n_extra=ke.shape[1] if has_extra else 0, heads_q=hq, group=hq // k.shape[2],
+        qk_scale=scale * math.log2(math.e), HEAD_DIM=d, HAS_EXTRA=has_extra, HAS_MASK=has_mask,
+        STORE_LSE=return_lse, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages, WARP_SPECIALIZE=ws,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
 def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
     """``k_cache[b, idx[b, j]] = k_new[b, j]`` (and v) in place, on the current device; any head dim."""
     from . import kernels
@@ -434,11 +473,15 @@ def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
 
 
 def _attend(
-    q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int, k_scale=None, v_scale=None
-):
+    q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, width: int, k_scale=None, v_scale=None,
+    path: str = "triton",
+):  # fmt: skip
     """The attention kernel at kernel head dim ``width`` >= d (see _kernel_head_dim): zero columns appended to q,
     k and v add nothing to any score, and the output's extra columns (zero) are sliced off. fp8 k/v (with their row
-    scales) always come at a kernel head dim (validate_attention_args)."""
+    scales) always come at a kernel head dim (validate_attention_args). ``path`` "hopper" (an eligible call, so
+    width == d): the Hopper kernel."""
+    if path == "hopper":
+        return _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale, return_lse)
     d = q.shape[-1]
     if width != d:
         q, k, v, k_extra, v_extra = (
@@ -451,33 +494,60 @@ def _attend(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The cuDNN path (RAS_ATTENTION=cudnn)
+# The attention paths (RAS_ATTENTION): the portable kernel, the Hopper kernel, cuDNN
 # ----------------------------------------------------------------------------------------------------------------
 
-_ATTENTION_PATHS = ("triton", "cudnn")
-CUDNN_HEAD_DIMS = (64, 128)  # the head dims the cuDNN path was measured at (docs/benchmarks.md, session 15)
+_ATTENTION_PATHS = ("triton", "hopper", "cudnn")
+# The head dims each opt-in path runs, as measured on the H200 (docs/benchmarks.md, session 15): cuDNN at head dim
+# 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
+PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel per head dim: the
+# fastest of the configs tried on the H200 (session 15's probe); the interpreter runs small tiles.
+HOPPER_CONFIGS = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
+_HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
 def requested_attention_path() -> str:
-    """The value of ``RAS_ATTENTION`` (default ``triton``), validated."""
+    """The value of ``RAS_ATTENTION`` (default ``triton``: the portable kernel), validated."""
     value = os.environ.get("RAS_ATTENTION", "triton").strip().lower() or "triton"
     if value not in _ATTENTION_PATHS:
         raise ValueError(f"RAS_ATTENTION must be one of {', '.join(_ATTENTION_PATHS)}; got {value!r}")
     return value
 
 
-def cudnn_ineligible(q, k, key_mask, return_lse: bool) -> str | None:
-    """Why a Triton-path attention call cannot run on cuDNN's SDPA, or None when it can: it needs a CUDA device
-    with cuDNN SDPA enabled, 16-bit tensors, as many kv heads as query heads, a head dim in ``CUDNN_HEAD_DIMS``, no
-    key mask and no lse (PyTorch's SDPA returns neither)."""
-    if not (q.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()):
-        return "cuDNN SDPA is not available on this device"
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA reads a tensor whose base address and outer strides are multiples of 16 bytes."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+
+
+def path_ineligible(path: str, q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> str | None:
+    """Why an attention launch cannot take the opt-in ``path`` ("hopper" or "cudnn"), or None when it can.
+
+    Both need 16-bit q, k and v of one dtype (no fp8 caches) and a head dim in ``PATH_HEAD_DIMS[path]``.
+    hopper: CUDA compute capability 9.0 (or the interpreter, fp16 only: its bf16 dots are wrong), and every tensor
+    TMA-ready (16-byte aligned base and outer strides). cudnn: cuDNN SDPA available and enabled, as many kv heads as
+    query heads, no key mask and no lse (PyTorch's SDPA returns neither).
+    """
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if path == "hopper" and not interpret and not (q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return "a device other than an sm_90 GPU"
+    if path == "cudnn" and not (
+        q.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
+    ):
+        return "cuDNN SDPA not available on this device"
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
-        return f"the caches or queries are {k.dtype} / {q.dtype} (cuDNN takes fp16 / bf16)"
+        return f"{q.dtype} queries and {k.dtype} keys (fp16 / bf16 only)"
+    if path == "hopper" and interpret and q.dtype == torch.bfloat16:
+        return "bf16 under TRITON_INTERPRET (its bf16 dots are wrong)"
+    if q.shape[-1] not in PATH_HEAD_DIMS[path]:
+        return f"head dim {q.shape[-1]} (the {path} path runs {PATH_HEAD_DIMS[path]})"
+    if path == "hopper":
+        if not all(_tma_ready(t) for t in (q, k, v, k_extra, v_extra) if t is not None):
+            return "a tensor not 16-byte aligned for TMA"
+        return None
     if k.shape[2] != q.shape[2]:
         return "grouped-query heads"
-    if q.shape[-1] not in CUDNN_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (cuDNN path: {CUDNN_HEAD_DIMS})"
     if key_mask is not None:
         return "a key mask"
     if return_lse:
@@ -486,19 +556,24 @@ def cudnn_ineligible(q, k, key_mask, return_lse: bool) -> str | None:
 
 
 @functools.cache
-def _warn_not_cudnn(reason: str) -> None:
-    warnings.warn(f"RAS_ATTENTION=cudnn: a call with {reason} runs the Triton kernel", stacklevel=_caller_stacklevel())
+def _warn_other_path(path: str, reason: str) -> None:
+    warnings.warn(
+        f"RAS_ATTENTION={path}: a call with {reason} runs the portable Triton kernel", stacklevel=_caller_stacklevel()
+    )
 
 
-def _use_cudnn(q, k, key_mask, return_lse: bool) -> bool:
-    """Whether this launch goes to cuDNN: RAS_ATTENTION=cudnn and the call is eligible (else one warning per
-    reason, in eager calls)."""
-    if requested_attention_path() != "cudnn":
-        return False
-    reason = cudnn_ineligible(q, k, key_mask, return_lse)
-    if reason is not None and not torch.compiler.is_compiling():
-        _warn_not_cudnn(reason)
-    return reason is None
+def _attention_path(q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> str:
+    """The path this launch takes: RAS_ATTENTION's when the call is eligible, else "triton" (the portable kernel;
+    one warning per reason, in eager calls)."""
+    path = requested_attention_path()
+    if path == "triton":
+        return path
+    reason = path_ineligible(path, q, k, v, k_extra, v_extra, key_mask, return_lse)
+    if reason is None:
+        return path
+    if not torch.compiler.is_compiling():
+        _warn_other_path(path, reason)
+    return "triton"
 
 
 def _cudnn_attend(q, k, v, k_extra, v_extra, scale: float) -> torch.Tensor:
@@ -555,11 +630,13 @@ def _cached_launch(
         reference.write_cache(v_cache_scale, idx, v_row_scale)
     # The write kernel takes any head dim; stream order makes the attention launch wait for it.
     _launch_cache_write(k_cache, v_cache, idx, k_new, v_new)
-    if _use_cudnn(q, k_cache, extra_mask, return_lse):
+    path = _attention_path(q, k_cache, v_cache, k_extra, v_extra, extra_mask, return_lse)
+    if path == "cudnn":
         return _cudnn_attend(q, k_cache, v_cache, k_extra, v_extra, scale), _no_lse(q)
     return _attend(
-        q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale
-    )
+        q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale,
+        path,
+    )  # fmt: skip
 
 
 def _flash_reference(q, k, v, key_mask, scale: float, return_lse: bool):
@@ -570,12 +647,13 @@ def _flash_launch(q, k, v, key_mask, scale: float, return_lse: bool):
     width = _kernel_head_dim(q.shape[-1])
     if width is None:  # past the kernel's head dims
         return _flash_reference(q, k, v, key_mask, scale, return_lse)
-    if _use_cudnn(q, k, key_mask, return_lse):
+    path = _attention_path(q, k, v, None, None, key_mask, return_lse)
+    if path == "cudnn":
         return _cudnn_attend(q, k, v, None, None, scale), _no_lse(q)
     if key_mask is None:
-        return _attend(q, k, v, None, None, None, scale, return_lse, width)
+        return _attend(q, k, v, None, None, None, scale, return_lse, width, path=path)
     # Masked keys go through the kernel's masked segment; the unmasked segment is empty.
-    return _attend(q, k[:, :0], v[:, :0], k, v, key_mask, scale, return_lse, width)
+    return _attend(q, k[:, :0], v[:, :0], k, v, key_mask, scale, return_lse, width, path=path)
 
 
 def _fake_attention(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
