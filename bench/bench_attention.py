@@ -5,6 +5,8 @@
     python -m bench.bench_attention --sweep    # every kernel config on every shape, for tuning
     python -m bench.bench_attention --tune ras_kernels/attention/tuned_configs.json
                                                # the shipped table: fastest config per autotune key
+    python -m bench.bench_attention --tune-hopper ras_kernels/attention/hopper_configs.json
+                                               # the same for the Hopper kernel (RAS_ATTENTION=hopper)
 
 Both sides are timed as CUDA-graph replays (so host launch overhead is not counted for either), median of
 triton's do_bench with the L2 flushed between runs. FLOPs = 4 * Lq * Lk * Hq * d * B. The SDPA baseline runs on
@@ -321,11 +323,51 @@ def tune(path: str) -> None:
     print(f"wrote {len(table)} configs to {path}")
 
 
+# Shape families of the Hopper kernel's table: its head dims, 16-bit caches (fp8 stays on the portable kernel).
+HOPPER_TUNE_FAMILIES = tuple(f for f in TUNE_FAMILIES if f[6] in (64, 128) and not f[8] and not f[7])
+
+
+def tune_hopper(path: str) -> None:
+    """As :func:`tune`, for the Hopper kernel (RAS_ATTENTION=hopper): time each of ``ops.HOPPER_CANDIDATES`` per
+    key of the families above and write the fastest per key to ``path`` (the shipped hopper_configs.json)."""
+    import json
+
+    import triton
+
+    from ras_kernels.attention import ops
+
+    major, minor = torch.cuda.get_device_capability()
+    table = {}
+    for name, b, n, t, hq, hkv, d, _, _ in HOPPER_TUNE_FAMILIES:
+        for bucket in TUNE_BUCKETS:
+            lq = max(1, bucket * 3 // 4)
+            q, _, _, kc, vc, _, ke, ve = _inputs(b, n, 0, t, hq, hkv, d, lq=lq)
+            args = (q, kc, vc, ke, ve, None, d**-0.5, False)
+            timings = []
+            for cfg in ops.HOPPER_CANDIDATES:
+                try:
+                    ms = graph_ms(lambda args=args, cfg=cfg: ops._launch_hopper(*args, cfg))
+                except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
+                    continue
+                timings.append((ms, list(cfg)))
+            ms, best = min(timings)
+            key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, False)
+            table[key] = best
+            print(f"{name:13s} Lq={lq:6d} key {key}: {best} {ms * 1e3:.1f} us", flush=True)
+    record = {"arch": f"sm{major}{minor}", "measured_on": torch.cuda.get_device_name(), "torch": torch.__version__}
+    record |= {"triton": triton.__version__, "configs": {}}
+    with open(path, "w") as f:
+        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items()))
+        f.write(json.dumps(record, indent=1).replace('"configs": {}', '"configs": {\n' + body + "\n }") + "\n")
+    print(f"wrote {len(table)} configs to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", action="store_true", help="the RAS_ATTENTION paths on the model shapes")
     parser.add_argument("--sweep", action="store_true", help="time every kernel config on every shape")
     parser.add_argument("--tune", metavar="JSON", help="write the fastest config per autotune key to this file")
+    parser.add_argument("--tune-hopper", metavar="JSON", help="the same for the Hopper kernel's candidates")
     a = parser.parse_args()
     import triton
 
@@ -338,6 +380,9 @@ def main() -> None:
         return
     if a.tune:
         tune(a.tune)
+        return
+    if a.tune_hopper:
+        tune_hopper(a.tune_hopper)
         return
     ceilings = measure_ceilings()
     print(f"ceilings: {ceilings['GB/s']:.0f} GB/s copy, {ceilings['TFLOP/s']:.0f} TFLOP/s bf16 GEMM")

@@ -490,6 +490,35 @@ def test_shipped_configs(monkeypatch):
         ops._chosen_config(None, 64, 1024, True, False)
 
 
+@requires_triton
+def test_hopper_configs(monkeypatch):
+    """The Hopper kernel's shipped table holds candidate configs only; the launcher takes the table's entry for the
+    call's key and the head dim's default for a key the table lacks (the launch is recorded, not run)."""
+    from ras_kernels.attention import kernels
+
+    record = json.loads((Path(ops.__file__).parent / "hopper_configs.json").read_text())
+    shipped = ops._shipped_configs(record["arch"], "hopper_configs.json")
+    assert all(tuple(cfg) in ops.HOPPER_CANDIDATES for cfg in shipped.values())
+    assert all(tuple(cfg) in ops.HOPPER_CANDIDATES for cfg in ops.HOPPER_DEFAULTS.values())
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE")
+            return lambda **kw: launches.append((grid, tuple(kw[k] for k in keys)))
+
+    table = {"d64-lq1024-extra-nomask": [64, 128, 4, 3, False]}
+    monkeypatch.setattr(kernels, "attn_fwd_tma_kernel", Recorder())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "_arch", lambda device: "sm90")
+    monkeypatch.setattr(ops, "_shipped_configs", lambda arch, name="tuned_configs.json": table)
+    q, k, v = torch.zeros(1, 900, 2, 64), torch.zeros(1, 100, 2, 64), torch.zeros(1, 100, 2, 64)
+    ke, ve = torch.zeros(1, 5, 2, 64), torch.zeros(1, 5, 2, 64)
+    ops._launch_hopper(q, k, v, ke, ve, None, 0.125, False)
+    ops._launch_hopper(q, k, v, None, None, None, 0.125, False)
+    assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[64])]
+
+
 # ------------------------------------------------------------------------------------------------ fp8 K/V caches
 def _fp8_case(b, n, kk, t, hq, hkv, d, dtype, device=DEVICE):
     """Random inputs with e4m3 caches: every row a random vector quantized with its own scale."""

@@ -274,9 +274,10 @@ def _arch(device: torch.device) -> str:
 
 
 @functools.cache
-def _shipped_configs(arch: str) -> dict[str, list[int]]:
-    """The shipped table's configs when it was tuned on ``arch`` (H100 and H200 share sm90), else none."""
-    record = json.loads(Path(__file__).with_name("tuned_configs.json").read_text())
+def _shipped_configs(arch: str, table: str = "tuned_configs.json") -> dict[str, list[int]]:
+    """A shipped table's configs (the portable kernel's, or the Hopper kernel's ``hopper_configs.json``) when it was
+    tuned on ``arch`` (H100 and H200 share sm90), else none."""
+    record = json.loads(Path(__file__).with_name(table).read_text())
     return record["configs"] if record["arch"] == arch else {}
 
 
@@ -413,8 +414,9 @@ def _launch_attention(
     return out, lse
 
 
-def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool):
-    """Run attn_fwd_tma_kernel (RAS_ATTENTION=hopper, eligible call: see path_ineligible) on the current device."""
+def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, config=None):
+    """Run attn_fwd_tma_kernel (RAS_ATTENTION=hopper, eligible call: see path_ineligible) on the current device;
+    ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import kernels
@@ -424,10 +426,14 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     lse = torch.empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_m, block_n, warps, stages, ws = _HOPPER_INTERPRET_CONFIG if interpret else HOPPER_CONFIGS[d]
     has_extra = k_extra is not None and k_extra.shape[1] > 0
     has_mask = has_extra and extra_mask is not None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        config = _HOPPER_INTERPRET_CONFIG
+    elif config is None:
+        key = tuned_config_key(d, _lq_bucket(lq), has_extra, has_mask)
+        config = _shipped_configs(_arch(q.device), "hopper_configs.json").get(key, HOPPER_DEFAULTS[d])
+    block_m, block_n, warps, stages, ws = config
     if k.shape[1] == 0:  # no cache rows (flash_attention with a key mask): a descriptor needs >= 1 row, never read
         k, v = k_extra, v_extra
         n_keys = 0
@@ -501,9 +507,21 @@ _ATTENTION_PATHS = ("triton", "hopper", "cudnn")
 # The head dims each opt-in path runs, as measured on the H200 (docs/benchmarks.md, session 15): cuDNN at head dim
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
 PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel per head dim: the
-# fastest of the configs tried on the H200 (session 15's probe); the interpreter runs small tiles.
-HOPPER_CONFIGS = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
+# ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
+# tuned_config_key), and per head dim the one a key missing from the table takes (the fastest at the Wan, Flux and
+# SD3 shapes in session 15's probe on the H200). The interpreter runs small tiles.
+HOPPER_CANDIDATES = (
+    (128, 64, 4, 3, True),
+    (128, 64, 4, 3, False),
+    (128, 64, 8, 3, False),
+    (128, 64, 8, 4, True),
+    (128, 128, 8, 3, False),
+    (128, 128, 8, 2, True),
+    (64, 64, 4, 3, False),
+    (64, 128, 4, 3, False),
+)
+HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
