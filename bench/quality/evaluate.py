@@ -48,6 +48,7 @@ FRONTIER_VARIANTS = (  # the Flux and Wan studies (through their pipelines)
     "reference",
     "metric-random",
     "metric-delta",
+    "metric-attention",
     "forecast",
 )
 # Run only when named (--variants): fp8 K/V caches need CUDA compute capability 8.9 (or the CPU) and a kernel head dim.
@@ -70,6 +71,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
     * ``metric-random``: the package's ``metric="random"`` (a uniform random score per token, fresh every RAS step,
       seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged);
     * ``metric-delta``: ``metric="delta"`` (each token's last observed change of the guided output);
+    * ``metric-attention``: ``metric="attention"`` (each token's attention log-sum-exp, mean over heads, summed over
+      the step's self-attention layers and calls; kept while the token is left out);
     * ``forecast``: ``reuse="linear"`` (left-out tokens get the line through their last two computed outputs
       instead of a copy; the selection as ``reference``);
     * ``fp8-cache``: ``kv_cache="fp8"`` (e4m3 K/V caches with per-(token, head) scales; the selection as
@@ -87,6 +90,7 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         "random": {"starvation_scale": 0.0, "high_ratio": 1.0},
         "metric-random": {"metric": "random", "seed": RANDOM_METRIC_SEED},
         "metric-delta": {"metric": "delta"},
+        "metric-attention": {"metric": "attention"},
         "forecast": {"reuse": "linear"},
         "fp8-cache": {"kv_cache": "fp8"},
     }[variant]
