@@ -46,7 +46,10 @@ class RASConfig:
         metric: per-pixel score over channels, ``"std"`` or ``"l2"``; or ``"random"``: a uniform pseudo-random
             score per token, drawn afresh at every RAS step (the starvation priority and the band apply unchanged);
             or ``"delta"``: each token's change since the previous step's guided output (channel L2 norm of the
-            difference, mean over the patch), a token that step did not recompute keeping its last observed change.
+            difference, mean over the patch), a token that step did not recompute keeping its last observed change;
+            or ``"attention"``: each token's attention log-sum-exp over all keys, mean over heads, summed over every
+            self-attention layer and transformer call (CFG calls, a prompt's batch rows) of the step, a token that
+            step did not recompute keeping its last score (not under context parallelism).
         mode: ``"reference"`` (priority R * exp(+k D), the public code's rule) or ``"paper"`` (R * exp(-k D)).
         starvation_scale: k >= 0.
         high_ratio: share in (0, 1] of the dropped tokens taken from the highest priorities.

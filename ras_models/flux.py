@@ -67,7 +67,9 @@ class FluxRASAttnProcessor(RASProcessor):
             q = _norm_rope(attn.to_q(hidden_states), attn.norm_q, rope, d)
             k = _norm_rope(attn.to_k(hidden_states), attn.norm_k, rope, d)
             v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-            out = self.session.attend(self.key, q, k[:, text:], v[:, text:], k_extra=k[:, :text], v_extra=v[:, :text])
+            out = self.session.attend(
+                self.key, q, k[:, text:], v[:, text:], k_extra=k[:, :text], v_extra=v[:, :text], image_queries=text
+            )
             return out.flatten(2)
         text = encoder_hidden_states.shape[1]
         text_rope, image_rope = rope.split([text * attn.heads, rope.shape[1] - text * attn.heads], dim=1)
@@ -77,7 +79,8 @@ class FluxRASAttnProcessor(RASProcessor):
         tq = _norm_rope(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q, text_rope, d)
         tk = _norm_rope(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k, text_rope, d)
         tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-        out = self.session.attend(self.key, torch.cat([tq, q], dim=1), k, v, k_extra=tk, v_extra=tv).flatten(2)
+        out = self.session.attend(self.key, torch.cat([tq, q], dim=1), k, v, k_extra=tk, v_extra=tv, image_queries=text)
+        out = out.flatten(2)
         return attn.to_out[1](attn.to_out[0](out[:, text:])), attn.to_add_out(out[:, :text])
 
 

@@ -8,6 +8,7 @@ import types
 
 import torch
 
+from .config import RASConfig
 from .graphs import StepGraphs
 from .session import RASSession, Sharding
 
@@ -45,11 +46,12 @@ def _home(obj: object, name: str, root: bool = False) -> tuple[object, str]:
     return next((p for p in reversed(_places(obj, name, root)) if _get(*p) is not _MISSING), (obj, name))
 
 
-def _sharding(model: torch.nn.Module, shards: int, supported: bool) -> Sharding | None:
+def _sharding(model: torch.nn.Module, config: RASConfig, supported: bool) -> Sharding | None:
     """This rank's :class:`Sharding` if diffusers' context parallelism is enabled on ``model``
     (``enable_parallelism``), None if no parallelism is; raise ValueError for what RAS cannot run: tensor
     parallelism, context parallelism on a family whose adapter does not support it (``supported``), ring attention,
-    ``ulysses_anything``, heads not divisible by the degree, or ``RASConfig.shards`` other than the degree."""
+    ``ulysses_anything``, heads not divisible by the degree, ``config.shards`` other than the degree, or
+    ``config.metric`` ``"attention"``."""
     parallel = getattr(model, "_parallel_config", None)
     if parallel is None:
         return None
@@ -71,11 +73,17 @@ def _sharding(model: torch.nn.Module, shards: int, supported: bool) -> Sharding 
     heads = model.config.num_attention_heads
     if heads % size:
         raise ValueError(f"the {name}'s {heads} attention heads are not divisible by ulysses_degree={size}")
-    if shards != size:
+    if config.shards != size:
         raise ValueError(
             f"the {name} runs under Ulysses context parallelism of degree {size}, so each rank holds 1/{size} of the "
-            f"image tokens: set RASConfig(shards={size}) (got shards={shards}) so that every rank keeps the same "
-            "count of its own tokens"
+            f"image tokens: set RASConfig(shards={size}) (got shards={config.shards}) so that every rank keeps the "
+            "same count of its own tokens"
+        )
+    if config.metric == "attention":
+        raise ValueError(
+            f"RASConfig(metric='attention') is not supported under context parallelism (the {name} runs under "
+            "Ulysses): after the exchange a rank's queries mix the ranks' text and image rows, and its log-sum-exps "
+            "cover only its heads; use another metric"
         )
     group = cp._ulysses_mesh.get_group()
     return Sharding(group, torch.distributed.get_rank(group), size)
@@ -139,7 +147,7 @@ class RASHandle:
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         self.context_parallel = context_parallel  # whether the model's adapter runs under Ulysses (see _sharding)
         # Before anything is patched; check() repeats it at every call (enable_parallelism may come after apply_ras).
-        session.sharding = _sharding(model, session.config.shards, context_parallel)
+        session.sharding = _sharding(model, session.config, context_parallel)
         self.session = session
         self.model = model
         self.graphs = StepGraphs() if cuda_graphs else None
@@ -213,7 +221,7 @@ class RASHandle:
         ``set_attn_processor`` or ``fuse_qkv_projections``): the model would run neither RAS nor dense; a
         ValueError if diffusers' parallelism was enabled on the model since in a way RAS cannot run (:func:`_sharding`);
         otherwise takes this rank's part of the context parallelism into the session."""
-        self.session.sharding = _sharding(self.model, self.session.config.shards, self.context_parallel)
+        self.session.sharding = _sharding(self.model, self.session.config, self.context_parallel)
         # Per call: the first test is one dict lookup per patch; slot() looks further only for a moved forward.
         for path, parent, attr, module in self._watched:
             if getattr(parent, attr, None) is not module:

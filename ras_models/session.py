@@ -6,7 +6,7 @@ A generation of T steps, from the model's side::
     for step in range(T):
         session.begin_step(batch, height, width)      # before the transformer runs
         x = session.gather(patch_embed(latents))      # [B, N, D] -> [B, K, D] (no-op on dense steps)
-        ...   per layer: out = session.attend(layer_key, q, k, v, k_extra=..., v_extra=...)
+        ...   per layer: out = session.attend(layer_key, q, k, v, k_extra=..., v_extra=..., image_queries=...)
         out = session.scatter_output(final_proj(x))   # [B, K, F] -> [B, N, F] with cached rows for the others
         guided = cfg(unpatchify(out))                 # whatever the sampler does
         session.observe(guided)                       # picks the next step's active tokens
@@ -56,7 +56,7 @@ class Sharding(NamedTuple):
 
 class RASSession:
     """Schedule, K/V caches, per-token output cache, starvation counters, active set (and metric delta's previous
-    output and scores) of one generation.
+    output and scores, metric attention's per-step sums and scores) of one generation.
 
     Args:
         config: the RAS settings.
@@ -107,6 +107,8 @@ class RASSession:
             self.seed.fill_(self.config.seed << 32)
         if self.counters is not None:
             self.counters.zero_()
+        for sums in self._lse_sums.values():  # kept buffers: a generation aborted mid-step leaves partial sums
+            sums.zero_()
         if not self.keep_buffers:
             self.release()
 
@@ -121,6 +123,11 @@ class RASSession:
         self._index: dict[tuple, torch.Tensor] = {}
         # metric "delta": (previous guided output, per-token scores [P, N] fp32), see _delta_state.
         self._delta: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # metric "attention": per step, the layers' log-sum-exps summed per batch row ([B, K] fp32, keyed by
+        # (shape key, K), see _attend), and each prompt's token scores ([P, N] fp32, keyed by (shape key, P), see
+        # _attention_scores).
+        self._lse_sums: dict[tuple, torch.Tensor] = {}
+        self._lse_scores: dict[tuple, torch.Tensor] = {}
 
     @property
     def held_shapes(self) -> tuple[tuple, ...]:
@@ -135,7 +142,7 @@ class RASSession:
             return
         while len(self._shapes) >= self.max_shapes:
             evicted, _ = self._shapes.popitem(last=False)
-            for buffers in (self._kv, self._out, self._index, self._delta):
+            for buffers in (self._kv, self._out, self._index, self._delta, self._lse_sums, self._lse_scores):
                 for key in [key for key in buffers if key[0] == evicted]:
                     del buffers[key]
         self._shapes[shape_key] = None
@@ -334,9 +341,14 @@ class RASSession:
         k_extra: torch.Tensor | None = None,
         v_extra: torch.Tensor | None = None,
         scale: float | None = None,
+        image_queries: int = 0,
     ) -> torch.Tensor:
         """Attention for layer ``key``: q [B, Lq, Hq, d] over the layer's whole-image K/V cache (refreshed with
         the step's k/v [B, K, Hkv, d]) followed by k_extra/v_extra [B, T, Hkv, d]. Returns [B, Lq, Hq, d].
+
+        ``image_queries``: the row of q where the step's K image queries (the rows of k, in the same order) start;
+        they are contiguous, ``image_queries + K <= Lq`` (e.g. the text length when q is [text; image]). Metric
+        "attention" adds their log-sum-exps (mean over heads) into the step's per-token sums.
 
         Under context parallelism every argument holds this rank's rows (K / S, T / S, ...) of all heads: diffusers'
         Ulysses all-to-all turns each into all rows (in rank order: ascending token order, as the shards are
@@ -346,6 +358,8 @@ class RASSession:
         """
         self._require_step("attend")
         self._check_rows("k", k, 4, self.num_active)
+        check_tensor("q", q, ndim=4)
+        require_int("image_queries", image_queries, 0, q.shape[1] - self.num_active)
         if self.sharding is not None:
             from diffusers.models.attention_dispatch import _all_to_all_dim_exchange as exchange
 
@@ -354,11 +368,11 @@ class RASSession:
                 None if t is None else exchange(t, scatter_idx=2, gather_idx=1, group=group)
                 for t in (q, k, v, k_extra, v_extra)
             )
-            out = self._attend(key, q, k, v, k_extra, v_extra, scale)
+            out = self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries)
             return exchange(out, scatter_idx=1, gather_idx=2, group=group)
-        return self._attend(key, q, k, v, k_extra, v_extra, scale)
+        return self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries)
 
-    def _attend(self, key, q, k, v, k_extra, v_extra, scale) -> torch.Tensor:
+    def _attend(self, key, q, k, v, k_extra, v_extra, scale, image_queries) -> torch.Tensor:
         b, _, hkv, d = k.shape
         # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
         cache_key = (self.shape_key, self.call, key, hkv, d, k.dtype)
@@ -375,9 +389,21 @@ class RASSession:
                 caches += tuple(torch.empty(rows, dtype=torch.float32, device=k.device) for _ in "kv")
             self._kv[cache_key] = caches
         scales = dict(zip(("k_cache_scale", "v_cache_scale"), caches[2:], strict=False))
-        return cached_kv_attention(
-            q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
-        )
+        if self.config.metric != "attention":
+            return cached_kv_attention(
+                q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
+            )
+        out, lse = cached_kv_attention(
+            q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale,
+            return_lse=True, **scales,
+        )  # fmt: skip
+        rows = k.shape[1]
+        sums = self._lse_sums.get((self.shape_key, rows))
+        if sums is None:  # made at the step shape's first (eager) run; a captured graph then adds into it
+            sums = torch.zeros(b, rows, dtype=torch.float32, device=k.device)
+            self._lse_sums[(self.shape_key, rows)] = sums
+        sums.add_(lse[:, :, image_queries : image_queries + rows].mean(dim=1))  # in place: no host sync
+        return out
 
     def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
         """Merge the step's per-token output [B, K, F] into the output cache; returns all N rows [B, N, F] (under
@@ -452,6 +478,8 @@ class RASSession:
         cfg = self.config
         nxt = self.step + 1
         previous, scores = self._delta_state(guided) if cfg.metric == "delta" else (None, None)
+        if cfg.metric == "attention":
+            scores = self._attention_scores(guided.shape[0])
         if nxt < cfg.num_steps and cfg.is_ras_step(nxt):
             prompts = guided.shape[0]
             if self.counters is None or self.counters.shape != (prompts, self.num_tokens):
@@ -507,9 +535,33 @@ class RASSession:
                 t.zero_()
         return state
 
+    def _attention_scores(self, prompts: int) -> torch.Tensor:
+        """Metric attention's per-token scores [P, N] fp32 for this generation shape, updated from the step just
+        taken: each prompt's rows of the step's sums (its batch rows r, r % P == prompt, added up; the log-sum-exps of
+        every self-attention layer and transformer call of the step) replace its scores at the tokens the step
+        computed (``kv_index``: every token on a dense step); the others keep their last score. The sums are zeroed
+        for the next step. Scores kept from an earlier generation (keep_buffers) need no zeroing: a generation's first
+        step is dense, so its observe overwrites every score."""
+        batch = self.shape_key[0]
+        computed = self.kv_index[:prompts]  # [P, K]: row r of the batch computes prompt r % P's tokens
+        sums = self._lse_sums.get((self.shape_key, computed.shape[1]))
+        if sums is None:
+            raise RuntimeError(
+                f"metric 'attention' at step {self.step}: no self-attention ran through attend() in this step"
+            )
+        key = (self.shape_key, prompts)
+        scores = self._lse_scores.get(key)
+        if scores is None:
+            scores = torch.zeros(prompts, self.num_tokens, dtype=torch.float32, device=sums.device)
+            self._lse_scores[key] = scores
+        scores.scatter_(1, computed, sums.view(batch // prompts, prompts, -1).sum(dim=0))
+        sums.zero_()
+        return scores
+
     def memory_bytes(self) -> int:
         """Bytes held by the K/V and output caches (reuse "linear": with the forecast's state) and by metric delta's
-        buffers now."""
+        and metric attention's buffers now."""
         tensors = [t for buffers in (*self._kv.values(), *self._out.values()) for t in buffers]
         tensors += [t for pair in self._delta.values() for t in pair]
+        tensors += [*self._lse_sums.values(), *self._lse_scores.values()]
         return sum(t.numel() * t.element_size() for t in tensors)

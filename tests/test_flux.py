@@ -7,7 +7,9 @@ over [text; whole cached image] keys, and keeps every token's computed outputs w
 of a step outputs its last one (reuse "copy") or the line through its last two at the step index (reuse "linear").
 With ``true_cfg_scale > 1`` the first and second call of a step ("cond", "uncond") keep separate state. The next
 step's tokens come from the guided output handed to ``scheduler.step``, unpacked with diffusers' own
-``_unpack_latents``.
+``_unpack_latents``. With metric "attention" a token's score is the log-sum-exp of its image query's scaled scores
+over all keys of a layer (text and whole cached image), mean over heads, summed over every layer and call of the step
+(a prompt's batch rows summed); a token the step did not compute keeps its last score.
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ def _rotate(x, freqs):
     return torch.view_as_real(pairs * freqs[:, :, None]).flatten(-2).to(x.dtype)
 
 
+def log_lse(log: list, rows, q, k) -> None:
+    """Metric attention, one layer: append (batch row, token indices [K], score [K]) to ``log`` for every batch row,
+    the score of image query j the log-sum-exp over all keys of q_j . k / sqrt(d), mean over heads. q [B, K, H, d]
+    are the image queries of the tokens ``rows`` [B, K]; k [B, L, H, d] every key the layer attends over."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1).mean(dim=1)  # [B, K]
+    log.extend((i, rows[i], lse[i]) for i in range(q.shape[0]))
+
+
+def attention_scores(scores, log: list, prompts: int, n: int):
+    """Metric attention after a step: each prompt's per-token sums of the step's ``log`` (batch row r belongs to
+    prompt r % P) replace ``scores`` [P, N] (zeros if None) where the step computed the token; ``log`` is emptied."""
+    scores = torch.zeros(prompts, n) if scores is None else scores
+    fresh, computed = torch.zeros_like(scores), torch.zeros_like(scores, dtype=torch.bool)
+    for i, rows, lse in log:
+        fresh[i % prompts].index_add_(0, rows.cpu(), lse.cpu())
+        computed[i % prompts, rows.cpu()] = True
+    log.clear()
+    return torch.where(computed, fresh, scores)
+
+
 def reused_outputs(history: dict, rows, out, n: int, step: int, cfg: dict) -> torch.Tensor:
     """One call's output [B, n, F] at ``step``, given its computed rows ``out`` [B, K, F] at token indices ``rows``
     [B, K]; ``history`` maps (batch row, token) to the call's computed (step, output) pairs so far in the generation
@@ -93,6 +116,7 @@ class FluxOracle:
 
     def _set_timesteps(self, *args, **kwargs):
         self.step, self.calls, self.active, self.counters, self.state = 0, 0, None, None, {}
+        self.lse_log, self.scores = [], None  # metric attention
         return self.set_timesteps(*args, **kwargs)
 
     def _forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
@@ -129,6 +153,8 @@ class FluxOracle:
             k_cache, v_cache = state["kv"][layer]
             for i in range(b):
                 k_cache[i, rows[i]], v_cache[i, rows[i]] = k[i], v[i]
+            if self.cfg.get("metric") == "attention":
+                log_lse(self.lse_log, rows, q, torch.cat([tk, k_cache], 1))
             q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k_cache], 1), torch.cat([tv, v_cache], 1)
             out = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v))).transpose(1, 2)
             return out.flatten(2)
@@ -161,6 +187,9 @@ class FluxOracle:
         h, w = self.latent_hw
         latents = type(self.pipe)._unpack_latents(model_output, 8 * h, 8 * w, 8)  # [P, 16, H, W]
         n = (h // 2) * (w // 2)
+        metric = self.cfg.get("metric", "std")
+        if metric == "attention":
+            self.scores = attention_scores(self.scores, self.lse_log, latents.shape[0], n).to(latents.device)
         count = _spec_count(self.cfg, self.step + 1, n)
         if count is None:
             self.active = None
@@ -171,8 +200,9 @@ class FluxOracle:
                 latents,
                 count,
                 patch_size=2,
-                metric="std",
+                metric=metric,
                 counters=self.counters,
+                scores=self.scores,
                 starvation_scale=0.1,
                 mode=self.cfg["mode"],
                 high_ratio=self.cfg["high_ratio"],
@@ -201,6 +231,11 @@ CASES = {
         {"steps": 10, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
          "reuse": "linear"},
     ),
+    "2prompts-truecfg-attention": (
+        True, 2, True, {"height": 128, "width": 192},
+        {"steps": 8, "warmup": 2, "resets": (5,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference",
+         "metric": "attention"},
+    ),
 }  # fmt: skip
 
 
@@ -215,13 +250,23 @@ def _config(cfg: dict) -> RASConfig:
         end_step=cfg.get("end"),
         kv_cache=cfg.get("kv_cache"),
         reuse=cfg.get("reuse", "copy"),
+        metric=cfg.get("metric", "std"),
     )
 
 
-# Every case on the plain-PyTorch path; three (both modes, both reuses; the interpreter is slow) also on Triton.
+# Every case on the plain-PyTorch path; four (both modes, both reuses, metric attention; the interpreter is slow) also
+# on Triton.
 @pytest.mark.parametrize(
     "case,backend",
-    backend_cases(CASES, ("2prompts-paper-nonsquare", "2prompts-truecfg-nonsquare", "2prompts-truecfg-linear")),
+    backend_cases(
+        CASES,
+        (
+            "2prompts-paper-nonsquare",
+            "2prompts-truecfg-nonsquare",
+            "2prompts-truecfg-linear",
+            "2prompts-truecfg-attention",
+        ),
+    ),
 )
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)

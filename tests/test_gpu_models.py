@@ -112,6 +112,8 @@ FAMILY_OPTIONS = [
     pytest.param("sd3", {"reuse": "linear"}, id="sd3-reuse-linear"),
     pytest.param("sd3", {"metric": "random", "seed": 3}, id="sd3-metric-random"),
     pytest.param("sd3", {"metric": "delta"}, id="sd3-metric-delta"),
+    pytest.param("sd3", {"metric": "attention"}, id="sd3-metric-attention"),
+    pytest.param("lumina", {"metric": "attention"}, id="lumina-metric-attention"),
 ]
 
 

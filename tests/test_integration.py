@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,91 @@ def test_delta_metric_state(torch_backend, monkeypatch):
     again, _ = generate(ras)
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     assert ras.memory_bytes() == 0
+
+
+def test_attention_metric_state(torch_backend, monkeypatch):
+    """RASConfig(metric="attention") through RASSession, CFG batched as [cond; uncond] (B = 2P: batch row r belongs to
+    prompt r % P): the scores each selection gets are, per prompt, the sum over the step's layers and over the
+    prompt's batch rows of the log-sum-exps attention returned (mean over heads) at the tokens the step computed, the
+    previous scores elsewhere (zeros before the first step). With keep_buffers a second generation repeats the first,
+    also after a generation aborted mid-step (its partial sums are zeroed by reset), and memory_bytes counts the
+    buffers ([B, K] sums per active count K, [P, N] scores); without keep_buffers they are freed at the end."""
+    from ras_models import session as session_module
+
+    config = RASConfig(metric="attention", num_steps=6, warmup_steps=1, reset_steps=(3,), sample_ratio=0.25)
+    model, noise = TinyDiT().eval(), torch.randn(2, 4, 16, 16)  # P = 2 prompts of 64 tokens, K = 16
+    std = RASSession(replace(config, metric="std"), patch_size=2, keep_buffers=True)
+    with torch.no_grad():  # the same caches, without metric attention's buffers
+        sample(model, torch.cat([noise, noise]), 6, std)
+    lses, selections = [], []
+    attention, select = session_module.cached_kv_attention, session_module.select_regions
+
+    def spy_attention(*args, **kwargs):
+        out, lse = attention(*args, **kwargs)
+        lses.append(lse.clone())
+        return out, lse
+
+    def spy_select(signal, num_active, **kwargs):
+        selections.append(kwargs["scores"].clone())
+        return select(signal, num_active, **kwargs)
+
+    monkeypatch.setattr(session_module, "cached_kv_attention", spy_attention)
+    monkeypatch.setattr(session_module, "select_regions", spy_select)
+
+    def generate(ras, steps=6):
+        x = noise.clone()
+        ras.reset()
+        expected, carried = torch.zeros(2, 64), 0
+        selections.clear()
+        for _ in range(steps):
+            lses.clear()
+            cond, uncond = model(torch.cat([x, x]), ras).chunk(2)
+            guided = uncond + 2.0 * (cond - uncond)
+            computed = ras.kv_index[:2].clone()  # each prompt's computed tokens (both halves compute the same)
+            sums = torch.zeros(4, computed.shape[1])
+            for lse in lses:  # one per layer; q holds the image queries only
+                sums += lse.mean(dim=1)
+            expected.scatter_(1, computed, sums.view(2, 2, -1).sum(dim=0))
+            carried += 2 * 64 - computed.numel()
+            before = len(selections)
+            ras.observe(guided)
+            if len(selections) > before:
+                torch.testing.assert_close(selections[-1], expected, rtol=1e-6, atol=1e-6)
+            x = x + guided / 6
+        assert len(lses) == 2 and carried > 0  # two layers; RAS steps left tokens out, whose scores carried over
+        return x, [s.clone() for s in selections]
+
+    with torch.no_grad():
+        ras = RASSession(config, patch_size=2, keep_buffers=True)
+        first, first_scores = generate(ras)
+        assert len(first_scores) == 4  # the observes before the RAS steps 1, 2, 4, 5
+        attention_bytes = (4 * 64 + 4 * 16 + 2 * 64) * 4  # sums [B, N] (dense) and [B, K], scores [P, N]; fp32
+        assert ras.memory_bytes() == std.memory_bytes() + attention_bytes
+        again, again_scores = generate(ras)
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        assert all(torch.equal(a, b) for a, b in zip(first_scores, again_scores, strict=True))
+        ras.reset()
+        ras.begin_step(4, 16, 16, "cpu")
+        model.blocks[0](ras.gather(model.embed(torch.randn(4, 64, 16))), ras, 0)  # partial sums, then abandoned
+        again, _ = generate(ras)
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        ras = RASSession(config, patch_size=2)
+        again, _ = generate(ras)
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        assert ras.memory_bytes() == 0
+
+
+def test_attend_image_queries_is_validated(torch_backend):
+    ras = RASSession(RASConfig(metric="attention", num_steps=4, warmup_steps=1, reset_steps=()), patch_size=2)
+    ras.begin_step(1, 8, 8, "cpu")  # 16 tokens, dense
+    q, kv = torch.randn(1, 18, 2, 8), torch.randn(1, 16, 2, 8)  # 16 image queries and 2 more rows
+    with pytest.raises(TypeError, match="image_queries must be an int, got float"):
+        ras.attend(0, q, kv, kv, image_queries=1.0)
+    with pytest.raises(ValueError, match=r"image_queries must be in \[0, 2\], got 3"):
+        ras.attend(0, q, kv, kv, image_queries=3)
+    with pytest.raises(ValueError, match=r"image_queries must be in \[0, 2\], got -1"):
+        ras.attend(0, q, kv, kv, image_queries=-1)
+    assert ras.attend(0, q, kv, kv, image_queries=2).shape == q.shape
 
 
 def _run_calls(session, values, switch, history):

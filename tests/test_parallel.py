@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
 
+from ras_models import RASConfig, RASHandle, RASSession
 from ras_models.handle import _sharding
 
 UNSUPPORTED = "parallelism \\(enable_parallelism\\), which RAS does not support for this model"
@@ -183,4 +184,13 @@ def _model(parallel, heads: int = 4) -> SimpleNamespace:
 )
 def test_refused_parallelism(parallel, heads, shards, supported, match):
     with pytest.raises(ValueError, match=match):
-        _sharding(_model(parallel, heads), shards, supported)
+        _sharding(_model(parallel, heads), RASConfig(shards=shards), supported)
+
+
+def test_attention_metric_refused_under_context_parallelism():
+    """Metric "attention" under Ulysses is refused when the handle is made (before any patch), naming the metric;
+    the same model without parallelism, and the same parallelism with another metric, are accepted."""
+    parallel = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(ValueError, match=r"RASConfig\(metric='attention'\) is not supported under context parallel"):
+        RASHandle(RASSession(RASConfig(shards=2, metric="attention"), 2), _model(parallel), context_parallel=True)
+    assert _sharding(_model(None), RASConfig(shards=2, metric="attention"), True) is None

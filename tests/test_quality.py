@@ -890,6 +890,8 @@ def test_wan_frontier_end_to_end_toy_scale(tmp_path):
         "reference": "RAS std",
         "metric-random": "RAS random",
         "metric-delta": "RAS delta",
+        "metric-attention": "RAS attention",
+        "metric-attention-high": "RAS attention, highest",
         "forecast": "RAS forecast",
     }
     report = (out / "frontier-wan.md").read_text()

@@ -334,7 +334,7 @@ def test_bare_transformer_exception_aborts(torch_backend):
 
 
 # ---- 6. bounded memory across shapes ----
-@pytest.mark.parametrize("metric", ["std", "delta"])  # delta: its previous / scores buffers are per shape too
+@pytest.mark.parametrize("metric", ["std", "delta", "attention"])  # delta, attention: their buffers are per shape too
 def test_session_evicts_least_recently_used_shape(metric, torch_backend):
     model = TinyDiT().eval()  # 64 tokens: latents 16x16, 8x32, 32x8 with patch 2
     config = RASConfig(num_steps=4, warmup_steps=1, reset_steps=(), sample_ratio=0.5, metric=metric)

@@ -928,3 +928,97 @@ def test_delta_arguments_are_validated(kwargs, exc, match, backend, monkeypatch)
         select_regions(torch.randn(1, 4, 8, 8), 3, **{"metric": "delta", "counters": counters, **kwargs})
     assert not bool(counters.any())
     assert not bool(_SCORES.any())
+
+
+# ---------------------------------------------------------------------------------------- metric "attention"
+def tie_free_attention_scores(b, n, scale, device=DEVICE):
+    """[B, N] fp32 scores +-exp(scale * (perm_t + 1/2) / N) with random signs: with integer counters and
+    starvation_scale ``scale`` every priority +-exp(scale * ((perm_t + 1/2) / N +- D_t)) is distinct by far more than
+    fp32 rounding, so any correct implementation orders them identically."""
+    perm = torch.stack([torch.randperm(n, device=device) for _ in range(b)]).float()
+    sign = torch.where(torch.rand(b, n, device=device) < 0.5, -1.0, 1.0)
+    return sign * torch.exp(scale * (perm + 0.5) / n)
+
+
+@pytest.mark.parametrize("high_ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("mode", ["reference", "paper"])
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_attention_triton_equals_reference(video, shards, mode, high_ratio, triton_backend):
+    """Exact equality (indices, counters) over three consecutive calls with fresh tie-free scores of both signs; the
+    scores are read, never written, and the signal (NaN here) is never read."""
+    b = 2
+    if video:
+        x, patch, n = torch.full((b, 3, 4, 6, 4), float("nan"), device=DEVICE), (2, 2, 1), 24  # grid 2 x 3 x 4
+    else:
+        x, patch, n = torch.full((b, 1, 8, 10), float("nan"), device=DEVICE), (2, 2), 20
+    counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
+    ref_c = counters.clone()
+    kw = dict(patch_size=patch, metric="attention", starvation_scale=0.5, mode=mode, high_ratio=high_ratio)
+    for k in (n // 2, shards, n - shards):
+        scores = tie_free_attention_scores(b, n, 0.5)
+        before = scores.clone()
+        ours = select_regions(x, k, counters=counters, scores=scores, shards=shards, **kw)
+        ref = reference.select_regions(x, k, counters=ref_c, scores=scores, shards=shards, **kw)
+        check_index_shape(ours, b, k, n)
+        assert torch.equal(ours, ref)
+        assert torch.equal(counters, ref_c)
+        assert torch.equal(scores, before)
+    # Without counters, the K tokens of the highest scores are kept when high_ratio is 0 (the band's top).
+    scores = tie_free_attention_scores(b, n, 0.5)
+    top = select_regions(x, 5, scores=scores, **{**kw, "high_ratio": 0.0})
+    assert torch.equal(top, scores.topk(5, dim=1).indices.sort(dim=1).values)
+
+
+def test_attention_registered_op(triton_backend):
+    """opcheck (schema: the op writes the counters only, scores are declared mutable but untouched; the fake) and the
+    registered op equals the reference."""
+    op = torch.ops.ras_kernels.select_regions.default
+    x = torch.randn(2, 1, 4, 6, device=DEVICE)  # 6 tokens of 2 x 2
+    scores = tie_free_attention_scores(2, 6, 0.1)
+    counters = torch.randint(0, 3, (2, 6), dtype=torch.int32, device=DEVICE)
+    args = (x, 3, [2, 2], "attention", counters.clone(), 0.1, "reference", 0.3, 1, None, None, scores)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    ours_c, ref_c = counters.clone(), counters.clone()
+    got = op(x, 3, [2, 2], "attention", ours_c, 0.1, "reference", 0.3, 1, None, None, scores)
+    kw = dict(metric="attention", scores=scores, high_ratio=0.3)
+    assert torch.equal(got, reference.select_regions(x, 3, counters=ref_c, **kw))
+    assert torch.equal(ours_c, ref_c)
+
+
+ATTENTION_ERRORS = [
+    pytest.param({}, ValueError, "metric='attention' needs scores", id="missing"),
+    pytest.param(
+        {"scores": _SCORES, "previous": _PREV},
+        ValueError,
+        "previous is used only with metric='delta', got metric='attention'",
+        id="previous",
+    ),
+    pytest.param({"scores": _SCORES.double()}, TypeError, "scores must have dtype", id="f64"),
+    pytest.param({"scores": _SCORES.bfloat16()}, TypeError, "scores must have dtype", id="bf16"),
+    pytest.param({"scores": _SCORES[:, :15]}, ValueError, r"scores must have shape \(B, N\) = \(1, 16\)", id="shape"),
+    pytest.param({"scores": _SCORES[0]}, ValueError, "scores must have 2 dimensions", id="1d"),
+    pytest.param({"scores": _SCORES.to("meta")}, ValueError, "scores is on meta", id="device"),
+    pytest.param({"scores": [[0.0] * 16]}, TypeError, "scores must be a torch.Tensor", id="type"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kwargs,exc,match", ATTENTION_ERRORS)
+def test_attention_arguments_are_validated(kwargs, exc, match, backend, monkeypatch):
+    """Checked before any backend runs; a refused call leaves the counters untouched."""
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    counters = torch.zeros(1, 16, dtype=torch.int32)
+    with pytest.raises(exc, match=match):
+        select_regions(torch.randn(1, 4, 8, 8), 3, **{"metric": "attention", "counters": counters, **kwargs})
+    assert not bool(counters.any())
+
+
+@pytest.mark.parametrize("metric", ["std", "l2", "random"])
+def test_scores_are_refused_with_other_metrics(metric, torch_backend):
+    seed = {"seed": torch.zeros(1, dtype=torch.int64)} if metric == "random" else {}
+    match = f"scores is used only with metric='delta' or 'attention', got metric='{metric}'"
+    with pytest.raises(ValueError, match=match):
+        select_regions(torch.randn(1, 4, 8, 8), 3, metric=metric, scores=_SCORES, **seed)

@@ -2,7 +2,8 @@
 
 Images (spec section 4) on the torch path; videos (section 8: [B, C, T, H, W] with a (pt, ph, pw) patch, tokens in
 row-major (t, h, w) order) and rectangular image patches on both paths, on odd token grids; metric "delta" (each
-token's change from the previous signal, carried over where it is 0) on both paths, images and videos.
+token's change from the previous signal, carried over where it is 0) and metric "attention" (each token's given score)
+on both paths, images and videos.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ._utils import TRITON_RUNNABLE
 def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio, previous=None, scores=None):
     """Spec sections 4 and 8, one token at a time, on a video [B, C, T, H, W] with patch (pt, ph, pw) (an image is
     the video with T = 1 and pt = 1). Metric delta: a voxel's value is the channel L2 norm of signal - previous, and
-    a token whose mean of them is 0 takes its entry of ``scores`` instead. Returns (sorted active indices [B, K],
+    a token whose mean of them is 0 takes its entry of ``scores`` instead. Metric attention: a token's R is its entry
+    of ``scores`` (the signal is not read). Returns (sorted active indices [B, K],
     updated counters or None, updated scores (the R of every token, fp32) or None)."""
     b, c, t, h, w = signal.shape
     pt, ph, pw = patch
@@ -34,6 +36,11 @@ def literal_select(signal, k, patch, metric, counters, scale, mode, high_ratio, 
         for tz in range(t // pt):
             for ty in range(h // ph):
                 for tx in range(w // pw):
+                    if metric == "attention":
+                        r = scores[s, len(prio)].item()
+                        d = 0 if counters is None else counters[s, len(prio)].item()
+                        prio.append(r * math.exp(sign * scale * d))
+                        continue
                     vals = []
                     for zz in range(tz * pt, tz * pt + pt):
                         for yy in range(ty * ph, ty * ph + ph):
@@ -322,3 +329,35 @@ def test_delta_one_changed_value_is_a_change(where, backend):
     changed[1, 4] = True
     assert torch.equal(scores[~changed], before[~changed])
     assert 0 < float(scores[1, 4]) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ metric "attention"
+ATTENTION_CASES = [
+    # (B, C, token grid, patch, K, mode, high_ratio, counters dtype)
+    (2, 4, (3, 5, 7), (1, 2, 2), 40, "reference", 0.3, torch.int32),  # Wan's patch
+    (1, 1, (5, 3, 1), (3, 1, 2), 15, "paper", 0.5, torch.int64),  # K = N, one channel
+    (3, 2, (3, 5, 7), (2, 3, 2), 104, "paper", 0.0, None),  # K = N - 1
+    (2, 4, (5, 7), (1, 3), 12, "reference", 1.0, torch.int32),  # image, 1 x 3 patches
+    (2, 2, (7, 9), (2, 2), 1, "reference", 0.3, torch.int64),  # image, p = 2, K = 1
+    (1, 2, (1, 1), (2, 2), 1, "paper", 0.3, torch.int32),  # N = 1
+]
+
+
+@pytest.mark.parametrize(
+    "case", ATTENTION_CASES, ids=[f"B{c[0]}-grid{'x'.join(map(str, c[2]))}-K{c[4]}-hr{c[6]}" for c in ATTENTION_CASES]
+)
+def test_attention_selection_follows_spec(case, backend, poison_allocations):
+    """Three steps with the counters carried over (in place): each token's R is its entry of ``scores`` (random
+    numbers of both signs, as log-sum-exps summed over layers can be), read through a strided view and never written;
+    the signal's values do not matter."""
+    b, c, grid, patch, k, mode, high_ratio, cnt_dtype = case
+    dev = _device(backend)
+    size = tuple(g * p for g, p in zip(grid, patch, strict=True))
+    n = math.prod(grid)
+    counters = None if cnt_dtype is None else torch.randint(0, 6, (b, n), dtype=cnt_dtype, device=dev)
+    for _ in range(3):
+        signal = torch.full((b, c, *size), float("nan"), device=dev)  # never read
+        scores = (3 * torch.randn(n, b, device=dev)).t()  # token-major: strides (1, B)
+        before = scores.clone()
+        check_against_spec(signal, k, patch, "attention", counters, 0.5, mode, high_ratio, None, scores)
+        assert torch.equal(scores, before)

@@ -9,7 +9,9 @@ its last one, or with reuse "linear" the line through its last two at the step i
 (expert, order within the step), so "cond" and "uncond" and the two experts of Wan 2.2 keep separate state. The
 next step's tokens come from the guided 5-D output handed to ``scheduler.step``: per voxel the channel std, averaged
 over each token's 2x2 voxels of its frame, then the priority, a stable sort and the band. Dense steps: the schedule's,
-and the first step of each expert (which expert runs each step follows from the pipeline's boundary rule).
+and the first step of each expert (which expert runs each step follows from the pipeline's boundary rule). Metric
+"attention" as in tests/test_flux.py: the log-sum-exp of each active query over the whole cache, mean over heads,
+summed over the step's layers and calls, carried over for the tokens a step left out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ras_models import RASConfig, apply_ras, supported_models
 
 from ._models import tiny_wan_i2v_pipeline, tiny_wan_pipeline, tiny_wan_transformer
 from ._utils import DEVICE, backend_cases, fake_cuda_graphs
-from .test_flux import _config, _recording, _spec_count, reused_outputs  # the spec as a dict: config, schedule, reuse
+from .test_flux import _config, _recording, _spec_count, attention_scores, log_lse, reused_outputs  # the spec
 
 ATOL = 2e-4  # the same computation in another order (fp32; 1.3e-4 seen on an H200 over the CFG oracle's steps)
 # fp8 caches: a key element that the two computations put on either side of an e4m3 rounding boundary differs by
@@ -77,12 +79,13 @@ def _experts(pipe, timesteps) -> list[str]:
     return [EXPERTS[0] if t >= boundary else EXPERTS[1] for t in timesteps]
 
 
-def _select(guided, count: int, counters, cfg: dict):
-    """The spec's selection: per voxel the unbiased channel std, its mean over each token's 2x2 voxels -> R [P, N];
-    priority R * exp(+-0.1 D); stable ascending sort; the K tokens after int(skip * (1 - high_ratio)) lowest, sorted;
-    D += 1 for the dropped ones."""
-    per_voxel = guided.float().std(dim=1)  # [P, T, H, W]
-    scores = rearrange(per_voxel, "b t (y p) (x q) -> b (t y x) (p q)", p=2, q=2).mean(-1)
+def _select(guided, count: int, counters, cfg: dict, scores=None):
+    """The spec's selection: per voxel the unbiased channel std, its mean over each token's 2x2 voxels -> R [P, N]
+    (metric attention: R = ``scores``); priority R * exp(+-0.1 D); stable ascending sort; the K tokens after
+    int(skip * (1 - high_ratio)) lowest, sorted; D += 1 for the dropped ones."""
+    if scores is None:
+        per_voxel = guided.float().std(dim=1)  # [P, T, H, W]
+        scores = rearrange(per_voxel, "b t (y p) (x q) -> b (t y x) (p q)", p=2, q=2).mean(-1)
     sign = 1.0 if cfg["mode"] == "reference" else -1.0
     priority = scores * torch.exp(sign * 0.1 * counters.float())
     order = torch.sort(priority, dim=1, stable=True).indices
@@ -117,6 +120,7 @@ class WanOracle:
         # An expert's first step is dense: it has no caches yet.
         self.first = {i for i in range(1, len(self.order)) if self.order[i] != self.order[i - 1]}
         self.step, self.calls, self.active, self.counters, self.state, self.ran = 0, 0, None, None, {}, []
+        self.lse_log, self.scores = [], None  # metric attention
         return result
 
     def _forward(self, name, t, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
@@ -152,6 +156,8 @@ class WanOracle:
             stored = _fp8_rounded if self.cfg.get("kv_cache") == "fp8" else (lambda z: z)
             for j in range(b):
                 k_cache[j, rows[j]], v_cache[j, rows[j]] = stored(k[j]), stored(v[j])
+            if self.cfg.get("metric") == "attention":
+                log_lse(self.lse_log, rows, q, k_cache)
             out = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k_cache, v_cache))).transpose(1, 2)
             x = (x.float() + a.to_out[0](out.flatten(2)) * gate).type_as(x)
             x = x + block.attn2(block.norm2(x.float()).type_as(x), text)  # diffusers' cross-attention, K queries
@@ -167,13 +173,16 @@ class WanOracle:
         _, _, frames, height, width = model_output.shape
         n = frames * (height // 2) * (width // 2)
         nxt = self.step + 1
+        if self.cfg.get("metric") == "attention":
+            prompts = model_output.shape[0]
+            self.scores = attention_scores(self.scores, self.lse_log, prompts, n).to(model_output.device)
         count = None if nxt in self.first else _spec_count(self.cfg, nxt, n)
         if count is None:
             self.active = None
         else:
             if self.counters is None:
                 self.counters = torch.zeros(model_output.shape[0], n, dtype=torch.int64, device=model_output.device)
-            self.active = _select(model_output, count, self.counters, self.cfg)
+            self.active = _select(model_output, count, self.counters, self.cfg, self.scores)
         self.step += 1
         self.calls = 0
         return self.step_fn(model_output, *args, **kwargs)
@@ -203,6 +212,16 @@ CASES = {
         {"steps": 9, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
          "reuse": "linear"},
     ),
+    "2.1-cfg-attention": (
+        1, 2, 5.0, {"num_frames": 9, "height": 64, "width": 96},
+        {"steps": 8, "warmup": 2, "resets": (5,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference",
+         "metric": "attention"},
+    ),
+    "2.2-experts-attention-paper": (
+        2, 2, 4.0, {"num_frames": 9, "height": 64, "width": 96},
+        {"steps": 9, "warmup": 2, "resets": (6,), "ratio": 0.5, "high_ratio": 1.0, "mode": "paper",
+         "metric": "attention"},
+    ),
     "2.2-experts-reference": (
         2, 1, 3.0, {"num_frames": 5, "height": 64, "width": 64},
         {"steps": 8, "warmup": 1, "resets": (), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference"},
@@ -227,7 +246,9 @@ def _generations(pipe, run, cfg: dict):
 
 
 # Every case on the plain-PyTorch path; two (both modes, CFG, the switch) also on the Triton kernels.
-@pytest.mark.parametrize("case,backend", backend_cases(CASES, ("2.1-cfg", "2.2-experts-cfg-paper", "2.1-cfg-fp8")))
+@pytest.mark.parametrize(
+    "case,backend", backend_cases(CASES, ("2.1-cfg", "2.2-experts-cfg-paper", "2.1-cfg-fp8", "2.1-cfg-attention"))
+)
 def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     monkeypatch.setenv("RAS_BACKEND", backend)
     experts, count, guidance, size, cfg = CASES[case]

@@ -48,6 +48,8 @@ FRONTIER_VARIANTS = (  # the Flux and Wan studies (through their pipelines)
     "reference",
     "metric-random",
     "metric-delta",
+    "metric-attention",
+    "metric-attention-high",
     "forecast",
 )
 # Run only when named (--variants): fp8 K/V caches need CUDA compute capability 8.9 (or the CPU) and a kernel head dim.
@@ -55,6 +57,9 @@ EXTRA_VARIANTS = ("fp8-cache",)
 ALL_VARIANTS = tuple(dict.fromkeys((*VARIANTS, *FRONTIER_VARIANTS, *EXTRA_VARIANTS)))
 EVAL_SEED_OFFSET = 10_000  # evaluation scenes and noise never share a seed with training streams
 RANDOM_METRIC_SEED = 7  # RASConfig.seed of the metric-random variant
+# high_ratio of the metric-attention-high variant: nearly all dropped tokens come from the lowest scores, so a RAS
+# step computes (mostly) the highest attention log-sum-exps, the opposite end of the band from the presets' 1.0.
+ATTENTION_HIGH_RATIO = 0.05
 
 
 def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: str = "sd3") -> RASConfig:
@@ -71,6 +76,10 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
     * ``metric-random``: the package's ``metric="random"`` (a uniform random score per token, fresh every RAS step,
       seed ``RANDOM_METRIC_SEED``; the starvation priority and the band apply unchanged);
     * ``metric-delta``: ``metric="delta"`` (each token's last observed change of the guided output);
+    * ``metric-attention``: ``metric="attention"`` (each token's attention log-sum-exp, mean over heads, summed over
+      the step's self-attention layers and calls; kept while the token is left out);
+    * ``metric-attention-high``: the same with high_ratio ``ATTENTION_HIGH_RATIO`` (the band keeps mostly the
+      highest scores instead of the lowest);
     * ``forecast``: ``reuse="linear"`` (left-out tokens get the line through their last two computed outputs
       instead of a copy; the selection as ``reference``);
     * ``fp8-cache``: ``kv_cache="fp8"`` (e4m3 K/V caches with per-(token, head) scales; the selection as
@@ -88,6 +97,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         "random": {"starvation_scale": 0.0, "high_ratio": 1.0},
         "metric-random": {"metric": "random", "seed": RANDOM_METRIC_SEED},
         "metric-delta": {"metric": "delta"},
+        "metric-attention": {"metric": "attention"},
+        "metric-attention-high": {"metric": "attention", "high_ratio": ATTENTION_HIGH_RATIO},
         "forecast": {"reuse": "linear"},
         "fp8-cache": {"kv_cache": "fp8"},
     }[variant]

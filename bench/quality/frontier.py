@@ -10,8 +10,10 @@ dense run at the longest step count S:
 * ``dense S steps``: the reference; ``RAS 1.0 (all tokens)``: the RAS code path computing every token;
 * ``RAS r reference`` (the ``RASConfig.flux`` or ``RASConfig.wan`` preset's schedule, resets moved to S steps in
   proportion, with the std metric and mode reference: the public code's rule), ``RAS r metric-random``
-  (``metric="random"``), ``RAS r metric-delta`` (``metric="delta"``) and ``RAS r forecast`` (``reuse="linear"``)
-  at each ratio r;
+  (``metric="random"``), ``RAS r metric-delta`` (``metric="delta"``), ``RAS r metric-attention``
+  (``metric="attention"``: the band rule computes the lowest attention log-sum-exps), ``RAS r
+  metric-attention-high`` (the same with ``high_ratio`` 0.05: mostly the highest) and ``RAS r forecast``
+  (``reuse="linear"``) at each ratio r;
 * ``dense N steps (equal time)``: as many dense steps as fit in the time of ``RAS r reference``;
 * ``FirstBlockCache t`` (``FirstBlockCacheConfig(threshold=t)``: the blocks after the first are skipped while the
   first block's output residual changes by less than t, relative) and ``TaylorSeer i``
@@ -51,6 +53,8 @@ CATEGORIES = {  # category -> colour of its points
     "RAS std": (31, 119, 180),
     "RAS random": (255, 127, 14),
     "RAS delta": (23, 190, 207),
+    "RAS attention": (227, 119, 194),
+    "RAS attention, highest": (23, 100, 60),
     "RAS forecast": (140, 86, 75),
     "RAS fp8 caches": (188, 189, 34),
     "RAS on fewer steps": (148, 103, 189),
@@ -172,6 +176,8 @@ def category(record: dict) -> str | None:
         variants = {
             "metric-random": "RAS random",
             "metric-delta": "RAS delta",
+            "metric-attention": "RAS attention",
+            "metric-attention-high": "RAS attention, highest",
             "forecast": "RAS forecast",
             "fp8-cache": "RAS fp8 caches",
         }

@@ -138,6 +138,7 @@ def region_keys_kernel(
     L2: tl.constexpr,
     RANDOM: tl.constexpr,
     DELTA: tl.constexpr,
+    ATTENTION: tl.constexpr,
     C_BLOCK: tl.constexpr,
     HAS_COUNTERS: tl.constexpr,
 ):
@@ -160,6 +161,8 @@ def region_keys_kernel(
     any strides), so R is the token's change d; where d == 0 exactly (the token was not recomputed) R is the token's
     entry of scores ([B, N] fp32, any strides) instead, and R is written back there (before the starvation factor),
     as ``reference.region_scores``.
+    ATTENTION (metric ``attention``): x is not read; R is the token's entry of scores ([B, N] fp32, any strides; read
+    only).
     """
     b = tl.program_id(1).to(tl.int64)
     # Token and voxel coordinates in int32 (N <= 2**21): a 64-bit division per element costs more than the loads.
@@ -173,6 +176,8 @@ def region_keys_kernel(
         v = _lowbias32(lo ^ _lowbias32(hi ^ _lowbias32(b.to(tl.uint32) + 0x9E3779B9)))
         bits = _lowbias32(v ^ tok.to(tl.uint32))
         prio = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    elif ATTENTION:
+        prio = tl.load(scores_ptr + b * stride_scores_b + tok.to(tl.int64) * stride_scores_n, mask=tok_ok, other=0.0)
     else:
         prio = _region_scores(
             x_ptr,

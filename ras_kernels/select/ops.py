@@ -19,7 +19,7 @@ from .._backend import (
 )
 from . import reference
 
-METRICS = ("std", "l2", "random", "delta")
+METRICS = ("std", "l2", "random", "delta", "attention")
 MODES = ("reference", "paper")
 # The largest N the Triton path takes: 2**17 covers Wan 720p (21 x 45 x 80 = 75,600 tokens). One program per row;
 # above 16384 keys the radix select re-reads the row from L2 in 16384-key chunks (N = 2**17: 8 chunks), and the
@@ -32,6 +32,7 @@ _DELTA_ARGS = {  # metric "delta"'s two tensors, as its refusal describes them
     "previous": "the signal observed at the previous call (the signal's shape, dtype and device)",
     "scores": "a [B, N] float32 tensor on the signal's device (each token's last observed change, updated in place)",
 }
+_ATTENTION_SCORES = "a [B, N] float32 tensor on the signal's device (each token's score, read only)"
 
 
 def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
@@ -98,17 +99,25 @@ def validate_select_args(
             raise ValueError(f"seed must have shape (1,), got {tuple(seed.shape)}")
     elif seed is not None:
         raise ValueError(f"seed is used only with metric='random', got metric={metric!r} and a seed")
-    for name, t in (("previous", previous), ("scores", scores)):
-        if metric == "delta" and t is None:
-            raise ValueError(f"metric='delta' needs {name}: {_DELTA_ARGS[name]}")
-        if metric != "delta" and t is not None:
-            raise ValueError(f"{name} is used only with metric='delta', got metric={metric!r} and a {name} tensor")
+    if metric == "delta" and previous is None:
+        raise ValueError(f"metric='delta' needs previous: {_DELTA_ARGS['previous']}")
+    if metric != "delta" and previous is not None:
+        raise ValueError(f"previous is used only with metric='delta', got metric={metric!r} and a previous tensor")
+    if metric == "delta" and scores is None:
+        raise ValueError(f"metric='delta' needs scores: {_DELTA_ARGS['scores']}")
+    if metric == "attention" and scores is None:
+        raise ValueError(f"metric='attention' needs scores: {_ATTENTION_SCORES}")
+    if metric not in ("delta", "attention") and scores is not None:
+        raise ValueError(
+            f"scores is used only with metric='delta' or 'attention', got metric={metric!r} and a scores tensor"
+        )
     if metric == "delta":
         check_tensor("previous", previous, dtypes=(signal.dtype,), device=signal.device)
         if previous.shape != signal.shape:
             raise ValueError(
                 f"previous must have the signal's shape {tuple(signal.shape)}, got {tuple(previous.shape)}"
             )
+    if scores is not None:
         check_tensor("scores", scores, ndim=2, dtypes=(torch.float32,), device=signal.device)
         if tuple(scores.shape) != (b, n):
             raise ValueError(f"scores must have shape (B, N) = ({b}, {n}), got {tuple(scores.shape)}")
@@ -184,6 +193,8 @@ def launch_select(
     is read by the score kernel and then incremented in place (a device op, no host sync).
     ``previous`` (the signal's shape) and ``scores`` ([B, N] fp32): metric ``delta`` (with ``use_l2``): the score
     kernel reads the change from ``previous``, carries ``scores`` over where it is 0 and writes them back in place.
+    ``scores`` without ``previous``: metric ``attention``, R is read from ``scores`` (never written; ``use_l2`` is
+    ignored and the signal gives only the shapes).
     Launches on the current device (the op runs it under the signal's device).
     """
     from . import kernels
@@ -195,11 +206,13 @@ def launch_select(
     n = (t // pt) * ht * wt
     keys = torch.empty((b, n), dtype=torch.int32, device=signal.device)
     pv2 = next_pow2(pt * ph * pw)
-    # 256 voxels per program (2 per thread), all channels of a voxel in one thread; random scores: 256 tokens.
-    block_t = max(1, min(256 // pv2 if seed is None else 256, next_pow2(n)))
+    attention = scores is not None and previous is None
+    reads_signal = seed is None and not attention
+    # 256 voxels per program (2 per thread), all channels of a voxel in one thread; random / attention: 256 tokens.
+    block_t = max(1, min(256 // pv2 if reads_signal else 256, next_pow2(n)))
     kernels.region_keys_kernel[(cdiv(n, block_t), b)](
         keys_ptr=keys,
-        scores_ptr=scores if scores is not None else keys,  # never touched when DELTA is False
+        scores_ptr=scores if scores is not None else keys,  # never touched unless DELTA or ATTENTION
         x_ptr=x,
         prev_ptr=prev,
         counters_ptr=counters if counters is not None else keys,  # never read when HAS_COUNTERS is False
@@ -232,6 +245,7 @@ def launch_select(
         L2=use_l2,
         RANDOM=seed is not None,
         DELTA=previous is not None,
+        ATTENTION=attention,
         C_BLOCK=min(c, 16),
         HAS_COUNTERS=counters is not None,
         num_warps=4,
@@ -338,7 +352,7 @@ def _launch(
         shards=shards,
         seed=seed if metric == "random" else None,
         previous=previous if metric == "delta" else None,
-        scores=scores if metric == "delta" else None,
+        scores=scores if metric in ("delta", "attention") else None,
     )
 
 
@@ -443,6 +457,9 @@ def select_regions(
             the token's change, the mean over its pixels of the channel L2 norm of ``signal - previous`` (fp32); a
             token whose change is exactly 0 (not recomputed: its signal equals ``previous`` bit for bit) keeps its
             last observed change from ``scores``, and the resulting R is written back into ``scores``.
+            ``"attention"``: R is the token's entry of ``scores``, a score the caller computed (``RASSession``: the
+            token's attention log-sum-exp, mean over heads, summed over the step's layers; any sign); the signal's
+            values are not read, it gives B and N.
         counters: optional [B, N] int32/int64 starvation counts D, updated in place (+1 for every dropped token).
         starvation_scale: k >= 0 in the priority ``R * exp(+-k D)``.
         mode: ``"reference"`` (``exp(+k D)``, the public code's rule) or ``"paper"`` (``exp(-k D)``).
@@ -456,9 +473,10 @@ def select_regions(
             incremented in place by 1, so the next call (or a CUDA-graph replay) draws afresh.
         previous: metric ``"delta"`` only (required there, refused otherwise): the signal observed at the previous
             call, with the signal's shape, dtype and device (any strides); read only.
-        scores: metric ``"delta"`` only (required there, refused otherwise): [B, N] float32 on the signal's device
-            (any strides, no two elements sharing memory), each token's last observed change (zeros at the start);
-            read and updated in place (the R above, before the starvation factor).
+        scores: metric ``"delta"`` or ``"attention"`` only (required there, refused otherwise): [B, N] float32 on the
+            signal's device (any strides, no two elements sharing memory). ``"delta"``: each token's last observed
+            change (zeros at the start), read and updated in place (the R above, before the starvation factor).
+            ``"attention"``: each token's R, read only.
 
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).

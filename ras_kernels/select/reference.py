@@ -88,7 +88,11 @@ def region_scores(
     Metric ``delta``: the change d = the L2 metric of ``signal - previous`` (fp32), except that a token with d == 0
     exactly (not recomputed: its signal equals ``previous`` bit for bit) keeps its entry of ``scores`` [B, N] (its
     last observed change). ``scores`` is only read here; :func:`select_regions` writes R back into it.
+
+    Metric ``attention``: R is ``scores`` [B, N] itself (read only; the signal gives only B and N).
     """
+    if metric == "attention":
+        return scores
     if metric == "delta":
         change = region_scores(signal.float() - previous.float(), patch_size, "l2")
         return torch.where(change == 0, scores, change)
@@ -134,7 +138,8 @@ def select_regions(
 
     ``metric="random"`` draws the scores from ``seed`` ([1] int64, :func:`random_scores`), then adds 1 to it in place.
     ``metric="delta"`` ranks each token's change from ``previous`` (the carry-over of :func:`region_scores`) and
-    writes those scores into ``scores`` ([B, N] fp32) in place.
+    writes those scores into ``scores`` ([B, N] fp32) in place. ``metric="attention"`` ranks ``scores`` as given
+    (read only).
     """
     r = region_scores(signal, patch_size, metric, seed, previous, scores)
     prio = priorities(r, counters, starvation_scale, mode)
