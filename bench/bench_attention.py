@@ -325,6 +325,7 @@ def tune(path: str) -> None:
 
 # Shape families of the Hopper kernel's table: its head dims, 16-bit caches (fp8 stays on the portable kernel).
 HOPPER_TUNE_FAMILIES = tuple(f for f in TUNE_FAMILIES if f[6] in (64, 128) and not f[8] and not f[7])
+HOPPER_TUNE_BUCKETS = TUNE_BUCKETS[2:]  # 256 .. 32768: a RAS step's queries (a key outside takes the default)
 
 
 def tune_hopper(path: str) -> None:
@@ -339,7 +340,7 @@ def tune_hopper(path: str) -> None:
     major, minor = torch.cuda.get_device_capability()
     table = {}
     for name, b, n, t, hq, hkv, d, _, _ in HOPPER_TUNE_FAMILIES:
-        for bucket in TUNE_BUCKETS:
+        for bucket in HOPPER_TUNE_BUCKETS:
             lq = max(1, bucket * 3 // 4)
             q, _, _, kc, vc, _, ke, ve = _inputs(b, n, 0, t, hq, hkv, d, lq=lq)
             args = (q, kc, vc, ke, ve, None, d**-0.5, False)
