@@ -70,7 +70,7 @@ def log_lse(log: list, rows, q, k) -> None:
 def attention_scores(scores, log: list, prompts: int, n: int):
     """Metric attention after a step: each prompt's per-token sums of the step's ``log`` (batch row r belongs to
     prompt r % P) replace ``scores`` [P, N] (zeros if None) where the step computed the token; ``log`` is emptied."""
-    scores = torch.zeros(prompts, n) if scores is None else scores
+    scores = torch.zeros(prompts, n) if scores is None else scores.cpu()  # the oracle keeps the scores on the host
     fresh, computed = torch.zeros_like(scores), torch.zeros_like(scores, dtype=torch.bool)
     for i, rows, lse in log:
         fresh[i % prompts].index_add_(0, rows.cpu(), lse.cpu())
