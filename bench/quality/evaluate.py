@@ -99,8 +99,8 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
         "metric-delta": {"metric": "delta"},
         "metric-attention": {"metric": "attention"},
         "metric-attention-high": {"metric": "attention", "high_ratio": ATTENTION_HIGH_RATIO},
-        "forecast": {"reuse": "linear"},
-        "fp8-cache": {"kv_cache": "fp8"},
+        "forecast": {"metric": "std", "reuse": "linear"},
+        "fp8-cache": {"metric": "std", "kv_cache": "fp8"},
     }[variant]
     return dataclasses.replace(config, **overrides)
 
