@@ -876,7 +876,8 @@ def test_wan_frontier_end_to_end_toy_scale(tmp_path):
     )
     names = [r.name for r in runs]
     assert names[:4] == ["dense 6 steps", "RAS 1.0 (all tokens)", "RAS 0.25 reference", "RAS 0.25 metric-random"]
-    assert {"FirstBlockCache 0.2", "TaylorSeer 2", "RAS 0.5 reference, 4 steps"} <= set(names)
+    stacks = {"RAS 0.5 reference, 4 steps", "RAS 0.5 metric-attention, 4 steps"}  # the default --stack-variants
+    assert {"FirstBlockCache 0.2", "TaylorSeer 2", *stacks} <= set(names)
     records = json.loads((out / "frontier-wan.json").read_text())
     assert [r["name"] for r in records] == names
     by_name = {r["name"]: r for r in records}

@@ -779,6 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stack-steps", type=int, default=None, help="Flux, Wan: steps of RAS on fewer steps (default S / 2)"
     )
     p.add_argument("--stack-ratios", type=float, nargs="*", default=[0.5, 0.25], help="Flux, Wan: their ratios")
+    p.add_argument(
+        "--stack-variants",
+        nargs="+",
+        choices=FRONTIER_VARIANTS,
+        default=["reference", "metric-attention"],
+        help="Flux, Wan: their variants",
+    )
     p.add_argument("--samples", type=int, default=256, help="prompts (default 256)")
     p.add_argument("--batch", type=int, default=128, help="prompts per transformer call (default 128)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default 28 10; Flux, Wan: 28)")

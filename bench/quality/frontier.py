@@ -19,7 +19,8 @@ dense run at the longest step count S:
   first block's output residual changes by less than t, relative) and ``TaylorSeer i``
   (``TaylorSeerCacheConfig(cache_interval=i, disable_cache_before_step=warm-up, max_order=1)``: attention outputs
   extrapolated by a first-order Taylor series between full steps every i);
-* stacks: ``dense M steps`` and ``RAS r reference, M steps`` (RAS on fewer steps, M = ``--stack-steps``).
+* stacks: ``dense M steps`` and ``RAS r v, M steps`` (RAS on fewer steps, M = ``--stack-steps``, for each variant v
+  of ``--stack-variants``: by default the std rule and the attention rule, the closest one in session 15's run).
 
 diffusers 0.42.1's other caches are left out: MagCache needs magnitude ratios calibrated per checkpoint and
 scheduler (its published ratios are Flux.1-dev's), FasterCache's defaults target guidance-distilled or CFG-batched
@@ -161,8 +162,9 @@ def run_frontier(sampler, args, num_tokens: int) -> list[Run]:
     if args.stack_steps:
         m = args.stack_steps
         dense_at(m)
-        for ratio in args.stack_ratios:
-            ras(m, ratio, "reference", "stack", f"RAS {ratio:g} reference, {m} steps")
+        for variant in args.stack_variants:
+            for ratio in args.stack_ratios:
+                ras(m, ratio, variant, "stack", f"RAS {ratio:g} {variant}, {m} steps")
     return runs
 
 
