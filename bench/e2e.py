@@ -50,6 +50,7 @@ from bench.pipelines import (
     ras_steps,
     timed_call,
 )
+from ras_kernels.attention.ops import requested_attention_path
 from ras_kernels.select.ops import METRICS
 from ras_models import apply_ras
 
@@ -275,6 +276,8 @@ class Bench:
                     details.append(f"{config.kv_cache} K/V caches")
                 if config.metric != "std":
                     details.append(f"metric {config.metric}")
+                if requested_attention_path() != "triton":  # RAS_ATTENTION (docs/cached_kv_attention.md)
+                    details.append(f"attention {requested_attention_path()}")
                 label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
                 with apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
                     results.append(self.measure(label, handle, config))
