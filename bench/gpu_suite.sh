@@ -17,6 +17,12 @@
 #                   caches would take 115 GiB): 6 measured steps and the 50-step estimate                   ~7 min (est.)
 #   e2e-ulysses     optional, two GPUs: Flux.1-dev at 2048^2 and Wan 2.1 14B (12 steps + 50-step estimates) under
 #                   diffusers' Ulysses context parallelism, dense and RAS 0.25 (torchrun, docs/parallel.md)  ~8 min
+#   e2e-rules      optional, the attention selection rule (RASConfig(metric="attention")) through pipe(...): Flux.1-dev
+#                   at 0.5 / 0.25 / 0.125 and Wan 2.1 1.3B at 0.25 / 0.125, dense eager baselines (flux-1024-attention.json,
+#                   wan-1.3b-attention.json): the speed the presets' switch waits for                          ~9 min
+#   e2e-paths      optional, the opt-in attention paths through pipe(...): SD3 with RAS_ATTENTION=hopper, Flux.1-dev
+#                   and Wan 2.1 1.3B with RAS_ATTENTION=cudnn (sd3-1024-hopper.json, flux-1024-cudnn.json,
+#                   wan-1.3b-cudnn.json): what making them the sm_90 defaults waits for                        ~12 min
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
 #            (100 SD3 generations over 6 shapes; soak.md, soak.csv)                                                 ~7-9 min
 #            (first-call ~6-7 min and soak ~2 min run its two halves alone)
@@ -37,7 +43,7 @@ python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(),
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
 # A part runs when named, or with "all" unless it is optional or a half of another part.
 halves=" e2e-sd3 e2e-lumina e2e-flux e2e-wan first-call soak "
-optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses "
+optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses e2e-rules e2e-paths "
 want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$optional" != *" $1 "* && "$halves" != *" $1 "* ]]; }; }
 plot() {
   jsons=()
@@ -64,12 +70,28 @@ fi
 if want e2e || want e2e-flux; then
   e2e --model flux --ratio 0.5 0.25 0.125 --taylorseer 3 5 --json "$out/flux-1024.json" | tee -a "$out/e2e.md"
 fi
+wan_args="--model wan --frames 81 --ratio 0.25 0.125 --repeats 2 --no-compile-baseline"  # Wan 2.1 1.3B, 480x832
 if want e2e-wan; then
-  e2e --model wan --frames 81 --ratio 0.25 0.125 --repeats 2 --no-compile-baseline --json "$out/wan-1.3b.json" \
-    | tee -a "$out/e2e.md"
+  # shellcheck disable=SC2086 (the words of $wan_args are the options)
+  e2e $wan_args --json "$out/wan-1.3b.json" | tee -a "$out/e2e.md"
 fi
 if want e2e || want e2e-sd3 || want e2e-lumina || want e2e-flux; then
   plot
+fi
+if want e2e-rules; then
+  {
+    e2e --model flux --ratio 0.5 0.25 0.125 --metric attention --no-compile-baseline --json "$out/flux-1024-attention.json"
+    # shellcheck disable=SC2086
+    e2e $wan_args --metric attention --json "$out/wan-1.3b-attention.json"
+  } | tee -a "$out/e2e.md"
+fi
+if want e2e-paths; then
+  {
+    RAS_ATTENTION=hopper e2e --model sd3 --ratio 0.5 0.25 0.125 --no-compile-baseline --json "$out/sd3-1024-hopper.json"
+    RAS_ATTENTION=cudnn e2e --model flux --ratio 0.5 0.25 0.125 --no-compile-baseline --json "$out/flux-1024-cudnn.json"
+    # shellcheck disable=SC2086
+    RAS_ATTENTION=cudnn e2e $wan_args --json "$out/wan-1.3b-cudnn.json"
+  } | tee -a "$out/e2e.md"
 fi
 if want e2e-wan14b; then
   for model in wan-14b wan-a14b; do
