@@ -274,16 +274,10 @@ def tune(path: str) -> None:
     """Time every config of ``ops.GPU_CONFIGS`` for each autotune key of the shape families above (bf16, CUDA-graph
     replays) and write the fastest per key to ``path``: the table ``ras_kernels.attention`` ships, so a first call
     on this card's architecture does not autotune. The key ignores B, N and the head counts (as the autotuner's)."""
-    import json
-
-    import triton
-
-    from ras_kernels.attention import ops
+    from ras_kernels.attention import ops, reference
 
     major, minor = torch.cuda.get_device_capability()
     table = {}
-    from ras_kernels.attention import reference
-
     for name, b, n, t, hq, hkv, d, masked, fp8 in TUNE_FAMILIES:
         if fp8 and (major, minor) < (8, 9):
             continue
@@ -298,18 +292,40 @@ def tune(path: str) -> None:
             if masked:
                 mask[:, 0] = True
             args = (q, kc, vc, ke, ve, mask, d**-0.5, False)
-            timings = []
-            for bm, bn, w, st in ops.GPU_CONFIGS:
-                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-                try:
-                    ms = graph_ms(lambda args=args, cfg=cfg, sc=scales: ops._launch_attention(*args, cfg, *sc))
-                except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
-                    continue
-                timings.append((ms, [bm, bn, w, st]))
-            ms, best = min(timings)
+
+            def launch(cfg, args=args, scales=scales):
+                bm, bn, warps, stages = cfg
+                config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+                ops._launch_attention(*args, config, *scales)
+
             key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, masked, fp8)
-            table[key] = best
-            print(f"{name:13s} Lq={lq:6d} key {key}: {best} {ms * 1e3:.1f} us", flush=True)
+            table[key] = _fastest(ops.GPU_CONFIGS, launch, f"{name:13s} Lq={lq:6d} key {key}")
+    _write_table(path, table)
+
+
+def _fastest(configs, launch, label: str) -> list:
+    """The config of ``configs`` whose ``launch(config)`` replays fastest from a CUDA graph (configs that do not fit
+    the shape are skipped), printed after ``label``."""
+    timings = []
+    for cfg in configs:
+        try:
+            ms = graph_ms(lambda cfg=cfg: launch(cfg))
+        except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
+            continue
+        timings.append((ms, list(cfg)))
+    ms, best = min(timings)
+    print(f"{label}: {best} {ms * 1e3:.1f} us", flush=True)
+    return best
+
+
+def _write_table(path: str, table: dict) -> None:
+    """A shipped config table: this card's architecture and versions, then one line per key (so a re-tune reads as
+    a small diff)."""
+    import json
+
+    import triton
+
+    major, minor = torch.cuda.get_device_capability()
     record = {
         "arch": f"sm{major}{minor}",
         "measured_on": torch.cuda.get_device_name(),
@@ -317,7 +333,7 @@ def tune(path: str) -> None:
         "triton": triton.__version__,
         "configs": {},
     }
-    with open(path, "w") as f:  # one line per key, so a re-tune reads as a small diff
+    with open(path, "w") as f:
         body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items()))
         f.write(json.dumps(record, indent=1).replace('"configs": {}', '"configs": {\n' + body + "\n }") + "\n")
     print(f"wrote {len(table)} configs to {path}")
@@ -331,36 +347,18 @@ HOPPER_TUNE_BUCKETS = TUNE_BUCKETS[2:]  # 256 .. 32768: a RAS step's queries (a 
 def tune_hopper(path: str) -> None:
     """As :func:`tune`, for the Hopper kernel (RAS_ATTENTION=hopper): time each of ``ops.HOPPER_CANDIDATES`` per
     key of the families above and write the fastest per key to ``path`` (the shipped hopper_configs.json)."""
-    import json
-
-    import triton
-
     from ras_kernels.attention import ops
 
-    major, minor = torch.cuda.get_device_capability()
     table = {}
     for name, b, n, t, hq, hkv, d, _, _ in HOPPER_TUNE_FAMILIES:
         for bucket in HOPPER_TUNE_BUCKETS:
             lq = max(1, bucket * 3 // 4)
             q, _, _, kc, vc, _, ke, ve = _inputs(b, n, 0, t, hq, hkv, d, lq=lq)
             args = (q, kc, vc, ke, ve, None, d**-0.5, False)
-            timings = []
-            for cfg in ops.HOPPER_CANDIDATES:
-                try:
-                    ms = graph_ms(lambda args=args, cfg=cfg: ops._launch_hopper(*args, cfg))
-                except Exception:  # noqa: BLE001 - a config that does not fit this shape (out of resources)
-                    continue
-                timings.append((ms, list(cfg)))
-            ms, best = min(timings)
             key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, False)
-            table[key] = best
-            print(f"{name:13s} Lq={lq:6d} key {key}: {best} {ms * 1e3:.1f} us", flush=True)
-    record = {"arch": f"sm{major}{minor}", "measured_on": torch.cuda.get_device_name(), "torch": torch.__version__}
-    record |= {"triton": triton.__version__, "configs": {}}
-    with open(path, "w") as f:
-        body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(table.items()))
-        f.write(json.dumps(record, indent=1).replace('"configs": {}', '"configs": {\n' + body + "\n }") + "\n")
-    print(f"wrote {len(table)} configs to {path}")
+            label = f"{name:13s} Lq={lq:6d} key {key}"
+            table[key] = _fastest(ops.HOPPER_CANDIDATES, lambda cfg, args=args: ops._launch_hopper(*args, cfg), label)
+    _write_table(path, table)
 
 
 def main() -> None:

@@ -389,14 +389,14 @@ class RASSession:
                 caches += tuple(torch.empty(rows, dtype=torch.float32, device=k.device) for _ in "kv")
             self._kv[cache_key] = caches
         scales = dict(zip(("k_cache_scale", "v_cache_scale"), caches[2:], strict=False))
-        if self.config.metric != "attention":
-            return cached_kv_attention(
-                q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale, **scales
-            )
-        out, lse = cached_kv_attention(
+        scores_attention = self.config.metric == "attention"
+        result = cached_kv_attention(
             q, k, v, caches[0], caches[1], self.kv_index, k_extra=k_extra, v_extra=v_extra, scale=scale,
-            return_lse=True, **scales,
+            return_lse=scores_attention, **scales,
         )  # fmt: skip
+        if not scores_attention:
+            return result
+        out, lse = result
         rows = k.shape[1]
         sums = self._lse_sums.get((self.shape_key, rows))
         if sums is None:  # made at the step shape's first (eager) run; a captured graph then adds into it

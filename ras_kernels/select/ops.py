@@ -28,11 +28,13 @@ MODES = ("reference", "paper")
 MAX_TRITON_TOKENS = 1 << 17
 _PATCH_NAMES = {4: "(ph, pw)", 5: "(pt, ph, pw)"}
 _GRID_NAMES = {4: "(H, W)", 5: "(T, H, W)"}
-_DELTA_ARGS = {  # metric "delta"'s two tensors, as its refusal describes them
-    "previous": "the signal observed at the previous call (the signal's shape, dtype and device)",
-    "scores": "a [B, N] float32 tensor on the signal's device (each token's last observed change, updated in place)",
+_TENSOR_ARGS = {  # the tensors metrics "delta" and "attention" need, as their refusals describe them
+    ("delta", "previous"): "the signal observed at the previous call (the signal's shape, dtype and device)",
+    ("delta", "scores"): (
+        "a [B, N] float32 tensor on the signal's device (each token's last observed change, updated in place)"
+    ),
+    ("attention", "scores"): "a [B, N] float32 tensor on the signal's device (each token's score, read only)",
 }
-_ATTENTION_SCORES = "a [B, N] float32 tensor on the signal's device (each token's score, read only)"
 
 
 def _check_patch(ndim: int, patch_size: object) -> tuple[int, ...]:
@@ -99,18 +101,12 @@ def validate_select_args(
             raise ValueError(f"seed must have shape (1,), got {tuple(seed.shape)}")
     elif seed is not None:
         raise ValueError(f"seed is used only with metric='random', got metric={metric!r} and a seed")
-    if metric == "delta" and previous is None:
-        raise ValueError(f"metric='delta' needs previous: {_DELTA_ARGS['previous']}")
-    if metric != "delta" and previous is not None:
-        raise ValueError(f"previous is used only with metric='delta', got metric={metric!r} and a previous tensor")
-    if metric == "delta" and scores is None:
-        raise ValueError(f"metric='delta' needs scores: {_DELTA_ARGS['scores']}")
-    if metric == "attention" and scores is None:
-        raise ValueError(f"metric='attention' needs scores: {_ATTENTION_SCORES}")
-    if metric not in ("delta", "attention") and scores is not None:
-        raise ValueError(
-            f"scores is used only with metric='delta' or 'attention', got metric={metric!r} and a scores tensor"
-        )
+    for name, t, users in (("previous", previous, ("delta",)), ("scores", scores, ("delta", "attention"))):
+        if metric in users and t is None:
+            raise ValueError(f"metric={metric!r} needs {name}: {_TENSOR_ARGS[metric, name]}")
+        if metric not in users and t is not None:
+            accepted = " or ".join(map(repr, users))
+            raise ValueError(f"{name} is used only with metric={accepted}, got metric={metric!r} and a {name} tensor")
     if metric == "delta":
         check_tensor("previous", previous, dtypes=(signal.dtype,), device=signal.device)
         if previous.shape != signal.shape:
