@@ -25,8 +25,11 @@ weight values; the PSNR column says how far each RAS result lands from the dense
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -50,7 +53,7 @@ from bench.pipelines import (
     ras_steps,
     timed_call,
 )
-from ras_kernels.attention.ops import requested_attention_path
+from ras_kernels.attention.ops import ATTENTION_PATHS, requested_attention_path
 from ras_kernels.select.ops import METRICS
 from ras_models import apply_ras
 
@@ -251,7 +254,13 @@ class Bench:
         return result
 
     def run(
-        self, configs: list, *, compile_baseline: bool, graph_modes: list[bool], taylorseer: list[int]
+        self,
+        configs: list,
+        *,
+        compile_baseline: bool,
+        graph_modes: list[bool],
+        taylorseer: list[int],
+        attention_paths: list[str],
     ) -> tuple[list[Result], Result]:
         dense = self.measure("diffusers dense eager")
         results = [dense]
@@ -269,19 +278,40 @@ class Bench:
                 results.append(self.measure(TAYLORSEER.format(interval), loop=False))
             finally:
                 self.pipe.transformer.disable_cache()
-        for config in configs:
-            for graphs in graph_modes:
-                details = [config.schedule, "CUDA graphs" if graphs else "eager"]
-                if config.kv_cache is not None:
-                    details.append(f"{config.kv_cache} K/V caches")
-                if config.metric != "std":
-                    details.append(f"metric {config.metric}")
-                if requested_attention_path() != "triton":  # RAS_ATTENTION (docs/cached_kv_attention.md)
-                    details.append(f"attention {requested_attention_path()}")
-                label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
-                with apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
-                    results.append(self.measure(label, handle, config))
+        for path, config, graphs in itertools.product(attention_paths, configs, graph_modes):
+            if path == "cudnn" and config.metric == "attention":
+                print(
+                    f"skipped: ratio {config.sample_ratio}, metric attention with attention cudnn (PyTorch's "
+                    "SDPA returns no log-sum-exp; the call would run the portable kernel)",
+                    file=sys.stderr,
+                )
+                continue
+            details = [config.schedule, "CUDA graphs" if graphs else "eager"]
+            if config.kv_cache is not None:
+                details.append(f"{config.kv_cache} K/V caches")
+            if config.metric != "std":
+                details.append(f"metric {config.metric}")
+            if path != "triton":  # RAS_ATTENTION (docs/cached_kv_attention.md)
+                details.append(f"attention {path}")
+            label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
+            with _attention_path(path), apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
+                results.append(self.measure(label, handle, config))
         return results, dense
+
+
+@contextlib.contextmanager
+def _attention_path(path: str):
+    """RAS_ATTENTION set to ``path`` for one RAS run (the op reads it at each launch; a CUDA graph keeps the path
+    it captured), restored after."""
+    before = os.environ.get("RAS_ATTENTION")
+    os.environ["RAS_ATTENTION"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAS_ATTENTION"]
+        else:
+            os.environ["RAS_ATTENTION"] = before
 
 
 def _report(args, bench: Bench, family: str, configs: list, description: str) -> None:
@@ -295,7 +325,11 @@ def _report(args, bench: Bench, family: str, configs: list, description: str) ->
         file=sys.stderr,
     )
     results, dense = bench.run(
-        configs, compile_baseline=compile_baseline, graph_modes=graph_modes, taylorseer=args.taylorseer
+        configs,
+        compile_baseline=compile_baseline,
+        graph_modes=graph_modes,
+        taylorseer=args.taylorseer,
+        attention_paths=args.attention or [requested_attention_path()],
     )
     print(f"Timed: {TIMED} (the same for dense and RAS); median of {args.repeats} calls after one warm-up.\n")
     print(table(results, dense))
@@ -347,11 +381,12 @@ def _ulysses_device(args) -> torch.device:
 
 
 def ras_configs(family: str, args, num_tokens: int, shards: int = 1) -> list:
-    """The RAS runs' configs: the family's preset at each ``--ratio`` (``--steps``, ``--schedule``), with
-    ``--kv-cache``, ``--metric`` (the preset's when not given) and ``shards``."""
+    """The RAS runs' configs: for each ``--metric`` (the preset's when not given), the family's preset at each
+    ``--ratio`` (``--steps``, ``--schedule``), with ``--kv-cache`` and ``shards``."""
     presets = [preset(family, args.steps, r, num_tokens, args.schedule) for r in args.ratio]
     return [
-        replace(config, kv_cache=args.kv_cache, metric=args.metric or config.metric, shards=shards)
+        replace(config, kv_cache=args.kv_cache, metric=metric or config.metric, shards=shards)
+        for metric in args.metric or [None]
         for config in presets
     ]
 
@@ -513,8 +548,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--metric",
         choices=METRICS,
+        nargs="+",
         default=None,
-        help="RASConfig.metric of the RAS runs (default: the preset's: random for Flux, std for the others)",
+        help="RASConfig.metric of the RAS runs, one run per metric and ratio against the same dense baseline "
+        "(default: the preset's: random for Flux, std for the others)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_PATHS,
+        nargs="+",
+        default=None,
+        help="the RAS runs' attention path (RAS_ATTENTION: triton, hopper, cudnn), one run per path, metric and "
+        "ratio against the same dense baseline (default: RAS_ATTENTION's value, else triton)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

@@ -17,12 +17,12 @@
 #                   caches would take 115 GiB): 6 measured steps and the 50-step estimate                   ~7 min (est.)
 #   e2e-ulysses     optional, two GPUs: Flux.1-dev at 2048^2 and Wan 2.1 14B (12 steps + 50-step estimates) under
 #                   diffusers' Ulysses context parallelism, dense and RAS 0.25 (torchrun, docs/parallel.md)  ~8 min
-#   e2e-rules      optional, the attention selection rule (RASConfig(metric="attention")) through pipe(...): Flux.1-dev
-#                   at 0.5 / 0.25 / 0.125 and Wan 2.1 1.3B at 0.25 / 0.125, dense eager baselines (flux-1024-attention.json,
-#                   wan-1.3b-attention.json): the speed the presets' switch waits for                          ~9 min
-#   e2e-paths      optional, the opt-in attention paths through pipe(...): SD3 with RAS_ATTENTION=hopper, Flux.1-dev
-#                   and Wan 2.1 1.3B with RAS_ATTENTION=cudnn (sd3-1024-hopper.json, flux-1024-cudnn.json,
-#                   wan-1.3b-cudnn.json): what making them the sm_90 defaults waits for                        ~12 min
+#   e2e-choices-image  optional, the selection rules and attention paths against one dense eager baseline per
+#                   model, through pipe(...): SD3 with RAS_ATTENTION triton / hopper, Flux.1-dev with metric random /
+#                   attention and RAS_ATTENTION triton / cudnn, at 0.5 / 0.25 / 0.125 (sd3-1024-paths.json,
+#                   flux-1024-choices.json)                                                                    ~6 min
+#   e2e-choices-wan optional, the same for Wan 2.1 1.3B at 0.25 / 0.125: metric std / attention, RAS_ATTENTION
+#                   triton / cudnn (wan-1.3b-choices.json)                                                   ~10 min
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak
 #            (100 SD3 generations over 6 shapes; soak.md, soak.csv)                                                 ~7-9 min
 #            (first-call ~6-7 min and soak ~2 min run its two halves alone)
@@ -43,7 +43,7 @@ python3 -c "import torch, triton, diffusers; print(torch.cuda.get_device_name(),
 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/versions.log"
 # A part runs when named, or with "all" unless it is optional or a half of another part.
 halves=" e2e-sd3 e2e-lumina e2e-flux e2e-wan first-call soak "
-optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses e2e-rules e2e-paths "
+optional=" e2e2048-sd3 e2e2048-lumina e2e-wan14b e2e-wan14b-720 e2e-ulysses e2e-choices-image e2e-choices-wan "
 want() { [ "$part" = "$1" ] || { [ "$part" = all ] && [[ "$optional" != *" $1 "* && "$halves" != *" $1 "* ]]; }; }
 plot() {
   jsons=()
@@ -78,20 +78,18 @@ fi
 if want e2e || want e2e-sd3 || want e2e-lumina || want e2e-flux; then
   plot
 fi
-if want e2e-rules; then
+if want e2e-choices-image; then
   {
-    e2e --model flux --ratio 0.5 0.25 0.125 --metric attention --no-compile-baseline --json "$out/flux-1024-attention.json"
-    # shellcheck disable=SC2086
-    e2e $wan_args --metric attention --json "$out/wan-1.3b-attention.json"
+    e2e --model sd3 --ratio 0.5 0.25 0.125 --attention triton hopper --no-compile-baseline --no-loop \
+      --json "$out/sd3-1024-paths.json"
+    e2e --model flux --ratio 0.5 0.25 0.125 --metric random attention --attention triton cudnn --no-compile-baseline \
+      --json "$out/flux-1024-choices.json"
   } | tee -a "$out/e2e.md"
 fi
-if want e2e-paths; then
-  {
-    RAS_ATTENTION=hopper e2e --model sd3 --ratio 0.5 0.25 0.125 --no-compile-baseline --json "$out/sd3-1024-hopper.json"
-    RAS_ATTENTION=cudnn e2e --model flux --ratio 0.5 0.25 0.125 --no-compile-baseline --json "$out/flux-1024-cudnn.json"
-    # shellcheck disable=SC2086
-    RAS_ATTENTION=cudnn e2e $wan_args --json "$out/wan-1.3b-cudnn.json"
-  } | tee -a "$out/e2e.md"
+if want e2e-choices-wan; then
+  # shellcheck disable=SC2086
+  e2e $wan_args --metric std attention --attention triton cudnn --json "$out/wan-1.3b-choices.json" \
+    | tee -a "$out/e2e.md"
 fi
 if want e2e-wan14b; then
   for model in wan-14b wan-a14b; do

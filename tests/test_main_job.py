@@ -4,6 +4,7 @@ demo on the trained quality model (bench/demo_cpu.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import pytest
@@ -93,15 +94,21 @@ def test_pretrained_pipeline_path(tmp_path, capsys, torch_backend):
 
 
 def test_ras_configs_apply_the_run_options():
-    """--kv-cache, --metric and the Ulysses degree reach every RAS run's config; the rest is the family's preset."""
+    """--kv-cache, --metric (one run per metric and ratio) and the Ulysses degree reach every RAS run's config; the
+    rest is the family's preset."""
     import argparse
 
     from bench.pipelines import preset
 
-    args = argparse.Namespace(steps=20, ratio=[0.5, 0.25], schedule=None, kv_cache="fp8", metric="random")
+    args = argparse.Namespace(steps=20, ratio=[0.5, 0.25], schedule=None, kv_cache="fp8", metric=["random", "delta"])
     configs = e2e.ras_configs("wan", args, 1560, shards=2)
-    assert [c.sample_ratio for c in configs] == [0.5, 0.25]
-    assert all(c.kv_cache == "fp8" and c.metric == "random" and c.shards == 2 for c in configs)
+    assert [(c.metric, c.sample_ratio) for c in configs] == [
+        ("random", 0.5),
+        ("random", 0.25),
+        ("delta", 0.5),
+        ("delta", 0.25),
+    ]
+    assert all(c.kv_cache == "fp8" and c.shards == 2 for c in configs)
     expected = preset("wan", 20, 0.25, 1560)
     assert (configs[1].num_steps, configs[1].reset_steps) == (expected.num_steps, expected.reset_steps)
     args.kv_cache = args.metric = None
@@ -228,3 +235,22 @@ def test_extrapolate_to_prints_labelled_estimates(capsys, torch_backend):
     assert "Estimated 12-step calls, NOT measured" in out
     estimates = out.split("NOT measured")[1]
     assert "| diffusers dense eager |" in estimates and "| RAS ratio 0.5 (static, eager) |" in estimates
+
+
+def test_metrics_and_attention_paths_share_one_dense_baseline(tmp_path, capsys, monkeypatch):
+    """--metric and --attention take several values: one RAS run per path, metric and ratio, against one dense run,
+    each labelled with its rule and path; RAS_ATTENTION is back to the caller's value after the runs."""
+    monkeypatch.delenv("RAS_ATTENTION", raising=False)
+    tiny_sd3_pipeline(t5=True).save_pretrained(tmp_path)
+    args = ["--pretrained", str(tmp_path), "--steps", "6", "--ratio", "0.5", "--resolution", "32"]
+    args += ["--dtype", "fp32", "--device", "cpu", "--repeats", "1", "--metric", "std", "random"]
+    e2e.main([*args, "--attention", "triton", "cudnn"])
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {
+        "diffusers dense eager",
+        "RAS ratio 0.5 (static, eager)",
+        "RAS ratio 0.5 (static, eager, metric random)",
+        "RAS ratio 0.5 (static, eager, attention cudnn)",
+        "RAS ratio 0.5 (static, eager, metric random, attention cudnn)",
+    }
+    assert "RAS_ATTENTION" not in os.environ

@@ -62,6 +62,24 @@ def cache_write_kernel(
 
 
 @triton.jit
+def _softmax_update(qk, m_i, l_i, key_ok, qk_scale, MASKED: tl.constexpr, GUARD: tl.constexpr):
+    """The online-softmax step of one key tile's raw scores ``qk`` [BM, BN] (log2 domain): returns the tile's
+    probabilities p (against the new running max), the factor alpha that rescales the accumulator, and the updated
+    running max and sum (m_new, l_i). When MASKED, keys outside ``key_ok`` [BN] get a score of -inf; GUARD protects
+    rows that have seen no visible key yet (m_i = -inf), which only happens when whole tiles can be masked."""
+    if MASKED:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attn_tile(
     acc0,
     acc1,
@@ -86,9 +104,8 @@ def _attn_tile(
     """One key tile of the online softmax (log2 domain): returns the updated (acc0, acc1, m_i, l_i).
 
     q0 [BM, D0], q1 [BM, D1]; the pointer blocks address [BN, D0] / [BN, D1] of K and [BN, D0] / [BN, DV1] of V.
-    K/V loads are never masked (the caller points every row of the tile at an existing key row); when MASKED,
-    keys outside ``key_ok`` [BN] get a score of -inf. GUARD protects rows that have seen no visible key yet
-    (m_i = -inf), which only happens when whole tiles can be masked (a key mask). SCALED: K and V are fp8 rows
+    K/V loads are never masked (the caller points every row of the tile at an existing key row); MASKED, GUARD:
+    see _softmax_update. SCALED: K and V are fp8 rows
     times the fp32 row scales at ``ks_ptrs`` / ``vs_ptrs`` [BN]: the tiles are converted to q's dtype for the
     dots, the K scales multiply the scores and the V scales the probabilities (a per-key factor commutes with
     both dots).
@@ -104,16 +121,7 @@ def _attn_tile(
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
     if SCALED:
         qk = qk * tl.load(ks_ptrs)[None, :]
-    if MASKED:
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if GUARD:
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_update(qk, m_i, l_i, key_ok, qk_scale, MASKED, GUARD)
     v0 = tl.load(v_ptrs0)
     if SCALED:
         v0 = v0.to(q0.dtype)
@@ -367,20 +375,9 @@ def _attn_tma_tile(
 ):
     """One key tile of the online softmax (log2 domain) for attn_fwd_tma_kernel: the [BLOCK_N, HEAD_DIM] K and V
     tiles at rows row.. of kv head hk in batch b, read through their descriptors (rows past the tensor come back
-    as zeros). MASKED: keys outside ``key_ok`` [BLOCK_N] score -inf; GUARD: a row may have seen no visible key yet
-    (whole tiles masked by a key mask). Returns the updated (acc, m_i, l_i)."""
+    as zeros). MASKED, GUARD: see _softmax_update. Returns the updated (acc, m_i, l_i)."""
     k = k_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
-    qk = tl.dot(q, tl.trans(k))
-    if MASKED:
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if GUARD:
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_sub = m_new
-    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
-    alpha = tl.math.exp2(m_i - m_sub)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = _softmax_update(tl.dot(q, tl.trans(k)), m_i, l_i, key_ok, qk_scale, MASKED, GUARD)
     v = v_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i

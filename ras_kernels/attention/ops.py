@@ -503,7 +503,7 @@ def _attend(
 # The attention paths (RAS_ATTENTION): the portable kernel, the Hopper kernel, cuDNN
 # ----------------------------------------------------------------------------------------------------------------
 
-_ATTENTION_PATHS = ("triton", "hopper", "cudnn")
+ATTENTION_PATHS = ("triton", "hopper", "cudnn")
 # The head dims each opt-in path runs, as measured on the H200 (docs/benchmarks.md, session 15): cuDNN at head dim
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
 PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
@@ -528,8 +528,8 @@ _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 def requested_attention_path() -> str:
     """The value of ``RAS_ATTENTION`` (default ``triton``: the portable kernel), validated."""
     value = os.environ.get("RAS_ATTENTION", "triton").strip().lower() or "triton"
-    if value not in _ATTENTION_PATHS:
-        raise ValueError(f"RAS_ATTENTION must be one of {', '.join(_ATTENTION_PATHS)}; got {value!r}")
+    if value not in ATTENTION_PATHS:
+        raise ValueError(f"RAS_ATTENTION must be one of {', '.join(ATTENTION_PATHS)}; got {value!r}")
     return value
 
 
