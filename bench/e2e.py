@@ -291,7 +291,7 @@ class Bench:
                 details.append(f"{config.kv_cache} K/V caches")
             if config.metric != "std":
                 details.append(f"metric {config.metric}")
-            if path != "triton":  # RAS_ATTENTION (docs/cached_kv_attention.md)
+            if path != "auto":  # RAS_ATTENTION (docs/cached_kv_attention.md)
                 details.append(f"attention {path}")
             label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
             with _attention_path(path), apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
@@ -551,15 +551,15 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=None,
         help="RASConfig.metric of the RAS runs, one run per metric and ratio against the same dense baseline "
-        "(default: the preset's: random for Flux, std for the others)",
+        "(default: the preset's: attention for Flux, std for the others)",
     )
     parser.add_argument(
         "--attention",
         choices=ATTENTION_PATHS,
         nargs="+",
         default=None,
-        help="the RAS runs' attention path (RAS_ATTENTION: triton, hopper, cudnn), one run per path, metric and "
-        "ratio against the same dense baseline (default: RAS_ATTENTION's value, else triton)",
+        help="the RAS runs' attention path (RAS_ATTENTION: auto, triton, hopper, cudnn), one run per path, metric "
+        "and ratio against the same dense baseline (default: RAS_ATTENTION's value, else auto)",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file (for bench.plot_e2e)")
     parser.add_argument("--pretrained", default=None, help="local diffusers pipeline folder (real weights)")

@@ -8,7 +8,7 @@
 #            Lumina dynamic at 0.5 (e2e.md, *.json), the plot of the static runs (speedup.png)       ~6-8 min
 #            (e2e-sd3 ~3 min and e2e-lumina ~5 min run its two halves alone)
 #   e2e-flux Flux.1-dev layout at 1024^2 through pipe(...): dense eager, dense torch.compile, diffusers' TaylorSeer at
-#            intervals 3 and 5, RAS at 0.5 / 0.25 / 0.125 with the preset (metric random) (e2e.md, flux-1024.json) ~5 min
+#            intervals 3 and 5, RAS at 0.5 / 0.25 / 0.125 with the preset (metric attention) (e2e.md, flux-1024.json) ~5 min
 #   e2e-wan  Wan 2.1 T2V 1.3B, 480x832, 81 frames, 50 steps: dense eager and RAS at 0.25 / 0.125 (e2e.md,
 #            wan-1.3b.json); runs only when named                                                      ~6 min
 #   e2e-wan14b      optional, Wan 2.1 14B and Wan 2.2 A14B (two 14B experts) at 480x832, 81 frames: 12 measured steps
@@ -20,7 +20,7 @@
 #   e2e-choices-image  optional, the selection rules and attention paths against one dense eager baseline per
 #                   model, through pipe(...): SD3 with RAS_ATTENTION triton / hopper, Flux.1-dev with metric random /
 #                   attention and RAS_ATTENTION triton / cudnn, at 0.5 / 0.25 / 0.125 (sd3-1024-paths.json,
-#                   flux-1024-choices.json)                                                                    ~6 min
+#                   flux-1024-choices.json)                                                                    ~3 min
 #   e2e-choices-wan optional, the same for Wan 2.1 1.3B at 0.25 / 0.125: metric std / attention, RAS_ATTENTION
 #                   triton / cudnn (wan-1.3b-choices.json)                                                   ~10 min
 #   startup  bench.first_call (fresh processes, empty and warm Triton cache; first_call.md), then bench.soak

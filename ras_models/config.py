@@ -135,11 +135,12 @@ class RASConfig:
     @classmethod
     def flux(cls, **overrides) -> RASConfig:
         """Flux.1: 28 steps, 4 warm-up, resets at 12 and 20, static sample_ratio 0.25 (SD3's reference schedule),
-        ``metric="random"``: on the Flux-architecture quality model (docs/quality.md, issue 14) it lands closer to
-        dense than the std rule at every ratio measured (+7.0 / +3.5 / +1.6 dB PSNR at 0.5 / 0.25 / 0.125), and on
-        the Flux.1-dev layout it runs at the std rule's speed (docs/benchmarks.md, session 15). ``metric="std"``
-        gives the public code's rule."""
-        base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20), metric="random")
+        ``metric="attention"``: on the Flux-architecture quality model (docs/quality.md, issue 14) it lands closest
+        to dense of every rule at 0.25 and 0.125 (35.6 dB PSNR against random's 33.3 / 31.4 and std's 29.8), with
+        a detail error at dense's level, and on the Flux.1-dev layout it runs within 1% of the random rule on the
+        same kernel (docs/benchmarks.md, session 16; 3-4% behind random on cuDNN, which returns no log-sum-exp).
+        ``metric="random"`` is the fastest rule, ``metric="std"`` the public code's."""
+        base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20), metric="attention")
         return replace(base, **overrides)
 
     @classmethod
@@ -150,8 +151,11 @@ class RASConfig:
         the dense steps stay at the same points of it (warm-up over its first 1/7, the resets after 3/7 and 5/7) and
         the error that RAS steps accumulate between two resets spans the same stretch of it (the proportional
         values are 7.1, 21.4 and 35.7, rounded). Dense steps are then 9 of 50 (18%, the reference 6 of 28: 21%); on
-        Wan 2.2 A14B the second expert's first step is dense too. The Wan-architecture quality model (docs/quality.md,
-        issue 14) picks no other rule: random raises PSNR and background flicker alike."""
+        Wan 2.2 A14B the second expert's first step is dense too. The metric stays std: on the Wan-architecture quality
+        model (docs/quality.md, issue 14) ``metric="attention"`` is ahead by 0.8 / 1.1 dB PSNR at 0.25 / 0.125 with
+        less background flicker, but it needs the attention kernel's log-sum-exp, which cuDNN does not return, and
+        on the Wan 2.1 1.3B layout std on cuDNN generates 9% faster (docs/benchmarks.md, session 16); random raises
+        PSNR and flicker alike."""
         base = cls(sample_ratio=0.25, num_steps=50, warmup_steps=7, reset_steps=(21, 36))
         return replace(base, **overrides)
 

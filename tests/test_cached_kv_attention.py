@@ -648,14 +648,14 @@ def test_gpu_fp8_caches_full_size(triton_backend, d, hq, hkv, t):
     assert_attention_close(out, ref, sdpa_baseline(q, k_all, v_all, d**-0.5, None), dtype)
 
 
-# ---- RAS_ATTENTION: the opt-in Hopper kernel and cuDNN paths ----
+# ---- RAS_ATTENTION: auto (the default), the portable kernel, the Hopper kernel and cuDNN paths ----
 
 
 def test_attention_path_is_validated_before_any_launch(monkeypatch):
     monkeypatch.setenv("RAS_ATTENTION", "flash")
     q, k_new, v_new, k_cache, v_cache, idx, _ = _case(1, 16, 4, 0, 2, 2, 64, torch.float32)
     before = k_cache.clone()
-    with pytest.raises(ValueError, match="RAS_ATTENTION must be one of triton, hopper, cudnn; got 'flash'"):
+    with pytest.raises(ValueError, match="RAS_ATTENTION must be one of auto, triton, hopper, cudnn; got 'flash'"):
         ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx)
     with pytest.raises(ValueError, match="RAS_ATTENTION"):
         ops.flash_attention(q, k_cache, v_cache)
@@ -700,6 +700,36 @@ def test_path_eligibility(monkeypatch, path, change, reason):
     assert reason in ops.path_ineligible(path, *_path_args(**args), mask, change.get("lse", False))
     if change:
         assert ops.path_ineligible(path, *_path_args(), None, False) is None
+
+
+@pytest.mark.parametrize(
+    "sm90, change, expected",
+    [
+        (True, {"d": 64}, "hopper"),
+        (True, {}, "cudnn"),  # head dim 128
+        (True, {"lse": True}, "triton"),  # cuDNN returns no lse
+        (True, {"hkv": 1}, "triton"),  # grouped heads: not cuDNN's
+        (True, {"d": 64, "offset": 4}, "triton"),  # not TMA-aligned
+        (True, {"d": 72}, "triton"),  # Lumina's head dim: no auto path
+        (True, {"dtype": torch.float32}, "triton"),
+        (False, {"d": 64}, "triton"),  # another GPU
+        (False, {}, "triton"),
+    ],
+)
+def test_auto_path_per_head_dim(monkeypatch, recwarn, sm90, change, expected):
+    """RAS_ATTENTION unset (auto): on an sm_90 GPU with cuDNN (faked here) an eligible call takes the Hopper kernel
+    at head dim 64 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel, with no
+    warning (auto asks for nothing a call could refuse)."""
+    monkeypatch.delenv("RAS_ATTENTION", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops.torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(ops.torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.setattr(ops.torch.cuda, "get_device_capability", lambda device=None: (9, 0) if sm90 else (8, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    ops._warn_other_path.cache_clear()
+    args = {k: v for k, v in change.items() if k in ("d", "hkv", "dtype", "offset")}
+    assert ops._attention_path(*_path_args(**args), None, change.get("lse", False)) == expected
+    assert not recwarn.list
 
 
 @requires_triton

@@ -239,12 +239,12 @@ def test_extrapolate_to_prints_labelled_estimates(capsys, torch_backend):
 
 def test_metrics_and_attention_paths_share_one_dense_baseline(tmp_path, capsys, monkeypatch):
     """--metric and --attention take several values: one RAS run per path, metric and ratio, against one dense run,
-    each labelled with its rule and path; RAS_ATTENTION is back to the caller's value after the runs."""
+    each labelled with its rule and path (auto, the default, unlabelled); RAS_ATTENTION is back to the caller's value after the runs."""
     monkeypatch.delenv("RAS_ATTENTION", raising=False)
     tiny_sd3_pipeline(t5=True).save_pretrained(tmp_path)
     args = ["--pretrained", str(tmp_path), "--steps", "6", "--ratio", "0.5", "--resolution", "32"]
     args += ["--dtype", "fp32", "--device", "cpu", "--repeats", "1", "--metric", "std", "random"]
-    e2e.main([*args, "--attention", "triton", "cudnn"])
+    e2e.main([*args, "--attention", "auto", "cudnn"])
     rows = _rows(capsys.readouterr().out)
     assert set(rows) == {
         "diffusers dense eager",

@@ -503,10 +503,14 @@ def _attend(
 # The attention paths (RAS_ATTENTION): the portable kernel, the Hopper kernel, cuDNN
 # ----------------------------------------------------------------------------------------------------------------
 
-ATTENTION_PATHS = ("triton", "hopper", "cudnn")
+ATTENTION_PATHS = ("auto", "triton", "hopper", "cudnn")
 # The head dims each opt-in path runs, as measured on the H200 (docs/benchmarks.md, session 15): cuDNN at head dim
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
 PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
+# RAS_ATTENTION=auto (the default) on an sm_90 GPU: the path per head dim that made pipe(...) fastest on the H200
+# (docs/benchmarks.md, session 16: SD3 with hopper 1.03x the portable kernel's generation at 0.25, Flux and Wan with
+# cudnn 1.03x and 1.09x); an ineligible call, another head dim or another device runs the portable kernel.
+AUTO_PATHS = {64: "hopper", 128: "cudnn"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
 # ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
 # tuned_config_key), and per head dim the one a key missing from the table takes (the fastest at the Wan, Flux and
@@ -526,8 +530,8 @@ _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
 def requested_attention_path() -> str:
-    """The value of ``RAS_ATTENTION`` (default ``triton``: the portable kernel), validated."""
-    value = os.environ.get("RAS_ATTENTION", "triton").strip().lower() or "triton"
+    """The value of ``RAS_ATTENTION`` (default ``auto``: see AUTO_PATHS), validated."""
+    value = os.environ.get("RAS_ATTENTION", "auto").strip().lower() or "auto"
     if value not in ATTENTION_PATHS:
         raise ValueError(f"RAS_ATTENTION must be one of {', '.join(ATTENTION_PATHS)}; got {value!r}")
     return value
@@ -581,9 +585,16 @@ def _warn_other_path(path: str, reason: str) -> None:
 
 
 def _attention_path(q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> str:
-    """The path this launch takes: RAS_ATTENTION's when the call is eligible, else "triton" (the portable kernel;
-    one warning per reason, in eager calls)."""
+    """The path this launch takes: under ``auto``, AUTO_PATHS' path for an eligible call on an sm_90 GPU, else
+    "triton" (the portable kernel), silently; under an explicit path, that path when the call is eligible, else
+    "triton" with one warning per reason (in eager calls)."""
     path = requested_attention_path()
+    if path == "auto":
+        path = AUTO_PATHS.get(q.shape[-1], "triton")
+        on_sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+        if path == "triton" or not on_sm90 or os.environ.get("TRITON_INTERPRET") == "1":
+            return "triton"
+        return path if path_ineligible(path, q, k, v, k_extra, v_extra, key_mask, return_lse) is None else "triton"
     if path == "triton":
         return path
     reason = path_ineligible(path, q, k, v, k_extra, v_extra, key_mask, return_lse)
