@@ -239,7 +239,8 @@ def test_extrapolate_to_prints_labelled_estimates(capsys, torch_backend):
 
 def test_metrics_and_attention_paths_share_one_dense_baseline(tmp_path, capsys, monkeypatch):
     """--metric and --attention take several values: one RAS run per path, metric and ratio, against one dense run,
-    each labelled with its rule and path (auto, the default, unlabelled); RAS_ATTENTION is back to the caller's value after the runs."""
+    each labelled with its rule and path (auto, the default, unlabelled); RAS_ATTENTION is back to the caller's
+    value after the runs."""
     monkeypatch.delenv("RAS_ATTENTION", raising=False)
     tiny_sd3_pipeline(t5=True).save_pretrained(tmp_path)
     args = ["--pretrained", str(tmp_path), "--steps", "6", "--ratio", "0.5", "--resolution", "32"]
