@@ -415,8 +415,8 @@ def _launch_attention(
 
 
 def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, config=None):
-    """Run attn_fwd_tma_kernel (RAS_ATTENTION=hopper, eligible call: see path_ineligible) on the current device;
-    ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
+    """Run attn_fwd_tma_kernel (RAS_ATTENTION hopper, or auto at head dim 64 on sm_90; an eligible call: see
+    path_ineligible) on the current device; ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import kernels
@@ -508,7 +508,7 @@ ATTENTION_PATHS = ("auto", "triton", "hopper", "cudnn")
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
 PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the path per head dim that made pipe(...) fastest on the H200
-# (docs/benchmarks.md, session 16: SD3 with hopper 1.03x the portable kernel's generation at 0.25, Flux and Wan with
+# (docs/benchmarks.md, session 16: SD3 with hopper 1.04x the portable kernel's generation at 0.25, Flux and Wan with
 # cudnn 1.03x and 1.09x); an ineligible call, another head dim or another device runs the portable kernel.
 AUTO_PATHS = {64: "hopper", 128: "cudnn"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
@@ -544,7 +544,7 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 
 def path_ineligible(path: str, q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> str | None:
-    """Why an attention launch cannot take the opt-in ``path`` ("hopper" or "cudnn"), or None when it can.
+    """Why an attention launch cannot take ``path`` ("hopper" or "cudnn"), or None when it can.
 
     Both need 16-bit q, k and v of one dtype (no fp8 caches) and a head dim in ``PATH_HEAD_DIMS[path]``.
     hopper: CUDA compute capability 9.0 (or the interpreter, fp16 only: its bf16 dots are wrong), and every tensor
