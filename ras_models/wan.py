@@ -13,7 +13,9 @@ output, shaped so that the model's own ``flatten(2).transpose(1, 2)`` yields [B,
 RMS-norm across heads and RoPE as diffusers' ``WanAttnProcessor`` applies them, then the layer's K/V cache: keys
 after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers' processor (the K active queries over the
 whole text, and for I2V over the image-embedding keys too), the scatter point ``proj_out`` (all N rows before the
-unpatchify), and ``cache_context_calls``: the pipelines run CFG as two calls per step, "cond" and "uncond", each with
+unpatchify), every block's fused ``forward`` (the same maths with the per-token elementwise work, which diffusers
+runs in fp32 op by op, in fused kernels: LayerNorm + modulation, gate + residual + LayerNorm), and
+``cache_context_calls``: the pipelines run CFG as two calls per step, "cond" and "uncond", each with
 its own caches, both computing the step's one active set.
 
 Two experts (Wan 2.2 A14B: ``transformer`` for the high-noise steps, ``transformer_2`` after the pipeline's
@@ -42,7 +44,10 @@ import weakref
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from ras_kernels import adaptive_norm, gated_residual, gated_residual_norm
 
 from .adapter import Attention, ModelAdapter, RASProcessor, install, refuse_submodule_hooks
 from .config import RASConfig
@@ -83,6 +88,36 @@ class WanRASAttnProcessor(RASProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    """diffusers' ``WanTransformerBlock.forward`` (temb [B, 6, D]) with its elementwise work in fused kernels, in
+    fp32 as diffusers computes it: LayerNorm + modulation; gate + residual + the cross-attention LayerNorm; residual
+    + LayerNorm + modulation; gate + residual."""
+    shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (block.scale_shift_table + temb.float()).unbind(1)
+    x = adaptive_norm(hidden_states, scale_msa, shift_msa, eps=block.norm1.eps)
+    attn_output = block.attn1(x, None, None, rotary_emb)
+    if isinstance(block.norm2, torch.nn.Identity):  # cross_attn_norm=False
+        hidden_states = x = gated_residual(hidden_states, attn_output, gate_msa)
+    else:
+        norm2 = block.norm2
+        hidden_states, x = gated_residual_norm(
+            hidden_states, attn_output, gate_msa, weight=norm2.weight, bias=norm2.bias, eps=norm2.eps
+        )
+    attn_output = block.attn2(x, encoder_hidden_states, None, None)
+    hidden_states, x = gated_residual_norm(hidden_states, attn_output, None, c_scale, c_shift, eps=block.norm3.eps)
+    return gated_residual(hidden_states, block.ffn(x), c_gate)
+
+
+def _check_block(name: str, block) -> None:
+    """The fused block forward reproduces diffusers' for this norm layout only."""
+
+    def fp32_layer_norm(norm, affine: bool) -> bool:
+        return type(norm) is FP32LayerNorm and norm.elementwise_affine == affine
+
+    norm2_known = type(block.norm2) is torch.nn.Identity or fp32_layer_norm(block.norm2, True)
+    if not (fp32_layer_norm(block.norm1, False) and norm2_known and fp32_layer_norm(block.norm3, False)):
+        raise ValueError(f"{name} has a norm layout RAS does not know (Wan 2.1 / 2.2 WanTransformerBlock expected)")
+
+
 class WanAdapter(ModelAdapter):
     """Wan 2.1 / 2.2 (see the module docstring). ``expert`` names the transformer's calls (its attribute on the
     pipeline); ``leader`` is the first expert's adapter, which holds the generation's latent grid for both."""
@@ -100,6 +135,8 @@ class WanAdapter(ModelAdapter):
     processors = {"self": WanRASAttnProcessor}  # attn2 keeps diffusers' processor: K queries over the full text
     processor_hint = " (reset with transformer.set_attn_processor(WanAttnProcessor()))"
     scatter_at = "proj_out"
+    fused_blocks = {"blocks.*": _block_forward}
+    check_fused = staticmethod(_check_block)
     cache_context_calls = True
     context_parallel = True
 

@@ -552,3 +552,37 @@ def test_a_new_call_runs_its_first_step_dense(torch_backend):
     session.observe(guided)
     session.begin_step(1, 8, 8, "cpu", "b")
     assert not session.new_call and session.num_active == 8
+
+
+@pytest.mark.parametrize(
+    "case,backend", backend_cases(["cross-norm", "no-cross-norm"], ["cross-norm", "no-cross-norm"])
+)
+def test_fused_block_forward_matches_diffusers(case, backend, monkeypatch):
+    """The fused block forward against diffusers' own WanTransformerBlock.forward (fp32, random modulation table
+    and cross-attention norm parameters), with and without the cross-attention norm; a block of another norm
+    layout is refused."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
+
+    from ras_models import wan
+
+    monkeypatch.setenv("RAS_BACKEND", backend)
+    device = DEVICE if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    dim, heads = 32, 2
+    block = WanTransformerBlock(dim, 48, heads, cross_attn_norm=case == "cross-norm", eps=1e-6).to(device)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    latents = torch.randn(2, 4, 3, 4, 6)
+    cos, sin = WanRotaryPosEmbed(dim // heads, (1, 2, 2), 32)(latents)
+    x, text, temb = torch.randn(2, 18, dim), torch.randn(2, 7, dim), torch.randn(2, 6, dim)
+    args = [t.to(device) for t in (x, text, temb)] + [(cos.to(device), sin.to(device))]
+    with torch.no_grad():
+        want = block(*args)
+        got = wan._block_forward(block, *args)
+    assert (want - x.to(device)).abs().max() > 0.1  # the block changed the stream
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    wan._check_block("blocks.0", block)
+    block.norm3 = torch.nn.LayerNorm(dim, elementwise_affine=False)
+    with pytest.raises(ValueError, match="blocks.0 has a norm layout RAS does not know"):
+        wan._check_block("blocks.0", block)
