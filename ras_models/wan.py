@@ -10,8 +10,8 @@ to ``scheduler.step``. A token's score is then the spec's: the mean over its 2x2
 Declared on the adapter layer (``ras_models.adapter``): the gather point ``patch_embedding`` (the active rows of its
 output, shaped so that the model's own ``flatten(2).transpose(1, 2)`` yields [B, K, D]), the rotary source ``rope``
 (the rows of its (cos, sin) tables [1, N, 1, d] for the active tokens), every block's self-attention ``attn1`` (QK
-RMS-norm across heads and RoPE as diffusers' ``WanAttnProcessor`` applies them, then the layer's K/V cache: keys
-after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers' processor (the K active queries over the
+RMS-norm across heads and RoPE as diffusers' ``WanAttnProcessor`` applies them, fused in one pass for q and one for
+k, then the layer's K/V cache: keys after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers' processor (the K active queries over the
 whole text, and for I2V over the image-embedding keys too), the scatter point ``proj_out`` (all N rows before the
 unpatchify), every block's fused ``forward`` (the same maths with the per-token elementwise work, which diffusers
 runs in fp32 op by op, in fused kernels: LayerNorm + modulation, gate + residual + LayerNorm), and
@@ -56,15 +56,10 @@ from .handle import RASHandle
 PATCH = (1, 2, 2)  # the only patch size the fold maps to the session's 2-D patches
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of x [B, L, H, d] as diffusers' ``WanAttnProcessor`` applies it: cos/sin [1 or B, L, 1, d] hold each
-    channel pair's angle twice; the products are taken in the tables' dtype, the result in x's."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out
+def _complex_rope(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' Wan RoPE tables (cos, sin) [1, L, 1, d], each channel pair's angle held twice, as the complex
+    frequencies [1, L, d / 2] (complex64) that ``adaptive_norm`` rotates each head's interleaved pairs by."""
+    return torch.complex(cos[:, :, 0, 0::2].float(), sin[:, :, 0, 1::2].float())
 
 
 class WanRASAttnProcessor(RASProcessor):
@@ -80,10 +75,14 @@ class WanRASAttnProcessor(RASProcessor):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key = attn.norm_q(query), attn.norm_k(key)  # RMS-norm across heads
+        # RMS-norm across heads, then RoPE on each head's interleaved pairs: one pass each for q and k (in fp32,
+        # rounded once; diffusers rounds after the norm and rotates in the tables' fp64).
+        rope = None if rotary_emb is None else _complex_rope(*rotary_emb)
+        query, key = (
+            adaptive_norm(t, norm="rms", weight=norm.weight, eps=norm.eps, rope=rope)
+            for t, norm in ((query, attn.norm_q), (key, attn.norm_k))
+        )
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         out = self.session.attend(self.key, query, key, value).flatten(2).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -108,13 +107,17 @@ def _block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb
 
 
 def _check_block(name: str, block) -> None:
-    """The fused block forward reproduces diffusers' for this norm layout only."""
+    """The fused block forward and self-attention reproduce diffusers' for this norm layout only."""
 
     def fp32_layer_norm(norm, affine: bool) -> bool:
         return type(norm) is FP32LayerNorm and norm.elementwise_affine == affine
 
+    def rms_norm(norm) -> bool:  # the self-attention's QK norm, across heads
+        return type(norm) is torch.nn.RMSNorm and norm.elementwise_affine and norm.eps is not None
+
     norm2_known = type(block.norm2) is torch.nn.Identity or fp32_layer_norm(block.norm2, True)
-    if not (fp32_layer_norm(block.norm1, False) and norm2_known and fp32_layer_norm(block.norm3, False)):
+    qk_known = rms_norm(block.attn1.norm_q) and rms_norm(block.attn1.norm_k)
+    if not (fp32_layer_norm(block.norm1, False) and norm2_known and fp32_layer_norm(block.norm3, False) and qk_known):
         raise ValueError(f"{name} has a norm layout RAS does not know (Wan 2.1 / 2.2 WanTransformerBlock expected)")
 
 
