@@ -11,12 +11,12 @@ Declared on the adapter layer (``ras_models.adapter``): the gather point ``patch
 output, shaped so that the model's own ``flatten(2).transpose(1, 2)`` yields [B, K, D]), the rotary source ``rope``
 (the rows of its (cos, sin) tables [1, N, 1, d] for the active tokens), every block's self-attention ``attn1`` (QK
 RMS-norm across heads and RoPE as diffusers' ``WanAttnProcessor`` applies them, fused in one pass for q and one for
-k, then the layer's K/V cache: keys after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers' processor (the K active queries over the
-whole text, and for I2V over the image-embedding keys too), the scatter point ``proj_out`` (all N rows before the
-unpatchify), every block's fused ``forward`` (the same maths with the per-token elementwise work, which diffusers
-runs in fp32 op by op, in fused kernels: LayerNorm + modulation, gate + residual + LayerNorm), and
-``cache_context_calls``: the pipelines run CFG as two calls per step, "cond" and "uncond", each with
-its own caches, both computing the step's one active set.
+k, then the layer's K/V cache: keys after QK-norm and RoPE), every cross-attention ``attn2`` with diffusers'
+processor (the K active queries over the whole text, and for I2V over the image-embedding keys too), the scatter
+point ``proj_out`` (all N rows before the unpatchify), every block's fused ``forward`` (the same maths with the
+per-token elementwise work, which diffusers runs in fp32 op by op, in fused kernels: LayerNorm + modulation, gate +
+residual + LayerNorm), and ``cache_context_calls``: the pipelines run CFG as two calls per step, "cond" and
+"uncond", each with its own caches, both computing the step's one active set.
 
 Two experts (Wan 2.2 A14B: ``transformer`` for the high-noise steps, ``transformer_2`` after the pipeline's
 boundary): ``apply_ras(pipe)`` patches both, through a second handle that shares the first's session and CUDA
