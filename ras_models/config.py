@@ -139,7 +139,8 @@ class RASConfig:
         to dense of every rule at 0.25 and 0.125 (35.6 dB PSNR against random's 33.3 / 31.4 and std's 29.8), with
         a detail error at dense's level, and on the Flux.1-dev layout it runs within 1% of the random rule on the
         same kernel (docs/benchmarks.md, session 16; 3-4% behind random on cuDNN, which returns no log-sum-exp).
-        ``metric="random"`` is the fastest rule, ``metric="std"`` the public code's."""
+        ``metric="random"`` is the fastest rule (and the one to use under context parallelism, which the attention
+        rule does not support), ``metric="std"`` the public code's."""
         base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20), metric="attention")
         return replace(base, **overrides)
 

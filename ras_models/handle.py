@@ -83,7 +83,8 @@ def _sharding(model: torch.nn.Module, config: RASConfig, supported: bool) -> Sha
         raise ValueError(
             f"RASConfig(metric='attention') is not supported under context parallelism (the {name} runs under "
             "Ulysses): after the exchange a rank's queries mix the ranks' text and image rows, and its log-sum-exps "
-            "cover only its heads; use another metric"
+            "cover only its heads; use another metric (e.g. RASConfig.flux(shards=P, metric='random'): the Flux "
+            "preset's rule otherwise is 'attention')"
         )
     group = cp._ulysses_mesh.get_group()
     return Sharding(group, torch.distributed.get_rank(group), size)
