@@ -102,7 +102,7 @@ if want e2e-wan14b-720; then
     --repeats 1 --no-compile-baseline --json "$out/wan-14b-720p-6steps.json" | tee -a "$out/e2e.md"
 fi
 if want e2e-ulysses; then
-  for args in "--model flux --resolution 2048 --metric random" "--model wan-14b --frames 81 --steps 12 --extrapolate-to 50"; do
+  for args in "--model flux --resolution 2048" "--model wan-14b --frames 81 --steps 12 --extrapolate-to 50"; do
     echo "### torchrun --nproc-per-node 2 -m bench.e2e $args --ratio 0.25 --ulysses 2"
     # shellcheck disable=SC2086 (the words of $args are the options)
     torchrun --nproc-per-node 2 -m bench.e2e $args --ratio 0.25 --ulysses 2 2>>"$err"

@@ -49,7 +49,8 @@ class RASConfig:
             difference, mean over the patch), a token that step did not recompute keeping its last observed change;
             or ``"attention"``: each token's attention log-sum-exp over all keys, mean over heads, summed over every
             self-attention layer and transformer call (CFG calls, a prompt's batch rows) of the step, a token that
-            step did not recompute keeping its last score (not under context parallelism).
+            step did not recompute keeping its last score (under context parallelism each rank sums its heads and the
+            ranks' sums are added once per step).
         mode: ``"reference"`` (priority R * exp(+k D), the public code's rule) or ``"paper"`` (R * exp(-k D)).
         starvation_scale: k >= 0.
         high_ratio: share in (0, 1] of the dropped tokens taken from the highest priorities.
@@ -139,8 +140,7 @@ class RASConfig:
         to dense of every rule at 0.25 and 0.125 (35.6 dB PSNR against random's 33.3 / 31.4 and std's 29.8), with
         a detail error at dense's level, and on the Flux.1-dev layout it runs within 1% of the random rule on the
         same kernel (docs/benchmarks.md, session 16; 3-4% behind random on cuDNN, which returns no log-sum-exp).
-        ``metric="random"`` is the fastest rule (and the one to use under context parallelism, which the attention
-        rule does not support), ``metric="std"`` the public code's."""
+        ``metric="random"`` is the fastest rule, ``metric="std"`` the public code's."""
         base = cls(sample_ratio=0.25, num_steps=28, warmup_steps=4, reset_steps=(12, 20), metric="attention")
         return replace(base, **overrides)
 

@@ -50,8 +50,7 @@ def _sharding(model: torch.nn.Module, config: RASConfig, supported: bool) -> Sha
     """This rank's :class:`Sharding` if diffusers' context parallelism is enabled on ``model``
     (``enable_parallelism``), None if no parallelism is; raise ValueError for what RAS cannot run: tensor
     parallelism, context parallelism on a family whose adapter does not support it (``supported``), ring attention,
-    ``ulysses_anything``, heads not divisible by the degree, ``config.shards`` other than the degree, or
-    ``config.metric`` ``"attention"``."""
+    ``ulysses_anything``, heads not divisible by the degree, or ``config.shards`` other than the degree."""
     parallel = getattr(model, "_parallel_config", None)
     if parallel is None:
         return None
@@ -78,13 +77,6 @@ def _sharding(model: torch.nn.Module, config: RASConfig, supported: bool) -> Sha
             f"the {name} runs under Ulysses context parallelism of degree {size}, so each rank holds 1/{size} of the "
             f"image tokens: set RASConfig(shards={size}) (got shards={config.shards}) so that every rank keeps the "
             "same count of its own tokens"
-        )
-    if config.metric == "attention":
-        raise ValueError(
-            f"RASConfig(metric='attention') is not supported under context parallelism (the {name} runs under "
-            "Ulysses): after the exchange a rank's queries mix the ranks' text and image rows, and its log-sum-exps "
-            "cover only its heads; use another metric (e.g. RASConfig.flux(shards=P, metric='random'): the Flux "
-            "preset's rule otherwise is 'attention')"
         )
     group = cp._ulysses_mesh.get_group()
     return Sharding(group, torch.distributed.get_rank(group), size)

@@ -354,7 +354,8 @@ class RASSession:
         Ulysses all-to-all turns each into all rows (in rank order: ascending token order, as the shards are
         consecutive) of H / S heads, the cache [B, N, Hkv / S, d] is refreshed at the global indices, and the output
         is exchanged back to this rank's rows of all heads. The order of the queries and of the extra keys does not
-        matter to attention, so each may mix the ranks' text and image rows.
+        matter to attention, so each may mix the ranks' text and image rows; metric "attention" takes the image rows
+        of each rank's block of queries (its sums cover this rank's heads; the observe adds the ranks' sums).
         """
         self._require_step("attend")
         self._check_rows("k", k, 4, self.num_active)
@@ -368,11 +369,13 @@ class RASSession:
                 None if t is None else exchange(t, scatter_idx=2, gather_idx=1, group=group)
                 for t in (q, k, v, k_extra, v_extra)
             )
-            out = self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries)
+            out = self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries, self.sharding.size)
             return exchange(out, scatter_idx=1, gather_idx=2, group=group)
-        return self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries)
+        return self._attend(key, q, k, v, k_extra, v_extra, scale, image_queries, 1)
 
-    def _attend(self, key, q, k, v, k_extra, v_extra, scale, image_queries) -> torch.Tensor:
+    def _attend(self, key, q, k, v, k_extra, v_extra, scale, image_queries, blocks) -> torch.Tensor:
+        """``attend`` on [B, L, H, d] rows: q holds ``blocks`` equal blocks of query rows (one per rank, in rank
+        order, under context parallelism), each with its image queries at ``image_queries``."""
         b, _, hkv, d = k.shape
         # Keyed by shape as well: a captured step graph keeps reading the buffers it was captured with.
         cache_key = (self.shape_key, self.call, key, hkv, d, k.dtype)
@@ -402,7 +405,9 @@ class RASSession:
         if sums is None:  # made at the step shape's first (eager) run; a captured graph then adds into it
             sums = torch.zeros(b, rows, dtype=torch.float32, device=k.device)
             self._lse_sums[(self.shape_key, rows)] = sums
-        sums.add_(lse[:, :, image_queries : image_queries + rows].mean(dim=1))  # in place: no host sync
+        # Each block's image rows, in block order: the rows of k, ascending tokens. In place: no host sync.
+        lse = lse.unflatten(2, (blocks, -1))[..., image_queries : image_queries + rows // blocks]
+        sums.add_(lse.flatten(2).mean(dim=1))
         return out
 
     def scatter_output(self, out: torch.Tensor) -> torch.Tensor:
@@ -549,6 +554,9 @@ class RASSession:
             raise RuntimeError(
                 f"metric 'attention' at step {self.step}: no self-attention ran through attend() in this step"
             )
+        if self.sharding is not None:  # each rank summed the means over its H / S heads: the mean over all H
+            torch.distributed.all_reduce(sums, group=self.sharding.group)
+            sums.div_(self.sharding.size)
         key = (self.shape_key, prompts)
         scores = self._lse_scores.get(key)
         if scores is None:
