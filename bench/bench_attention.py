@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, device_name, format_table, graph_ms, graph_replay, measure_ceilings
+from bench.common import Row, attention_path, device_name, format_table, graph_ms, graph_replay, measure_ceilings
 
 DTYPE = torch.bfloat16
 
@@ -180,8 +180,6 @@ def _graph_stats(fn) -> tuple[float, float, float]:
 
 
 def _path_cells(name: str, s: dict) -> list[str]:
-    import os
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ras_kernels.attention import ops
@@ -189,8 +187,8 @@ def _path_cells(name: str, s: dict) -> list[str]:
     q, kn, vn, kc, vc, idx, ke, ve = _inputs(**s)
     stats = {}
     for path in PATHS:
-        os.environ["RAS_ATTENTION"] = path
-        stats[path] = _graph_stats(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
+        with attention_path(path):
+            stats[path] = _graph_stats(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
     k_all, v_all = _concat(kc, vc, ke, ve, s["hq"] // s["hkv"])
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k_all, v_all))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -208,20 +206,11 @@ PATHS = ("triton", "hopper", "cudnn")
 def paths() -> None:
     """The cached op through each RAS_ATTENTION path (bf16, CUDA-graph replays) next to cuDNN's SDPA alone on the
     pre-concatenated keys (no cache write, no concatenation: a floor for any path), TFLOP/s of the medians."""
-    import os
-
     print("| shape | " + " | ".join(f"{n} ms min / median / max (TFLOP/s)" for n in PATHS), end="")
     print(" | cuDNN SDPA alone | hopper / triton | cudnn / triton |")
     print("|" + "---|" * 7)
-    before = os.environ.get("RAS_ATTENTION")
-    try:
-        for name, s in PATH_SHAPES:
-            print("| " + " | ".join(_path_cells(name, s)) + " |", flush=True)
-    finally:
-        if before is None:
-            os.environ.pop("RAS_ATTENTION", None)
-        else:
-            os.environ["RAS_ATTENTION"] = before
+    for name, s in PATH_SHAPES:
+        print("| " + " | ".join(_path_cells(name, s)) + " |", flush=True)
 
 
 SWEEP_CONFIGS = ((128, 32, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2))

@@ -6,6 +6,8 @@ same process and the card's measured ceilings (device copy bandwidth, bf16 GEMM 
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,21 @@ def synced(fn):
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def attention_path(path: str):
+    """RAS_ATTENTION set to ``path`` inside the block (the op reads it at each launch; a CUDA graph keeps the path
+    it captured), the caller's value (or its absence) restored after."""
+    before = os.environ.get("RAS_ATTENTION")
+    os.environ["RAS_ATTENTION"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAS_ATTENTION"]
+        else:
+            os.environ["RAS_ATTENTION"] = before
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:

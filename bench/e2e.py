@@ -25,11 +25,9 @@ weight values; the PSNR column says how far each RAS result lands from the dense
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from bench import demo_cpu
-from bench.common import resolve_dtype
+from bench.common import attention_path, resolve_dtype
 from bench.pipelines import (
     LAYOUTS,
     TWO_EXPERTS,
@@ -294,24 +292,9 @@ class Bench:
             if path != "auto":  # RAS_ATTENTION (docs/cached_kv_attention.md)
                 details.append(f"attention {path}")
             label = f"RAS ratio {config.sample_ratio} ({', '.join(details)})"
-            with _attention_path(path), apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
+            with attention_path(path), apply_ras(self.pipe, config, cuda_graphs=graphs) as handle:
                 results.append(self.measure(label, handle, config))
         return results, dense
-
-
-@contextlib.contextmanager
-def _attention_path(path: str):
-    """RAS_ATTENTION set to ``path`` for one RAS run (the op reads it at each launch; a CUDA graph keeps the path
-    it captured), restored after."""
-    before = os.environ.get("RAS_ATTENTION")
-    os.environ["RAS_ATTENTION"] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["RAS_ATTENTION"]
-        else:
-            os.environ["RAS_ATTENTION"] = before
 
 
 def _report(args, bench: Bench, family: str, configs: list, description: str) -> None:

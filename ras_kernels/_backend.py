@@ -39,12 +39,18 @@ def _triton_available() -> bool:
     return True
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of the environment variable ``name`` (``default`` when unset or blank; case and surrounding blanks
+    ignored), one of ``choices``, else a ValueError naming the variable and the accepted values."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 def requested_backend() -> str:
     """The value of ``RAS_BACKEND`` (default ``auto``), validated."""
-    value = os.environ.get("RAS_BACKEND", "auto").strip().lower() or "auto"
-    if value not in _BACKENDS:
-        raise ValueError(f"RAS_BACKEND must be one of {', '.join(_BACKENDS)}; got {value!r}")
-    return value
+    return env_choice("RAS_BACKEND", _BACKENDS, "auto")
 
 
 def _backend_runs_triton(device: torch.device) -> bool:

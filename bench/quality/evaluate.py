@@ -67,7 +67,7 @@ def ras_config(steps: int, ratio: float, num_tokens: int, variant: str, family: 
     SD3 high_ratio 0.3; k 0.1; other step counts move the resets proportionally, as ``bench.e2e``) with:
 
     * ``reference``: the std metric and mode "reference" (priority R * exp(+k D)): the public code's rule (Flux's
-      preset itself uses metric random);
+      preset itself uses metric attention);
     * ``paper``: mode "paper" (priority R * exp(-k D));
     * ``no-starvation``: starvation_scale 0 (ranking by R alone, same band);
     * ``random``: starvation_scale 0 and high_ratio 1; the tool hands ``observe`` Gaussian noise instead of the

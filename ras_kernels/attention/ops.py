@@ -20,6 +20,7 @@ from .._backend import (
     check_no_overlap,
     check_tensor,
     check_unit_stride,
+    env_choice,
     next_pow2,
     validate_index,
 )
@@ -531,10 +532,7 @@ _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 def requested_attention_path() -> str:
     """The value of ``RAS_ATTENTION`` (default ``auto``: see AUTO_PATHS), validated."""
-    value = os.environ.get("RAS_ATTENTION", "auto").strip().lower() or "auto"
-    if value not in ATTENTION_PATHS:
-        raise ValueError(f"RAS_ATTENTION must be one of {', '.join(ATTENTION_PATHS)}; got {value!r}")
-    return value
+    return env_choice("RAS_ATTENTION", ATTENTION_PATHS, "auto")
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
