@@ -168,6 +168,8 @@ PATH_SHAPES = (
     ("Wan 1.3B 0.25", dict(b=1, n=32760, kk=8190, t=0, hq=12, hkv=12, d=128)),
     ("Wan 1.3B dense", dict(b=1, n=32760, kk=32760, t=0, hq=12, hkv=12, d=128)),
     ("Wan 14B 0.25", dict(b=1, n=32760, kk=8190, t=0, hq=40, hkv=40, d=128)),
+    ("Lumina 0.25", dict(LUMINA, kk=1024)),
+    ("Lumina dense", dict(LUMINA, kk=4096)),
 )
 
 
@@ -329,7 +331,7 @@ def _write_table(path: str, table: dict) -> None:
 
 
 # Shape families of the Hopper kernel's table: its head dims, 16-bit caches (fp8 stays on the portable kernel).
-HOPPER_TUNE_FAMILIES = tuple(f for f in TUNE_FAMILIES if f[6] in (64, 128) and not f[8] and not f[7])
+HOPPER_TUNE_FAMILIES = tuple(f for f in TUNE_FAMILIES if f[6] in (64, 72, 128) and not f[8] and not f[7])
 HOPPER_TUNE_BUCKETS = TUNE_BUCKETS[2:]  # 256 .. 32768: a RAS step's queries (a key outside takes the default)
 
 

@@ -680,7 +680,7 @@ def _path_args(d=128, hkv=2, dtype=torch.bfloat16, t=0, offset=0):
         ("hopper", {}, "a device other than an sm_90 GPU"),
         ("cudnn", {"hkv": 1}, "grouped-query heads"),
         ("cudnn", {"d": 64}, "head dim 64 (the cudnn path runs (128,))"),
-        ("hopper", {"d": 72}, "head dim 72 (the hopper path runs (64, 128))"),
+        ("hopper", {"d": 80}, "head dim 80 (the hopper path runs (64, 72, 128))"),
         ("cudnn", {"mask": True}, "a key mask"),
         ("cudnn", {"lse": True}, "return_lse"),
         ("hopper", {"dtype": torch.float32}, "fp16 / bf16 only"),
@@ -750,10 +750,11 @@ def test_an_ineligible_call_warns_and_runs_the_portable_kernel(triton_backend, m
 
 
 HOPPER_CPU_CASES = [
-    # (B, N, K, T, Hq, Hkv, d, masked): tail tiles (N, T, Lq not multiples of the tiles), GQA, d 64 and 128
+    # (B, N, K, T, Hq, Hkv, d, masked): tail tiles (N, T, Lq not multiples of the tiles), GQA, d 64, 72 and 128
     pytest.param(2, 70, 21, 5, 4, 2, 64, False, id="tails-gqa-T5"),
     pytest.param(1, 64, 64, 0, 2, 2, 128, False, id="d128-KeqN"),
     pytest.param(1, 45, 9, 40, 2, 1, 64, True, id="masked-text"),
+    pytest.param(2, 37, 11, 7, 4, 1, 72, True, id="d72-gqa-masked"),  # Lumina's head dim: 64 + a 16-wide tail
 ]
 
 
@@ -807,6 +808,7 @@ def test_hopper_path_matches_reference(triton_backend, monkeypatch, b, n, kk, t,
         pytest.param(2, 4000, 1000, 77, 24, 8, 64, id="gqa-tails-d64"),
         pytest.param(1, 4096, 1000, 512, 24, 24, 128, id="flux-d128"),
         pytest.param(1, 8190, 2047, 0, 12, 12, 128, id="wan-d128"),
+        pytest.param(2, 4096, 1000, 0, 32, 8, 72, id="lumina-d72"),
     ],
 )
 def test_gpu_attention_paths(triton_backend, monkeypatch, path, b, n, kk, t, hq, hkv, d, dtype):

@@ -358,40 +358,60 @@ def attn_fwd_kernel(
 @triton.jit
 def _attn_tma_tile(
     acc,
+    acc1,
     m_i,
     l_i,
     q,
+    q1,
     k_desc,
     v_desc,
+    k1_desc,
+    v1_desc,
     b,
     row,
     hk,
     key_ok,
     qk_scale,
-    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     GUARD: tl.constexpr,
 ):
-    """One key tile of the online softmax (log2 domain) for attn_fwd_tma_kernel: the [BLOCK_N, HEAD_DIM] K and V
-    tiles at rows row.. of kv head hk in batch b, read through their descriptors (rows past the tensor come back
-    as zeros). MASKED, GUARD: see _softmax_update. Returns the updated (acc, m_i, l_i)."""
-    k = k_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
-    p, alpha, m_new, l_i = _softmax_update(tl.dot(q, tl.trans(k)), m_i, l_i, key_ok, qk_scale, MASKED, GUARD)
-    v = v_desc.load([b, row, hk, 0]).reshape(BLOCK_N, HEAD_DIM)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
+    """One key tile of the online softmax (log2 domain) for attn_fwd_tma_kernel: the [BLOCK_N, D0] K and V tiles
+    at rows row.. of kv head hk in batch b, read through their descriptors (rows past the tensor come back as
+    zeros), and when D1 > 0 the [BLOCK_N, D1] tiles of the columns from D0 on (q1, acc1: that piece of q and of the
+    output). MASKED, GUARD: see _softmax_update. Returns the updated (acc, acc1, m_i, l_i)."""
+    k = k_desc.load([b, row, hk, 0]).reshape(BLOCK_N, D0)
+    qk = tl.dot(q, tl.trans(k))
+    if D1 > 0:
+        k1 = k1_desc.load([b, row, hk, D0]).reshape(BLOCK_N, D1)
+        qk = tl.dot(q1, tl.trans(k1), qk)
+    p, alpha, m_new, l_i = _softmax_update(qk, m_i, l_i, key_ok, qk_scale, MASKED, GUARD)
+    v = v_desc.load([b, row, hk, 0]).reshape(BLOCK_N, D0)
+    p = p.to(v.dtype)
+    acc = tl.dot(p, v, acc * alpha[:, None])
+    if D1 > 0:
+        v1 = v1_desc.load([b, row, hk, D0]).reshape(BLOCK_N, D1)
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None])
+    return acc, acc1, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["n_keys", "n_extra"])
 def attn_fwd_tma_kernel(
     out_desc,
+    out1_desc,
     lse_ptr,
     q_desc,
+    q1_desc,
     k_desc,
+    k1_desc,
     v_desc,
+    v1_desc,
     k_extra_desc,
+    k1_extra_desc,
     v_extra_desc,
+    v1_extra_desc,
     mask_ptr,
     stride_mask_b,
     stride_mask_t,
@@ -401,7 +421,8 @@ def attn_fwd_tma_kernel(
     heads_q,
     group,
     qk_scale,
-    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
     HAS_EXTRA: tl.constexpr,
     HAS_MASK: tl.constexpr,
     STORE_LSE: tl.constexpr,
@@ -410,16 +431,20 @@ def attn_fwd_tma_kernel(
     NUM_STAGES: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """The op of attn_fwd_kernel for Hopper (RAS_ATTENTION=hopper): head dims 64 and 128, 16-bit q / k / v.
+    """The op of attn_fwd_kernel for Hopper (RAS_ATTENTION=hopper): head dims 64, 72 and 128, 16-bit q / k / v.
 
-    Every [B, L, H, d] tensor is read (and out written) through a host-side 4-D tensor descriptor with block
-    [1, rows, 1, HEAD_DIM] (TMA on sm_90): no pointer arithmetic, and rows past a segment come back as zeros.
-    The cache's full key tiles run in one ``tl.range`` loop that Triton pipelines (NUM_STAGES) and may
-    warp-specialise (WARP_SPECIALIZE: producer warps issue the loads, consumer warps the dots and the softmax);
+    Every [B, L, H, d] tensor is read (and out written) through host-side 4-D tensor descriptors (TMA on sm_90):
+    no pointer arithmetic, rows and columns past the tensor come back as zeros and are not stored. Head dim
+    d = D0 + rest: the ``*_desc`` descriptors have block [1, rows, 1, D0] (columns 0..D0); when D1 > 0 (d = 72:
+    D0 = 64, D1 = 16) the ``*1_desc`` ones have block [1, rows, 1, D1] at column D0, whose columns past d load as
+    zeros (they add nothing to a score or an output column) and are clipped on the store; with D1 = 0 they are
+    never read. The cache's full key tiles run in one ``tl.range`` loop that Triton pipelines (NUM_STAGES) and
+    may warp-specialise (WARP_SPECIALIZE: producer warps issue the loads, consumer warps the dots and the softmax);
     then its tail tile and the extra rows, masked (bounds, and the uint8 key mask when HAS_MASK). lse, query head
     mapping (h reads kv head h // group), qk_scale (scale * log2(e)) and the grid (cdiv(Lq, BLOCK_M), B * Hq) are
     as in attn_fwd_kernel; out [B, Lq, Hq, d] contiguous, lse [B, Hq, Lq] fp32 (STORE_LSE).
     """
+    W1: tl.constexpr = D1 if D1 > 0 else 16  # the width of q1 / acc1, unused placeholders when D1 == 0
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes a Python float as fp64 (see attn_fwd_kernel)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -428,20 +453,25 @@ def attn_fwd_tma_kernel(
     hk = h // group
     row_m = pid_m * BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
-    q = q_desc.load([b, row_m, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+    q = q_desc.load([b, row_m, h, 0]).reshape(BLOCK_M, D0)
+    q1 = tl.zeros([BLOCK_M, W1], dtype=q.dtype)
+    if D1 > 0:
+        q1 = q1_desc.load([b, row_m, h, D0]).reshape(BLOCK_M, D1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, W1], dtype=tl.float32)
     n_full = (n_keys // BLOCK_N) * BLOCK_N
     for start in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
-        acc, m_i, l_i = _attn_tma_tile(
-            acc, m_i, l_i, q, k_desc, v_desc, b, start, hk, offs_n, qk_scale, HEAD_DIM, BLOCK_N, False, False
-        )
+        acc, acc1, m_i, l_i = _attn_tma_tile(
+            acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, start, hk, offs_n, qk_scale,
+            D0, D1, BLOCK_N, False, False,
+        )  # fmt: skip
     if n_full < n_keys:
-        acc, m_i, l_i = _attn_tma_tile(
-            acc, m_i, l_i, q, k_desc, v_desc, b, n_full, hk, offs_n < n_keys - n_full, qk_scale,
-            HEAD_DIM, BLOCK_N, True, False,
+        acc, acc1, m_i, l_i = _attn_tma_tile(
+            acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, n_full, hk, offs_n < n_keys - n_full,
+            qk_scale, D0, D1, BLOCK_N, True, False,
         )  # fmt: skip
     if HAS_EXTRA:
         mask_base = mask_ptr + tl.cast(b, tl.int64) * stride_mask_b
@@ -450,15 +480,18 @@ def attn_fwd_tma_kernel(
             if HAS_MASK:
                 rows = tl.cast(start, tl.int64) + offs_n
                 key_ok = key_ok & (tl.load(mask_base + rows * stride_mask_t, mask=key_ok, other=0) != 0)
-            acc, m_i, l_i = _attn_tma_tile(
-                acc, m_i, l_i, q, k_extra_desc, v_extra_desc, b, start, hk, key_ok, qk_scale,
-                HEAD_DIM, BLOCK_N, True, HAS_MASK,
+            acc, acc1, m_i, l_i = _attn_tma_tile(
+                acc, acc1, m_i, l_i, q, q1, k_extra_desc, v_extra_desc, k1_extra_desc, v1_extra_desc, b, start, hk,
+                key_ok, qk_scale, D0, D1, BLOCK_N, True, HAS_MASK,
             )  # fmt: skip
 
     # Epilogue: normalise (a row with no visible key keeps acc = 0), store out (rows past Lq are clipped) and lse.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_safe[:, None]).to(out_desc.dtype)
-    out_desc.store([b, row_m, h, 0], out.reshape(1, BLOCK_M, 1, HEAD_DIM))
+    out_desc.store([b, row_m, h, 0], out.reshape(1, BLOCK_M, 1, D0))
+    if D1 > 0:
+        out1 = (acc1 / l_safe[:, None]).to(out_desc.dtype)
+        out1_desc.store([b, row_m, h, D0], out1.reshape(1, BLOCK_M, 1, D1))
     if STORE_LSE:
         offs_m = row_m + tl.arange(0, BLOCK_M)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453

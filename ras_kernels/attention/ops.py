@@ -443,16 +443,20 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     ke, ve = (k_extra, v_extra) if has_extra else (k, v)  # never read without HAS_EXTRA
     mask = extra_mask.view(torch.uint8) if has_mask else lse  # never read without HAS_MASK
 
-    def desc(t, rows):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d])
+    d0, d1 = HOPPER_SPLITS[d]
 
+    def descs(t, rows):  # the d0-wide tiles and, when d1, the d1-wide ones from column d0 (see the kernel)
+        full = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d0])
+        return full, TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d1]) if d1 else full
+
+    (o0, o1), (q0, q1) = descs(out, block_m), descs(q, block_m)
+    (k0, k1), (v0, v1), (ke0, ke1), (ve0, ve1) = (descs(t, block_n) for t in (k, v, ke, ve))
     kernels.attn_fwd_tma_kernel[(cdiv(lq, block_m), b * hq)](
-        out_desc=desc(out, block_m), lse_ptr=lse, q_desc=desc(q, block_m),
-        k_desc=desc(k, block_n), v_desc=desc(v, block_n), k_extra_desc=desc(ke, block_n),
-        v_extra_desc=desc(ve, block_n), mask_ptr=mask,
+        out_desc=o0, out1_desc=o1, lse_ptr=lse, q_desc=q0, q1_desc=q1, k_desc=k0, k1_desc=k1, v_desc=v0, v1_desc=v1,
+        k_extra_desc=ke0, k1_extra_desc=ke1, v_extra_desc=ve0, v1_extra_desc=ve1, mask_ptr=mask,
         stride_mask_b=mask.stride(0) if has_mask else 0, stride_mask_t=mask.stride(1) if has_mask else 0,
         lq=lq, n_keys=n_keys, n_extra=ke.shape[1] if has_extra else 0, heads_q=hq, group=hq // k.shape[2],
-        qk_scale=scale * math.log2(math.e), HEAD_DIM=d, HAS_EXTRA=has_extra, HAS_MASK=has_mask,
+        qk_scale=scale * math.log2(math.e), D0=d0, D1=d1, HAS_EXTRA=has_extra, HAS_MASK=has_mask,
         STORE_LSE=return_lse, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages, WARP_SPECIALIZE=ws,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -507,7 +511,10 @@ def _attend(
 ATTENTION_PATHS = ("auto", "triton", "hopper", "cudnn")
 # The head dims each opt-in path runs, as measured on the H200 (docs/benchmarks.md, session 15): cuDNN at head dim
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
-PATH_HEAD_DIMS = {"hopper": (64, 128), "cudnn": (128,)}
+PATH_HEAD_DIMS = {"hopper": (64, 72, 128), "cudnn": (128,)}
+# The Hopper kernel's head-dim split (D0, D1): D0-wide tiles, plus D1-wide ones from column D0 (72 = 64 + 8, read
+# as a 16-wide TMA box whose last 8 columns lie past the row and load as zeros; see attn_fwd_tma_kernel).
+HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the path per head dim that made pipe(...) fastest on the H200
 # (docs/benchmarks.md, session 16: SD3 with hopper 1.04x the portable kernel's generation at 0.25, Flux and Wan with
 # cudnn 1.03x and 1.09x); an ineligible call, another head dim or another device runs the portable kernel.
@@ -526,7 +533,7 @@ HOPPER_CANDIDATES = (
     (64, 64, 4, 3, False),
     (64, 128, 4, 3, False),
 )
-HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
+HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
