@@ -141,12 +141,17 @@ def _fp8_rows(name: str, s: dict, tf: float) -> list[Row]:
     (kc8, ks), (vc8, vs) = reference.quantize_fp8(kc), reference.quantize_fp8(vc)
     extra = dict(k_extra=ke, v_extra=ve, scale=scale)
     bf16 = graph_ms(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, **extra))
-    fp8 = graph_ms(
-        lambda: ops.cached_kv_attention(q, kn, vn, kc8, vc8, idx, k_cache_scale=ks, v_cache_scale=vs, **extra)
-    )
-    return [
-        Row("cached_kv_attention fp8 caches", _shape_str(name, s), fp8, bf16, "bf16 caches", "TFLOP/s", _flops(s), tf)
-    ]
+    rows = []
+    # The default path (on sm_90: a 16-bit copy of the caches read by cuDNN / the Hopper kernel), then the portable
+    # kernel's dequantize-on-load.
+    for label, path in (("fp8 caches", "auto"), ("fp8 caches, portable kernel", "triton")):
+        with attention_path(path):
+            fp8 = graph_ms(
+                lambda: ops.cached_kv_attention(q, kn, vn, kc8, vc8, idx, k_cache_scale=ks, v_cache_scale=vs, **extra)
+            )
+        rows.append(Row(f"cached_kv_attention {label}", _shape_str(name, s), fp8, bf16, "bf16 caches", "TFLOP/s",
+                        _flops(s), tf))  # fmt: skip
+    return rows
 
 
 def rows(ceilings: dict) -> list[Row]:

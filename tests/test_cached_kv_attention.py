@@ -557,9 +557,21 @@ FP8_CASES = [
 @requires_triton
 @pytest.mark.parametrize("b, n, kk, t, hq, hkv, d, dtype", FP8_CASES)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_fp8_caches(triton_backend, monkeypatch, b, n, kk, t, hq, hkv, d, dtype, masked):
+@pytest.mark.parametrize("path", ["triton", "hopper"])
+def test_fp8_caches(triton_backend, monkeypatch, recwarn, b, n, kk, t, hq, hkv, d, dtype, masked, path):
     """fp8 caches: the written rows follow the quantization spec; the output is the fp32 attention over the
-    dequantized caches (values x scales) within the usual error rule; the torch path stores the same bytes."""
+    dequantized caches (values x scales) within the usual error rule; the torch path stores the same bytes. With
+    RAS_ATTENTION=triton the portable kernel dequantizes on load; with hopper the caches go through a 16-bit copy
+    to the Hopper kernel wherever it runs (the interpreter in fp16, an sm_90 GPU in fp16 / bf16)."""
+    monkeypatch.setenv("RAS_ATTENTION", path)
+    hopper_runs = path == "hopper" and (
+        dtype == torch.float16
+        if DEVICE == "cpu"
+        else dtype != torch.float32 and torch.cuda.get_device_capability() == (9, 0)
+    )
+    calls = []
+    launch = ops._launch_hopper
+    monkeypatch.setattr(ops, "_launch_hopper", lambda *a: calls.append(a[1].dtype) or launch(*a))
     q, k_new, v_new, kc, vc, ks, vs, idx, extra = _fp8_case(b, n, kk, t, hq, hkv, d, dtype)
     mask = None
     if masked and t:
@@ -570,6 +582,7 @@ def test_fp8_caches(triton_backend, monkeypatch, b, n, kk, t, hq, hkv, d, dtype,
         q, k_new, v_new, kc, vc, idx, k_extra=extra[0], v_extra=extra[1], extra_mask=mask, return_lse=True,
         k_cache_scale=ks, v_cache_scale=vs,
     )  # fmt: skip
+    assert calls == ([dtype] if hopper_runs else [])  # the Hopper kernel reads the 16-bit copy
     _check_quantized_rows(kc, ks, before[0], before[2], idx, k_new)
     _check_quantized_rows(vc, vs, before[1], before[3], idx, v_new)
     k_deq, v_deq = kc.float() * ks[..., None], vc.float() * vs[..., None]
@@ -618,6 +631,36 @@ def test_fp8_cache_errors(monkeypatch, backend, change, match):
     change(args)
     with pytest.raises((TypeError, ValueError), match=match):
         ops.cached_kv_attention(q, k_new, v_new, args.pop("k_cache"), args.pop("v_cache"), idx, **args)
+
+
+@pytest.mark.parametrize(
+    "requested, sm90, d, through",
+    [
+        ("auto", True, 128, True),  # cuDNN's head dim
+        ("auto", True, 64, True),  # the Hopper kernel's
+        ("auto", True, 72, False),  # no auto path: the portable kernel dequantizes on load
+        ("auto", False, 128, False),  # another GPU
+        ("triton", True, 128, False),
+        ("hopper", False, 64, True),  # asked for by name: the 16-bit call then runs where it is eligible
+        ("cudnn", True, 128, True),
+    ],
+)
+def test_fp8_caches_go_through_16_bit_where_a_16_bit_path_runs(monkeypatch, requested, sm90, d, through):
+    monkeypatch.setenv("RAS_ATTENTION", requested)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops.torch.cuda, "get_device_capability", lambda device=None: (9, 0) if sm90 else (8, 9))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert ops._fp8_through_16_bit(torch.zeros(1, 4, 2, d, dtype=torch.bfloat16)) is through
+
+
+def test_dequantized_copy_rounds_once():
+    """The 16-bit copy is values x scale computed in fp32 and rounded once to q's dtype (not the product of the
+    rounded scale)."""
+    values, scale = reference.quantize_fp8(torch.randn(2, 9, 3, 64) * 5)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = ops._dequantized(values, scale, dtype)
+        assert got.dtype == dtype and torch.equal(got, (values.float() * scale[..., None]).to(dtype))
+        assert not torch.equal(got, values.to(dtype) * scale[..., None].to(dtype))
 
 
 def test_fp8_caches_need_a_kernel_head_dim():

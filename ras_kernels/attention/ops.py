@@ -610,6 +610,27 @@ def _attention_path(q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> st
     return "triton"
 
 
+def _fp8_through_16_bit(q) -> bool:
+    """Whether fp8 caches are read through a 16-bit copy (_dequantized) by a 16-bit path instead of the portable
+    kernel's dequantize-on-load: under ``auto`` on an sm_90 GPU at a head dim AUTO_PATHS has a path for, and under
+    an explicit ``hopper`` / ``cudnn`` (which then runs where the 16-bit call is eligible, see _attention_path).
+    The portable kernel converts every e4m3 tile in registers before its dots, which ran the op at 0.22-0.45x of
+    its bf16-cache speed on the H200 (docs/benchmarks.md, session 13); the copy costs one pass over the cache (read
+    1 byte, write 2, then 2 + 2 per element) and one layer's 16-bit K and V of transient memory."""
+    path = requested_attention_path()
+    if path == "auto":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        on_sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+        return on_sm90 and not interpret and q.shape[-1] in AUTO_PATHS
+    return path != "triton"
+
+
+def _dequantized(cache: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 ``cache`` [B, N, H, d] read back as ``cache * row_scale`` [B, N, H] in ``dtype`` (fp16 / bf16): the
+    e4m3 values are exact there, and the product is computed in fp32 and rounded once."""
+    return cache.to(dtype).mul_(row_scale.unsqueeze(-1))
+
+
 def _cudnn_attend(q, k, v, k_extra, v_extra, scale: float) -> torch.Tensor:
     """cuDNN's SDPA over [k; k_extra] (one concatenated copy when there are extra keys), [B, Lq, H, d] in and
     out; the [B, L, H, d] tensors go in as [B, H, L, d] views."""
@@ -664,12 +685,15 @@ def _cached_launch(
         reference.write_cache(v_cache_scale, idx, v_row_scale)
     # The write kernel takes any head dim; stream order makes the attention launch wait for it.
     _launch_cache_write(k_cache, v_cache, idx, k_new, v_new)
-    path = _attention_path(q, k_cache, v_cache, k_extra, v_extra, extra_mask, return_lse)
+    k, v = k_cache, v_cache
+    if k_cache.dtype == FP8 and _fp8_through_16_bit(q):
+        k, v = _dequantized(k_cache, k_cache_scale, q.dtype), _dequantized(v_cache, v_cache_scale, q.dtype)
+        k_cache_scale = v_cache_scale = None
+    path = _attention_path(q, k, v, k_extra, v_extra, extra_mask, return_lse)
     if path == "cudnn":
-        return _cudnn_attend(q, k_cache, v_cache, k_extra, v_extra, scale), _no_lse(q)
+        return _cudnn_attend(q, k, v, k_extra, v_extra, scale), _no_lse(q)
     return _attend(
-        q, k_cache, v_cache, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale,
-        path,
+        q, k, v, k_extra, v_extra, extra_mask, scale, return_lse, width, k_cache_scale, v_cache_scale, path
     )  # fmt: skip
 
 
@@ -756,8 +780,10 @@ def cached_kv_attention(
 
     fp8 caches: ``k_cache``/``v_cache`` of dtype ``float8_e4m3fn`` (half the memory of bf16) with ``k_cache_scale``/
     ``v_cache_scale`` [B, N, Hkv] fp32, updated in place: each (row, head) of k_new/v_new is stored as e4m3 values
-    and one scale (``reference.quantize_fp8``: its largest magnitude / 448), and the kernel reads the rows back as
-    values x scale in q's dtype. Needs a kernel head dim (``HEAD_DIMS``) and, on CUDA, compute capability >= 8.9.
+    and one scale (``reference.quantize_fp8``: its largest magnitude / 448), and the rows are read back as
+    values x scale in q's dtype: by the portable kernel on load, or through a 16-bit copy of the caches where a
+    16-bit path runs the call (see ``_fp8_through_16_bit``). Needs a kernel head dim (``HEAD_DIMS``) and, on CUDA,
+    compute capability >= 8.9.
     """
     validate_attention_args(
         q, k_new, v_new, k_cache, v_cache, idx, k_extra, v_extra, scale, extra_mask, return_lse,
