@@ -335,7 +335,7 @@ def _write_table(path: str, table: dict) -> None:
     print(f"wrote {len(table)} configs to {path}")
 
 
-# Shape families of the Hopper kernel's table: its head dims, 16-bit caches (fp8 stays on the portable kernel).
+# Shape families of the Hopper kernel's table: its head dims, 16-bit caches (fp8 caches reach it as a 16-bit copy).
 HOPPER_TUNE_FAMILIES = tuple(f for f in TUNE_FAMILIES if f[6] in (64, 72, 128) and not f[8] and not f[7])
 HOPPER_TUNE_BUCKETS = TUNE_BUCKETS[2:]  # 256 .. 32768: a RAS step's queries (a key outside takes the default)
 
