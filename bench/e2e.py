@@ -5,7 +5,8 @@ model family's diffusers pipeline (published scheduler) around a transformer wit
 CPU; the published SD3-medium / Lumina-Next-SFT / Flux.1-dev / Wan 2.1 T2V 1.3B or 14B layout on a CUDA GPU). Prompts
 are random embeddings of the published shapes: text encoding and VAE decoding, the same for dense and RAS, are outside
 the timed call. Each run:
-one warm-up call (compiles, autotunes, captures every step shape's CUDA graph), then ``--repeats`` timed calls;
+one warm-up call (compiles, autotunes, captures every step shape's CUDA graph; for the dense eager baseline of a
+one-transformer pipeline, whose steps all have one shape, a call of at most 2 steps), then ``--repeats`` timed calls;
 min / median / max, speedups by median against the dense pipeline in the same process. Speed does not depend on
 weight values; the PSNR column says how far each RAS result lands from the dense result of the same seed
 (meaningful for trained weights).
@@ -215,15 +216,15 @@ class Bench:
         height, width = height_width(self.size)
         return f"{height}x{width}" + (f", {self.frames} frames" if self.frames is not None else "")
 
-    def measure(self, name: str, handle=None, config=None, *, loop: bool = True) -> Result:
-        """One warm-up call, then the timed calls (peak memory over them) and, with ``--loop`` and ``loop``, the own
-        loop."""
+    def measure(self, name: str, handle=None, config=None, *, loop: bool = True, warmup_steps=None) -> Result:
+        """One warm-up call (``warmup_steps`` steps, default the generation's), then the timed calls (peak memory
+        over them) and, with ``--loop`` and ``loop``, the own loop."""
 
-        def call(label: str):
+        def call(label: str, steps: int = self.steps):
             # Video calls take seconds to minutes: their steps are printed as they end.
             progress = f"{name}, {label}" if self.frames is not None else None
             latents, wall_ms, step_ms = timed_call(
-                self.pipe, self.inputs, steps=self.steps, size=self.size, seed=self.seed, frames=self.frames,
+                self.pipe, self.inputs, steps=steps, size=self.size, seed=self.seed, frames=self.frames,
                 progress=progress,
             )  # fmt: skip
             print(f"  {name}: {label} {wall_ms:.1f} ms", file=sys.stderr, flush=True)
@@ -231,7 +232,7 @@ class Bench:
 
         # Every step shape of the benches' schedules occurs at least twice in a generation, so the warm-up call also
         # captures every CUDA graph (a shape's first call runs eagerly, its second is captured).
-        call("warm-up call")
+        call("warm-up call", warmup_steps or self.steps)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -260,7 +261,10 @@ class Bench:
         taylorseer: list[int],
         attention_paths: list[str],
     ) -> tuple[list[Result], Result]:
-        dense = self.measure("diffusers dense eager")
+        # Every dense step has one shape: two steps warm it up (a whole dense 14B 720p call takes minutes), unless a
+        # second expert (Wan 2.2 A14B) takes over later in the generation.
+        two_experts = getattr(self.pipe, "transformer_2", None) is not None
+        dense = self.measure("diffusers dense eager", warmup_steps=None if two_experts else min(2, self.steps))
         results = [dense]
         if compile_baseline:
             blocks = _compiled_blocks(self.pipe.transformer)

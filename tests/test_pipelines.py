@@ -98,20 +98,27 @@ def test_wan_through_bench_e2e(capsys, torch_backend):
 
 def test_wan_two_experts_through_bench_e2e(capsys, monkeypatch, torch_backend):
     """bench.e2e --model wan-a14b: Wan 2.2's two experts in one WanPipeline; the step the pipeline first hands to
-    transformer_2 (observed here by a hook on it) runs dense, and the tokens column counts it so."""
-    built = []
+    transformer_2 (observed here by a hook on it) runs dense, and the tokens column counts it so. The dense
+    baseline warms up with a whole call (the second expert takes over late in it)."""
+    built, call_steps = [], []
 
     def build(*args, **kwargs):
         built.append(pipelines.build_pipeline(*args, **kwargs))
         return built[-1]
 
+    def timed(*args, steps, **kwargs):
+        call_steps.append(steps)
+        return pipelines.timed_call(*args, steps=steps, **kwargs)
+
     monkeypatch.setattr(e2e, "build_pipeline", build)
+    monkeypatch.setattr(e2e, "timed_call", timed)
     steps, size, frames = 20, (32, 48), 5
     e2e.main(
         ["--model", "wan-a14b", "--steps", str(steps), "--ratio", "0.5", "--frames", str(frames)]
         + ["--resolution", "32x48", "--device", "cpu", "--repeats", "1"]
     )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| RAS")]
+    assert call_steps == [steps] * 4  # dense and RAS: a warm-up call and one timed call each
     pipe = built[0]
     assert pipe.transformer_2 is not None and pipe.transformer_2 is not pipe.transformer
     step, switch = [0], []
