@@ -14,7 +14,7 @@
 #   e2e-wan14b      optional, Wan 2.1 14B and Wan 2.2 A14B (two 14B experts) at 480x832, 81 frames: 12 measured steps
 #                   each and the 50-step estimates (--extrapolate-to 50, labelled as estimates)       ~9 min
 #   e2e-wan14b-720  optional, Wan 2.1 14B at 720x1280, 81 frames (75,600 tokens), RAS 0.25 with fp8 K/V caches (bf16
-#                   caches would take 115 GiB): 6 measured steps and the 50-step estimate  ~9 min (dense: 4.9)
+#                   caches would take 115 GiB): 6 measured steps and the 50-step estimate                   ~7 min (est.)
 #   e2e-ulysses     optional, two GPUs: Flux.1-dev at 2048^2 and Wan 2.1 14B (12 steps + 50-step estimates) under
 #                   diffusers' Ulysses context parallelism, dense and RAS 0.25 (torchrun, docs/parallel.md)  ~8 min
 #   e2e-choices-image  optional, the selection rules and attention paths against one dense eager baseline per
