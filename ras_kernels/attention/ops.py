@@ -589,16 +589,24 @@ def _warn_other_path(path: str, reason: str) -> None:
     )
 
 
+def _auto_candidate(q) -> str:
+    """The path ``auto`` tries for q before the call's eligibility: AUTO_PATHS' path for its head dim on an sm_90 GPU
+    (not under the interpreter), else "triton"."""
+    on_sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
+    if not on_sm90 or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return AUTO_PATHS.get(q.shape[-1], "triton")
+
+
 def _attention_path(q, k, v, k_extra, v_extra, key_mask, return_lse: bool) -> str:
     """The path this launch takes: under ``auto``, AUTO_PATHS' path for an eligible call on an sm_90 GPU, else
     "triton" (the portable kernel), silently; under an explicit path, that path when the call is eligible, else
     "triton" with one warning per reason (in eager calls)."""
     path = requested_attention_path()
     if path == "auto":
-        path = AUTO_PATHS.get(q.shape[-1], "triton")
-        on_sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
-        if path == "triton" or not on_sm90 or os.environ.get("TRITON_INTERPRET") == "1":
-            return "triton"
+        path = _auto_candidate(q)
+        if path == "triton":
+            return path
         return path if path_ineligible(path, q, k, v, k_extra, v_extra, key_mask, return_lse) is None else "triton"
     if path == "triton":
         return path
@@ -618,11 +626,7 @@ def _fp8_through_16_bit(q) -> bool:
     its bf16-cache speed on the H200 (docs/benchmarks.md, session 13); the copy costs one pass over the cache (read
     1 byte, write 2, then 2 + 2 per element) and one layer's 16-bit K and V of transient memory."""
     path = requested_attention_path()
-    if path == "auto":
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        on_sm90 = q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0)
-        return on_sm90 and not interpret and q.shape[-1] in AUTO_PATHS
-    return path != "triton"
+    return (_auto_candidate(q) if path == "auto" else path) != "triton"
 
 
 def _dequantized(cache: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
