@@ -638,7 +638,8 @@ def test_fp8_cache_errors(monkeypatch, backend, change, match):
     [
         ("auto", True, 128, True),  # cuDNN's head dim
         ("auto", True, 64, True),  # the Hopper kernel's
-        ("auto", True, 72, False),  # no auto path: the portable kernel dequantizes on load
+        ("auto", True, 72, True),  # the Hopper kernel's (Lumina-Next)
+        ("auto", True, 80, False),  # no auto path: the portable kernel dequantizes on load
         ("auto", False, 128, False),  # another GPU
         ("triton", True, 128, False),
         ("hopper", False, 64, True),  # asked for by name: the 16-bit call then runs where it is eligible
@@ -755,7 +756,9 @@ def test_path_eligibility(monkeypatch, path, change, reason):
         (True, {"lse": True}, "triton"),  # cuDNN returns no lse
         (True, {"hkv": 1}, "triton"),  # grouped heads: not cuDNN's
         (True, {"d": 64, "offset": 4}, "triton"),  # not TMA-aligned
-        (True, {"d": 72}, "triton"),  # Lumina's head dim: no auto path
+        (True, {"d": 72}, "hopper"),  # Lumina's head dim
+        (True, {"d": 72, "hkv": 1}, "hopper"),  # with grouped heads (cuDNN refuses them, the Hopper kernel not)
+        (True, {"d": 80}, "triton"),  # no auto path
         (True, {"dtype": torch.float32}, "triton"),
         (False, {"d": 64}, "triton"),  # another GPU
         (False, {}, "triton"),
@@ -763,7 +766,7 @@ def test_path_eligibility(monkeypatch, path, change, reason):
 )
 def test_auto_path_per_head_dim(monkeypatch, recwarn, sm90, change, expected):
     """RAS_ATTENTION unset (auto): on an sm_90 GPU with cuDNN (faked here) an eligible call takes the Hopper kernel
-    at head dim 64 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel, with no
+    at head dims 64 and 72 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel, with no
     warning (auto asks for nothing a call could refuse)."""
     monkeypatch.delenv("RAS_ATTENTION", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
