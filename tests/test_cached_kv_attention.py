@@ -766,8 +766,8 @@ def test_path_eligibility(monkeypatch, path, change, reason):
 )
 def test_auto_path_per_head_dim(monkeypatch, recwarn, sm90, change, expected):
     """RAS_ATTENTION unset (auto): on an sm_90 GPU with cuDNN (faked here) an eligible call takes the Hopper kernel
-    at head dims 64 and 72 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel, with no
-    warning (auto asks for nothing a call could refuse)."""
+    at head dims 64 and 72 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel,
+    with no warning (auto asks for nothing a call could refuse)."""
     monkeypatch.delenv("RAS_ATTENTION", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops.torch.backends.cudnn, "is_available", lambda: True)
