@@ -132,6 +132,8 @@ SWEEP = {
     ],
     (16, (256, 256), 2): [
         dict(),
+        dict(split_block=2048, bits=8, warps=8),  # the split select of longer rows, at a row one program holds
+        dict(split_block=4096, bits=4, warps=8),
         dict(warps=32),
         dict(chunk=8192),
         dict(bits=2),
@@ -140,11 +142,13 @@ SWEEP = {
         dict(out_block=4096, out_warps=16),
     ],
     WAN_720P: [
-        dict(),
-        dict(warps=32),
-        dict(chunk=8192),
-        dict(chunk=32768),
-        dict(bits=8),
+        dict(),  # the split select: 4096-key programs, 8-bit digits
+        dict(split_block=2048),
+        dict(split_block=8192, warps=16),
+        dict(bits=4),
+        dict(warps=4),
+        dict(split_block=0, bits=4, warps=16),  # one program per row (session 18: 0.19 ms for the whole op)
+        dict(split_block=0, bits=4, warps=16, chunk=32768),
         dict(out_block=4096, out_warps=16),
         dict(out_block=16384, out_warps=16),
     ],

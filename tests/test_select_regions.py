@@ -242,29 +242,51 @@ def test_registered_op_takes_a_video(triton_backend):
     assert torch.equal(got, ref) and torch.equal(op_c, ref_c)
 
 
-# ---------------------------------------------------------------------------------- the largest rows, keys given
-@pytest.mark.parametrize("n", [75600, 131072], ids=["wan720p", "max"])
-def test_band_stage_at_the_largest_rows(n, triton_backend):
-    """The selection stage (radix select + compaction) alone on N = 75,600 (Wan 720p, 21 x 45 x 80 tokens) and
-    N = 2**17 keys: several 16384-key chunks per pass and up to 16 compaction programs, the configurations only the
-    GPU reaches end to end. Keys are drawn from a small pool (large tie groups across both band boundaries) plus
-    distinct ones; the expectation is a stable sort of the keys as unsigned numbers. Fast under the interpreter,
-    unlike the score stage at this size."""
-    b = 2
-    pool = torch.cat([torch.tensor([0, 2**32 - 1]), torch.randint(0, 2**32, (5,))])  # with the extreme keys
-    keys64 = torch.where(torch.rand(b, n) < 0.8, pool[torch.randint(0, 7, (b, n))], torch.randint(0, 2**32, (b, n)))
+# ---------------------------------------------------------------------------------- the selection stage, keys given
+def _tied_keys(b: int, n: int) -> torch.Tensor:
+    """[b, n] uint32 keys as int64: 80% from a pool of 7 (with the extreme keys 0 and 2**32 - 1: large tie groups
+    across both band boundaries), the rest distinct."""
+    pool = torch.cat([torch.tensor([0, 2**32 - 1]), torch.randint(0, 2**32, (5,))])
+    return torch.where(torch.rand(b, n) < 0.8, pool[torch.randint(0, 7, (b, n))], torch.randint(0, 2**32, (b, n)))
+
+
+def _check_band_stage(keys64: torch.Tensor, tuning: dict | None) -> None:
+    """ops.launch_band against a stable sort of the keys as unsigned numbers, over band positions and sizes from
+    K = 1 to K = N, with counters carried over."""
+    b, n = keys64.shape
     keys = torch.where(keys64 >= 2**31, keys64 - 2**32, keys64).to(torch.int32).to(DEVICE)  # uint32 bit patterns
     counters = torch.randint(0, 3, (b, n), dtype=torch.int32, device=DEVICE)
     before = counters.clone()
     order = torch.sort(keys64, dim=1, stable=True).indices
-    for k, high_ratio in ((n // 2, 0.3), (1, 1.0), (n - 1, 0.0)):
+    for k, high_ratio in ((max(n // 2, 1), 0.3), (1, 1.0), (max(n - 1, 1), 0.0), (n, 0.5)):
         start = reference.band_start(n, k, high_ratio)
         expected = order[:, start : start + k].sort(dim=1).values
-        got = ops.launch_band(keys, counters, k, start)
+        got = ops.launch_band(keys, counters, k, start, tuning)
         assert torch.equal(got.cpu(), expected)
         dropped = torch.ones(b, n, dtype=torch.int32).scatter_(1, expected, 0)
         assert torch.equal(counters.cpu(), before.cpu() + dropped)
         before = counters.clone()
+
+
+@pytest.mark.parametrize(
+    "n, tuning",
+    [(75600, None), (131072, None), (75600, {"split_block": 0, "bits": 4})],
+    ids=["wan720p", "max", "wan720p-one-program"],
+)
+def test_band_stage_at_the_largest_rows(n, tuning, triton_backend):
+    """The selection stage (radix select + compaction) alone on N = 75,600 (Wan 720p, 21 x 45 x 80 tokens) and
+    N = 2**17 keys: rows split over 4096-key programs, one launch per 8-bit digit (the default past 16384 keys), and
+    the one-program select re-reading 16384-key chunks each pass (the benchmark's variant); up to 16 compaction
+    programs. Fast under the interpreter, unlike the score stage at this size."""
+    _check_band_stage(_tied_keys(2, n), tuning)
+
+
+@pytest.mark.parametrize("n", [1, 300])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_band_stage_split_over_programs(n, bits, triton_backend):
+    """The split radix select on short rows: 128-key programs (a partial last one), 8- and 4-bit digits, large tie
+    groups and the extreme keys, K = 1 to N."""
+    _check_band_stage(_tied_keys(2, n), {"split_block": 128, "bits": bits, "warps": 4})
 
 
 # ---------------------------------------------------------------------------------------------- exact ties
@@ -540,12 +562,17 @@ def test_gpu_full_size(b, grid, patch, triton_backend):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_cuda_graph_replay(triton_backend):
-    b, c, side, p, k = 2, 16, 128, 2, 1024
-    n = (side // p) ** 2
-    static_x = tie_free_signal(b, c, side, side, p, 0.1, "std", device="cuda")
+@pytest.mark.parametrize(
+    "b, grid, patch", [(2, (64, 64), (2, 2)), (2, (21, 45, 80), (1, 2, 2))], ids=["N4096", "wan720p-split"]
+)
+def test_gpu_cuda_graph_replay(b, grid, patch, triton_backend):
+    """Captured once, replayed on new signals: the one-program select (N = 4096) and the split one (N = 75,600,
+    its histogram buffer zeroed inside the graph)."""
+    c, n = 16, math.prod(grid)
+    k = n // 4
+    static_x = tie_free_video(b, c, grid, patch, 0.5, "std", device="cuda")  # log-gap 0.5 / N: ~30 ulp
     counters = torch.zeros(b, n, dtype=torch.int64, device="cuda")
-    kw = dict(patch_size=p, high_ratio=0.3)
+    kw = dict(patch_size=patch, high_ratio=0.3, starvation_scale=0.5)  # tie-free: the signal's log-gap scale
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -557,7 +584,7 @@ def test_gpu_cuda_graph_replay(triton_backend):
     counters.zero_()
     ref_c = counters.clone()
     for _ in range(3):
-        new_x = tie_free_signal(b, c, side, side, p, 0.1, "std", device="cuda")
+        new_x = tie_free_video(b, c, grid, patch, 0.5, "std", device="cuda")
         static_x.copy_(new_x)
         graph.replay()
         ref = reference.select_regions(new_x, k, counters=ref_c, **kw)
@@ -572,7 +599,13 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
 
     x = torch.randn(2, 16, 64, 64, device="cuda")
     n = 1024
-    jits = (kernels.region_keys_kernel, kernels.band_bounds_kernel, kernels.band_compact_kernel)
+    video = torch.randn(1, 16, 21, 90, 160, device="cuda")  # 75,600 tokens: the split select
+    jits = (
+        kernels.region_keys_kernel,
+        kernels.band_bounds_kernel,
+        kernels.band_pass_kernel,
+        kernels.band_compact_kernel,
+    )
 
     def compiled_variants():
         try:
@@ -585,6 +618,10 @@ def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
         ref = reference.select_regions(x, k)
         ours = select_regions(x, k)
         assert_same_selection_values(x, k, None, ours, None, ref, None)
+        kv = 73 * k + 1  # 74 ... 74,753 of 75,600
+        ref = reference.select_regions(video, kv, patch_size=(1, 2, 2))
+        ours = select_regions(video, kv, patch_size=(1, 2, 2))
+        assert_same_selection_values(video, kv, None, ours, None, ref, None, patch_size=(1, 2, 2))
         sizes.append(compiled_variants())
     assert all(v == sizes[0] for v in sizes), f"a kernel recompiled for a new K: {sizes}"
 

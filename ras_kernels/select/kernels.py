@@ -1,4 +1,4 @@
-"""Triton kernels of ``select_regions``: parallel scores, per-row radix select of the band, parallel compaction.
+"""Triton kernels of ``select_regions``: parallel scores, radix select of the band per row, parallel compaction.
 
 Only ``@triton.jit`` functions live here; validation, allocation and launch are in ``ops.py``.
 """
@@ -344,6 +344,66 @@ def band_bounds_kernel(
     tl.store(s_row + 2, r_lo)
     tl.store(s_row + 3, r_hi)
     tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
+
+
+# The pass index and the ranks are runtime values: one compile serves every pass and every K.
+@triton.jit(do_not_specialize=["rank_lo", "rank_hi", "pass_index"])
+def band_pass_kernel(
+    state_ptr,
+    hist_ptr,
+    keys_ptr,
+    stride_state_b,
+    stride_hist_b,
+    stride_keys_b,
+    N,
+    rank_lo,
+    rank_hi,
+    pass_index,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One pass of band_bounds_kernel's radix select with each row split over programs (rows too long for one).
+
+    hist: [B, 32 // BITS, 2 * 2**BITS] int32, zeroed before pass 0. Launched once per pass, pass_index = 0, 1, ...,
+    32 // BITS - 1 with grid (cdiv(N, BLOCK), B): each program first replays the passes before its own from their
+    completed histograms (every program derives the same prefixes and ranks), then adds its BLOCK keys' digit
+    histogram into hist[:, pass_index] with atomics. A last launch with pass_index = 32 // BITS and grid (1, B)
+    replays every pass and writes state as band_bounds_kernel does. No early stop: every digit is counted.
+    """
+    row = tl.program_id(1).to(tl.int64)
+    R: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, 2 * R)
+    h_row = hist_ptr + row * stride_hist_b
+    same = tl.full((), 1, tl.int1)
+    r_lo = rank_lo.to(tl.int32)
+    r_hi = rank_hi.to(tl.int32)
+    t_lo = tl.zeros((), dtype=tl.uint32)
+    t_hi = tl.zeros((), dtype=tl.uint32)
+    decided = tl.zeros((), dtype=tl.uint32)
+    shift = tl.full((), 32, dtype=tl.uint32)
+    for p in range(pass_index):
+        shift -= BITS
+        hist = tl.load(h_row + p * (2 * R) + bins)
+        t_lo, t_hi, r_lo, r_hi, same, _, _ = _radix_step(hist, t_lo, t_hi, r_lo, r_hi, same, shift, R)
+        decided = decided | ((R - 1) << shift)
+
+    if shift > 0:
+        shift -= BITS
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        keys = _load_keys(keys_ptr + row * stride_keys_b, idx, N)
+        head = keys & decided
+        in_lo = head == t_lo
+        in_hi = head == t_hi  # equals in_lo while the prefixes agree, so those keys are counted once
+        digit = ((keys >> shift) & (R - 1)).to(tl.int32)
+        hist = tl.histogram(tl.where(in_lo, digit, digit + R), 2 * R, mask=(in_lo | in_hi) & (idx < N))
+        tl.atomic_add(h_row + pass_index * (2 * R) + bins, hist, mask=hist != 0)
+    else:
+        s_row = state_ptr + row * stride_state_b
+        tl.store(s_row + 0, t_lo.to(tl.int32, bitcast=True))
+        tl.store(s_row + 1, t_hi.to(tl.int32, bitcast=True))
+        tl.store(s_row + 2, r_lo)
+        tl.store(s_row + 3, r_hi)
+        tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
 
 
 @triton.jit(do_not_specialize=["stride_out_b"])

@@ -149,17 +149,22 @@ def validate_select_args(
 
 
 def select_tuning(num_tokens: int) -> dict:
-    """Launch parameters of the two selection kernels for rows of ``num_tokens`` keys (shape-only, host side).
+    """Launch parameters of the selection kernels for rows of ``num_tokens`` keys (shape-only, host side).
 
-    Bounds: one program per row with up to 16 warps; up to 32 keys per thread stay in registers across the
-    radix passes, longer rows are re-read from L2 in chunks of 16384 each pass. Compaction: about 8 programs per
-    row (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
+    Bounds: rows up to 16384 keys run the radix select in one program per row (up to 16 warps, up to 32 keys per
+    thread held in registers across the passes, 4-bit digits); longer rows split over programs of ``split_block``
+    keys each (``band_pass_kernel``, one launch per 8-bit digit: a single program re-reading such a row from L2 every
+    pass took 0.19 ms at N = 75,600 on the H200). ``split_block`` 0 keeps one program per row at any length
+    (re-reading chunks of ``chunk`` keys each pass; the benchmark's variants). Compaction: about 8 programs per row
+    (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
     """
     block = max(next_pow2(num_tokens), 16)
+    split = block > 16384
     out_block = min(max(1024, block // 8), 8192)
     return {
-        "bits": 4,
-        "warps": min(16, max(4, block // 256)),
+        "split_block": 4096 if split else 0,
+        "bits": 8 if split else 4,
+        "warps": 8 if split else min(16, max(4, block // 256)),
         "chunk": min(block, 16384),
         "out_block": out_block,
         "out_warps": min(16, max(4, out_block // 256)),
@@ -180,7 +185,7 @@ def launch_select(
     previous: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the three kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
+    """Launch the selection kernels on validated arguments; returns [B, num_active] int64 indices, ascending.
 
     ``signal`` [B, C, H, W] with ``patch_size`` p or (ph, pw), or [B, C, T, H, W] with (pt, ph, pw): the kernels
     read either through a [B, C, T, H, W] view (strides only, never a copy).
@@ -279,19 +284,39 @@ def launch_band(
     out = torch.empty((b, num_active), dtype=torch.int64, device=keys.device)
     cfg = select_tuning(n)
     cfg.update(tuning or {})
-    kernels.band_bounds_kernel[(b,)](
-        state_ptr=state,
-        keys_ptr=keys,
-        stride_state_b=state.stride(0),
-        stride_keys_b=keys.stride(0),
-        N=n,
-        rank_lo=rank_lo,
-        rank_hi=rank_lo + num_active - 1,
-        CHUNK=cfg["chunk"],
-        NUM_CHUNKS=cdiv(n, cfg["chunk"]),
-        BITS=cfg["bits"],
-        num_warps=cfg["warps"],
-    )
+    if cfg["split_block"]:
+        passes = 32 // cfg["bits"]
+        hist = torch.zeros((b, passes, 2 << cfg["bits"]), dtype=torch.int32, device=keys.device)
+        for pass_index in range(passes + 1):  # the last launch only writes the bounds
+            kernels.band_pass_kernel[(cdiv(n, cfg["split_block"]) if pass_index < passes else 1, b)](
+                state_ptr=state,
+                hist_ptr=hist,
+                keys_ptr=keys,
+                stride_state_b=state.stride(0),
+                stride_hist_b=hist.stride(0),
+                stride_keys_b=keys.stride(0),
+                N=n,
+                rank_lo=rank_lo,
+                rank_hi=rank_lo + num_active - 1,
+                pass_index=pass_index,
+                BITS=cfg["bits"],
+                BLOCK=cfg["split_block"],
+                num_warps=cfg["warps"],
+            )
+    else:
+        kernels.band_bounds_kernel[(b,)](
+            state_ptr=state,
+            keys_ptr=keys,
+            stride_state_b=state.stride(0),
+            stride_keys_b=keys.stride(0),
+            N=n,
+            rank_lo=rank_lo,
+            rank_hi=rank_lo + num_active - 1,
+            CHUNK=cfg["chunk"],
+            NUM_CHUNKS=cdiv(n, cfg["chunk"]),
+            BITS=cfg["bits"],
+            num_warps=cfg["warps"],
+        )
     kernels.band_compact_kernel[(cdiv(n, cfg["out_block"]), b)](
         out_ptr=out,
         counters_ptr=counters if counters is not None else keys,  # never touched when HAS_COUNTERS is False
@@ -477,8 +502,9 @@ def select_regions(
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
-    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``; ``"delta"`` writes
-    ``scores`` in the first) without host synchronisation, so it can be captured in a CUDA graph; it reads every
+    The Triton path (CUDA tensors) is three launches for rows up to 16384 tokens, eight past that (the radix select
+    split over programs, one launch per digit), and ``seed.add_(1)`` for ``"random"`` (``"delta"`` writes ``scores``
+    in the first), without host synchronisation, so it can be captured in a CUDA graph; it reads every
     accepted signal rank, layout and patch shape in place (no copy) and supports N <= 131072
     (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so a ``signal``
     that requires grad is fine.
