@@ -267,6 +267,27 @@ def _load_keys(key_row, idx, N):
     return tl.load(key_row + idx, mask=idx < N, other=-1).to(tl.uint32, bitcast=True)
 
 
+@triton.jit
+def _digit_histogram(keys, decided, t_lo, t_hi, shift, R: tl.constexpr, mask):
+    """The [2R] histogram _radix_step takes: the digit at ``shift`` of the keys (where ``mask``) whose decided bits
+    match the low boundary's prefix (bins [0, R)) or the high one's (bins [R, 2R))."""
+    head = keys & decided
+    in_lo = head == t_lo
+    in_hi = head == t_hi  # equals in_lo while the prefixes agree, so those keys are counted once
+    digit = ((keys >> shift) & (R - 1)).to(tl.int32)
+    return tl.histogram(tl.where(in_lo, digit, digit + R), 2 * R, mask=(in_lo | in_hi) & mask)
+
+
+@triton.jit
+def _store_bounds(s_row, t_lo, t_hi, r_lo, r_hi):
+    """A row's [8] int32 scratch: (T_lo, T_hi, r_lo, r_hi, T_lo == T_hi), as band_compact_kernel reads it."""
+    tl.store(s_row + 0, t_lo.to(tl.int32, bitcast=True))
+    tl.store(s_row + 1, t_hi.to(tl.int32, bitcast=True))
+    tl.store(s_row + 2, r_lo)
+    tl.store(s_row + 3, r_hi)
+    tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
+
+
 # K changes every step: the ranks must not specialise a compile (Triton would for 1 or multiples of 16).
 @triton.jit(do_not_specialize=["rank_lo", "rank_hi"])
 def band_bounds_kernel(
@@ -315,11 +336,7 @@ def band_bounds_kernel(
                 keys = keys_all
             else:
                 keys = _load_keys(key_row, c * CHUNK + offs, N)
-            head = keys & decided
-            in_lo = head == t_lo
-            in_hi = head == t_hi  # equals in_lo while the prefixes agree, so those keys are counted once
-            digit = ((keys >> shift) & (R - 1)).to(tl.int32)
-            hist += tl.histogram(tl.where(in_lo, digit, digit + R), 2 * R, mask=in_lo | in_hi)
+            hist += _digit_histogram(keys, decided, t_lo, t_hi, shift, R, True)
         t_lo, t_hi, r_lo, r_hi, same, n_lo, n_hi = _radix_step(hist, t_lo, t_hi, r_lo, r_hi, same, shift, R)
         decided = decided | ((R - 1) << shift)
         unique = (n_lo == 1) & (n_hi == 1)
@@ -338,12 +355,7 @@ def band_bounds_kernel(
         t_lo = (found & 0xFFFFFFFF).to(tl.uint32)
         t_hi = (found >> 32).to(tl.uint32)
 
-    s_row = state_ptr + row * stride_state_b
-    tl.store(s_row + 0, t_lo.to(tl.int32, bitcast=True))
-    tl.store(s_row + 1, t_hi.to(tl.int32, bitcast=True))
-    tl.store(s_row + 2, r_lo)
-    tl.store(s_row + 3, r_hi)
-    tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
+    _store_bounds(state_ptr + row * stride_state_b, t_lo, t_hi, r_lo, r_hi)
 
 
 # The pass index and the ranks are runtime values: one compile serves every pass and every K.
@@ -391,19 +403,10 @@ def band_pass_kernel(
         shift -= BITS
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         keys = _load_keys(keys_ptr + row * stride_keys_b, idx, N)
-        head = keys & decided
-        in_lo = head == t_lo
-        in_hi = head == t_hi  # equals in_lo while the prefixes agree, so those keys are counted once
-        digit = ((keys >> shift) & (R - 1)).to(tl.int32)
-        hist = tl.histogram(tl.where(in_lo, digit, digit + R), 2 * R, mask=(in_lo | in_hi) & (idx < N))
+        hist = _digit_histogram(keys, decided, t_lo, t_hi, shift, R, idx < N)
         tl.atomic_add(h_row + pass_index * (2 * R) + bins, hist, mask=hist != 0)
     else:
-        s_row = state_ptr + row * stride_state_b
-        tl.store(s_row + 0, t_lo.to(tl.int32, bitcast=True))
-        tl.store(s_row + 1, t_hi.to(tl.int32, bitcast=True))
-        tl.store(s_row + 2, r_lo)
-        tl.store(s_row + 3, r_hi)
-        tl.store(s_row + 4, (t_lo == t_hi).to(tl.int32))
+        _store_bounds(state_ptr + row * stride_state_b, t_lo, t_hi, r_lo, r_hi)
 
 
 @triton.jit(do_not_specialize=["stride_out_b"])
