@@ -102,7 +102,8 @@ def eager_table() -> str:
 
 
 def _kernel_split(b, c, size, p, dtype) -> str:
-    """GPU time per kernel of one call, from the profiler (mean over 50 calls)."""
+    """GPU time per kernel launch, from the profiler (mean over 50 calls), and the launches per call (the split
+    radix select launches its kernel once per digit)."""
     x, counters, n = _inputs(b, c, size, p, dtype)
     fn = partial(select_regions, x, n // 2, patch_size=p, counters=counters, **KW)
     fn()
@@ -115,7 +116,7 @@ def _kernel_split(b, c, size, p, dtype) -> str:
     for ev in prof.key_averages():
         if "kernel" in ev.key and ev.count >= 50:
             dev_us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
-            parts.append(f"{ev.key}: {dev_us:.1f} us")
+            parts.append(f"{ev.key}: {dev_us:.1f} us x {ev.count // 50}")
     return f"{_shape(b, c, size, p, dtype, n // 2)}: " + ", ".join(parts)
 
 
