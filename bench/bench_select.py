@@ -133,8 +133,8 @@ SWEEP = {
     ],
     (16, (256, 256), 2): [
         dict(),
-        dict(split_block=2048, bits=8, warps=8),  # the split select of longer rows, at a row one program holds
-        dict(split_block=4096, bits=4, warps=8),
+        ops.SPLIT_TUNING,  # the split select (opt-in until timed), at a row one program holds
+        {**ops.SPLIT_TUNING, "split_block": 2048},
         dict(warps=32),
         dict(chunk=8192),
         dict(bits=2),
@@ -143,13 +143,13 @@ SWEEP = {
         dict(out_block=4096, out_warps=16),
     ],
     WAN_720P: [
-        dict(),  # the split select: 4096-key programs, 8-bit digits
-        dict(split_block=2048),
-        dict(split_block=8192, warps=16),
-        dict(bits=4),
-        dict(warps=4),
-        dict(split_block=0, bits=4, warps=16),  # one program per row (session 18: 0.19 ms for the whole op)
-        dict(split_block=0, bits=4, warps=16, chunk=32768),
+        dict(),  # one program per row (session 18: 0.19 ms for the whole op)
+        dict(chunk=32768),
+        ops.SPLIT_TUNING,  # the split select: 4096-key programs of 8 warps, 8-bit digits (opt-in until timed)
+        {**ops.SPLIT_TUNING, "split_block": 2048},
+        {**ops.SPLIT_TUNING, "split_block": 8192, "warps": 16},
+        {**ops.SPLIT_TUNING, "bits": 4},
+        {**ops.SPLIT_TUNING, "warps": 4},
         dict(out_block=4096, out_warps=16),
         dict(out_block=16384, out_warps=16),
     ],

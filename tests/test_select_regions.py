@@ -270,14 +270,14 @@ def _check_band_stage(keys64: torch.Tensor, tuning: dict | None) -> None:
 
 @pytest.mark.parametrize(
     "n, tuning",
-    [(75600, None), (131072, None), (75600, {"split_block": 0, "bits": 4})],
-    ids=["wan720p", "max", "wan720p-one-program"],
+    [(75600, None), (131072, None), (75600, ops.SPLIT_TUNING), (131072, ops.SPLIT_TUNING)],
+    ids=["wan720p", "max", "wan720p-split", "max-split"],
 )
 def test_band_stage_at_the_largest_rows(n, tuning, triton_backend):
     """The selection stage (radix select + compaction) alone on N = 75,600 (Wan 720p, 21 x 45 x 80 tokens) and
-    N = 2**17 keys: rows split over 4096-key programs, one launch per 8-bit digit (the default past 16384 keys), and
-    the one-program select re-reading 16384-key chunks each pass (the benchmark's variant); up to 16 compaction
-    programs. Fast under the interpreter, unlike the score stage at this size."""
+    N = 2**17 keys: the default one-program select re-reading 16384-key chunks each pass, and the opt-in split over
+    4096-key programs (one launch per 8-bit digit); up to 16 compaction programs. Fast under the interpreter, unlike
+    the score stage at this size."""
     _check_band_stage(_tied_keys(2, n), tuning)
 
 
@@ -532,10 +532,19 @@ GPU_SIZES = [
 ]
 
 
+def _use_split_select(monkeypatch) -> None:
+    """Every select_regions call takes the split radix select (ops.SPLIT_TUNING, opt-in until timed on a GPU)."""
+    default = ops.select_tuning
+    monkeypatch.setattr(ops, "select_tuning", lambda num_tokens: {**default(num_tokens), **ops.SPLIT_TUNING})
+
+
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
 @pytest.mark.parametrize("b,grid,patch", GPU_SIZES)
-def test_gpu_full_size(b, grid, patch, triton_backend):
+def test_gpu_full_size(b, grid, patch, split, triton_backend, monkeypatch):
+    if split:
+        _use_split_select(monkeypatch)
     n = math.prod(grid)
     # Tie-free, several steps: exact indices and counters (k = 0.5: log-gap 0.5 / N >= 3.8e-6, ~30 ulp).
     counters = torch.zeros(b, n, dtype=torch.int32, device="cuda")
@@ -563,11 +572,15 @@ def test_gpu_full_size(b, grid, patch, triton_backend):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize(
-    "b, grid, patch", [(2, (64, 64), (2, 2)), (2, (21, 45, 80), (1, 2, 2))], ids=["N4096", "wan720p-split"]
+    "b, grid, patch, split",
+    [(2, (64, 64), (2, 2), False), (2, (21, 45, 80), (1, 2, 2), False), (2, (21, 45, 80), (1, 2, 2), True)],
+    ids=["N4096", "wan720p", "wan720p-split"],
 )
-def test_gpu_cuda_graph_replay(b, grid, patch, triton_backend):
-    """Captured once, replayed on new signals: the one-program select (N = 4096) and the split one (N = 75,600,
-    its histogram buffer zeroed inside the graph)."""
+def test_gpu_cuda_graph_replay(b, grid, patch, split, triton_backend, monkeypatch):
+    """Captured once, replayed on new signals: the one-program select (N = 4096 and 75,600) and the split one
+    (N = 75,600, its histogram buffer zeroed inside the graph)."""
+    if split:
+        _use_split_select(monkeypatch)
     c, n = 16, math.prod(grid)
     k = n // 4
     static_x = tie_free_video(b, c, grid, patch, 0.5, "std", device="cuda")  # log-gap 0.5 / N: ~30 ulp
@@ -594,12 +607,15 @@ def test_gpu_cuda_graph_replay(b, grid, patch, triton_backend):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_no_recompile_per_k_and_compile_traces(triton_backend):
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
+def test_gpu_no_recompile_per_k_and_compile_traces(split, triton_backend, monkeypatch):
     from ras_kernels.select import kernels
 
+    if split:
+        _use_split_select(monkeypatch)
     x = torch.randn(2, 16, 64, 64, device="cuda")
     n = 1024
-    video = torch.randn(1, 16, 21, 90, 160, device="cuda")  # 75,600 tokens: the split select
+    video = torch.randn(1, 16, 21, 90, 160, device="cuda")  # 75,600 tokens
     jits = (
         kernels.region_keys_kernel,
         kernels.band_bounds_kernel,

@@ -148,23 +148,27 @@ def validate_select_args(
     return n
 
 
+# The split radix select (band_pass_kernel): 4096-key programs, one launch per 8-bit digit. Opt-in through
+# ``tuning`` (the benchmark's variants, the tests) until it is timed on a GPU; then it is meant to become
+# select_tuning's choice for rows past 16384 keys, where one program re-reading the row every pass took 0.19 ms at
+# N = 75,600 on the H200 (docs/select_regions.md, "Videos").
+SPLIT_TUNING = {"split_block": 4096, "bits": 8, "warps": 8}
+
+
 def select_tuning(num_tokens: int) -> dict:
     """Launch parameters of the selection kernels for rows of ``num_tokens`` keys (shape-only, host side).
 
-    Bounds: rows up to 16384 keys run the radix select in one program per row (up to 16 warps, up to 32 keys per
-    thread held in registers across the passes, 4-bit digits); longer rows split over programs of ``split_block``
-    keys each (``band_pass_kernel``, one launch per 8-bit digit: a single program re-reading such a row from L2 every
-    pass took 0.19 ms at N = 75,600 on the H200). ``split_block`` 0 keeps one program per row at any length
-    (re-reading chunks of ``chunk`` keys each pass; the benchmark's variants). Compaction: about 8 programs per row
+    Bounds: one program per row with up to 16 warps; up to 32 keys per thread stay in registers across the
+    radix passes, longer rows are re-read from L2 in chunks of 16384 each pass. ``split_block`` > 0 (0 here; see
+    SPLIT_TUNING) splits each row over programs of that many keys instead. Compaction: about 8 programs per row
     (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
     """
     block = max(next_pow2(num_tokens), 16)
-    split = block > 16384
     out_block = min(max(1024, block // 8), 8192)
     return {
-        "split_block": 4096 if split else 0,
-        "bits": 8 if split else 4,
-        "warps": 8 if split else min(16, max(4, block // 256)),
+        "split_block": 0,
+        "bits": 4,
+        "warps": min(16, max(4, block // 256)),
         "chunk": min(block, 16384),
         "out_block": out_block,
         "out_warps": min(16, max(4, out_block // 256)),
@@ -502,9 +506,8 @@ def select_regions(
     Returns:
         [B, K] int64 token indices, ascending. Equal priorities rank by token index (stable sort).
 
-    The Triton path (CUDA tensors) is three launches for rows up to 16384 tokens, eight past that (the radix select
-    split over programs, one launch per digit), and ``seed.add_(1)`` for ``"random"`` (``"delta"`` writes ``scores``
-    in the first), without host synchronisation, so it can be captured in a CUDA graph; it reads every
+    The Triton path (CUDA tensors) is three launches (and ``seed.add_(1)`` for ``"random"``; ``"delta"`` writes
+    ``scores`` in the first) without host synchronisation, so it can be captured in a CUDA graph; it reads every
     accepted signal rank, layout and patch shape in place (no copy) and supports N <= 131072
     (``MAX_TRITON_TOKENS``). The selection is not differentiable on either path (integer indices), so a ``signal``
     that requires grad is fine.
