@@ -341,7 +341,7 @@ HOPPER_TUNE_BUCKETS = TUNE_BUCKETS[2:]  # 256 .. 32768: a RAS step's queries (a 
 
 
 def tune_hopper(path: str) -> None:
-    """As :func:`tune`, for the Hopper kernel (RAS_ATTENTION=hopper): time each of ``ops.HOPPER_CANDIDATES`` per
+    """As :func:`tune`, for the Hopper kernel (RAS_ATTENTION=hopper): time each of ``ops.hopper_candidates(d)`` per
     key of the families above and write the fastest per key to ``path`` (the shipped hopper_configs.json)."""
     from ras_kernels.attention import ops
 
@@ -353,7 +353,9 @@ def tune_hopper(path: str) -> None:
             args = (q, kc, vc, ke, ve, None, d**-0.5, False)
             key = ops.tuned_config_key(d, ops._lq_bucket(lq), t > 0, False)
             label = f"{name:13s} Lq={lq:6d} key {key}"
-            table[key] = _fastest(ops.HOPPER_CANDIDATES, lambda cfg, args=args: ops._launch_hopper(*args, cfg), label)
+            table[key] = _fastest(
+                ops.hopper_candidates(d), lambda cfg, args=args: ops._launch_hopper(*args, cfg), label
+            )
     _write_table(path, table)
 
 

@@ -132,24 +132,21 @@ SWEEP = {
         dict(out_block=2048, out_warps=8),
     ],
     (16, (256, 256), 2): [
-        dict(),
-        ops.SPLIT_TUNING,  # the split select (opt-in until timed), at a row one program holds
-        {**ops.SPLIT_TUNING, "split_block": 2048},
-        dict(warps=32),
-        dict(chunk=8192),
-        dict(bits=2),
-        dict(bits=8),
+        dict(),  # the split select over 2048-key programs (ops.SPLIT_FROM = 16384 keys)
+        dict(split_block=4096),
+        dict(split_block=0, bits=4, warps=16),  # one program per row
+        dict(split_block=0, bits=4, warps=32),
+        dict(split_block=0, bits=4, warps=16, chunk=8192),
         dict(out_block=1024, out_warps=4),
         dict(out_block=4096, out_warps=16),
     ],
     WAN_720P: [
-        dict(),  # one program per row (session 18: 0.19 ms for the whole op)
-        dict(chunk=32768),
-        ops.SPLIT_TUNING,  # the split select: 4096-key programs of 8 warps, 8-bit digits (opt-in until timed)
-        {**ops.SPLIT_TUNING, "split_block": 2048},
-        {**ops.SPLIT_TUNING, "split_block": 8192, "warps": 16},
-        {**ops.SPLIT_TUNING, "bits": 4},
-        {**ops.SPLIT_TUNING, "warps": 4},
+        dict(),  # the split select: 2048-key programs of 8 warps, 8-bit digits
+        dict(split_block=1024, warps=4),
+        dict(split_block=4096),
+        dict(split_block=4096, warps=4),
+        dict(bits=4),
+        dict(split_block=0, bits=4, warps=16),  # one program per row (session 18: 0.19 ms for the whole op)
         dict(out_block=4096, out_warps=16),
         dict(out_block=16384, out_warps=16),
     ],

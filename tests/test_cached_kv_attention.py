@@ -521,6 +521,33 @@ def test_hopper_configs(monkeypatch):
     assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[64])]
 
 
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72, 128])
+def test_gpu_hopper_candidates_at_tails(d, dtype):
+    """Every config the Hopper kernel may take at head dim d (ops.hopper_candidates) on tail shapes: a cache
+    shorter than one key tile, a partial last tile, a few extra keys, masked extra keys, Lq off the query tile,
+    grouped heads; out and lse against the fp32 reference. (On Triton 3.6, d 72 once computed a lone partial tile
+    wrong and wrote out of bounds: session 19.)"""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel needs an sm_90 GPU")
+    g = dict(dtype=dtype, device="cuda")
+    for n, t, lq, masked in ((63, 5, 6, False), (200, 0, 130, False), (129, 77, 200, True)):
+        q, k, v = torch.randn(2, lq, 4, d, **g), torch.randn(2, n, 2, d, **g), torch.randn(2, n, 2, d, **g)
+        ke, ve = (torch.randn(2, t, 2, d, **g), torch.randn(2, t, 2, d, **g)) if t else (None, None)
+        mask = torch.rand(2, t, device="cuda") < 0.5 if masked else None
+        k_all, v_all = (torch.cat([k, ke], 1), torch.cat([v, ve], 1)) if t else (k, v)
+        key_mask = None if mask is None else torch.cat([torch.ones(2, n, dtype=torch.bool, device="cuda"), mask], 1)
+        ref, ref_lse = reference.attention(q.float(), k_all.float(), v_all.float(), d**-0.5, key_mask, return_lse=True)
+        base = sdpa_baseline(q, k_all, v_all, d**-0.5, key_mask)
+        for cfg in ops.hopper_candidates(d):
+            out, lse = ops._launch_hopper(q, k, v, ke, ve, mask, d**-0.5, True, cfg)
+            torch.cuda.synchronize()
+            assert_attention_close(out, ref, base, dtype)
+            torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=1e-4, msg=lambda m, cfg=cfg: f"{cfg}: {m}")
+
+
 # ------------------------------------------------------------------------------------------------ fp8 K/V caches
 def _fp8_case(b, n, kk, t, hq, hkv, d, dtype, device=DEVICE):
     """Random inputs with e4m3 caches: every row a random vector quantized with its own scale."""

@@ -268,16 +268,19 @@ def _check_band_stage(keys64: torch.Tensor, tuning: dict | None) -> None:
         before = counters.clone()
 
 
+ONE_PROGRAM = {"split_block": 0, "bits": 4, "warps": 16}  # the radix select of rows under ops.SPLIT_FROM keys
+
+
 @pytest.mark.parametrize(
     "n, tuning",
-    [(75600, None), (131072, None), (75600, ops.SPLIT_TUNING), (131072, ops.SPLIT_TUNING)],
-    ids=["wan720p", "max", "wan720p-split", "max-split"],
+    [(75600, None), (131072, None), (75600, ONE_PROGRAM), (131072, ONE_PROGRAM)],
+    ids=["wan720p", "max", "wan720p-one-program", "max-one-program"],
 )
 def test_band_stage_at_the_largest_rows(n, tuning, triton_backend):
     """The selection stage (radix select + compaction) alone on N = 75,600 (Wan 720p, 21 x 45 x 80 tokens) and
-    N = 2**17 keys: the default one-program select re-reading 16384-key chunks each pass, and the opt-in split over
-    4096-key programs (one launch per 8-bit digit); up to 16 compaction programs. Fast under the interpreter, unlike
-    the score stage at this size."""
+    N = 2**17 keys: the default split over 2048-key programs (one launch per 8-bit digit), and one program per
+    row re-reading 16384-key chunks each pass (``tuning``); up to 16 compaction programs. Fast under the
+    interpreter, unlike the score stage at this size."""
     _check_band_stage(_tied_keys(2, n), tuning)
 
 
@@ -532,10 +535,9 @@ GPU_SIZES = [
 ]
 
 
-def _use_split_select(monkeypatch) -> None:
-    """Every select_regions call takes the split radix select (ops.SPLIT_TUNING, opt-in until timed on a GPU)."""
-    default = ops.select_tuning
-    monkeypatch.setattr(ops, "select_tuning", lambda num_tokens: {**default(num_tokens), **ops.SPLIT_TUNING})
+def _force_select(monkeypatch, split: bool) -> None:
+    """Every select_regions call takes the split radix select (split) or one program per row (not), whatever N."""
+    monkeypatch.setattr(ops, "SPLIT_FROM", 1 if split else 1 << 40)
 
 
 @pytest.mark.gpu
@@ -543,8 +545,7 @@ def _use_split_select(monkeypatch) -> None:
 @pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
 @pytest.mark.parametrize("b,grid,patch", GPU_SIZES)
 def test_gpu_full_size(b, grid, patch, split, triton_backend, monkeypatch):
-    if split:
-        _use_split_select(monkeypatch)
+    _force_select(monkeypatch, split)
     n = math.prod(grid)
     # Tie-free, several steps: exact indices and counters (k = 0.5: log-gap 0.5 / N >= 3.8e-6, ~30 ulp).
     counters = torch.zeros(b, n, dtype=torch.int32, device="cuda")
@@ -579,8 +580,7 @@ def test_gpu_full_size(b, grid, patch, split, triton_backend, monkeypatch):
 def test_gpu_cuda_graph_replay(b, grid, patch, split, triton_backend, monkeypatch):
     """Captured once, replayed on new signals: the one-program select (N = 4096 and 75,600) and the split one
     (N = 75,600, its histogram buffer zeroed inside the graph)."""
-    if split:
-        _use_split_select(monkeypatch)
+    _force_select(monkeypatch, split)
     c, n = 16, math.prod(grid)
     k = n // 4
     static_x = tie_free_video(b, c, grid, patch, 0.5, "std", device="cuda")  # log-gap 0.5 / N: ~30 ulp
@@ -611,8 +611,7 @@ def test_gpu_cuda_graph_replay(b, grid, patch, split, triton_backend, monkeypatc
 def test_gpu_no_recompile_per_k_and_compile_traces(split, triton_backend, monkeypatch):
     from ras_kernels.select import kernels
 
-    if split:
-        _use_split_select(monkeypatch)
+    _force_select(monkeypatch, split)
     x = torch.randn(2, 16, 64, 64, device="cuda")
     n = 1024
     video = torch.randn(1, 16, 21, 90, 160, device="cuda")  # 75,600 tokens

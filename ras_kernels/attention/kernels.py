@@ -468,7 +468,15 @@ def attn_fwd_tma_kernel(
             acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, start, hk, offs_n, qk_scale,
             D0, D1, BLOCK_N, False, False,
         )  # fmt: skip
-    if n_full < n_keys:
+    if D1 > 0:
+        # The cache's partial last tile in a loop (of at most one trip) that Triton pipelines like the extra keys'
+        # loop: loaded outside a pipelined loop, the D1-wide tiles came out wrong on Triton 3.6 (session 19, H200).
+        for start in range(n_full, n_keys, BLOCK_N):
+            acc, acc1, m_i, l_i = _attn_tma_tile(
+                acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, start, hk, offs_n < n_keys - start,
+                qk_scale, D0, D1, BLOCK_N, True, False,
+            )  # fmt: skip
+    elif n_full < n_keys:
         acc, acc1, m_i, l_i = _attn_tma_tile(
             acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, n_full, hk, offs_n < n_keys - n_full,
             qk_scale, D0, D1, BLOCK_N, True, False,

@@ -535,8 +535,14 @@ HOPPER_CANDIDATES = (
     (64, 64, 4, 3, False),
     (64, 128, 4, 3, False),
 )
-HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, True), 128: (128, 128, 8, 3, False)}
+HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, False), 128: (128, 128, 8, 3, False)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
+
+
+def hopper_candidates(d: int) -> tuple:
+    """The HOPPER_CANDIDATES the Hopper kernel compiles at head dim ``d``: at 72 (D1 > 0) not a warp-specialised
+    4-warp key loop, which Triton 3.6 failed to compile next to the kernel's tail-tile loop (session 19, H200)."""
+    return tuple(c for c in HOPPER_CANDIDATES if not (HOPPER_SPLITS[d][1] and c[4] and c[2] == 4))
 
 
 def requested_attention_path() -> str:

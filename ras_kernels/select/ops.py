@@ -148,24 +148,25 @@ def validate_select_args(
     return n
 
 
-# The split radix select (band_pass_kernel): 4096-key programs, one launch per 8-bit digit. Opt-in through
-# ``tuning`` (the benchmark's variants, the tests) until it is timed on a GPU; then it is meant to become
-# select_tuning's choice for rows past 16384 keys, where one program re-reading the row every pass took 0.19 ms at
-# N = 75,600 on the H200 (docs/select_regions.md, "Videos").
-SPLIT_TUNING = {"split_block": 4096, "bits": 8, "warps": 8}
+# The split radix select (band_pass_kernel): each row over 2048-key programs, one launch per 8-bit digit. Rows of
+# SPLIT_FROM keys or more take it (select_tuning): on the H200 the whole op took 0.057 ms at N = 75,600 (Wan 720p)
+# against 0.196 ms for one program re-reading the row every pass, and 0.044 against 0.053 ms at N = 16384
+# (docs/benchmarks.md, session 19).
+SPLIT_TUNING = {"split_block": 2048, "bits": 8, "warps": 8}
+SPLIT_FROM = 16384
 
 
 def select_tuning(num_tokens: int) -> dict:
     """Launch parameters of the selection kernels for rows of ``num_tokens`` keys (shape-only, host side).
 
-    Bounds: one program per row with up to 16 warps; up to 32 keys per thread stay in registers across the
-    radix passes, longer rows are re-read from L2 in chunks of 16384 each pass. ``split_block`` > 0 (0 here; see
-    SPLIT_TUNING) splits each row over programs of that many keys instead. Compaction: about 8 programs per row
-    (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
+    Bounds: rows of SPLIT_FROM keys or more split over programs of SPLIT_TUNING["split_block"] keys (one launch
+    per digit); shorter rows take one program per row with up to 16 warps, up to 32 keys per thread held in
+    registers across the radix passes (``chunk``: the part of a row one pass reads at a time). Compaction: about 8
+    programs per row (each re-counts the blocks before its own, so fewer, larger blocks keep that loop short).
     """
     block = max(next_pow2(num_tokens), 16)
     out_block = min(max(1024, block // 8), 8192)
-    return {
+    cfg = {
         "split_block": 0,
         "bits": 4,
         "warps": min(16, max(4, block // 256)),
@@ -173,6 +174,9 @@ def select_tuning(num_tokens: int) -> dict:
         "out_block": out_block,
         "out_warps": min(16, max(4, out_block // 256)),
     }
+    if num_tokens >= SPLIT_FROM:
+        cfg.update(SPLIT_TUNING)
+    return cfg
 
 
 def launch_select(
