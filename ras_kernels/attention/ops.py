@@ -523,8 +523,9 @@ HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "cudnn"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
 # ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
-# tuned_config_key), and per head dim the one a key missing from the table takes (the fastest at the Wan, Flux and
-# SD3 shapes in session 15's probe on the H200). The interpreter runs small tiles.
+# tuned_config_key), and per head dim the one a key missing from the table takes (at 64 and 128 the fastest at the
+# Wan, Flux and SD3 shapes in session 15's probe on the H200; at 72 see hopper_candidates, not timed). The
+# interpreter runs small tiles.
 HOPPER_CANDIDATES = (
     (128, 64, 4, 3, True),
     (128, 64, 4, 3, False),
