@@ -143,7 +143,7 @@ CASES = {
     "sd3-1prompt": (
         tiny_sd3_pipeline,
         SD3_SIZE,
-        {"steps": 9, "warmup": 2, "resets": (5,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"},
+        {"steps": 7, "warmup": 2, "resets": (4,), "ratio": 0.5, "high_ratio": 0.3, "mode": "reference"},
     ),
     "sd3-2prompts-paper-nonsquare": (
         tiny_sd3_pipeline,

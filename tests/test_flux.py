@@ -228,7 +228,7 @@ CASES = {
     ),
     "2prompts-truecfg-linear": (
         True, 2, True, {"height": 128, "width": 192},
-        {"steps": 10, "warmup": 2, "resets": (6,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
+        {"steps": 8, "warmup": 2, "resets": (5,), "ratio": 0.25, "high_ratio": 1.0, "mode": "reference",
          "reuse": "linear"},
     ),
     "2prompts-truecfg-attention": (
