@@ -416,7 +416,7 @@ def _launch_attention(
 
 
 def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, config=None):
-    """Run attn_fwd_tma_kernel (RAS_ATTENTION hopper, or auto at head dim 64 on sm_90; an eligible call: see
+    """Run attn_fwd_tma_kernel (RAS_ATTENTION hopper, or auto at head dims 64 and 72 on sm_90; an eligible call: see
     path_ineligible) on the current device; ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 

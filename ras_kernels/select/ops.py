@@ -149,8 +149,8 @@ def validate_select_args(
 
 
 # The split radix select (band_pass_kernel): each row over 2048-key programs, one launch per 8-bit digit. Rows of
-# SPLIT_FROM keys or more take it (select_tuning): on the H200 the whole op took 0.057 ms at N = 75,600 (Wan 720p)
-# against 0.196 ms for one program re-reading the row every pass, and 0.044 against 0.053 ms at N = 16384
+# SPLIT_FROM keys or more take it (select_tuning): on the H200 the whole op took 0.058 ms at N = 75,600 (Wan 720p)
+# against 0.194 ms for one program re-reading the row every pass, and 0.044 against 0.053 ms at N = 16384
 # (docs/benchmarks.md, session 19).
 SPLIT_TUNING = {"split_block": 2048, "bits": 8, "warps": 8}
 SPLIT_FROM = 16384
