@@ -471,6 +471,8 @@ def attn_fwd_tma_kernel(
     if D1 > 0:
         # The cache's partial last tile in a loop (of at most one trip) that Triton pipelines like the extra keys'
         # loop: loaded outside a pipelined loop, the D1-wide tiles came out wrong on Triton 3.6 (session 19, H200).
+        # Head dims without D1 keep the straight-line tile: the loop form does not compile with their
+        # warp-specialised 4-warp default (see ops.hopper_candidates).
         for start in range(n_full, n_keys, BLOCK_N):
             acc, acc1, m_i, l_i = _attn_tma_tile(
                 acc, acc1, m_i, l_i, q, q1, k_desc, v_desc, k1_desc, v1_desc, b, start, hk, offs_n < n_keys - start,
