@@ -423,7 +423,7 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     from . import kernels
 
     b, lq, hq, d = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)  # v's dtype: q's, but in bench_attention --fp8-probe
     lse = torch.empty((b, hq, lq) if return_lse else (0,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
