@@ -517,15 +517,15 @@ PATH_HEAD_DIMS = {"hopper": (64, 72, 128), "cudnn": (128,)}
 HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the path per head dim that made pipe(...) fastest on the H200
 # (docs/benchmarks.md, session 16: SD3 with hopper 1.04x the portable kernel's generation at 0.25, Flux and Wan with
-# cudnn 1.03x and 1.09x), and at Lumina-Next's head dim 72 the faster op (session 18, bench_attention --paths:
-# hopper 1.38x the portable kernel at the 0.25 shape, 1.10x dense; cuDNN has no path there); an ineligible call,
+# cudnn 1.03x and 1.09x), and at Lumina-Next's head dim 72 the faster op (session 20, bench_attention --paths:
+# hopper 1.36x the portable kernel at the 0.25 shape, 1.07x dense; cuDNN has no path there); an ineligible call,
 # another head dim or another device runs the portable kernel.
 AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "cudnn"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
 # ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
 # tuned_config_key), and per head dim the one a key missing from the table takes (at 64 and 128 the fastest at the
-# Wan, Flux and SD3 shapes in session 15's probe on the H200; at 72 see hopper_candidates, not timed). The
-# interpreter runs small tiles.
+# Wan, Flux and SD3 shapes in session 15's probe on the H200; at 72 see hopper_candidates: 0.230 ms at Lumina-Next's
+# 0.25 shape, session 20). The interpreter runs small tiles.
 HOPPER_CANDIDATES = (
     (128, 64, 4, 3, True),
     (128, 64, 4, 3, False),
