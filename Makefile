@@ -17,12 +17,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m bench.e2e $(ARGS)
 
+# Without a CUDA GPU the suite runs under the Triton interpreter as two shards (--shard, tests/conftest.py) in
+# parallel processes, which about halves its time on two cores; the second shard's output follows the first's.
+# pytest's exit code 5 (no tests collected; in both shards) becomes success with a message, since make would report
+# any failing recipe as its own exit code 2.
 test: $(STAMP)
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(PY) -m pytest $(ARGS); \
+		$(PY) -m pytest $(ARGS); a=$$?; b=5; \
 	else \
-		TRITON_INTERPRET=1 $(PY) -m pytest $(ARGS); \
-	fi
+		log=$$(mktemp); \
+		TRITON_INTERPRET=1 $(PY) -m pytest --shard 1/2 $(ARGS) > $$log 2>&1 & pid=$$!; \
+		TRITON_INTERPRET=1 $(PY) -m pytest --shard 0/2 $(ARGS); a=$$?; \
+		wait $$pid; b=$$?; echo "== the second shard (--shard 1/2)"; cat $$log; rm -f $$log; \
+	fi; \
+	if [ $$a -eq 5 ] && [ $$b -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; \
+	for rc in $$a $$b; do [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc; done
 
 bench: $(STAMP)
 	$(PY) -m bench.kernels $(ARGS)
