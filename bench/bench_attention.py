@@ -9,8 +9,8 @@
                                                # the same for the Hopper kernel (RAS_ATTENTION=hopper)
     python -m bench.bench_attention --fp8-probe  # the Hopper kernel with e4m3 Q / K (and V) against bf16
 
-Both sides are timed as CUDA-graph replays (so host launch overhead is not counted for either), median of
-triton's do_bench with the L2 flushed between runs. FLOPs = 4 * Lq * Lk * Hq * d * B. The SDPA baseline runs on
+Both sides are timed as CUDA-graph replays (so host launch overhead is not counted for either), min / median / max of
+triton's do_bench runs with the L2 flushed between runs. FLOPs = 4 * Lq * Lk * Hq * d * B. The SDPA baseline runs on
 the equivalent pre-concatenated inputs ([B, L, H, d] tensors seen as [B, H, L, d] views, GQA heads repeated
 beforehand, none of that timed) with the fastest of its cuDNN / flash / memory-efficient backends, each tried
 explicitly. The "full op" rows add the cache write to ours and index_copy_ + torch.cat to the PyTorch path.
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import Row, attention_path, device_name, format_table, graph_ms, graph_replay, measure_ceilings
+from bench.common import Row, attention_path, device_name, format_table, graph_ms, measure_ceilings
 
 DTYPE = torch.bfloat16
 
@@ -179,14 +179,6 @@ PATH_SHAPES = (
 )
 
 
-def _graph_stats(fn) -> tuple[float, float, float]:
-    """(min, median, max) milliseconds of ``fn`` replayed from a CUDA graph (do_bench's runs, L2 flushed)."""
-    import triton.testing
-
-    times = sorted(triton.testing.do_bench(graph_replay(fn), warmup=25, rep=200, return_mode="all"))
-    return times[0], times[len(times) // 2], times[-1]
-
-
 def _path_cells(name: str, s: dict) -> list[str]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -196,16 +188,14 @@ def _path_cells(name: str, s: dict) -> list[str]:
     stats = {}
     for path in PATHS:
         with attention_path(path):
-            stats[path] = _graph_stats(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
+            stats[path] = graph_ms(lambda: ops.cached_kv_attention(q, kn, vn, kc, vc, idx, k_extra=ke, v_extra=ve))
     k_all, v_all = _concat(kc, vc, ke, ve, s["hq"] // s["hkv"])
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k_all, v_all))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        stats["sdpa"] = _graph_stats(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+        stats["sdpa"] = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     cells = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"]
-    for key in (*PATHS, "sdpa"):
-        lo, med, hi = stats[key]
-        cells.append(f"{lo:.3f} / {med:.3f} / {hi:.3f} ({_flops(s) / med / 1e9:.0f})")
-    return cells + [f"{stats['triton'][1] / stats[p][1]:.2f}x" for p in PATHS[1:]]
+    cells += [f"{stats[key].spread(3)} ({_flops(s) / stats[key] / 1e9:.0f})" for key in (*PATHS, "sdpa")]
+    return cells + [f"{stats['triton'] / stats[p]:.2f}x" for p in PATHS[1:]]
 
 
 PATHS = ("triton", "hopper", "cudnn")
@@ -386,21 +376,21 @@ def _fp8_probe_cells(name: str, s: dict) -> list[str]:
         "e4m3 Q, K": (q8, k8, vc, ke8, ve, None, scale * sq * sk, False),
         "e4m3 Q, K, V": (q8, k8, v8, ke8, ve8, None, scale * sq * sk, False),
     }
-    cells, medians = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"], {}
+    cells, times = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"], {}
     for variant in FP8_VARIANTS:
         try:
             ops._launch_hopper(*args[variant])  # the shipped config first: a variant that does not compile says why
             best = _fastest(ops.hopper_candidates(s["d"]), lambda cfg, a=args[variant]: ops._launch_hopper(*a, cfg),
                             f"  {name} {variant}")  # fmt: skip
-            lo, medians[variant], hi = _graph_stats(lambda a=args[variant], c=best: ops._launch_hopper(*a, c))
-            cells.append(f"{lo:.3f} / {medians[variant]:.3f} / {hi:.3f} ({_flops(s) / medians[variant] / 1e9:.0f})")
+            times[variant] = graph_ms(lambda a=args[variant], c=best: ops._launch_hopper(*a, c))
+            cells.append(f"{times[variant].spread(3)} ({_flops(s) / times[variant] / 1e9:.0f})")
         except Exception as e:  # noqa: BLE001 - reported in the table: the variant does not compile
             cells.append(f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
     ref = ops._launch_hopper(*args["bf16"])[0].float()
-    err = (ops._launch_hopper(*args["e4m3 Q, K"])[0].float() - ref).abs().max().item() if len(medians) > 1 else math.nan
-    casts = _graph_stats(lambda: [(t.float() * (1 / sc)).to(torch.float8_e4m3fn) for t, sc in ((q, sq), (kc, sk))])
-    cells += [f"{medians['bf16'] / medians[v]:.2f}x" if v in medians else "-" for v in FP8_VARIANTS[1:]]
-    return cells + [f"{err:.3f} (out max {ref.abs().max().item():.2f})", f"{casts[1]:.3f}"]
+    err = (ops._launch_hopper(*args["e4m3 Q, K"])[0].float() - ref).abs().max().item() if len(times) > 1 else math.nan
+    casts = graph_ms(lambda: [(t.float() * (1 / sc)).to(torch.float8_e4m3fn) for t, sc in ((q, sq), (kc, sk))])
+    cells += [f"{times['bf16'] / times[v]:.2f}x" if v in times else "-" for v in FP8_VARIANTS[1:]]
+    return cells + [f"{err:.3f} (out max {ref.abs().max().item():.2f})", f"{casts:.3f}"]
 
 
 def fp8_probe() -> None:

@@ -3,13 +3,13 @@
     python -m bench.bench_gather            # the table (ceilings, B=2, N=4096, D=1536 bf16, K = 1024/2048/4096)
     python -m bench.bench_gather --sweep    # also other launch configs (BLOCK_R, BLOCK_D, num_warps), for tuning
 
-Both sides are timed as CUDA-graph replays (host launch overhead counted for neither), median of triton's do_bench
-with the L2 flushed between runs. Bytes = (rows read + rows written) x D x element size + index bytes, counted
-for our op (a shared position table counts once per sample that reads it). Baselines, fastest shown:
-gather: ``torch.gather`` with an expanded index (the reference) or ``index_select`` on the flattened rows;
-gather + add: SD3's order, ``x + pos`` over all N rows then ``index_select``; scatter: ``scatter_`` (the
-reference) or ``index_copy_`` on the flattened rows. The flattened row numbers ``idx + b * N`` are prepared
-outside the timing, which favours the baselines.
+Both sides are timed as CUDA-graph replays (host launch overhead counted for neither), min / median / max of
+triton's do_bench runs with the L2 flushed between runs. Bytes = (rows read + rows written) x D x element size +
+index bytes, counted for our op (a shared position table counts once per sample that reads it). Baselines, fastest
+shown: gather: ``torch.gather`` with an expanded index (the reference) or ``index_select`` on the flattened rows;
+gather + add: SD3's order, ``x + pos`` over all N rows then ``index_select``; scatter: ``scatter_`` (the reference)
+or ``index_copy_`` on the flattened rows. The flattened row numbers ``idx + b * N`` are prepared outside the timing,
+which favours the baselines.
 """
 
 from __future__ import annotations

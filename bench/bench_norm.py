@@ -2,9 +2,9 @@
 
     python -m bench.bench_norm
 
-Shapes of a RAS step at ratio 0.25 (B = 2, 1024 active tokens): SD3-medium (D = 1536) and Lumina-Next (D = 2304,
-32 heads of 72, RoPE). Both sides are timed as CUDA-graph replays (no host overhead on either side), median of
-triton's do_bench with the L2 flushed between runs. Bytes = the tensors our kernel reads and writes once
+Shapes of a RAS step at ratio 0.25 (B = 2, 1024 active tokens): SD3-medium (D = 1536) and Lumina-Next (D = 2304, 32
+heads of 72, RoPE). Both sides are timed as CUDA-graph replays (no host overhead on either side), min / median / max
+of triton's do_bench runs with the L2 flushed between runs. Bytes = the tensors our kernel reads and writes once
 (modulation vectors, weights and RoPE tables included). Baselines are the expressions diffusers' blocks evaluate
 (``nn.LayerNorm`` / diffusers' ``RMSNorm`` modules, ``apply_rotary_emb``), which launch one kernel per operator.
 """

@@ -4,10 +4,10 @@
     python -m bench.bench_select --sweep    # also band-select launch variants and the per-kernel split
 
 Both sides are timed as CUDA-graph replays (no host launch cost for either; the op has no host sync, so it
-captures), median of triton's do_bench with the L2 flushed between runs; the eager time of the public op (host
-dispatch + two launches) is printed beside them. starvation_scale = 0 while timing, so the counters that every
-replay increments never overflow exp(); the kernels execute the same instructions for any scale.
-Bytes = signal read + counters read and written + indices written (the 4-byte key scratch is not counted).
+captures), min / median / max of triton's do_bench runs with the L2 flushed between runs; the eager time of the
+public op (host dispatch + two launches) is printed beside them. starvation_scale = 0 while timing, so the counters
+that every replay increments never overflow exp(); the kernels execute the same instructions for any scale. Bytes =
+signal read + counters read and written + indices written (the 4-byte key scratch is not counted).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def rows(ceilings: dict) -> list[Row]:
 
 def eager_table() -> str:
     lines = [
-        "| shape | ours eager (ms) | ours through torch.ops (ms) | reference eager (ms) |",
+        "| shape | ours eager ms min / median / max | ours through torch.ops | reference eager |",
         "|---|---|---|---|",
     ]
     for b, c, size, p, dtype in SHAPES:
@@ -97,7 +97,7 @@ def eager_table() -> str:
         op_args += (None, None, None)
         op = median_ms(partial(torch.ops.ras_kernels.select_regions, *op_args))
         base = median_ms(partial(reference.select_regions, x, k, patch_size=p, counters=counters, **KW))
-        lines.append(f"| {_shape(b, c, size, p, dtype, k)} | {ours:.4f} | {op:.4f} | {base:.4f} |")
+        lines.append(f"| {_shape(b, c, size, p, dtype, k)} | {ours.spread()} | {op.spread()} | {base.spread()} |")
     return "\n".join(lines)
 
 
@@ -155,7 +155,7 @@ SWEEP = {
 
 def sweep() -> str:
     """Band-select launch variants on the same input; each must return exactly the default's indices."""
-    lines = ["| N | tuning | full op, graph replay (ms) |", "|---|---|---|"]
+    lines = ["| N | tuning | full op, graph replay, ms min / median / max |", "|---|---|---|"]
     for (c, size, p), variants in SWEEP.items():
         x, counters, n = _inputs(2 if len(size) == 2 else 1, c, size, p, torch.bfloat16)
         band = reference.band_start(n, n // 2, 0.3)
@@ -167,7 +167,7 @@ def sweep() -> str:
                 got = ops.launch_select(x, None, n // 2, band, p, False, 0.0, tuning)
                 same = "" if torch.equal(got, expected) else " MISMATCH"
                 fn = graph_replay(partial(ops.launch_select, x, counters, n // 2, band, p, False, 0.0, tuning))
-                ms = f"{median_ms(fn):.4f}{same}"
+                ms = f"{median_ms(fn).spread()}{same}"
             except Exception as e:  # a variant that fails to compile must not hide the others
                 ms = f"failed: {type(e).__name__}: {str(e)[:200]}"
             lines.append(f"| {n} | {cfg} | {ms} |")

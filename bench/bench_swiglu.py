@@ -2,9 +2,9 @@
 
     python -m bench.bench_swiglu
 
-Lumina-Next-SFT's feed-forward width (F = 6144) at the token counts of a RAS step at ratio 0.25 and of a dense
-step (B = 2, 1024 / 4096 tokens), bf16. Both sides are timed as CUDA-graph replays, median of triton's do_bench
-with the L2 flushed. Bytes = both inputs read once + the output written once.
+Lumina-Next-SFT's feed-forward width (F = 6144) at the token counts of a RAS step at ratio 0.25 and of a dense step
+(B = 2, 1024 / 4096 tokens), bf16. Both sides are timed as CUDA-graph replays, min / median / max of triton's
+do_bench runs with the L2 flushed. Bytes = both inputs read once + the output written once.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Timing and ceiling helpers shared by the kernel benchmarks (CUDA only).
 
-Every benchmark reports a median over repeated runs after warm-up, next to a plain-PyTorch baseline timed in the
-same process and the card's measured ceilings (device copy bandwidth, bf16 GEMM rate).
+Every benchmark times repeated runs after warm-up and reports their min / median / max (a :class:`Timing`), next to
+a plain-PyTorch baseline timed in the same process and the card's measured ceilings (device copy bandwidth, bf16
+GEMM rate); rates and speedups use the medians.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,7 @@ class Row:
 
     op: str
     shape: str
-    ours_ms: float
+    ours_ms: float  # a Timing (median_ms / graph_ms), or a plain median
     base_ms: float
     base_name: str
     unit: str  # "GB/s" or "TFLOP/s"
@@ -36,11 +38,32 @@ class Row:
         return self.base_ms / self.ours_ms
 
 
-def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 200) -> float:
-    """Median time of ``fn()`` in milliseconds, CUDA events, L2 flushed between runs (triton's do_bench)."""
+class Timing(float):
+    """A timed run's median in milliseconds, which it computes as, carrying the fastest (``lo``) and slowest
+    (``hi``) of the run's repetitions."""
+
+    lo: float
+    hi: float
+
+    def __new__(cls, times_ms) -> Timing:
+        times = sorted(float(t) for t in times_ms)
+        if not times:
+            raise ValueError("Timing needs at least one time")
+        timing = super().__new__(cls, statistics.median(times))
+        timing.lo, timing.hi = times[0], times[-1]
+        return timing
+
+    def spread(self, digits: int = 4) -> str:
+        """``min / median / max``, as the tables print it."""
+        return f"{self.lo:.{digits}f} / {float(self):.{digits}f} / {self.hi:.{digits}f}"
+
+
+def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 200) -> Timing:
+    """Time ``fn()`` (CUDA events, L2 flushed between runs: triton's do_bench): the median milliseconds, with the
+    run's min and max attached."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return Timing(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
 
 
 def graph_replay(fn):
@@ -57,8 +80,8 @@ def graph_replay(fn):
     return graph.replay
 
 
-def graph_ms(fn) -> float:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph."""
+def graph_ms(fn) -> Timing:
+    """:func:`median_ms` of ``fn`` replayed from a CUDA graph."""
     return median_ms(graph_replay(fn))
 
 
@@ -122,15 +145,21 @@ def print_header(ceilings: dict[str, float]) -> None:
     print(f"ceilings: device copy {ceilings['GB/s']:.0f} GB/s, bf16 GEMM {ceilings['TFLOP/s']:.0f} TFLOP/s\n")
 
 
+def _ms(t: float) -> str:
+    return t.spread() if isinstance(t, Timing) else f"{t:.4f}"
+
+
 def format_table(rows: list[Row]) -> str:
-    """A markdown table: op, shape, ours, baseline, speedup, achieved rate and share of the ceiling."""
+    """A markdown table: op, shape, ours and the baseline (min / median / max ms), the speedup, the achieved rate and
+    its share of the ceiling (of the medians)."""
     lines = [
-        "| op | shape | ours (ms) | baseline | baseline (ms) | speedup | achieved | % of ceiling |",
+        "| op | shape | ours ms min / median / max | baseline | baseline ms min / median / max | speedup | achieved "
+        "| % of ceiling |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.op} | {r.shape} | {r.ours_ms:.4f} | {r.base_name} | {r.base_ms:.4f} | {r.speedup:.2f}x | "
+            f"| {r.op} | {r.shape} | {_ms(r.ours_ms)} | {r.base_name} | {_ms(r.base_ms)} | {r.speedup:.2f}x | "
             f"{r.rate:.0f} {r.unit} | {100 * r.rate / r.ceiling:.0f}% |"
         )
     return "\n".join(lines)

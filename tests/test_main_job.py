@@ -138,6 +138,30 @@ def test_table_adds_loop_and_torch_compile_columns():
     assert lines[3].endswith("| - | 1.00x |") and lines[4].endswith("| 5.00x | 4.00x |")
 
 
+def test_kernel_table_reports_min_median_max():
+    """The kernel benchmarks' times (bench.common.Timing): the median computes as the float, the run's min and max
+    ride along, and the table prints all three while rates and speedups use the medians."""
+    import random
+
+    from bench.common import Row, Timing, format_table
+
+    odd = [random.uniform(0.01, 5.0) for _ in range(9)]
+    even = [random.uniform(0.01, 5.0) for _ in range(6)]
+    t, u = Timing(odd), Timing(even)
+    assert float(t) == sorted(odd)[4] and (t.lo, t.hi) == (min(odd), max(odd))
+    assert float(u) == pytest.approx((sorted(even)[2] + sorted(even)[3]) / 2)
+    assert 2 * t == pytest.approx(2 * sorted(odd)[4])
+    with pytest.raises(ValueError, match="at least one time"):
+        Timing([])
+    row = Row("op", "shape", t, u, "baseline", "GB/s", 3e6, 100.0)
+    line = format_table([row]).splitlines()[2]
+    assert f"| {min(odd):.4f} / {sorted(odd)[4]:.4f} / {max(odd):.4f} |" in line
+    assert f"| {min(even):.4f} / {float(u):.4f} / {max(even):.4f} |" in line
+    assert f"| {float(u) / float(t):.2f}x | {3e6 / (float(t) * 1e-3) / 1e9:.0f} GB/s |" in line
+    plain = format_table([Row("op", "shape", 2.0, 3.0, "baseline", "GB/s", 1e6, 1.0)]).splitlines()[2]
+    assert "| 2.0000 | baseline | 3.0000 | 1.50x |" in plain  # a plain median prints alone
+
+
 def test_json_and_speedup_plot(tmp_path, capsys, torch_backend):
     """--json records every run of the table; bench.plot_e2e turns the records into one PNG panel per file."""
     import json
