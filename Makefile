@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m bench.e2e $(ARGS)
 
-# Without a CUDA GPU the suite runs under the Triton interpreter as two shards (--shard, tests/conftest.py) in
-# parallel processes of one torch thread each (on a 2-core CI machine in session 20: 8.4 minutes, against 13.4 in
-# one process and 10.4 with two threads a shard); the second shard's output follows the first's.
+# Without a CUDA GPU the suite runs under the Triton interpreter as two shards (--shard, conftest.py) in parallel
+# processes of one torch thread each (on a 2-core CI machine in session 20 the longer shard took 8.4 minutes, against
+# 13.4 in one process and 10.4 with two threads a shard); the second shard's output follows the first's.
 # pytest's exit code 5 (no tests collected; in both shards) becomes success with a message, since make would report
 # any failing recipe as its own exit code 2.
 test: $(STAMP)

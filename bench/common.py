@@ -39,8 +39,8 @@ class Row:
 
 
 class Timing(float):
-    """A timed run's median in milliseconds, which it computes as, carrying the fastest (``lo``) and slowest
-    (``hi``) of the run's repetitions."""
+    """Milliseconds of a timed run: a float equal to the median (so rates and ratios use it), with the fastest
+    (``lo``) and slowest (``hi``) repetition attached."""
 
     lo: float
     hi: float
