@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from bench import demo_cpu
-from bench.common import attention_path, resolve_dtype
+from bench.common import Timing, attention_path, resolve_dtype
 from bench.pipelines import (
     LAYOUTS,
     TWO_EXPERTS,
@@ -120,7 +120,7 @@ def table(results: list[Result], dense: Result) -> str:
         ras = "-" if r.ras_step_ms is None else f"{r.ras_step_ms:.2f} ({r.ras_step_ms / dense_step:.2f}x)"
         peak = "-" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         line = (
-            f"| {r.name} | {100 * r.tokens:.1f}% | {min(r.call_ms):.1f} / {r.total_ms:.1f} / {max(r.call_ms):.1f} | "
+            f"| {r.name} | {100 * r.tokens:.1f}% | {Timing(r.call_ms).spread(1)} | "
             f"{dense.total_ms / r.total_ms:.2f}x | {statistics.median(r.step_ms):.2f} | {ras} | {peak} | "
             f"{psnr(r.latents, dense.latents):.1f} |"
         )
