@@ -81,7 +81,8 @@ def _lumina_rows(bw: float) -> list[Row]:
     g = dict(device=DEVICE, dtype=DTYPE)
     x, branch = torch.randn(B, L, d, **g), torch.randn(B, L, d, **g)
     gate, scale = torch.randn(B, 2 * d, **g).chunk(2, dim=1)
-    post, pre = RMSNorm(d, eps=1e-5).to(**g), RMSNorm(d, eps=1e-5).to(**g)
+    # Inference weights (no grad): the Triton ops refuse a weight that requires grad (they have no backward pass).
+    post, pre = (RMSNorm(d, eps=1e-5).to(**g).requires_grad_(False) for _ in range(2))
     shape = f"B={B} L={L} D={d} bf16"
     out = []
 
@@ -117,7 +118,7 @@ def _lumina_rows(bw: float) -> list[Row]:
     )
 
     q = torch.randn(B, L, d, **g)
-    qk_norm = torch.nn.LayerNorm(d, eps=1e-5).to(**g)
+    qk_norm = torch.nn.LayerNorm(d, eps=1e-5).to(**g).requires_grad_(False)
     angles = torch.randn(B, L, head_dim // 2, device=DEVICE)
     rope = torch.polar(torch.ones_like(angles), angles)
     ours = graph_ms(
