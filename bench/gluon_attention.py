@@ -84,69 +84,76 @@ def _softmax_step(s, m_i, l_i, qk_scale, HAS_MASK: gl.constexpr):
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
-@gluon.jit
-def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, lse_ptr, mask_ptr,
-                          stride_mask_b, stride_mask_t, lq, n_keys, n_extra, heads_q, group, qk_scale,
-                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          NUM_WARPS: gl.constexpr, Q_IN_REGS: gl.constexpr, HAS_EXTRA: gl.constexpr,
-                          HAS_MASK: gl.constexpr):  # fmt: skip
-    """out = softmax(q k^T * scale) v over the cache rows then the extra rows, and lse, as attn_fwd_tma_kernel
-    (same descriptors' [1, rows, 1, d] blocks, grid (cdiv(Lq, BLOCK_M), B * Hq), query head h reads kv head
-    h // group, qk_scale = scale * log2(e), lse [B, Hq, Lq] fp32); head dim 64 or 128, 16-bit, n_keys + n_extra >= 1.
+ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one m64 wgmma row block)
 
-    Per key tile j (a STAGES-deep TMA ring for K and one for V, one mbarrier per slot):
-    issue S_j = Q K_j^T; issue O += P_{j-1} V_{j-1}; wait for S_j only; softmax of S_j (overlapping the PV GEMM);
-    wait for the PV GEMM; refill the freed slots; rescale O by the new running max.
+
+@gluon.jit
+def _release(desc, extra_desc, smem, ready, empty, b, hk, tile, n_cache_tiles, n_tiles, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, HAS_EXTRA: gl.constexpr, WS: gl.constexpr):  # fmt: skip
+    """Key tile ``tile``'s slot is no longer read by this warpgroup: with WS arrive on the slot's empty barrier (the
+    loader warp refills it once every consumer has), else load tile + STAGES into it."""
+    if WS:
+        mbarrier.arrive(empty.index(tile % STAGES), count=1)
+    else:
+        _load_tile(desc, extra_desc, smem, ready, b, hk, tile + STAGES, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
+                   HAS_EXTRA)  # fmt: skip
+
+
+@gluon.jit
+def _load_ring(k_desc, v_desc, k_extra_desc, v_extra_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, hk,
+               n_keys, n_extra, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_EXTRA: gl.constexpr):  # fmt: skip
+    """The loader partition (one warp) of the warp-specialised kernel: every key tile's K and V into the rings, each
+    slot once both consumer warpgroups have released its previous tile."""
+    n_cache_tiles = gl.cdiv(n_keys, BLOCK_N)
+    n_tiles = n_cache_tiles + gl.cdiv(n_extra, BLOCK_N)
+    for t in range(n_tiles):
+        phase = ((t // STAGES) & 1) ^ 1  # the release of tile t - STAGES
+        mbarrier.wait(k_empty.index(t % STAGES), phase, pred=t >= STAGES)
+        _load_tile(k_desc, k_extra_desc, k_smem, k_ready, b, hk, t, n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA)
+        mbarrier.wait(v_empty.index(t % STAGES), phase, pred=t >= STAGES)
+        _load_tile(v_desc, v_extra_desc, v_smem, v_ready, b, hk, t, n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA)
+
+
+@gluon.jit
+def _attend_rows(q_desc, o_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, lse_ptr, mask_ptr, stride_mask_b,
+                 stride_mask_t, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, b, h, hk, pid_bh,
+                 row_m, lq, n_keys, n_extra, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, Q_IN_REGS: gl.constexpr, HAS_EXTRA: gl.constexpr, HAS_MASK: gl.constexpr,
+                 WS: gl.constexpr):  # fmt: skip
+    """One warpgroup's ROWS query rows from row_m: out and lse over every key tile in the rings.
+
+    Per key tile j: issue S_j = Q K_j^T; issue O += P_{j-1} V_{j-1}; wait for S_j only (``warpgroup_mma_wait(1)``);
+    release K_j's slot; softmax of S_j while the PV GEMM runs; wait for it; release V_{j-1}'s slot; rescale O by the
+    new running max. Q_IN_REGS: the score GEMM reads Q from registers, so only K crosses shared memory per tile.
     """
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16]
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
     )
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16]
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    qk_scale = qk_scale.to(gl.float32)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // heads_q
-    h = pid_bh % heads_q
-    hk = h // group
-    row_m = gl.program_id(0) * BLOCK_M
-
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
-    fence_async_shared()
-
     n_cache_tiles = gl.cdiv(n_keys, BLOCK_N)
     n_tiles = n_cache_tiles + gl.cdiv(n_extra, BLOCK_N)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [b, row_m, h, 0], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        _load_tile(k_desc, k_extra_desc, k_smem, k_bars, b, hk, i, n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA)
-        _load_tile(v_desc, v_extra_desc, v_smem, v_bars, b, hk, i, n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA)
     mbarrier.wait(q_bar, 0)
-    q2 = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    q2 = q_smem.reshape([ROWS, HEAD_DIM])
     q_op = q2
-    if Q_IN_REGS:  # the score GEMM reads Q from registers: only K crosses shared memory per tile
+    if Q_IN_REGS:
         q_op = q2.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
 
-    # Tile 0: its scores alone (acc is zero, nothing to overlap), K's slot refilled as soon as they are done.
-    mbarrier.wait(k_bars.index(0), 0)
+    # Tile 0: its scores alone (acc is zero, nothing to overlap).
+    mbarrier.wait(k_ready.index(0), 0)
     s = warpgroup_mma(q_op, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False)
-    _load_tile(k_desc, k_extra_desc, k_smem, k_bars, b, hk, STAGES, n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA)
+    _release(k_desc, k_extra_desc, k_smem, k_ready, k_empty, b, hk, 0, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
+             HAS_EXTRA, WS)  # fmt: skip
     s = _masked_scores(s, 0, n_cache_tiles, n_keys, n_extra, mask_ptr, stride_mask_b, stride_mask_t, b, offs_n,
                        BLOCK_N, HAS_MASK)  # fmt: skip
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, HAS_MASK)
@@ -155,49 +162,117 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_
     for j in range(1, n_tiles):
         slot = j % STAGES
         prev = (j - 1) % STAGES
-        mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
         k_t = k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q_op, k_t, s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         v_prev = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         acc_tok = warpgroup_mma(p_op, v_prev, acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok, q_op, k_t])[0]
-        _load_tile(k_desc, k_extra_desc, k_smem, k_bars, b, hk, j + STAGES, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
-                   HAS_EXTRA)  # fmt: skip
+        _release(k_desc, k_extra_desc, k_smem, k_ready, k_empty, b, hk, j, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
+                 HAS_EXTRA, WS)  # fmt: skip
         s = _masked_scores(s, j, n_cache_tiles, n_keys, n_extra, mask_ptr, stride_mask_b, stride_mask_t, b, offs_n,
                            BLOCK_N, HAS_MASK)  # fmt: skip
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, HAS_MASK)
         acc = warpgroup_mma_wait(0, deps=[acc_tok, p_op, v_prev])[0]
-        _load_tile(v_desc, v_extra_desc, v_smem, v_bars, b, hk, j - 1 + STAGES, n_cache_tiles, n_tiles, BLOCK_N,
-                   STAGES, HAS_EXTRA)  # fmt: skip
+        _release(v_desc, v_extra_desc, v_smem, v_ready, v_empty, b, hk, j - 1, n_cache_tiles, n_tiles, BLOCK_N,
+                 STAGES, HAS_EXTRA, WS)  # fmt: skip
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_bars.index(last), ((n_tiles - 1) // STAGES) & 1)
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
     acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc)
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
 
     # Epilogue: normalise (a row with no visible key keeps acc = 0), store out through Q's buffer, and lse.
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     q2.store((acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]).to(dtype))
     fence_async_shared()
     _tma_store(o_desc, [b, row_m, h, 0], q_smem)
-    offs_m = row_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    offs_m = row_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
     lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
     gl.store(lse_ptr + pid_bh.to(gl.int64) * lq + offs_m, lse, mask=offs_m < lq)
     tma.store_wait(0)
 
 
-# (BLOCK_M, BLOCK_N, STAGES, num_warps, Q in registers) the probe times per head dim: one warpgroup per CTA, sized
-# so two CTAs fit an SM (one CTA's softmax then overlaps the other's GEMMs), and 8-warp CTAs (two warpgroups sharing
-# one K/V ring).
+@gluon.jit
+def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, lse_ptr, mask_ptr,
+                          stride_mask_b, stride_mask_t, lq, n_keys, n_extra, heads_q, group, qk_scale,
+                          HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          Q_IN_REGS: gl.constexpr, WARP_SPECIALIZE: gl.constexpr, HAS_EXTRA: gl.constexpr,
+                          HAS_MASK: gl.constexpr):  # fmt: skip
+    """out = softmax(q k^T * scale) v over the cache rows then the extra rows, and lse, as attn_fwd_tma_kernel
+    ([1, rows, 1, d] descriptor blocks, ROWS rows for q / out, BLOCK_N for k / v; query head h reads kv head
+    h // group; qk_scale = scale * log2(e); lse [B, Hq, Lq] fp32); head dim 64 or 128, 16-bit, n_keys + n_extra >= 1.
+    Grid (cdiv(Lq, ROWS * consumers), B * Hq), 4 warps.
+
+    One consumer warpgroup (_attend_rows) issuing its own TMA loads, two CTAs to an SM; or, WARP_SPECIALIZE, FA3's
+    layout: two consumer warpgroups on consecutive ROWS-row blocks sharing the K / V rings, fed by a loader warp
+    (_load_ring), with empty barriers in place of the single warpgroup's program order.
+    """
+    CONSUMERS: gl.constexpr = 2 if WARP_SPECIALIZE else 1
+    dtype: gl.constexpr = q_desc.dtype
+    qk_scale = qk_scale.to(gl.float32)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // heads_q
+    h = pid_bh % heads_q
+    hk = h // group
+    row_m = gl.program_id(0) * (CONSUMERS * ROWS)
+
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(q_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrive per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    fence_async_shared()
+
+    if WARP_SPECIALIZE:
+        gl.warp_specialize(
+            [
+                (_attend_rows, (q_desc, o_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, lse_ptr, mask_ptr,
+                                stride_mask_b, stride_mask_t, q_smem.index(0), q_bars.index(0), k_smem, v_smem,
+                                k_ready, v_ready, k_empty, v_empty, b, h, hk, pid_bh, row_m, lq, n_keys, n_extra,
+                                qk_scale, HEAD_DIM, BLOCK_N, STAGES, Q_IN_REGS, HAS_EXTRA, HAS_MASK, True)),
+                (_attend_rows, (q_desc, o_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, lse_ptr, mask_ptr,
+                                stride_mask_b, stride_mask_t, q_smem.index(1), q_bars.index(1), k_smem, v_smem,
+                                k_ready, v_ready, k_empty, v_empty, b, h, hk, pid_bh, row_m + ROWS, lq, n_keys,
+                                n_extra, qk_scale, HEAD_DIM, BLOCK_N, STAGES, Q_IN_REGS, HAS_EXTRA, HAS_MASK, True)),
+                (_load_ring, (k_desc, v_desc, k_extra_desc, v_extra_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
+                              v_empty, b, hk, n_keys, n_extra, BLOCK_N, STAGES, HAS_EXTRA)),
+            ],
+            [4, 1],  # warps of the second consumer and of the loader (the default partition has the kernel's 4)
+            [232, 24],  # their registers: the loader gives its share to the consumers
+        )  # fmt: skip
+    else:
+        n_cache_tiles = gl.cdiv(n_keys, BLOCK_N)
+        n_tiles = n_cache_tiles + gl.cdiv(n_extra, BLOCK_N)
+        for i in gl.static_range(STAGES):
+            _load_tile(k_desc, k_extra_desc, k_smem, k_ready, b, hk, i, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
+                       HAS_EXTRA)  # fmt: skip
+            _load_tile(v_desc, v_extra_desc, v_smem, v_ready, b, hk, i, n_cache_tiles, n_tiles, BLOCK_N, STAGES,
+                       HAS_EXTRA)  # fmt: skip
+        _attend_rows(q_desc, o_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, lse_ptr, mask_ptr, stride_mask_b,
+                     stride_mask_t, q_smem.index(0), q_bars.index(0), k_smem, v_smem, k_ready, v_ready, k_empty,
+                     v_empty, b, h, hk, pid_bh, row_m, lq, n_keys, n_extra, qk_scale, HEAD_DIM, BLOCK_N, STAGES,
+                     Q_IN_REGS, HAS_EXTRA, HAS_MASK, False)  # fmt: skip
+
+
+# (BLOCK_N, STAGES, Q in registers, warp-specialised) the probe times per head dim: one consumer warpgroup per CTA,
+# sized so two CTAs fit an SM (one CTA's softmax then overlaps the other's GEMMs), or FA3's two consumers and a
+# loader warp per CTA (one CTA per SM).
 CONFIGS = {
-    64: ((64, 128, 3, 4, False), (64, 128, 3, 4, True), (64, 64, 4, 4, True), (128, 128, 3, 8, True)),
-    128: ((64, 64, 3, 4, False), (64, 64, 3, 4, True), (128, 64, 3, 8, True), (128, 128, 3, 8, False)),
+    64: ((128, 3, False, False), (128, 3, False, True), (128, 4, True, True), (64, 4, True, True)),
+    128: ((64, 3, True, False), (128, 2, True, True), (64, 4, True, True), (128, 2, False, True)),
 }
 
 
@@ -206,7 +281,7 @@ def gluon_attention(q, k, v, k_extra, v_extra, extra_mask, scale: float, config)
     and the [B, T] bool extra_mask optional); returns (out, lse)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    block_m, block_n, stages, warps, q_in_regs = config
+    block_n, stages, q_in_regs, ws = config
     b, lq, hq, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
@@ -224,12 +299,13 @@ def gluon_attention(q, k, v, k_extra, v_extra, extra_mask, scale: float, config)
 
     ke, ve = (k_extra, v_extra) if has_extra else (k, v)
     mask = extra_mask.view(torch.uint8) if has_mask else lse
-    attn_fwd_gluon_kernel[(triton.cdiv(lq, block_m), b * hq)](
-        desc(q, block_m), desc(k, block_n), desc(v, block_n), desc(ke, block_n), desc(ve, block_n), desc(out, block_m),
+    rows = ROWS.value
+    attn_fwd_gluon_kernel[(triton.cdiv(lq, rows * (2 if ws else 1)), b * hq)](
+        desc(q, rows), desc(k, block_n), desc(v, block_n), desc(ke, block_n), desc(ve, block_n), desc(out, rows),
         lse, mask, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0, lq,
         k.shape[1] if k is not k_extra else 0, ke.shape[1] if has_extra else 0, hq, hq // k.shape[2],
-        scale * math.log2(math.e), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps,
-        Q_IN_REGS=q_in_regs, HAS_EXTRA=has_extra, HAS_MASK=has_mask, num_warps=warps,
+        scale * math.log2(math.e), HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs,
+        WARP_SPECIALIZE=ws, HAS_EXTRA=has_extra, HAS_MASK=has_mask, num_warps=4,
     )  # fmt: skip
     return out, lse
 
@@ -265,6 +341,7 @@ def _row(name: str, s: dict) -> str:
     shipped = graph_ms(lambda: ops._launch_hopper(q, kc, vc, ke, ve, None, scale, True))
     times = {c: graph_ms(lambda c=c: gluon_attention(q, kc, vc, ke, ve, None, scale, c)) for c in CONFIGS[s["d"]]}
     best = min(times, key=times.get)
+    print(f"  {name}: " + ", ".join(f"{c} {t:.3f} ms" for c, t in times.items()), flush=True)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, *_concat(kc, vc, ke, ve, s["hq"] // s["hkv"])))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         cudnn = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))

@@ -15,7 +15,7 @@ import torch
 gluon_attention = pytest.importorskip("bench.gluon_attention", reason="triton.experimental.gluon not available")
 
 
-def _signature(d: int, block_m: int, block_n: int) -> dict:
+def _signature(d: int, block_n: int) -> dict:
     from triton.experimental.gluon import language as gl
 
     def desc(rows):
@@ -23,28 +23,29 @@ def _signature(d: int, block_m: int, block_n: int) -> dict:
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
         return f"tensordesc<bf16[{','.join(map(str, block))}],{layout!r}>"
 
-    sig = {name: desc(block_m) for name in ("q_desc", "o_desc")}
+    sig = {name: desc(gluon_attention.ROWS.value) for name in ("q_desc", "o_desc")}
     sig |= {name: desc(block_n) for name in ("k_desc", "v_desc", "k_extra_desc", "v_extra_desc")}
     sig |= {"lse_ptr": "*fp32", "mask_ptr": "*u8", "qk_scale": "fp32"}
     sig |= {n: "i32" for n in ("stride_mask_b", "stride_mask_t", "lq", "n_keys", "n_extra", "heads_q", "group")}
     return sig
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["one-warpgroup", "warp-specialised"])
 @pytest.mark.parametrize("d", sorted(gluon_attention.CONFIGS))
-def test_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d):
+def test_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d, ws):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    block_m, block_n, stages, warps, q_in_regs = gluon_attention.CONFIGS[d][0]
-    const = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, NUM_WARPS=warps, Q_IN_REGS=q_in_regs,
-                 HAS_EXTRA=True, HAS_MASK=True)  # fmt: skip
-    sig = _signature(d, block_m, block_n) | {k: "constexpr" for k in const}
+    block_n, stages, q_in_regs, _ = next(c for c in gluon_attention.CONFIGS[d] if c[3] == ws)
+    const = dict(HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, WARP_SPECIALIZE=ws, HAS_EXTRA=True,
+                 HAS_MASK=True)  # fmt: skip
+    sig = _signature(d, block_n) | {k: "constexpr" for k in const}
     src = GluonASTSource(gluon_attention.attn_fwd_gluon_kernel, sig, const)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
-    assert "wgmma.mma_async" in ptx
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
     waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
     assert "1" in waits, waits
+    assert ("setmaxnreg" in ptx) == ws  # the loader warp hands its registers to the consumers
 
 
 @pytest.mark.skipif(
