@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -494,46 +497,108 @@ def test_shipped_configs(monkeypatch):
 
 @requires_triton
 def test_hopper_configs(monkeypatch):
-    """The Hopper kernel's shipped table holds candidate configs only; the launcher takes the table's entry for the
-    call's key and the head dim's default for a key the table lacks (the launch is recorded, not run)."""
+    """The Hopper path's launcher: at head dims 64 and 128 a 16-bit call with no config runs the Gluon kernel; the
+    Triton TMA kernel takes head dim 72, an explicit config and mixed dtypes (the fp8 probe), with its shipped
+    table's entry for the call's key, the head dim's default for a key the table lacks, and the table holding
+    candidate configs only (launches are recorded, not run)."""
     from ras_kernels.attention import kernels
 
     record = json.loads((Path(ops.__file__).parent / "hopper_configs.json").read_text())
     shipped = ops._shipped_configs(record["arch"], "hopper_configs.json")
     assert all(tuple(cfg) in ops.HOPPER_CANDIDATES for cfg in shipped.values())
     assert all(tuple(cfg) in ops.HOPPER_CANDIDATES for cfg in ops.HOPPER_DEFAULTS.values())
-    launches = []
+    launches, gluon = [], []
 
     class Recorder:
         def __getitem__(self, grid):
             keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE")
             return lambda **kw: launches.append((grid, tuple(kw[k] for k in keys)))
 
-    table = {"d64-lq1024-extra-nomask": [64, 128, 4, 3, False]}
+    table = {"d72-lq1024-extra-nomask": [64, 128, 4, 3, False]}
     monkeypatch.setattr(kernels, "attn_fwd_tma_kernel", Recorder())
+    monkeypatch.setattr(ops, "_launch_gluon", lambda out, lse, q, *a: gluon.append(q.shape[-1]))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops, "_arch", lambda device: "sm90")
     monkeypatch.setattr(ops, "_shipped_configs", lambda arch, name="tuned_configs.json": table)
-    q, k, v = torch.zeros(1, 900, 2, 64), torch.zeros(1, 100, 2, 64), torch.zeros(1, 100, 2, 64)
-    ke, ve = torch.zeros(1, 5, 2, 64), torch.zeros(1, 5, 2, 64)
-    ops._launch_hopper(q, k, v, ke, ve, None, 0.125, False)
-    ops._launch_hopper(q, k, v, None, None, None, 0.125, False)
-    assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[64])]
+
+    def launch(d, config=None, q_dtype=torch.float16, extra=True):
+        q, k, v = torch.zeros(1, 900, 2, d, dtype=q_dtype), torch.zeros(1, 100, 2, d), torch.zeros(1, 100, 2, d)
+        ke, ve = (torch.zeros(1, 5, 2, d), torch.zeros(1, 5, 2, d)) if extra else (None, None)
+        ops._launch_hopper(q, k.half(), v.half(), ke, ve, None, 0.125, False, config)
+
+    launch(72)
+    launch(72, extra=False)
+    assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[72])]
+    launch(64)
+    launch(128, extra=False)
+    assert gluon == [64, 128] and len(launches) == 2
+    launch(64, config=ops.HOPPER_CANDIDATES[0])
+    launch(128, q_dtype=torch.float8_e4m3fn)
+    assert gluon == [64, 128]
+    assert launches[2:] == [((8, 2), ops.HOPPER_CANDIDATES[0]), ((8, 2), ops.HOPPER_DEFAULTS[128])]
+
+
+_GLUON_COMPILE = """
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from ras_kernels.attention import gluon_kernels, ops
+
+d, has_mask = int(sys.argv[1]), sys.argv[2] == "1"
+block_n, stages, q_in_regs = ops.GLUON_CONFIGS[d]
+
+def desc(rows):
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
+    return f"tensordesc<bf16[1,{rows},1,{d}],{layout!r}>"
+
+const = dict(HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, HAS_EXTRA=True, HAS_MASK=has_mask,
+             STORE_LSE=True)
+sig = {name: desc(gluon_kernels.ROWS.value) for name in ("q_desc", "o_desc")}
+sig |= {name: desc(block_n) for name in ("k_desc", "v_desc", "k_extra_desc", "v_extra_desc")}
+sig |= {"lse_ptr": "*fp32", "mask_ptr": "*u8", "qk_scale": "fp32"} | {k: "constexpr" for k in const}
+sig |= {n: "i32" for n in ("stride_mask_b", "stride_mask_t", "lq", "n_keys", "n_extra", "heads_q", "group")}
+src = GluonASTSource(gluon_kernels.attn_fwd_gluon_kernel, sig, const)
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+waits = re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)
+print(json.dumps({"waits": waits, "setmaxnreg": "setmaxnreg" in ptx}))
+"""
+
+
+@pytest.mark.parametrize("has_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("d", sorted(ops.GLUON_CONFIGS))
+def test_gluon_kernel_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d, has_mask):
+    """The Hopper path's Gluon kernel compiles for sm_90 with the installed Triton on any machine (Triton ships
+    ptxas; in a fresh process, since TRITON_INTERPRET=1 makes every kernel an interpreted function) and keeps what
+    it exists for: a score GEMM whose wait leaves one warpgroup MMA (the PV GEMM) in flight under the softmax
+    (``wgmma.wait_group 1``), and warp-specialised partitions (the loader warp hands registers to the consumers:
+    ``setmaxnreg``)."""
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-c", _GLUON_COMPILE, str(d), str(int(has_mask))]
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "1" in facts["waits"], facts
+    assert facts["setmaxnreg"]
 
 
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 72, 128])
-def test_gpu_hopper_candidates_at_tails(d, dtype):
-    """Every config the Hopper kernel may take at head dim d (ops.hopper_candidates) on tail shapes: a cache
-    shorter than one key tile, a partial last tile, a few extra keys, masked extra keys, Lq off the query tile,
-    grouped heads; out and lse against the fp32 reference. (On Triton 3.6, d 72 once computed a lone partial tile
-    wrong and wrote out of bounds: session 19.)"""
+@pytest.mark.parametrize("configs", ["shipped", "candidates"])
+def test_gpu_hopper_kernels_at_tails(configs, d, dtype):
+    """The Hopper path's kernels at head dim d on tail shapes: a cache shorter than one key tile, a partial last tile,
+    a few extra keys, masked extra keys, no cache rows at all, Lq off the query tile, grouped heads; out and lse
+    against the fp32 reference. "shipped": what the path runs (the Gluon kernel at 64 and 128, the Triton TMA
+    kernel's table config at 72); "candidates": every config of the Triton TMA kernel (ops.hopper_candidates). (On
+    Triton 3.6, d 72 once computed a lone partial tile wrong and wrote out of bounds: session 19.)"""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernel needs an sm_90 GPU")
     g = dict(dtype=dtype, device="cuda")
-    for n, t, lq, masked in ((63, 5, 6, False), (200, 0, 130, False), (129, 77, 200, True)):
+    for n, t, lq, masked in ((63, 5, 6, False), (200, 0, 130, False), (129, 77, 200, True), (0, 130, 65, True)):
         q, k, v = torch.randn(2, lq, 4, d, **g), torch.randn(2, n, 2, d, **g), torch.randn(2, n, 2, d, **g)
         ke, ve = (torch.randn(2, t, 2, d, **g), torch.randn(2, t, 2, d, **g)) if t else (None, None)
         mask = torch.rand(2, t, device="cuda") < 0.5 if masked else None
@@ -541,7 +606,7 @@ def test_gpu_hopper_candidates_at_tails(d, dtype):
         key_mask = None if mask is None else torch.cat([torch.ones(2, n, dtype=torch.bool, device="cuda"), mask], 1)
         ref, ref_lse = reference.attention(q.float(), k_all.float(), v_all.float(), d**-0.5, key_mask, return_lse=True)
         base = sdpa_baseline(q, k_all, v_all, d**-0.5, key_mask)
-        for cfg in ops.hopper_candidates(d):
+        for cfg in (None,) if configs == "shipped" else ops.hopper_candidates(d):
             out, lse = ops._launch_hopper(q, k, v, ke, ve, mask, d**-0.5, True, cfg)
             torch.cuda.synchronize()
             assert_attention_close(out, ref, base, dtype)
@@ -789,9 +854,10 @@ def test_path_eligibility(monkeypatch, path, change, reason):
     "sm90, change, expected",
     [
         (True, {"d": 64}, "hopper"),
-        (True, {}, "cudnn"),  # head dim 128
-        (True, {"lse": True}, "triton"),  # cuDNN returns no lse
-        (True, {"hkv": 1}, "triton"),  # grouped heads: not cuDNN's
+        (True, {}, "hopper"),  # head dim 128: the Gluon kernel
+        (True, {"lse": True}, "hopper"),  # an lse (cuDNN returns none)
+        (True, {"hkv": 1}, "hopper"),  # grouped heads (cuDNN refuses them)
+        (True, {"offset": 4}, "triton"),  # not TMA-aligned
         (True, {"d": 64, "offset": 4}, "triton"),  # not TMA-aligned
         (True, {"d": 72}, "hopper"),  # Lumina's head dim
         (True, {"d": 72, "hkv": 1}, "hopper"),  # with grouped heads (cuDNN refuses them, the Hopper kernel not)
@@ -802,8 +868,8 @@ def test_path_eligibility(monkeypatch, path, change, reason):
     ],
 )
 def test_auto_path_per_head_dim(monkeypatch, recwarn, sm90, change, expected):
-    """RAS_ATTENTION unset (auto): on an sm_90 GPU with cuDNN (faked here) an eligible call takes the Hopper kernel
-    at head dims 64 and 72 and cuDNN at 128; every other call, and every call on another GPU, the portable kernel,
+    """RAS_ATTENTION unset (auto): on an sm_90 GPU with cuDNN (faked here) an eligible call takes the Hopper path at
+    head dims 64, 72 and 128 (never cuDNN); every other call, and every call on another GPU, the portable kernel,
     with no warning (auto asks for nothing a call could refuse)."""
     monkeypatch.delenv("RAS_ATTENTION", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -416,8 +416,10 @@ def _launch_attention(
 
 
 def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, config=None):
-    """Run attn_fwd_tma_kernel (RAS_ATTENTION hopper, or auto at head dims 64 and 72 on sm_90; an eligible call: see
-    path_ineligible) on the current device; ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
+    """The Hopper path (RAS_ATTENTION hopper, or auto on sm_90; an eligible call: see path_ineligible) on the current
+    device: at the head dims of GLUON_CONFIGS with q, k and v of one dtype, the warp-specialised Gluon kernel
+    (gluon_kernels.attn_fwd_gluon_kernel); otherwise (head dim 72, the interpreter, an explicit ``config``, the fp8
+    probe's e4m3 q) attn_fwd_tma_kernel, where ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import kernels
@@ -429,7 +431,9 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
         return out, lse
     has_extra = k_extra is not None and k_extra.shape[1] > 0
     has_mask = has_extra and extra_mask is not None
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    gluon = config is None and not interpret and d in GLUON_CONFIGS and q.dtype == k.dtype == v.dtype
+    if interpret:
         config = _HOPPER_INTERPRET_CONFIG
     elif config is None:
         key = tuned_config_key(d, _lq_bucket(lq), has_extra, has_mask)
@@ -442,6 +446,10 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
         n_keys = k.shape[1]
     ke, ve = (k_extra, v_extra) if has_extra else (k, v)  # never read without HAS_EXTRA
     mask = extra_mask.view(torch.uint8) if has_mask else lse  # never read without HAS_MASK
+    n_extra = ke.shape[1] if has_extra else 0
+    if gluon:
+        _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys, n_extra, has_extra, has_mask, scale, return_lse)
+        return out, lse
 
     d0, d1 = HOPPER_SPLITS[d]
 
@@ -455,12 +463,39 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
         out_desc=o0, out1_desc=o1, lse_ptr=lse, q_desc=q0, q1_desc=q1, k_desc=k0, k1_desc=k1, v_desc=v0, v1_desc=v1,
         k_extra_desc=ke0, k1_extra_desc=ke1, v_extra_desc=ve0, v1_extra_desc=ve1, mask_ptr=mask,
         stride_mask_b=mask.stride(0) if has_mask else 0, stride_mask_t=mask.stride(1) if has_mask else 0,
-        lq=lq, n_keys=n_keys, n_extra=ke.shape[1] if has_extra else 0, heads_q=hq, group=hq // k.shape[2],
+        lq=lq, n_keys=n_keys, n_extra=n_extra, heads_q=hq, group=hq // k.shape[2],
         qk_scale=scale * math.log2(math.e), D0=d0, D1=d1, HAS_EXTRA=has_extra, HAS_MASK=has_mask,
         STORE_LSE=return_lse, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=stages, WARP_SPECIALIZE=ws,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
+
+
+def _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys: int, n_extra: int, has_extra: bool, has_mask: bool,
+                  scale: float, return_lse: bool) -> None:  # fmt: skip
+    """attn_fwd_gluon_kernel into out (and lse) with GLUON_CONFIGS' config for the head dim; arguments as
+    _launch_hopper prepares them (k / v the extra rows when the cache has none, ke / ve and mask placeholders)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .gluon_kernels import ROWS, attn_fwd_gluon_kernel
+
+    b, lq, hq, d = q.shape
+    block_n, stages, q_in_regs = GLUON_CONFIGS[d]
+    element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
+
+    def desc(t, rows):
+        block = [1, rows, 1, d]
+        layout = gl.NVMMASharedLayout.get_default_for(block, element)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+    rows = ROWS.value
+    attn_fwd_gluon_kernel[(cdiv(lq, 2 * rows), b * hq)](
+        desc(q, rows), desc(k, block_n), desc(v, block_n), desc(ke, block_n), desc(ve, block_n), desc(out, rows),
+        lse, mask, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0, lq, n_keys, n_extra, hq,
+        hq // k.shape[2], scale * math.log2(math.e), HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
+        Q_IN_REGS=q_in_regs, HAS_EXTRA=has_extra, HAS_MASK=has_mask, STORE_LSE=return_lse, num_warps=4,
+    )  # fmt: skip
 
 
 def _launch_cache_write(k_cache, v_cache, idx, k_new, v_new) -> None:
@@ -515,13 +550,16 @@ PATH_HEAD_DIMS = {"hopper": (64, 72, 128), "cudnn": (128,)}
 # The Hopper kernel's head-dim split (D0, D1): D0-wide tiles, plus D1-wide ones from column D0 (72 = 64 + 8, read
 # as a 16-wide TMA box whose last 8 columns lie past the row and load as zeros; see attn_fwd_tma_kernel).
 HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
-# RAS_ATTENTION=auto (the default) on an sm_90 GPU: the path per head dim that made pipe(...) fastest on the H200
-# (docs/benchmarks.md, session 16: SD3 with hopper 1.04x the portable kernel's generation at 0.25, Flux and Wan with
-# cudnn 1.03x and 1.09x), and at Lumina-Next's head dim 72 the faster op (session 20, bench_attention --paths:
-# hopper 1.36x the portable kernel at the 0.25 shape, 1.07x dense; cuDNN has no path there); an ineligible call,
-# another head dim or another device runs the portable kernel.
-AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "cudnn"}
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Hopper kernel: the candidates that
+# RAS_ATTENTION=auto (the default) on an sm_90 GPU: the Hopper path at each head dim it runs. At 64 it made pipe(...)
+# fastest (docs/benchmarks.md, session 16: SD3 1.04x the portable kernel's generation at 0.25, with the Triton TMA
+# kernel); at Lumina-Next's 72 it is the faster op (session 20, bench_attention --paths: 1.36x the portable kernel at
+# the 0.25 shape, 1.07x dense; cuDNN has no path there); at 128 the Gluon kernel replaced cuDNN (session 21:
+# bench_attention --paths, the whole op at Flux's and Wan's shapes; cuDNN had made Flux's and Wan's pipe(...) 1.03x
+# and 1.09x faster than the portable kernel in session 16). An ineligible call, another head dim or another device
+# runs the portable kernel.
+AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "hopper"}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Triton TMA kernel (attn_fwd_tma_kernel:
+# the Hopper path at head dim 72, and wherever _launch_hopper does not take the Gluon kernel): the candidates that
 # ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
 # tuned_config_key), and per head dim the one a key missing from the table takes (at 64 and 128 the fastest at the
 # Wan, Flux and SD3 shapes in session 15's probe on the H200; at 72 see hopper_candidates: 0.230 ms at Lumina-Next's
@@ -537,6 +575,11 @@ HOPPER_CANDIDATES = (
     (64, 128, 4, 3, False),
 )
 HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, False), 128: (128, 128, 8, 3, False)}
+# The warp-specialised Gluon kernel's (BLOCK_N, STAGES, Q held in registers) per head dim: it runs the Hopper path's
+# 16-bit calls at these head dims (see _launch_hopper). The fastest of the probed configs on the H200
+# (docs/benchmarks.md, session 21, kernel alone): at 64, 0.172 / 0.548 ms at SD3's 0.25 / dense shapes; at 128,
+# within 1% of the fastest at Wan's shapes, and 6% faster at Flux dense than with Q read from shared memory.
+GLUON_CONFIGS = {64: (128, 4, True), 128: (128, 2, True)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
