@@ -433,12 +433,6 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     has_mask = has_extra and extra_mask is not None
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     gluon = config is None and not interpret and d in GLUON_CONFIGS and q.dtype == k.dtype == v.dtype
-    if interpret:
-        config = _HOPPER_INTERPRET_CONFIG
-    elif config is None:
-        key = tuned_config_key(d, _lq_bucket(lq), has_extra, has_mask)
-        config = _shipped_configs(_arch(q.device), "hopper_configs.json").get(key, HOPPER_DEFAULTS[d])
-    block_m, block_n, warps, stages, ws = config
     if k.shape[1] == 0:  # no cache rows (flash_attention with a key mask): a descriptor needs >= 1 row, never read
         k, v = k_extra, v_extra
         n_keys = 0
@@ -450,7 +444,12 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     if gluon:
         _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys, n_extra, has_extra, has_mask, scale, return_lse)
         return out, lse
-
+    if interpret:
+        config = _HOPPER_INTERPRET_CONFIG
+    elif config is None:
+        key = tuned_config_key(d, _lq_bucket(lq), has_extra, has_mask)
+        config = _shipped_configs(_arch(q.device), "hopper_configs.json").get(key, HOPPER_DEFAULTS[d])
+    block_m, block_n, warps, stages, ws = config
     d0, d1 = HOPPER_SPLITS[d]
 
     def descs(t, rows):  # the d0-wide tiles and, when d1, the d1-wide ones from column d0 (see the kernel)
@@ -553,10 +552,11 @@ HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the Hopper path at each head dim it runs. At 64 it made pipe(...)
 # fastest (docs/benchmarks.md, session 16: SD3 1.04x the portable kernel's generation at 0.25, with the Triton TMA
 # kernel); at Lumina-Next's 72 it is the faster op (session 20, bench_attention --paths: 1.36x the portable kernel at
-# the 0.25 shape, 1.07x dense; cuDNN has no path there); at 128 the Gluon kernel replaced cuDNN (session 21:
-# bench_attention --paths, the whole op at Flux's and Wan's shapes; cuDNN had made Flux's and Wan's pipe(...) 1.03x
-# and 1.09x faster than the portable kernel in session 16). An ineligible call, another head dim or another device
-# runs the portable kernel.
+# the 0.25 shape, 1.07x dense; cuDNN has no path there); at 128 the Gluon kernel replaced cuDNN in session 21 on the
+# kernel alone: 1.11-1.12x cuDNN's SDPA at Wan's shapes, 0.98-0.99x at Flux's, where the cudnn path's whole op took
+# 1.24x cuDNN alone's time (the text keys' concatenation); the op through it and Flux's and Wan's pipe(...) (1.03x
+# and 1.09x faster on cuDNN than on the portable kernel, session 16) are still to be re-measured. An ineligible
+# call, another head dim or another device runs the portable kernel.
 AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "hopper"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Triton TMA kernel (attn_fwd_tma_kernel:
 # the Hopper path at head dim 72, and wherever _launch_hopper does not take the Gluon kernel): the candidates that
