@@ -379,7 +379,9 @@ def _fp8_probe_cells(name: str, s: dict) -> list[str]:
     cells, times = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"], {}
     for variant in FP8_VARIANTS:
         try:
-            ops._launch_hopper(*args[variant])  # the shipped config first: a variant that does not compile says why
+            # The default launch first (bf16: the Gluon kernel at 64 / 128; e4m3: the Triton kernel's table config):
+            # a variant that does not compile says why. The timings below are the Triton kernel's candidates.
+            ops._launch_hopper(*args[variant])
             best = _fastest(ops.hopper_candidates(s["d"]), lambda cfg, a=args[variant]: ops._launch_hopper(*a, cfg),
                             f"  {name} {variant}")  # fmt: skip
             times[variant] = graph_ms(lambda a=args[variant], c=best: ops._launch_hopper(*a, c))
