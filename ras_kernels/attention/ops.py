@@ -554,9 +554,9 @@ HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # kernel); at Lumina-Next's 72 it is the faster op (session 20, bench_attention --paths: 1.36x the portable kernel at
 # the 0.25 shape, 1.07x dense; cuDNN has no path there); at 128 the Gluon kernel replaced cuDNN in session 21 on the
 # kernel alone: 1.11-1.12x cuDNN's SDPA at Wan's shapes, 0.98-0.99x at Flux's, where the cudnn path's whole op took
-# 1.24x cuDNN alone's time (the text keys' concatenation); the op through it and Flux's and Wan's pipe(...) (1.03x
-# and 1.09x faster on cuDNN than on the portable kernel, session 16) are still to be re-measured. An ineligible
-# call, another head dim or another device runs the portable kernel.
+# 1.24x cuDNN alone's time (the text keys' concatenation); in session 22 the op on it took 1.04-1.16x less time than
+# the cudnn path at every Flux and Wan shape (bench_attention --paths; Wan's pipe(...) not re-measured). An
+# ineligible call, another head dim or another device runs the portable kernel.
 AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "hopper"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Triton TMA kernel (attn_fwd_tma_kernel:
 # the Hopper path at head dim 72, and wherever _launch_hopper does not take the Gluon kernel): the candidates that
@@ -578,7 +578,8 @@ HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, False), 128: (
 # The warp-specialised Gluon kernel's (BLOCK_N, STAGES, Q held in registers) per head dim: it runs the Hopper path's
 # 16-bit calls at these head dims (see _launch_hopper). The fastest of the probed configs on the H200
 # (docs/benchmarks.md, session 21, kernel alone): at 64, 0.172 / 0.548 ms at SD3's 0.25 / dense shapes; at 128,
-# within 1% of the fastest at Wan's shapes, and 6% faster at Flux dense than with Q read from shared memory.
+# within 1% of the fastest at Wan's shapes, and 6% faster at Flux dense than with Q read from shared memory. Three
+# consumer warpgroups a CTA were slower at both head dims (session 22: they spill at 128 registers a thread).
 GLUON_CONFIGS = {64: (128, 4, True), 128: (128, 2, True)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
