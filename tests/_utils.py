@@ -35,6 +35,15 @@ requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="Triton needs C
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def compiled_variants(fn) -> int:
+    """Compiled specialisations of a @triton.jit / @gluon.jit function (its per-device kernel caches, triton 3.x
+    layout)."""
+    try:
+        return sum(len(entry[0]) for entry in fn.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        pytest.skip("this Triton version keeps no per-device kernel cache to inspect")
+
+
 def poisoned(shape, dtype, device=DEVICE) -> torch.Tensor:
     """A tensor full of NaN, so any element a kernel fails to write shows up in the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -25,6 +25,7 @@ from ._utils import (
     DEVICE,
     TRITON_RUNNABLE,
     assert_attention_close,
+    compiled_variants,
     expected_cached_attention,
     requires_cuda,
     requires_triton,
@@ -398,28 +399,32 @@ def test_gpu_every_head_dim(d):
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
 
 
-def _compiled_variants() -> int:
-    from ras_kernels.attention import kernels
-
-    caches = kernels.attn_fwd_kernel.device_caches
-    return sum(len(c[0]) for c in caches.values())
-
-
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_new_k_reuses_the_kernel(triton_backend, monkeypatch):
-    """K (hence Lq) changes every step: a new value in the same bucket must reuse the compiled portable kernel."""
-    monkeypatch.setenv("RAS_ATTENTION", "triton")  # auto would take the Hopper kernel on an H200
-    outs = []
-    for kk in (1000, 1001, 1017):
-        q, k_new, v_new, k_cache, v_cache, idx, extra = _case(
-            2, 4096, kk, 333, 24, 24, 64, torch.bfloat16, device="cuda"
-        )
-        outs.append(ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1]))
+@pytest.mark.parametrize("path, d", [("triton", 64), ("hopper", 64), ("hopper", 72)])
+def test_gpu_new_k_reuses_the_kernel(triton_backend, monkeypatch, path, d):
+    """K (hence Lq) changes every step: a new value must reuse the compiled kernel, in the portable kernel's Lq bucket
+    and on the Hopper path (the Gluon kernel at 64, the Triton TMA kernel at 72), also where Lq becomes a multiple of
+    16 (K = 1011 with 333 extra rows: Lq = 1344), which Triton would otherwise specialise on."""
+    from ras_kernels.attention import kernels
+
+    kernel = kernels.attn_fwd_kernel
+    if path == "hopper":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper kernels need an sm_90 GPU")
+        kernel = kernels.attn_fwd_tma_kernel
+        if d in ops.GLUON_CONFIGS:
+            from ras_kernels.attention import gluon_kernels
+
+            kernel = gluon_kernels.attn_fwd_gluon_kernel
+    monkeypatch.setenv("RAS_ATTENTION", path)
+    for kk in (1000, 1001, 1011, 1017):
+        q, k_new, v_new, k_cache, v_cache, idx, extra = _case(2, 4096, kk, 333, 8, 8, d, torch.bfloat16, device="cuda")
+        ops.cached_kv_attention(q, k_new, v_new, k_cache, v_cache, idx, k_extra=extra[0], v_extra=extra[1])
         torch.cuda.synchronize()
         if kk == 1000:
-            before = _compiled_variants()
-    assert before >= 1 and _compiled_variants() == before
+            before = compiled_variants(kernel)
+    assert before >= 1 and compiled_variants(kernel) == before
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch
 
 from ras_kernels import gather_tokens, scatter_tokens
 from ras_kernels.gather import ops, reference
-from tests._utils import DEVICE, INTERPRET, TRITON_RUNNABLE, poisoned, requires_cuda
+from tests._utils import DEVICE, INTERPRET, TRITON_RUNNABLE, compiled_variants, poisoned, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -403,14 +403,6 @@ def test_gpu_torch_compile_inductor(triton_backend):
         _assert_same(cache, expected_cache)
 
 
-def _compiled_variants(fn) -> int:
-    """Compiled specialisations of a @triton.jit function (its per-device kernel caches, triton 3.x layout)."""
-    try:
-        return sum(len(entry[0]) for entry in fn.device_caches.values())
-    except (AttributeError, TypeError, IndexError):
-        pytest.skip("this Triton version keeps no per-device kernel cache to inspect")
-
-
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_one_compile_for_every_k(triton_backend):
@@ -424,5 +416,5 @@ def test_gpu_one_compile_for_every_k(triton_backend):
     for k in (1, 7, 1000, 1024, 2047, 4096):
         idx = _distinct_idx(b, n, k, device="cuda")
         scatter_tokens(cache, idx, gather_tokens(x, idx))
-        counts.append((_compiled_variants(kernels.gather_rows_kernel), _compiled_variants(kernels.scatter_rows_kernel)))
+        counts.append((compiled_variants(kernels.gather_rows_kernel), compiled_variants(kernels.scatter_rows_kernel)))
     assert len(set(counts)) == 1, counts

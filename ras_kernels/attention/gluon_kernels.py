@@ -170,7 +170,7 @@ def _attend_rows(q_desc, o_desc, lse_ptr, mask_ptr, stride_mask_b, stride_mask_t
     tma.store_wait(0)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["lq", "n_keys", "n_extra"])  # a new K (Lq) or cache length: no recompile
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, lse_ptr, mask_ptr,
                           stride_mask_b, stride_mask_t, lq, n_keys, n_extra, heads_q, group, qk_scale,
                           HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,

@@ -397,7 +397,7 @@ def _attn_tma_tile(
     return acc, acc1, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["n_keys", "n_extra"])
+@triton.jit(do_not_specialize=["lq", "n_keys", "n_extra"])  # a new K (Lq) or cache length: no recompile
 def attn_fwd_tma_kernel(
     out_desc,
     out1_desc,
