@@ -195,7 +195,8 @@ def _path_cells(name: str, s: dict) -> list[str]:
         stats["sdpa"] = graph_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     cells = [f"{name} ({_shape_str(name, s).split(' ', 1)[1]})"]
     cells += [f"{stats[key].spread(3)} ({_flops(s) / stats[key] / 1e9:.0f})" for key in (*PATHS, "sdpa")]
-    return cells + [f"{stats['triton'] / stats[p]:.2f}x" for p in PATHS[1:]]
+    cells += [f"{stats['triton'] / stats[p]:.2f}x" for p in PATHS[1:]]
+    return cells + [f"{stats['sdpa'] / stats['hopper']:.2f}x"]
 
 
 PATHS = ("triton", "hopper", "cudnn")
@@ -203,10 +204,11 @@ PATHS = ("triton", "hopper", "cudnn")
 
 def paths() -> None:
     """The cached op through each RAS_ATTENTION path (bf16, CUDA-graph replays) next to cuDNN's SDPA alone on the
-    pre-concatenated keys (no cache write, no concatenation: a floor for any path), TFLOP/s of the medians."""
+    pre-concatenated keys (no cache write, no concatenation: a floor for any path), TFLOP/s of the medians, and the
+    speed ratios of the medians."""
     print("| shape | " + " | ".join(f"{n} ms min / median / max (TFLOP/s)" for n in PATHS), end="")
-    print(" | cuDNN SDPA alone | hopper / triton | cudnn / triton |")
-    print("|" + "---|" * 7)
+    print(" | cuDNN SDPA alone | hopper / triton | cudnn / triton | hopper / cuDNN SDPA alone |")
+    print("|" + "---|" * 8)
     for name, s in PATH_SHAPES:
         print("| " + " | ".join(_path_cells(name, s)) + " |", flush=True)
 
