@@ -571,6 +571,62 @@ print(json.dumps({"waits": waits, "setmaxnreg": "setmaxnreg" in ptx}))
 """
 
 
+_SPECIALISATION = """
+import json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+from triton.runtime.jit import create_function_from_signature
+from triton.tools.tensor_descriptor import TensorDescriptor
+from ras_kernels.attention import gluon_kernels, kernels
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+t = torch.zeros(2, 1344, 8, 64, dtype=torch.bfloat16)
+scalars = dict(lse_ptr=t, mask_ptr=t, stride_mask_b=0, stride_mask_t=0, heads_q=8, group=1, qk_scale=0.18)
+flags = dict(HAS_EXTRA=True, HAS_MASK=False, STORE_LSE=False)
+
+def gluon_desc(rows):
+    block = [1, rows, 1, 64]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return GluonDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+def tma_desc(width):
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, width])
+
+gluon_args = {name: gluon_desc(64 if name in ("q_desc", "o_desc") else 128) for name in
+              ("q_desc", "k_desc", "v_desc", "k_extra_desc", "v_extra_desc", "o_desc")}
+gluon_args |= dict(HEAD_DIM=64, BLOCK_N=128, STAGES=4, Q_IN_REGS=True)
+tma_args = {}
+for name, name1 in (("out", "out1"), ("q", "q1"), ("k", "k1"), ("v", "v1"), ("k_extra", "k1_extra"),
+                    ("v_extra", "v1_extra")):
+    tma_args[f"{name}_desc"], tma_args[f"{name1}_desc"] = tma_desc(64), tma_desc(16)
+tma_args |= dict(D0=64, D1=16, BLOCK_M=128, BLOCK_N=64, NUM_STAGES=3, WARP_SPECIALIZE=False)
+same = {}
+for name, fn, args in (("gluon", gluon_kernels.attn_fwd_gluon_kernel, gluon_args),
+                       ("tma", kernels.attn_fwd_tma_kernel, tma_args)):
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    keys = {str(binder(**args, **scalars, **flags, lq=lq, n_keys=n, n_extra=e)[1])
+            for lq, n, e in ((1333, 4096, 333), (1344, 4096, 333), (1333, 4095, 333), (1333, 4096, 336))}
+    same[name] = len(keys) == 1
+print(json.dumps(same))
+"""
+
+
+def test_hopper_kernels_compile_once_for_every_lq():
+    """K, hence Lq, changes from step to step, and the cache length and extra-row count from model to model: the
+    Hopper kernels' specialisation key (what Triton compiles a variant per) is the same whether Lq, n_keys or
+    n_extra is a multiple of 16 or not (``do_not_specialize``), so a new K never compiles a second variant in the
+    middle of a generation. Computed with Triton's own argument binder for sm_90 on any machine (in a fresh process:
+    TRITON_INTERPRET=1 makes every kernel an interpreted function, which has no binder)."""
+    pytest.importorskip("triton.experimental.gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SPECIALISATION], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"gluon": True, "tma": True}
+
+
 @pytest.mark.parametrize("has_mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("d", sorted(ops.GLUON_CONFIGS))
 def test_gluon_kernel_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d, has_mask):
