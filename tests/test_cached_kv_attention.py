@@ -404,7 +404,7 @@ def test_gpu_every_head_dim(d):
 @pytest.mark.parametrize("path, d", [("triton", 64), ("hopper", 64), ("hopper", 72)])
 def test_gpu_new_k_reuses_the_kernel(triton_backend, monkeypatch, path, d):
     """K (hence Lq) changes every step: a new value must reuse the compiled kernel, in the portable kernel's Lq bucket
-    and on the Hopper path (the Gluon kernel at 64, the Triton TMA kernel at 72), also where Lq becomes a multiple of
+    and on the Hopper path (the Gluon kernel, at 64 and at the split head dim 72), also where Lq becomes a multiple of
     16 (K = 1011 with 333 extra rows: Lq = 1344), which Triton would otherwise specialise on."""
     from ras_kernels.attention import kernels
 
@@ -502,10 +502,10 @@ def test_shipped_configs(monkeypatch):
 
 @requires_triton
 def test_hopper_configs(monkeypatch):
-    """The Hopper path's launcher: at head dims 64 and 128 a 16-bit call with no config runs the Gluon kernel; the
-    Triton TMA kernel takes head dim 72, an explicit config and mixed dtypes (the fp8 probe), with its shipped
-    table's entry for the call's key, the head dim's default for a key the table lacks, and the table holding
-    candidate configs only (launches are recorded, not run)."""
+    """The Hopper path's launcher: at head dims 64, 72 and 128 a 16-bit call with no key mask and no config runs
+    the Gluon kernel; the Triton TMA kernel takes a key mask, an explicit config and mixed dtypes (the fp8 probe),
+    with its shipped table's entry for the call's key, the head dim's default for a key the table lacks, and the
+    table holding candidate configs only (launches are recorded, not run)."""
     from ras_kernels.attention import kernels
 
     record = json.loads((Path(ops.__file__).parent / "hopper_configs.json").read_text())
@@ -519,27 +519,29 @@ def test_hopper_configs(monkeypatch):
             keys = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE")
             return lambda **kw: launches.append((grid, tuple(kw[k] for k in keys)))
 
-    table = {"d72-lq1024-extra-nomask": [64, 128, 4, 3, False]}
+    table = {"d72-lq1024-extra-mask": [64, 128, 4, 3, False]}
     monkeypatch.setattr(kernels, "attn_fwd_tma_kernel", Recorder())
     monkeypatch.setattr(ops, "_launch_gluon", lambda out, lse, q, *a: gluon.append(q.shape[-1]))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops, "_arch", lambda device: "sm90")
     monkeypatch.setattr(ops, "_shipped_configs", lambda arch, name="tuned_configs.json": table)
 
-    def launch(d, config=None, q_dtype=torch.float16, extra=True):
+    def launch(d, config=None, q_dtype=torch.float16, extra=True, masked=False):
         q, k, v = torch.zeros(1, 900, 2, d, dtype=q_dtype), torch.zeros(1, 100, 2, d), torch.zeros(1, 100, 2, d)
         ke, ve = (torch.zeros(1, 5, 2, d), torch.zeros(1, 5, 2, d)) if extra else (None, None)
-        ops._launch_hopper(q, k.half(), v.half(), ke, ve, None, 0.125, False, config)
+        mask = torch.tensor([[True, False, True, True, False]]) if masked else None
+        ops._launch_hopper(q, k.half(), v.half(), ke, ve, mask, 0.125, False, config)
 
-    launch(72)
-    launch(72, extra=False)
-    assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[72])]
+    launch(72, masked=True)
+    launch(128, masked=True)
+    assert launches == [((15, 2), (64, 128, 4, 3, False)), ((8, 2), ops.HOPPER_DEFAULTS[128])]
     launch(64)
+    launch(72)
     launch(128, extra=False)
-    assert gluon == [64, 128] and len(launches) == 2
+    assert gluon == [64, 72, 128] and len(launches) == 2
     launch(64, config=ops.HOPPER_CANDIDATES[0])
     launch(128, q_dtype=torch.float8_e4m3fn)
-    assert gluon == [64, 128]
+    assert gluon == [64, 72, 128]
     assert launches[2:] == [((8, 2), ops.HOPPER_CANDIDATES[0]), ((8, 2), ops.HOPPER_DEFAULTS[128])]
 
 
@@ -551,19 +553,23 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from ras_kernels.attention import gluon_kernels, ops
 
-d, has_mask = int(sys.argv[1]), sys.argv[2] == "1"
+d = int(sys.argv[1])
 block_n, stages, q_in_regs = ops.GLUON_CONFIGS[d]
+d0, d1 = ops.HOPPER_SPLITS[d]
 
-def desc(rows):
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
-    return f"tensordesc<bf16[1,{rows},1,{d}],{layout!r}>"
+def desc(rows, width):
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, width], gl.bfloat16)
+    return f"tensordesc<bf16[1,{rows},1,{width}],{layout!r}>"
 
-const = dict(HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, HAS_EXTRA=True, HAS_MASK=has_mask,
-             STORE_LSE=True)
-sig = {name: desc(gluon_kernels.ROWS.value) for name in ("q_desc", "o_desc")}
-sig |= {name: desc(block_n) for name in ("k_desc", "v_desc", "k_extra_desc", "v_extra_desc")}
-sig |= {"lse_ptr": "*fp32", "mask_ptr": "*u8", "qk_scale": "fp32"} | {k: "constexpr" for k in const}
-sig |= {n: "i32" for n in ("stride_mask_b", "stride_mask_t", "lq", "n_keys", "n_extra", "heads_q", "group")}
+const = dict(D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, HAS_EXTRA=True, STORE_LSE=True)
+rows = gluon_kernels.ROWS.value
+sig = {}
+for suffix, width in (("", d0), ("1", d1 or d0)):
+    sig |= {f"{name}{suffix}_desc": desc(rows, width) for name in ("q", "o")}
+    sig |= {f"{name}{suffix}_desc": desc(block_n, width) for name in ("k", "v")}
+    sig |= {f"{name}{suffix}_extra_desc": desc(block_n, width) for name in ("k", "v")}
+sig |= {"lse_ptr": "*fp32", "qk_scale": "fp32"} | {k: "constexpr" for k in const}
+sig |= {n: "i32" for n in ("lq", "n_keys", "n_extra", "heads_q", "group")}
 src = GluonASTSource(gluon_kernels.attn_fwd_gluon_kernel, sig, const)
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
 waits = re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)
@@ -584,30 +590,30 @@ from ras_kernels.attention import gluon_kernels, kernels
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 t = torch.zeros(2, 1344, 8, 64, dtype=torch.bfloat16)
-scalars = dict(lse_ptr=t, mask_ptr=t, stride_mask_b=0, stride_mask_t=0, heads_q=8, group=1, qk_scale=0.18)
-flags = dict(HAS_EXTRA=True, HAS_MASK=False, STORE_LSE=False)
+scalars = dict(lse_ptr=t, heads_q=8, group=1, qk_scale=0.18, HAS_EXTRA=True, STORE_LSE=False)
 
-def gluon_desc(rows):
-    block = [1, rows, 1, 64]
+def gluon_desc(rows, width):
+    block = [1, rows, 1, width]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return GluonDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 def tma_desc(width):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 64, 1, width])
 
-gluon_args = {name: gluon_desc(64 if name in ("q_desc", "o_desc") else 128) for name in
-              ("q_desc", "k_desc", "v_desc", "k_extra_desc", "v_extra_desc", "o_desc")}
-gluon_args |= dict(HEAD_DIM=64, BLOCK_N=128, STAGES=4, Q_IN_REGS=True)
-tma_args = {}
-for name, name1 in (("out", "out1"), ("q", "q1"), ("k", "k1"), ("v", "v1"), ("k_extra", "k1_extra"),
-                    ("v_extra", "v1_extra")):
+pairs = (("q", "q1"), ("k", "k1"), ("v", "v1"), ("k_extra", "k1_extra"), ("v_extra", "v1_extra"))
+gluon_args = dict(D0=64, D1=16, BLOCK_N=128, STAGES=4, Q_IN_REGS=True)
+for name, name1 in pairs + (("o", "o1"),):
+    rows = 64 if name in ("q", "o") else 128
+    gluon_args[f"{name}_desc"], gluon_args[f"{name1}_desc"] = gluon_desc(rows, 64), gluon_desc(rows, 16)
+tma_args = dict(mask_ptr=t, stride_mask_b=0, stride_mask_t=0, HAS_MASK=False)
+for name, name1 in pairs + (("out", "out1"),):
     tma_args[f"{name}_desc"], tma_args[f"{name1}_desc"] = tma_desc(64), tma_desc(16)
 tma_args |= dict(D0=64, D1=16, BLOCK_M=128, BLOCK_N=64, NUM_STAGES=3, WARP_SPECIALIZE=False)
 same = {}
 for name, fn, args in (("gluon", gluon_kernels.attn_fwd_gluon_kernel, gluon_args),
                        ("tma", kernels.attn_fwd_tma_kernel, tma_args)):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    keys = {str(binder(**args, **scalars, **flags, lq=lq, n_keys=n, n_extra=e)[1])
+    keys = {str(binder(**args, **scalars, lq=lq, n_keys=n, n_extra=e)[1])
             for lq, n, e in ((1333, 4096, 333), (1344, 4096, 333), (1333, 4095, 333), (1333, 4096, 336))}
     same[name] = len(keys) == 1
 print(json.dumps(same))
@@ -627,21 +633,21 @@ def test_hopper_kernels_compile_once_for_every_lq():
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"gluon": True, "tma": True}
 
 
-@pytest.mark.parametrize("has_mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("d", sorted(ops.GLUON_CONFIGS))
-def test_gluon_kernel_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d, has_mask):
+def test_gluon_kernel_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d):
     """The Hopper path's Gluon kernel compiles for sm_90 with the installed Triton on any machine (Triton ships
     ptxas; in a fresh process, since TRITON_INTERPRET=1 makes every kernel an interpreted function) and keeps what
-    it exists for: a score GEMM whose wait leaves one warpgroup MMA (the PV GEMM) in flight under the softmax
-    (``wgmma.wait_group 1``), and warp-specialised partitions (the loader warp hands registers to the consumers:
-    ``setmaxnreg``)."""
+    it exists for: a score GEMM whose wait leaves the PV GEMM in flight under the softmax (``wgmma.wait_group 1``;
+    2 at a split head dim, whose PV is two GEMMs), and warp-specialised partitions (the loader warp hands registers
+    to the consumers: ``setmaxnreg``)."""
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", _GLUON_COMPILE, str(d), str(int(has_mask))]
+    args = [sys.executable, "-c", _GLUON_COMPILE, str(d)]
     run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "1" in facts["waits"], facts
+    pv_gemms = 2 if ops.HOPPER_SPLITS[d][1] else 1
+    assert str(pv_gemms) in facts["waits"], facts
     assert facts["setmaxnreg"]
 
 
@@ -653,13 +659,15 @@ def test_gluon_kernel_compiles_for_sm90_with_the_softmax_under_the_pv_gemm(d, ha
 def test_gpu_hopper_kernels_at_tails(configs, d, dtype):
     """The Hopper path's kernels at head dim d on tail shapes: a cache shorter than one key tile, a partial last tile,
     a few extra keys, masked extra keys, no cache rows at all, Lq off the query tile, grouped heads; out and lse
-    against the fp32 reference. "shipped": what the path runs (the Gluon kernel at 64 and 128, the Triton TMA
-    kernel's table config at 72); "candidates": every config of the Triton TMA kernel (ops.hopper_candidates). (On
-    Triton 3.6, d 72 once computed a lone partial tile wrong and wrote out of bounds: session 19.)"""
+    against the fp32 reference. "shipped": what the path runs (the Gluon kernel without a key mask, the Triton
+    TMA kernel's table config with one); "candidates": every config of the Triton TMA kernel
+    (ops.hopper_candidates). (On Triton 3.6, d 72 once computed a lone partial tile wrong and wrote out of bounds:
+    session 19.)"""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernel needs an sm_90 GPU")
     g = dict(dtype=dtype, device="cuda")
-    for n, t, lq, masked in ((63, 5, 6, False), (200, 0, 130, False), (129, 77, 200, True), (0, 130, 65, True)):
+    cases = ((63, 5, 6, False), (200, 0, 130, False), (129, 77, 200, True), (0, 130, 65, True), (0, 130, 65, False))
+    for n, t, lq, masked in cases:
         q, k, v = torch.randn(2, lq, 4, d, **g), torch.randn(2, n, 2, d, **g), torch.randn(2, n, 2, d, **g)
         ke, ve = (torch.randn(2, t, 2, d, **g), torch.randn(2, t, 2, d, **g)) if t else (None, None)
         mask = torch.rand(2, t, device="cuda") < 0.5 if masked else None

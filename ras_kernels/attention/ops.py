@@ -417,9 +417,12 @@ def _launch_attention(
 
 def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_lse: bool, config=None):
     """The Hopper path (RAS_ATTENTION hopper, or auto on sm_90; an eligible call: see path_ineligible) on the current
-    device: at the head dims of GLUON_CONFIGS with q, k and v of one dtype, the warp-specialised Gluon kernel
-    (gluon_kernels.attn_fwd_gluon_kernel); otherwise (head dim 72, the interpreter, an explicit ``config``, the fp8
-    probe's e4m3 q) attn_fwd_tma_kernel, where ``config`` (one of HOPPER_CANDIDATES) bypasses the shipped table."""
+    device: at the head dims of GLUON_CONFIGS with q, k and v of one dtype and no key mask, the warp-specialised
+    Gluon kernel (gluon_kernels.attn_fwd_gluon_kernel); otherwise (a key mask, the interpreter, an explicit
+    ``config``, the fp8 probe's e4m3 q) attn_fwd_tma_kernel, where ``config`` (one of HOPPER_CANDIDATES) bypasses the
+    shipped table. Masked calls (Lumina's cross-attention over its padded caption) stay on the Triton kernel: the
+    Gluon kernel's per-tile mask load sat on its softmax's critical path, 0.68-1.01x cuDNN against the Triton kernel's
+    0.93-1.36x at 256-2048 masked keys (docs/benchmarks.md, session 23)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import kernels
@@ -432,7 +435,7 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     has_extra = k_extra is not None and k_extra.shape[1] > 0
     has_mask = has_extra and extra_mask is not None
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    gluon = config is None and not interpret and d in GLUON_CONFIGS and q.dtype == k.dtype == v.dtype
+    gluon = config is None and not interpret and not has_mask and d in GLUON_CONFIGS and q.dtype == k.dtype == v.dtype
     if k.shape[1] == 0:  # no cache rows (flash_attention with a key mask): a descriptor needs >= 1 row, never read
         k, v = k_extra, v_extra
         n_keys = 0
@@ -442,7 +445,7 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     mask = extra_mask.view(torch.uint8) if has_mask else lse  # never read without HAS_MASK
     n_extra = ke.shape[1] if has_extra else 0
     if gluon:
-        _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys, n_extra, has_extra, has_mask, scale, return_lse)
+        _launch_gluon(out, lse, q, k, v, ke, ve, n_keys, n_extra, has_extra, scale, return_lse)
         return out, lse
     if interpret:
         config = _HOPPER_INTERPRET_CONFIG
@@ -470,10 +473,11 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     return out, lse
 
 
-def _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys: int, n_extra: int, has_extra: bool, has_mask: bool,
-                  scale: float, return_lse: bool) -> None:  # fmt: skip
-    """attn_fwd_gluon_kernel into out (and lse) with GLUON_CONFIGS' config for the head dim; arguments as
-    _launch_hopper prepares them (k / v the extra rows when the cache has none, ke / ve and mask placeholders)."""
+def _launch_gluon(out, lse, q, k, v, ke, ve, n_keys: int, n_extra: int, has_extra: bool, scale: float,
+                  return_lse: bool) -> None:  # fmt: skip
+    """attn_fwd_gluon_kernel into out (and lse) with GLUON_CONFIGS' config for the head dim, split as HOPPER_SPLITS
+    says; arguments as _launch_hopper prepares them (k / v the extra rows when the cache has none, ke / ve
+    placeholders without extra rows)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -481,19 +485,25 @@ def _launch_gluon(out, lse, q, k, v, ke, ve, mask, n_keys: int, n_extra: int, ha
 
     b, lq, hq, d = q.shape
     block_n, stages, q_in_regs = GLUON_CONFIGS[d]
+    d0, d1 = HOPPER_SPLITS[d]
     element = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[q.dtype]
 
-    def desc(t, rows):
-        block = [1, rows, 1, d]
-        layout = gl.NVMMASharedLayout.get_default_for(block, element)
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    def descs(t, rows):  # the d0-wide blocks and, when d1, the d1-wide ones (read from column d0 by the kernel)
+        def desc(width):
+            block = [1, rows, 1, width]
+            layout = gl.NVMMASharedLayout.get_default_for(block, element)
+            return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+        full = desc(d0)
+        return full, desc(d1) if d1 else full
 
     rows = ROWS.value
+    (q0, q1), (o0, o1) = descs(q, rows), descs(out, rows)
+    (k0, k1), (v0, v1), (ke0, ke1), (ve0, ve1) = (descs(t, block_n) for t in (k, v, ke, ve))
     attn_fwd_gluon_kernel[(cdiv(lq, 2 * rows), b * hq)](
-        desc(q, rows), desc(k, block_n), desc(v, block_n), desc(ke, block_n), desc(ve, block_n), desc(out, rows),
-        lse, mask, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0, lq, n_keys, n_extra, hq,
-        hq // k.shape[2], scale * math.log2(math.e), HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages,
-        Q_IN_REGS=q_in_regs, HAS_EXTRA=has_extra, HAS_MASK=has_mask, STORE_LSE=return_lse, num_warps=4,
+        q0, k0, v0, ke0, ve0, o0, q1, k1, v1, ke1, ve1, o1, lse, lq, n_keys, n_extra, hq, hq // k.shape[2],
+        scale * math.log2(math.e), D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs,
+        HAS_EXTRA=has_extra, STORE_LSE=return_lse, num_warps=4,
     )  # fmt: skip
 
 
@@ -576,11 +586,13 @@ HOPPER_CANDIDATES = (
 )
 HOPPER_DEFAULTS = {64: (128, 64, 4, 3, True), 72: (128, 64, 4, 3, False), 128: (128, 128, 8, 3, False)}
 # The warp-specialised Gluon kernel's (BLOCK_N, STAGES, Q held in registers) per head dim: it runs the Hopper path's
-# 16-bit calls at these head dims (see _launch_hopper). The fastest of the probed configs on the H200
-# (docs/benchmarks.md, session 21, kernel alone): at 64, 0.172 / 0.548 ms at SD3's 0.25 / dense shapes; at 128,
-# within 1% of the fastest at Wan's shapes, and 6% faster at Flux dense than with Q read from shared memory. Three
-# consumer warpgroups a CTA were slower at both head dims (session 22: they spill at 128 registers a thread).
-GLUON_CONFIGS = {64: (128, 4, True), 128: (128, 2, True)}
+# 16-bit calls without a key mask at these head dims (see _launch_hopper). The fastest of the probed configs on the
+# H200 (docs/benchmarks.md, session 21, kernel alone): at 64, 0.172 / 0.548 ms at SD3's 0.25 / dense shapes; at 128,
+# within 1% of the fastest at Wan's shapes, and 6% faster at Flux dense than with Q read from shared memory. At 72
+# (session 23, 64 + 16 columns): 0.186 / 0.772 ms at Lumina's 0.25 / dense shapes, 1.17x / 1.15x cuDNN against the
+# Triton TMA kernel's 1.01x / 1.07x. Three consumer warpgroups a CTA were slower at both head dims (session 22: they
+# spill at 128 registers a thread).
+GLUON_CONFIGS = {64: (128, 4, True), 72: (128, 4, True), 128: (128, 2, True)}
 _HOPPER_INTERPRET_CONFIG = (32, 32, 4, 1, False)
 
 
