@@ -557,19 +557,20 @@ ATTENTION_PATHS = ("auto", "triton", "hopper", "cudnn")
 # 64 is slower than the portable kernel once SD3's text keys are concatenated, so it takes 128 only.
 PATH_HEAD_DIMS = {"hopper": (64, 72, 128), "cudnn": (128,)}
 # The Hopper kernel's head-dim split (D0, D1): D0-wide tiles, plus D1-wide ones from column D0 (72 = 64 + 8, read
-# as a 16-wide TMA box whose last 8 columns lie past the row and load as zeros; see attn_fwd_tma_kernel).
+# as a 16-wide TMA box whose last 8 columns lie past the row and load as zeros; both Hopper kernels split it so).
 HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the Hopper path at each head dim it runs. At 64 it made pipe(...)
 # fastest (docs/benchmarks.md, session 16: SD3 1.04x the portable kernel's generation at 0.25, with the Triton TMA
 # kernel); at Lumina-Next's 72 it is the faster op (session 20, bench_attention --paths: 1.36x the portable kernel at
-# the 0.25 shape, 1.07x dense; cuDNN has no path there); at 128 the Gluon kernel replaced cuDNN in session 21 on the
-# kernel alone: 1.11-1.12x cuDNN's SDPA at Wan's shapes, 0.98-0.99x at Flux's, where the cudnn path's whole op took
-# 1.24x cuDNN alone's time (the text keys' concatenation); in session 22 the op on it took 1.04-1.16x less time than
-# the cudnn path at every Flux and Wan shape (bench_attention --paths; Wan's pipe(...) not re-measured). An
-# ineligible call, another head dim or another device runs the portable kernel.
+# the 0.25 shape, 1.07x dense; session 23, with the Gluon kernel: 1.37x and 1.11x; cuDNN has no path there); at 128
+# the Gluon kernel replaced cuDNN in session 21 on the kernel alone: 1.11-1.12x cuDNN's SDPA at Wan's shapes,
+# 0.98-0.99x at Flux's, where the cudnn path's whole op took 1.24x cuDNN alone's time (the text keys' concatenation);
+# in session 22 the op on it took 1.04-1.16x less time than the cudnn path at every Flux and Wan shape
+# (bench_attention --paths; Wan's pipe(...) not re-measured). An ineligible call, another head dim or another device
+# runs the portable kernel.
 AUTO_PATHS = {64: "hopper", 72: "hopper", 128: "hopper"}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp-specialised key loop) of the Triton TMA kernel (attn_fwd_tma_kernel:
-# the Hopper path at head dim 72, and wherever _launch_hopper does not take the Gluon kernel): the candidates that
+# the Hopper path's masked calls, and wherever _launch_hopper does not take the Gluon kernel): the candidates that
 # ``python -m bench.bench_attention --tune-hopper`` times per key of the shipped table (hopper_configs.json, keys as
 # tuned_config_key), and per head dim the one a key missing from the table takes (at 64 and 128 the fastest at the
 # Wan, Flux and SD3 shapes in session 15's probe on the H200; at 72 see hopper_candidates: 0.230 ms at Lumina-Next's
