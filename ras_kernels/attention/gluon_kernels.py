@@ -86,52 +86,18 @@ def _load_ring(k_desc, v_desc, k_extra_desc, v_extra_desc, k1_desc, v1_desc, k1_
     for t in range(n_tiles):
         phase = ((t // STAGES) & 1) ^ 1  # the release of tile t - STAGES
         mbarrier.wait(k_empty.index(t % STAGES), phase, pred=t >= STAGES)
-        _load_tile(
-            k_desc,
-            k_extra_desc,
-            k1_desc,
-            k1_extra_desc,
-            k_smem,
-            k1_smem,
-            k_ready,
-            b,
-            hk,
-            t,
-            n_cache_tiles,
-            n_tiles,
-            BLOCK_N,
-            STAGES,
-            HAS_EXTRA,
-            D0,
-            D1,
-        )
+        _load_tile(k_desc, k_extra_desc, k1_desc, k1_extra_desc, k_smem, k1_smem, k_ready, b, hk, t,
+                   n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA, D0, D1)  # fmt: skip
         mbarrier.wait(v_empty.index(t % STAGES), phase, pred=t >= STAGES)
-        _load_tile(
-            v_desc,
-            v_extra_desc,
-            v1_desc,
-            v1_extra_desc,
-            v_smem,
-            v1_smem,
-            v_ready,
-            b,
-            hk,
-            t,
-            n_cache_tiles,
-            n_tiles,
-            BLOCK_N,
-            STAGES,
-            HAS_EXTRA,
-            D0,
-            D1,
-        )
+        _load_tile(v_desc, v_extra_desc, v1_desc, v1_extra_desc, v_smem, v1_smem, v_ready, b, hk, t,
+                   n_cache_tiles, n_tiles, BLOCK_N, STAGES, HAS_EXTRA, D0, D1)  # fmt: skip
 
 
 @gluon.jit
-def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem,
-                 q_bar, k_smem, v_smem, k1_smem, v1_smem, k_ready, v_ready, k_empty, v_empty, b, h, pid_bh, row_m, lq,
-                 n_keys, n_extra, qk_scale, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, Q_IN_REGS: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem, q_bar, k_smem, v_smem, k1_smem,
+                 v1_smem, k_ready, v_ready, k_empty, v_empty, b, h, pid_bh, row_m, lq, n_keys, n_extra, qk_scale,
+                 D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 Q_IN_REGS: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
     """A consumer partition: one warpgroup's ROWS query rows from row_m, out and lse over every key tile in the
     rings (cache tiles, then extra tiles).
 
@@ -243,10 +209,9 @@ def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem,
 
 @gluon.jit(do_not_specialize=["lq", "n_keys", "n_extra"])  # a new K (Lq) or cache length: no recompile
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, q1_desc, k1_desc, v1_desc,
-                          k1_extra_desc, v1_extra_desc, o1_desc, lse_ptr, lq,
-                          n_keys, n_extra, heads_q, group, qk_scale, D0: gl.constexpr, D1: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_IN_REGS: gl.constexpr,
-                          HAS_EXTRA: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+                          k1_extra_desc, v1_extra_desc, o1_desc, lse_ptr, lq, n_keys, n_extra, heads_q, group,
+                          qk_scale, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          Q_IN_REGS: gl.constexpr, HAS_EXTRA: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
     """The op of attn_fwd_tma_kernel, 16-bit: out = softmax(q k^T * scale) v over the cache rows then the extra rows
     (no key mask: masked calls take attn_fwd_tma_kernel), and lse.
 
