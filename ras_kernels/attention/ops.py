@@ -421,8 +421,9 @@ def _launch_hopper(q, k, v, k_extra, v_extra, extra_mask, scale: float, return_l
     Gluon kernel (gluon_kernels.attn_fwd_gluon_kernel); otherwise (a key mask, the interpreter, an explicit
     ``config``, the fp8 probe's e4m3 q) attn_fwd_tma_kernel, where ``config`` (one of HOPPER_CANDIDATES) bypasses the
     shipped table. Masked calls (Lumina's cross-attention over its padded caption) stay on the Triton kernel: the
-    Gluon kernel's per-tile mask load sat on its softmax's critical path, 0.68-1.01x cuDNN against the Triton kernel's
-    0.93-1.36x at 256-2048 masked keys (docs/benchmarks.md, session 23)."""
+    Gluon kernel with a mask path (a per-tile mask load between its score GEMM's wait and its softmax) ran at
+    0.68-1.01x cuDNN against the Triton kernel's 0.93-1.36x at 256-2048 masked keys (docs/benchmarks.md, session 23;
+    the cause not profiled)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from . import kernels
