@@ -561,7 +561,7 @@ def desc(rows, width):
     layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, width], gl.bfloat16)
     return f"tensordesc<bf16[1,{rows},1,{width}],{layout!r}>"
 
-const = dict(D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, HAS_EXTRA=True, STORE_LSE=True)
+const = dict(D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs, HAS_EXTRA=True)
 rows = gluon_kernels.ROWS.value
 sig = {}
 for suffix, width in (("", d0), ("1", d1 or d0)):
@@ -569,7 +569,7 @@ for suffix, width in (("", d0), ("1", d1 or d0)):
     sig |= {f"{name}{suffix}_desc": desc(block_n, width) for name in ("k", "v")}
     sig |= {f"{name}{suffix}_extra_desc": desc(block_n, width) for name in ("k", "v")}
 sig |= {"lse_ptr": "*fp32", "qk_scale": "fp32"} | {k: "constexpr" for k in const}
-sig |= {n: "i32" for n in ("lq", "n_keys", "n_extra", "heads_q", "group")}
+sig |= {n: "i32" for n in ("lq", "n_keys", "n_extra", "heads_q", "group", "store_lse")}
 src = GluonASTSource(gluon_kernels.attn_fwd_gluon_kernel, sig, const)
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
 waits = re.findall(r"wgmma\\.wait_group\\.sync\\.aligned\\s+(\\d+)", ptx)
@@ -590,7 +590,7 @@ from ras_kernels.attention import gluon_kernels, kernels
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 t = torch.zeros(2, 1344, 8, 64, dtype=torch.bfloat16)
-scalars = dict(lse_ptr=t, heads_q=8, group=1, qk_scale=0.18, HAS_EXTRA=True, STORE_LSE=False)
+scalars = dict(lse_ptr=t, heads_q=8, group=1, qk_scale=0.18, HAS_EXTRA=True)
 
 def gluon_desc(rows, width):
     block = [1, rows, 1, width]
@@ -608,13 +608,16 @@ for name, name1 in pairs + (("o", "o1"),):
 tma_args = dict(mask_ptr=t, stride_mask_b=0, stride_mask_t=0, HAS_MASK=False)
 for name, name1 in pairs + (("out", "out1"),):
     tma_args[f"{name}_desc"], tma_args[f"{name1}_desc"] = tma_desc(64), tma_desc(16)
-tma_args |= dict(D0=64, D1=16, BLOCK_M=128, BLOCK_N=64, NUM_STAGES=3, WARP_SPECIALIZE=False)
+tma_args |= dict(D0=64, D1=16, BLOCK_M=128, BLOCK_N=64, NUM_STAGES=3, WARP_SPECIALIZE=False, STORE_LSE=False)
 same = {}
 for name, fn, args in (("gluon", gluon_kernels.attn_fwd_gluon_kernel, gluon_args),
                        ("tma", kernels.attn_fwd_tma_kernel, tma_args)):
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    keys = {str(binder(**args, **scalars, lq=lq, n_keys=n, n_extra=e)[1])
-            for lq, n, e in ((1333, 4096, 333), (1344, 4096, 333), (1333, 4095, 333), (1333, 4096, 336))}
+    keys = set()
+    for lq, n, e, lse in ((1333, 4096, 333, 0), (1344, 4096, 333, 0), (1333, 4095, 333, 0), (1333, 4096, 336, 0),
+                          (1333, 4096, 333, 1)):
+        flag = {"store_lse": lse} if name == "gluon" else {}  # the Triton kernel's STORE_LSE is a constexpr
+        keys.add(str(binder(**args, **scalars, lq=lq, n_keys=n, n_extra=e, **flag)[1]))
     same[name] = len(keys) == 1
 print(json.dumps(same))
 """
@@ -624,7 +627,7 @@ def test_hopper_kernels_compile_once_for_every_lq():
     """K, hence Lq, changes from step to step, and the cache length and extra-row count from model to model: the
     Hopper kernels' specialisation key (what Triton compiles a variant per) is the same whether Lq, n_keys or
     n_extra is a multiple of 16 or not (``do_not_specialize``), so a new K never compiles a second variant in the
-    middle of a generation. Computed with Triton's own argument binder for sm_90 on any machine (in a fresh process:
+    middle of a generation; the Gluon kernel's is also the same with and without lse (a runtime flag). Computed with Triton's own argument binder for sm_90 on any machine (in a fresh process:
     TRITON_INTERPRET=1 makes every kernel an interpreted function, which has no binder)."""
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

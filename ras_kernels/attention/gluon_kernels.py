@@ -96,8 +96,8 @@ def _load_ring(k_desc, v_desc, k_extra_desc, v_extra_desc, k1_desc, v1_desc, k1_
 @gluon.jit
 def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem, q_bar, k_smem, v_smem, k1_smem,
                  v1_smem, k_ready, v_ready, k_empty, v_empty, b, h, pid_bh, row_m, lq, n_keys, n_extra, qk_scale,
-                 D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                 Q_IN_REGS: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+                 store_lse, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                 Q_IN_REGS: gl.constexpr):  # fmt: skip
     """A consumer partition: one warpgroup's ROWS query rows from row_m, out and lse over every key tile in the
     rings (cache tiles, then extra tiles).
 
@@ -200,18 +200,19 @@ def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem, q_b
     _tma_store(o_desc, [b, row_m, h, 0], q_smem)
     if D1 > 0:
         _tma_store(o1_desc, [b, row_m, h, D0], q1_smem)
-    if STORE_LSE:
+    if store_lse:
         offs_m = row_m + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         gl.store(lse_ptr + pid_bh.to(gl.int64) * lq + offs_m, lse, mask=offs_m < lq)
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["lq", "n_keys", "n_extra"])  # a new K (Lq) or cache length: no recompile
+# Not specialised on: a new K (Lq) or cache length compiles nothing new, and the call with lse runs the one without.
+@gluon.jit(do_not_specialize=["lq", "n_keys", "n_extra", "store_lse"])
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, q1_desc, k1_desc, v1_desc,
                           k1_extra_desc, v1_extra_desc, o1_desc, lse_ptr, lq, n_keys, n_extra, heads_q, group,
-                          qk_scale, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          Q_IN_REGS: gl.constexpr, HAS_EXTRA: gl.constexpr, STORE_LSE: gl.constexpr):  # fmt: skip
+                          qk_scale, store_lse, D0: gl.constexpr, D1: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, Q_IN_REGS: gl.constexpr, HAS_EXTRA: gl.constexpr):  # fmt: skip
     """The op of attn_fwd_tma_kernel, 16-bit: out = softmax(q k^T * scale) v over the cache rows then the extra rows
     (no key mask: masked calls take attn_fwd_tma_kernel), and lse.
 
@@ -220,7 +221,9 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_
     not stored). The head dim d is D0 (D1 = 0; 64 or 128) or, as attn_fwd_tma_kernel splits it, D0 + D1 with d < D0
     + D1 (72 as 64 + 16): the *1 descriptors' D1-wide blocks read columns D0..D0+D1 (the ones past d as zeros, not
     stored); with D1 = 0 they are placeholders, never read. Query head h reads kv head h // group; qk_scale = scale
-    * log2(e); with STORE_LSE, lse [B, Hq, Lq] fp32 (natural log); n_keys + n_extra >= 1. Grid (cdiv(Lq, 2 * ROWS),
+    * log2(e); where store_lse (a runtime flag, not a constexpr: at head dim 72 the variant compiled without the
+    store ran 4-7% slower than the one with it, docs/benchmarks.md session 24), lse [B, Hq, Lq] fp32 (natural log);
+    n_keys + n_extra >= 1. Grid (cdiv(Lq, 2 * ROWS),
     B * Hq), 4 warps, plus the partitions' 5: a CTA is two consumer warpgroups on consecutive ROWS-row blocks (the
     default partition and a worker; _attend_rows) sharing STAGES-deep K and V rings in shared memory, and one loader
     warp (_load_ring), with a ready and an empty mbarrier per slot.
@@ -263,11 +266,11 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_
             (_attend_rows, (q_desc, o_desc, q1_desc, o1_desc, lse_ptr,
                             q_smem.index(0), q1_smem.index(0), q_bars.index(0), k_smem, v_smem, k1_smem, v1_smem,
                             k_ready, v_ready, k_empty, v_empty, b, h, pid_bh, row_m, lq, n_keys, n_extra, qk_scale,
-                            D0, D1, BLOCK_N, STAGES, Q_IN_REGS, STORE_LSE)),
+                            store_lse, D0, D1, BLOCK_N, STAGES, Q_IN_REGS)),
             (_attend_rows, (q_desc, o_desc, q1_desc, o1_desc, lse_ptr,
                             q_smem.index(1), q1_smem.index(1), q_bars.index(1), k_smem, v_smem, k1_smem, v1_smem,
                             k_ready, v_ready, k_empty, v_empty, b, h, pid_bh, row_m + ROWS, lq, n_keys, n_extra,
-                            qk_scale, D0, D1, BLOCK_N, STAGES, Q_IN_REGS, STORE_LSE)),
+                            qk_scale, store_lse, D0, D1, BLOCK_N, STAGES, Q_IN_REGS)),
             (_load_ring, (k_desc, v_desc, k_extra_desc, v_extra_desc, k1_desc, v1_desc, k1_extra_desc, v1_extra_desc,
                           k_smem, v_smem, k1_smem, v1_smem, k_ready, v_ready, k_empty, v_empty, b, hk, n_keys,
                           n_extra, BLOCK_N, STAGES, HAS_EXTRA, D0, D1)),

@@ -503,8 +503,8 @@ def _launch_gluon(out, lse, q, k, v, ke, ve, n_keys: int, n_extra: int, has_extr
     (k0, k1), (v0, v1), (ke0, ke1), (ve0, ve1) = (descs(t, block_n) for t in (k, v, ke, ve))
     attn_fwd_gluon_kernel[(cdiv(lq, 2 * rows), b * hq)](
         q0, k0, v0, ke0, ve0, o0, q1, k1, v1, ke1, ve1, o1, lse, lq, n_keys, n_extra, hq, hq // k.shape[2],
-        scale * math.log2(math.e), D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages, Q_IN_REGS=q_in_regs,
-        HAS_EXTRA=has_extra, STORE_LSE=return_lse, num_warps=4,
+        scale * math.log2(math.e), int(return_lse), D0=d0, D1=d1, BLOCK_N=block_n, STAGES=stages,
+        Q_IN_REGS=q_in_regs, HAS_EXTRA=has_extra, num_warps=4,
     )  # fmt: skip
 
 
