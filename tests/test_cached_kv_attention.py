@@ -627,8 +627,9 @@ def test_hopper_kernels_compile_once_for_every_lq():
     """K, hence Lq, changes from step to step, and the cache length and extra-row count from model to model: the
     Hopper kernels' specialisation key (what Triton compiles a variant per) is the same whether Lq, n_keys or
     n_extra is a multiple of 16 or not (``do_not_specialize``), so a new K never compiles a second variant in the
-    middle of a generation; the Gluon kernel's is also the same with and without lse (a runtime flag). Computed with Triton's own argument binder for sm_90 on any machine (in a fresh process:
-    TRITON_INTERPRET=1 makes every kernel an interpreted function, which has no binder)."""
+    middle of a generation; the Gluon kernel's is also the same with and without lse (a runtime flag). Computed
+    with Triton's own argument binder for sm_90 on any machine (in a fresh process: TRITON_INTERPRET=1 makes every
+    kernel an interpreted function, which has no binder)."""
     pytest.importorskip("triton.experimental.gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _SPECIALISATION], capture_output=True, text=True, env=env, timeout=300)
