@@ -563,7 +563,7 @@ HOPPER_SPLITS = {64: (64, 0), 72: (64, 16), 128: (128, 0)}
 # RAS_ATTENTION=auto (the default) on an sm_90 GPU: the Hopper path at each head dim it runs. At 64 it made pipe(...)
 # fastest (docs/benchmarks.md, session 16: SD3 1.04x the portable kernel's generation at 0.25, with the Triton TMA
 # kernel); at Lumina-Next's 72 it is the faster op (session 20, bench_attention --paths: 1.36x the portable kernel at
-# the 0.25 shape, 1.07x dense; session 23, with the Gluon kernel: 1.37x and 1.11x; cuDNN has no path there); at 128
+# the 0.25 shape, 1.07x dense; session 24, with the Gluon kernel: 1.51x and 1.16x; cuDNN has no path there); at 128
 # the Gluon kernel replaced cuDNN in session 21 on the kernel alone: 1.11-1.12x cuDNN's SDPA at Wan's shapes,
 # 0.98-0.99x at Flux's, where the cudnn path's whole op took 1.24x cuDNN alone's time (the text keys' concatenation);
 # in session 22 the op on it took 1.04-1.16x less time than the cudnn path at every Flux and Wan shape
