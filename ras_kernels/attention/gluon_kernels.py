@@ -207,7 +207,7 @@ def _attend_rows(q_desc, o_desc, q1_desc, o1_desc, lse_ptr, q_smem, q1_smem, q_b
     tma.store_wait(0)
 
 
-# Not specialised on: a new K (Lq) or cache length compiles nothing new, and the call with lse runs the one without.
+# Not specialised on Lq (a new K), the key counts or whether lse is stored: one compiled variant serves them all.
 @gluon.jit(do_not_specialize=["lq", "n_keys", "n_extra", "store_lse"])
 def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_desc, q1_desc, k1_desc, v1_desc,
                           k1_extra_desc, v1_extra_desc, o1_desc, lse_ptr, lq, n_keys, n_extra, heads_q, group,
@@ -223,10 +223,10 @@ def attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, k_extra_desc, v_extra_desc, o_
     stored); with D1 = 0 they are placeholders, never read. Query head h reads kv head h // group; qk_scale = scale
     * log2(e); where store_lse (a runtime flag, not a constexpr: at head dim 72 the variant compiled without the
     store ran 4-7% slower than the one with it, docs/benchmarks.md session 24), lse [B, Hq, Lq] fp32 (natural log);
-    n_keys + n_extra >= 1. Grid (cdiv(Lq, 2 * ROWS),
-    B * Hq), 4 warps, plus the partitions' 5: a CTA is two consumer warpgroups on consecutive ROWS-row blocks (the
-    default partition and a worker; _attend_rows) sharing STAGES-deep K and V rings in shared memory, and one loader
-    warp (_load_ring), with a ready and an empty mbarrier per slot.
+    n_keys + n_extra >= 1. Grid (cdiv(Lq, 2 * ROWS), B * Hq), 4 warps, plus the partitions' 5: a CTA is two
+    consumer warpgroups on consecutive ROWS-row blocks (the default partition and a worker; _attend_rows) sharing
+    STAGES-deep K and V rings in shared memory, and one loader warp (_load_ring), with a ready and an empty mbarrier
+    per slot.
     """
     dtype: gl.constexpr = q_desc.dtype
     qk_scale = qk_scale.to(gl.float32)
