@@ -31,8 +31,13 @@ from .test_flux import _config, _recording, _spec_count, attention_scores, log_l
 
 ATOL = 2e-4  # the same computation in another order (fp32; 1.3e-4 seen on an H200 over the CFG oracle's steps)
 # fp8 caches: a key element that the two computations put on either side of an e4m3 rounding boundary differs by
-# one e4m3 step (2^-3 relative); rare, but it moves the output more than fp32 reordering does.
-FP8_ATOL = 2e-3
+# one e4m3 step (2^-3 relative). In 15 of some 1800 seeds of the CFG case that moved a few output elements by 2-5e-3
+# or moved two tokens' priorities past each other at a selection (outputs off by up to 0.3 after it). So the oracle
+# follows RAS's set where the two differ only by tokens within FP8_TIE (relative) of the selection window's edges, a
+# few elements may be off by up to FP8_ATOL, and the mean error must stay under FP8_MEAN: with fp8 caches it was at
+# most 4.5e-5 in the seeds checked (those 15 among them), with the caches left in fp32 0.9-1.6e-3
+# (test_fp8_oracle_tells_fp8_caches_apart).
+FP8_ATOL, FP8_MEAN, FP8_TIE = 1e-2, 1.5e-4, 1e-2
 TEXT, WIDTH = 8, 16  # text tokens, text embedding width of tiny_wan_transformer (I2V: 512 text tokens)
 EXPERTS = ("transformer", "transformer_2")
 VIDEO = {"num_frames": 9, "height": 64, "width": 96}  # a latent of 3 x 8 x 12: 3 frames of 4 x 6 tokens
@@ -79,10 +84,13 @@ def _experts(pipe, timesteps) -> list[str]:
     return [EXPERTS[0] if t >= boundary else EXPERTS[1] for t in timesteps]
 
 
-def _select(guided, count: int, counters, cfg: dict, scores=None):
+def _select(guided, count: int, counters, cfg: dict, scores=None, ras_choice=None):
     """The spec's selection: per voxel the unbiased channel std, its mean over each token's 2x2 voxels -> R [P, N]
     (metric attention: R = ``scores``); priority R * exp(+-0.1 D); stable ascending sort; the K tokens after
-    int(skip * (1 - high_ratio)) lowest, sorted; D += 1 for the dropped ones."""
+    int(skip * (1 - high_ratio)) lowest, sorted; D += 1 for the dropped ones.
+
+    ``ras_choice`` (fp8 caches): the set RAS chose for this step, taken instead where it differs from the spec's
+    only by tokens whose priorities lie within FP8_TIE of the window's edges (see FP8_TIE)."""
     if scores is None:
         per_voxel = guided.float().std(dim=1)  # [P, T, H, W]
         scores = rearrange(per_voxel, "b t (y p) (x q) -> b (t y x) (p q)", p=2, q=2).mean(-1)
@@ -92,16 +100,33 @@ def _select(guided, count: int, counters, cfg: dict, scores=None):
     n = scores.shape[1]
     start = int((n - count) * (1 - cfg["high_ratio"]))
     active = order[:, start : start + count].sort(dim=1).values
+    if ras_choice is not None and _within_ties(priority, order, start, count, active, ras_choice.to(active)):
+        active = ras_choice.to(active)
     dropped = torch.ones_like(counters, dtype=torch.bool).scatter_(1, active, False)
     counters += dropped.to(counters.dtype)
     return active
 
 
+def _within_ties(priority, order, start: int, count: int, active, other) -> bool:
+    """Whether ``other`` [P, K] differs from the window ``active`` only by tokens (in one and not the other) whose
+    priority is within FP8_TIE (relative) of the window's first or last priority."""
+    for p, o, a, b in zip(priority, order, active, other, strict=True):
+        edges = p[o[[start, start + count - 1]]]
+        swapped = torch.tensor(sorted(set(a.tolist()) ^ set(b.tolist())), dtype=torch.long, device=p.device)
+        if swapped.numel() == 0:
+            continue
+        gap = (p[swapped][:, None] - edges[None, :]).abs().min(dim=1).values
+        if (gap > FP8_TIE * edges.abs().max()).any():
+            return False
+    return True
+
+
 class WanOracle:
     """A Wan pipeline whose experts run RAS literally (see the module docstring)."""
 
-    def __init__(self, pipe, cfg: dict):
-        self.pipe, self.cfg = pipe, cfg
+    def __init__(self, pipe, cfg: dict, ras_choices: list | None = None):
+        """``ras_choices``: per step, the set RAS chose for the next one (None before a dense step), for _select."""
+        self.pipe, self.cfg, self.ras_choices = pipe, cfg, ras_choices
         self.experts = {name: getattr(pipe, name) for name in EXPERTS if getattr(pipe, name, None) is not None}
         for name, t in self.experts.items():
             t.forward = functools.partial(self._forward, name, t)
@@ -182,7 +207,8 @@ class WanOracle:
         else:
             if self.counters is None:
                 self.counters = torch.zeros(model_output.shape[0], n, dtype=torch.int64, device=model_output.device)
-            self.active = _select(model_output, count, self.counters, self.cfg, self.scores)
+            choice = self.ras_choices[self.step] if self.ras_choices else None
+            self.active = _select(model_output, count, self.counters, self.cfg, self.scores, choice)
         self.step += 1
         self.calls = 0
         return self.step_fn(model_output, *args, **kwargs)
@@ -229,20 +255,35 @@ CASES = {
 }  # fmt: skip
 
 
-def _generations(pipe, run, cfg: dict):
-    """The dense pipeline's result, RAS's (and the calls it began), the oracle's (and the oracle)."""
+def _generations(pipe, run, cfg: dict, ras_cfg: dict | None = None):
+    """The dense pipeline's result, RAS's (and the calls it began), the oracle's (and the oracle). RAS runs
+    ``ras_cfg`` (default: ``cfg``). With fp8 caches the oracle gets RAS's selections (see FP8_TIE)."""
     dense = run()
-    with apply_ras(pipe, _config(cfg), cuda_graphs=False) as handle:
-        calls = []
-        handle.session.begin_step = _recording(handle.session.begin_step, calls)
+    with apply_ras(pipe, _config(ras_cfg or cfg), cuda_graphs=False) as handle:
+        calls, choices = [], []
+        session = handle.session
+        session.begin_step = _recording(session.begin_step, calls)
+        observe = session.observe
+
+        def record_choice(guided):
+            observe(guided)
+            choices.append(None if session.active is None else session.active.clone())
+
+        session.observe = record_choice
         ras = run()
-    oracle = WanOracle(pipe, cfg)
+    oracle = WanOracle(pipe, cfg, choices if cfg.get("kv_cache") == "fp8" else None)
     try:
         expected = run()
     finally:
         oracle.close()
     assert (expected - dense).abs().max() > 1e-3, "the schedule never dropped a token: the test would prove nothing"
     return ras, calls, expected, oracle
+
+
+def _assert_fp8_close(ras, expected):
+    torch.testing.assert_close(ras, expected, atol=FP8_ATOL, rtol=0)
+    mean = (ras - expected).abs().mean().item()
+    assert mean <= FP8_MEAN, f"mean error {mean:.2e} over FP8_MEAN {FP8_MEAN:.1e}: the fp8 caches differ from the spec"
 
 
 # Every case on the plain-PyTorch path; two (both modes, CFG, the switch) also on the Triton kernels.
@@ -265,7 +306,22 @@ def test_ras_generation_matches_spec_oracle(case, backend, monkeypatch):
     if experts == 2:
         switch = oracle.order.index(EXPERTS[1])
         assert switch > cfg["warmup"] and _config(cfg).is_ras_step(switch), "the switch must fall on a RAS step"
-    torch.testing.assert_close(ras, expected, atol=FP8_ATOL if "kv_cache" in cfg else ATOL, rtol=0)
+    if "kv_cache" in cfg:
+        _assert_fp8_close(ras, expected)
+    else:
+        torch.testing.assert_close(ras, expected, atol=ATOL, rtol=0)
+
+
+def test_fp8_oracle_tells_fp8_caches_apart(torch_backend):
+    """The fp8 case's tolerances leave it able to fail: RAS with its caches left in fp32 misses the fp8 oracle by a
+    mean error over twice FP8_MEAN."""
+    experts, count, guidance, size, cfg = CASES["2.1-cfg-fp8"]
+    pipe = tiny_wan_pipeline(experts=experts)
+    pipe.set_progress_bar_config(disable=True)
+    run = functools.partial(_run, pipe, _prompts(count, negative=True), size, cfg["steps"], guidance)
+    fp32_cfg = {key: value for key, value in cfg.items() if key != "kv_cache"}
+    ras, _, expected, _ = _generations(pipe, run, cfg, ras_cfg=fp32_cfg)
+    assert (ras - expected).abs().mean() > 2 * FP8_MEAN
 
 
 def test_image_to_video_matches_spec_oracle(torch_backend):
@@ -486,7 +542,8 @@ def test_unsupported_uses_raise(torch_backend):
 def test_fp8_kv_caches_halve_and_more(torch_backend):
     """RASConfig(kv_cache="fp8"): every self-attention K/V cache is e4m3 with one fp32 scale per (token, head), so
     a cache element takes 1 + 4 / d bytes instead of the model dtype's (4 here, fp32); the output caches are
-    unchanged; the video differs from the full-precision caches' by more than the oracle's fp8 tolerance."""
+    unchanged; the video differs from the full-precision caches' by more than the oracle's fp8 tolerance (its mean
+    error, twice over)."""
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
     inputs = _prompts(1, negative=True)
@@ -516,7 +573,7 @@ def test_fp8_kv_caches_halve_and_more(torch_backend):
     d = next(iter(full_kv.values()))[0].shape[-1]
     assert full_bytes == 4 * kv_elements + out_bytes
     assert fp8_bytes == kv_elements * (1 + 4 / d) + out_bytes
-    assert (fp8 - full).abs().max() > FP8_ATOL, "fp8 caches changed nothing: were they used?"
+    assert (fp8 - full).abs().mean() > 2 * FP8_MEAN, "fp8 caches changed nothing: were they used?"
 
 
 def test_wan_preset_is_the_default(torch_backend):
